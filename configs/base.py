@@ -1,0 +1,96 @@
+"""Every config key with its default; other configs start from `base.get_config()`.
+
+Sweeps pass a string argument: `configs/tiny.py:d_model=256,train.lr=1e-3` sets model.d_model
+and train.lr (a bare key must name a field of exactly one group).
+"""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = dict(
+        d_model=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=0,  # 0: d_model // num_heads
+        d_ff=1024,
+        mlp="swiglu",  # swiglu | gelu
+        norm="rmsnorm",  # rmsnorm | layernorm
+        norm_eps=1e-6,
+        position="rope",  # rope | alibi | learned | sinusoidal | none
+        rope_theta=10_000.0,
+        tie_embeddings=True,
+        init_std=0.02,
+        dtype="float32",  # compute dtype: float32 on CPU, bfloat16 on accelerators
+        param_dtype="float32",
+        scan_layers=True,
+        remat="none",  # none | full | dots | dots_no_batch
+    )
+    c.data = dict(
+        corpus="stdlib",  # stdlib | a directory | a glob | a .jsonl file
+        tokenizer="bytes",  # bytes | bpe:N | path to tokenizer.json
+        seq_len=256,
+        val_fraction=0.02,
+        text_field="text",
+        cache_dir="",
+    )
+    c.train = dict(
+        steps=1000,
+        batch_size=16,  # global batch, in sequences
+        lr=1e-3,
+        warmup_steps=100,
+        schedule="cosine",  # cosine | wsd | constant
+        min_lr_ratio=0.1,  # final lr / peak lr for cosine and wsd
+        decay_fraction=0.2,  # wsd: share of steps spent decaying
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        grad_clip=1.0,  # global-norm clip; 0 disables
+        grad_accum=1,  # micro-batches per step
+        z_loss=0.0,
+        label_smoothing=0.0,
+        seed=0,
+        log_every=50,
+        eval_every=250,
+        eval_batches=8,
+        sample_tokens=200,  # printed at the end of training (0: no sample)
+        sample_prompt="def ",
+    )
+    return apply_arg(c, arg)
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Applies `key=value,key=value` (values as Python literals, else strings) to config."""
+    if not arg:
+        return config
+    for item in arg.split(","):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"config argument {item!r}: expected key=value")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        group, field = _locate(config, key.strip())
+        config[group][field] = value
+    return config
+
+
+def _locate(config: ml_collections.ConfigDict, key: str) -> tuple[str, str]:
+    if "." in key:
+        group, field = key.split(".", 1)
+        if group in config and field in config[group]:
+            return group, field
+    else:
+        groups = [g for g in config if key in config[g]]
+        if len(groups) == 1:
+            return groups[0], key
+    raise ValueError(f"config argument {key!r}: not a config field (use group.field, e.g. model.d_model)")

@@ -1,0 +1,7 @@
+"""The input pipeline: corpus -> tokenizer -> token store on disk -> grain batches."""
+
+from data.config import DataConfig
+from data.errors import DataError
+from data.pipeline import Data, load
+
+__all__ = ["Data", "DataConfig", "DataError", "load"]

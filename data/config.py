@@ -1,0 +1,15 @@
+"""The typed, frozen data configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "stdlib"  # 'stdlib', a directory, a glob of text files, or a .jsonl file
+    tokenizer: str = "bytes"  # 'bytes', 'bpe:N', or a path to a tokenizer.json
+    seq_len: int = 256
+    val_fraction: float = 0.02  # share of documents held out, chosen by a hash of their name
+    text_field: str = "text"  # JSONL field holding the text
+    cache_dir: str = ""  # token store cache; '' = $XDG_CACHE_HOME/jax-lm/tokens

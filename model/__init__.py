@@ -1,0 +1,7 @@
+"""The network's math: a pure-functional Flax Linen decoder-only transformer."""
+
+from model.accounting import ParamCounts, flops_per_token, param_counts
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+__all__ = ["ModelConfig", "ParamCounts", "Transformer", "flops_per_token", "param_counts"]

@@ -1,0 +1,94 @@
+"""The decoder-only transformer: embed -> N pre-norm blocks -> final norm -> float32 logits."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.layers import MLPS, NORMS
+from model.positions import POSITIONS
+
+# What a rematerialised block keeps for the backward pass (None: remat off).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array):
+        cfg, norm = self.cfg, NORMS[self.cfg.norm]
+        x_BTD = x_BTD + Attention(cfg, name="attn")(norm(cfg, name="attn_norm")(x_BTD), positions_BT)
+        x_BTD = x_BTD + MLPS[cfg.mlp](cfg, name="mlp")(norm(cfg, name="mlp_norm")(x_BTD))
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+        return x_BTD, None  # (carry, output) so the same module runs under nn.scan
+
+
+def block_stack(cfg: ModelConfig) -> type[nn.Module]:
+    block = Block
+    if REMAT_POLICIES[cfg.remat] is not None:
+        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    return block
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+        """Returns float32 logits [B, T, vocab]; positions default to 0..T-1."""
+        cfg = self.cfg
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        embedding = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            name="embed",
+        )
+        x_BTD = embedding(tokens_BT)
+        scheme = POSITIONS[cfg.position]
+        if scheme.embed is not None:
+            x_BTD = x_BTD + scheme.embed(cfg, name="pos_embed")(positions_BT).astype(x_BTD.dtype)
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+
+        block = block_stack(cfg)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BTD, _ = stack(cfg, name="layers")(x_BTD, positions_BT)
+        else:
+            for i in range(cfg.num_layers):
+                x_BTD, _ = block(cfg, name=f"layer_{i}")(x_BTD, positions_BT)
+
+        x_BTD = NORMS[cfg.norm](cfg, name="final_norm")(x_BTD)
+        if cfg.tie_embeddings:
+            logits_BTV = embedding.attend(x_BTD)
+        else:
+            head = nn.DenseGeneral(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=jnp.dtype(cfg.dtype),
+                param_dtype=jnp.dtype(cfg.param_dtype),
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+                name="head",
+            )
+            logits_BTV = head(x_BTD)
+        logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
+        return logits_BTV

@@ -1,0 +1,1 @@
+"""Config validation, optimizer and the training loop."""

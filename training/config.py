@@ -1,0 +1,191 @@
+"""The one place a ConfigDict becomes typed, frozen configs, rejecting bad values before any compile.
+
+Every error is a `ConfigError` whose message is one line naming the key, the value and what is
+allowed; entry points print it and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+import ml_collections
+
+from data.config import DataConfig
+from model.config import ModelConfig
+from model.layers import MLPS, NORMS
+from model.positions import POSITIONS
+from model.transformer import REMAT_POLICIES
+from training.optim import SCHEDULES
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 250
+    eval_batches: int = 8
+    sample_tokens: int = 200
+    sample_prompt: str = "def "
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+# Fields filled in from elsewhere (the tokenizer, data.seq_len), not set by users.
+DERIVED = {"model": {"vocab_size", "max_seq_len"}}
+
+
+def _typed(group: str, cls, values: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls) if f.name not in DERIVED.get(group, ())]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in allowed:
+            raise ConfigError(f"{group}.{key}: unknown key (allowed: {', '.join(allowed)})")
+        want = hints[key]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if want is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{group}.{key}={value!r}: expected {want.__name__}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def _rules(m: ModelConfig, d: DataConfig, t: TrainConfig) -> list[tuple[bool, str, Any, str]]:
+    """(condition that must hold, key, value, what is allowed), checked in order."""
+    positive = lambda group, obj, *names: [
+        (getattr(obj, n) > 0, f"{group}.{n}", getattr(obj, n), "must be > 0") for n in names
+    ]  # noqa: E731
+    one_of = lambda key, value, table: (value in table, key, value, f"allowed: {', '.join(table)}")  # noqa: E731
+    return [
+        *positive(
+            "model",
+            m,
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "d_ff",
+            "norm_eps",
+            "rope_theta",
+            "init_std",
+        ),
+        (m.head_dim >= 0, "model.head_dim", m.head_dim, "must be >= 0 (0: d_model // num_heads)"),
+        one_of("model.mlp", m.mlp, MLPS),
+        one_of("model.norm", m.norm, NORMS),
+        one_of("model.position", m.position, POSITIONS),
+        one_of("model.remat", m.remat, REMAT_POLICIES),
+        one_of("model.dtype", m.dtype, DTYPES),
+        one_of("model.param_dtype", m.param_dtype, DTYPES),
+        (
+            m.num_heads % m.num_kv_heads == 0,
+            "model.num_heads",
+            m.num_heads,
+            f"must be divisible by model.num_kv_heads={m.num_kv_heads}",
+        ),
+        (
+            m.head_dim > 0 or m.d_model % m.num_heads == 0,
+            "model.d_model",
+            m.d_model,
+            f"must be divisible by model.num_heads={m.num_heads} when model.head_dim is 0 (unset)",
+        ),
+        (
+            m.position != "rope" or m.resolved_head_dim % 2 == 0,
+            "model.head_dim",
+            m.resolved_head_dim,
+            "must be even for position='rope'",
+        ),
+        (
+            m.position != "sinusoidal" or m.d_model % 2 == 0,
+            "model.d_model",
+            m.d_model,
+            "must be even for position='sinusoidal'",
+        ),
+        *positive("data", d, "seq_len"),
+        (0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)"),
+        *positive(
+            "train", t, "steps", "batch_size", "lr", "eps", "grad_accum", "log_every", "eval_every", "eval_batches"
+        ),
+        one_of("train.schedule", t.schedule, SCHEDULES),
+        (
+            0 <= t.warmup_steps <= t.steps,
+            "train.warmup_steps",
+            t.warmup_steps,
+            f"must be in [0, train.steps={t.steps}]",
+        ),
+        (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]"),
+        (0 < t.decay_fraction <= 1, "train.decay_fraction", t.decay_fraction, "must be in (0, 1]"),
+        (0 <= t.b1 < 1, "train.b1", t.b1, "must be in [0, 1)"),
+        (0 <= t.b2 < 1, "train.b2", t.b2, "must be in [0, 1)"),
+        (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0"),
+        (t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)"),
+        (t.z_loss >= 0, "train.z_loss", t.z_loss, "must be >= 0"),
+        (0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)"),
+        (t.sample_tokens >= 0, "train.sample_tokens", t.sample_tokens, "must be >= 0"),
+        (
+            t.batch_size % t.grad_accum == 0,
+            "train.batch_size",
+            t.batch_size,
+            f"must be divisible by train.grad_accum={t.grad_accum}",
+        ),
+    ]
+
+
+def resolve(config: ml_collections.ConfigDict | dict) -> RunConfig:
+    """Validates `config` and returns typed configs (model.vocab_size is set later from the tokenizer)."""
+    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    for group in raw:
+        if group not in GROUPS:
+            raise ConfigError(f"{group}: unknown config group (allowed: {', '.join(GROUPS)})")
+    typed = {group: _typed(group, cls, dict(raw.get(group, {}))) for group, cls in GROUPS.items()}
+    for ok, key, value, allowed in _rules(typed["model"], typed["data"], typed["train"]):
+        _check(ok, key, value, allowed)
+    typed["model"] = dataclasses.replace(typed["model"], max_seq_len=typed["data"].seq_len)
+    return RunConfig(**typed)
+
+
+def with_vocab(run: RunConfig, vocab_size: int) -> RunConfig:
+    return dataclasses.replace(run, model=dataclasses.replace(run.model, vocab_size=vocab_size))
+
+
+def from_dict(d: dict) -> RunConfig:
+    """Rebuilds a RunConfig from `to_dict()` output (the config.json of a workdir)."""
+    return RunConfig(ModelConfig(**d["model"]), DataConfig(**d["data"]), TrainConfig(**d["train"]))

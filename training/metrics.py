@@ -1,0 +1,84 @@
+"""Metric sinks (JSON lines and TensorBoard) and the peak FLOP/s that MFU is measured against."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense peak FLOP/s per chip by compute dtype (float32 matmuls run as TF32 on these GPUs).
+PEAK_FLOPS = {
+    "H200": {"bfloat16": 989e12, "float32": 495e12},
+    "H100": {"bfloat16": 989e12, "float32": 495e12},
+    "A100": {"bfloat16": 312e12, "float32": 156e12},
+    "L4": {"bfloat16": 121e12, "float32": 60e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
+    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
+}
+
+
+@functools.cache
+def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Best observed FLOP/s of an n x n float32 matmul on the default device (the CPU 'peak')."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_flops_per_device(dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        for name, peaks in PEAK_FLOPS.items():
+            if name.lower() in device.device_kind.lower():
+                return peaks.get(dtype, peaks["bfloat16"]), f"table: {name} {dtype}"
+    return measured_matmul_flops(), "measured float32 matmul"
+
+
+class MetricsWriter:
+    """Appends `{"step": s, name: value, ...}` lines to metrics.jsonl and scalars to TensorBoard."""
+
+    def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for name, value in row.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(name, value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _scalar(v):
+    if isinstance(v, (np.ndarray, jax.Array)):
+        v = v.item()
+    return float(v) if isinstance(v, (float, np.floating)) else v

@@ -1,0 +1,63 @@
+"""Learning-rate schedules (one function each, selected in `SCHEDULES`) and the AdamW optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import optax
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def _warmup(t: TrainConfig, step) -> jax.Array:
+    return jnp.minimum(1.0, (step + 1) / max(t.warmup_steps, 1))
+
+
+def cosine(t: TrainConfig) -> Schedule:
+    """Linear warmup to lr, then a half cosine down to min_lr_ratio * lr at the last step."""
+
+    def schedule(step):
+        progress = jnp.clip((step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1), 0.0, 1.0)
+        decay = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+        return t.lr * jnp.where(step < t.warmup_steps, _warmup(t, step), decay)
+
+    return schedule
+
+
+def wsd(t: TrainConfig) -> Schedule:
+    """Warmup-stable-decay: warmup, constant lr, then linear decay over the last decay_fraction of steps."""
+    decay_start = t.steps - round(t.decay_fraction * t.steps)
+
+    def schedule(step):
+        progress = jnp.clip((step - decay_start) / max(t.steps - decay_start, 1), 0.0, 1.0)
+        decay = 1.0 - (1 - t.min_lr_ratio) * progress
+        return t.lr * jnp.minimum(_warmup(t, step), decay)
+
+    return schedule
+
+
+def constant(t: TrainConfig) -> Schedule:
+    return lambda step: t.lr * _warmup(t, step)
+
+
+SCHEDULES: dict[str, Callable[[TrainConfig], Schedule]] = {"cosine": cosine, "wsd": wsd, "constant": constant}
+
+NO_DECAY = ("scale", "bias")  # norm gains and biases
+
+
+def decay_mask(params):
+    """True for weights that get weight decay: everything but norm scales and biases."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) not in NO_DECAY, params)
+
+
+def make_optimizer(t: TrainConfig) -> tuple[optax.GradientTransformation, Schedule]:
+    schedule = SCHEDULES[t.schedule](t)
+    adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
+    clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw), schedule
