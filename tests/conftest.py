@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny configs and a private token-store cache for the whole session."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+from configs import base
+from training.config import resolve
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Keeps token stores out of the user's cache; shared by every test of the session."""
+    cache = tmp_path_factory.mktemp("xdg_cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
+def tiny_config(**groups):
+    """A seconds-to-train ConfigDict; `groups` maps 'model'/'data'/'train' to field overrides."""
+    c = base.get_config()
+    c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64)
+    c.data.update(seq_len=32)
+    c.train.update(steps=6, batch_size=4, warmup_steps=2, log_every=2, eval_every=3, eval_batches=2, sample_tokens=0)
+    for group, fields in groups.items():
+        c[group].update(fields)
+    return c
+
+
+def tiny_run(**groups):
+    return resolve(tiny_config(**groups))
+
+
+@pytest.fixture
+def text_corpus(tmp_path) -> pathlib.Path:
+    """A directory of a few small Python-like documents."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(12):
+        body = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40))
+        (root / f"mod{i}.py").write_text(body)
+    return root

@@ -1,0 +1,95 @@
+"""Config validation: typed configs, and one-line errors with exit code 2 from the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from configs import base
+from tests.conftest import REPO, tiny_config
+from training.config import ConfigError, resolve
+
+
+def test_the_default_configs_resolve():
+    run = resolve(base.get_config())
+    assert run.model.max_seq_len == run.data.seq_len
+    from configs import tiny
+
+    assert resolve(tiny.get_config()).train.steps > 0
+
+
+def test_sweep_argument_sets_fields_by_bare_or_dotted_name():
+    c = base.get_config("d_model=64,train.lr=0.01,tokenizer=bpe:512,tie_embeddings=False")
+    assert (
+        c.model.d_model == 64
+        and c.train.lr == 0.01
+        and c.data.tokenizer == "bpe:512"
+        and c.model.tie_embeddings is False
+    )
+    with pytest.raises(ValueError, match="not a config field"):
+        base.get_config("nonsense=1")
+
+
+@pytest.mark.parametrize(
+    "group, fields, match",
+    [
+        ("model", {"num_heads": 6, "num_kv_heads": 4}, r"model.num_heads=6: must be divisible by model.num_kv_heads=4"),
+        (
+            "model",
+            {"d_model": 30, "num_heads": 4, "num_kv_heads": 4},
+            r"model.d_model=30: must be divisible by model.num_heads=4",
+        ),
+        ("model", {"position": "xpos"}, r"model.position='xpos': allowed: .*rope.*alibi"),
+        ("model", {"mlp": "relu"}, r"model.mlp='relu': allowed: swiglu, gelu"),
+        ("model", {"norm": "batchnorm"}, r"model.norm='batchnorm': allowed: rmsnorm, layernorm"),
+        ("model", {"d_ff": 0}, r"model.d_ff=0: must be > 0"),
+        ("model", {"num_layers": -1}, r"model.num_layers=-1: must be > 0"),
+        ("data", {"seq_len": 0}, r"data.seq_len=0: must be > 0"),
+        ("train", {"batch_size": 6, "grad_accum": 4}, r"train.batch_size=6: must be divisible by train.grad_accum=4"),
+        ("train", {"schedule": "linear"}, r"train.schedule='linear': allowed: cosine, wsd, constant"),
+        ("train", {"warmup_steps": 100, "steps": 10}, r"train.warmup_steps=100: must be in \[0, train.steps=10\]"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(group, fields, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve(tiny_config(**{group: fields}))
+
+
+def test_wrong_types_are_rejected():
+    c = tiny_config().to_dict()
+    c["train"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match=r"train.lr='fast': expected float"):
+        resolve(c)
+
+
+def test_unknown_keys_and_groups_are_rejected():
+    c = tiny_config().to_dict()
+    c["model"]["d_modle"] = 3
+    with pytest.raises(ConfigError, match=r"model.d_modle: unknown key \(allowed: .*d_model"):
+        resolve(c)
+    with pytest.raises(ConfigError, match="unknown config group"):
+        resolve({**tiny_config().to_dict(), "optim": {}})
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--config.model.num_kv_heads=3", "model.num_heads=4: must be divisible by model.num_kv_heads=3"),
+        ("--config.model.position=xpos", "model.position='xpos'"),
+        ("--config.model.not_a_key=1", "not_a_key"),
+        ("--config.data.corpus=/no/such/dir", "data.corpus='/no/such/dir': no such file or directory"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, override, expected):
+    proc = run_cli("--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"), override)
+    assert proc.returncode == 2, proc.stderr
+    lines = [
+        line for line in proc.stderr.splitlines() if line.strip() and "xla_bridge" not in line and "WARNING" not in line
+    ]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,152 @@
+"""Corpus splitting, tokenizers, the cached token store, the grain pipeline and bad data input."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from data import DataConfig, DataError, load
+from data.corpus import split_documents
+from data.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
+
+
+def test_split_is_deterministic_and_disjoint(text_corpus):
+    train1, val1 = split_documents(str(text_corpus), "text", 0.2)
+    train2, val2 = split_documents(str(text_corpus), "text", 0.2)
+    assert [d.name for d in train1] == [d.name for d in train2] and [d.name for d in val1] == [d.name for d in val2]
+    assert val1 and train1 and not {d.name for d in train1} & {d.name for d in val1}
+    assert len(train1) + len(val1) == 12
+
+
+def test_stdlib_corpus_is_the_interpreters_python_sources():
+    train, val = split_documents("stdlib", "text", 0.02)
+    names = {d.name for d in train + val}
+    assert "os.py" in names and "json/__init__.py" in names
+    assert not any("site-packages" in n for n in names)
+    assert 0 < len(val) < 0.05 * len(train)
+
+
+def test_byte_tokenizer_round_trips_and_counts_bytes():
+    tok = ByteTokenizer()
+    text = "def f(x):\n    return 'héllo'\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids + [tok.eod_id]) == text
+    assert tok.token_bytes[ids].sum() == len(text.encode("utf-8")) and tok.token_bytes[tok.eod_id] == 0
+
+
+def test_bpe_token_bytes_sum_to_the_utf8_length():
+    texts = ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "naïve café ünïcode\n"] * 50
+    tok = HFTokenizer(train_bpe(texts, 300), "bpe:300")
+    assert tok.vocab_size == 300
+    for text in texts[:2]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.token_bytes[ids].sum() == len(text.encode("utf-8"))
+    assert len(tok.encode(texts[0])) < len(texts[0])  # it merged something
+
+
+def test_store_is_cached_and_windows_are_shuffled_deterministically(text_corpus, tmp_path):
+    cfg = DataConfig(corpus=str(text_corpus), seq_len=16, val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    data = load(cfg, tmp_path / "wd")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    again = load(cfg, tmp_path / "wd")
+    assert again.store.path == data.store.path
+    # The stream is the training documents joined by end-of-document ids.
+    assert (
+        data.store.meta["train"]["tokens"] == data.store.meta["train"]["bytes"] + data.store.meta["train"]["documents"]
+    )
+    assert np.sum(np.asarray(data.store.train) == data.tokenizer.eod_id) == data.store.meta["train"]["documents"]
+
+    it1, it2 = data.train_iterator(4, seed=1), data.train_iterator(4, seed=1)
+    batches = [next(it1)["tokens"] for _ in range(3)]
+    for b in batches:
+        np.testing.assert_array_equal(b, next(it2)["tokens"])
+        assert b.shape == (4, 17) and b.dtype == np.int32
+    assert not np.array_equal(next(data.train_iterator(4, seed=2))["tokens"], batches[0])
+    # Every window is a contiguous slice of the stream, inputs and targets shifted by one.
+    stream = np.asarray(data.store.train)
+    row = batches[0][0]
+    starts = [s for s in range(0, len(stream) - 16, 16) if np.array_equal(stream[s : s + 17], row)]
+    assert starts
+
+
+def test_iterator_state_restores_the_exact_continuation(text_corpus, tmp_path):
+    data = load(DataConfig(corpus=str(text_corpus), seq_len=16, val_fraction=0.2, cache_dir=str(tmp_path)), tmp_path)
+    it = data.train_iterator(2, seed=0)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    expected = [next(it)["tokens"] for _ in range(3)]
+    fresh = data.train_iterator(2, seed=0)
+    fresh.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(fresh)["tokens"], want)
+
+
+def test_validation_batches_are_fixed(text_corpus, tmp_path):
+    data = load(DataConfig(corpus=str(text_corpus), seq_len=16, val_fraction=0.2, cache_dir=str(tmp_path)), tmp_path)
+    a, b = data.validation_batches(4, 3), data.validation_batches(4, 3)
+    assert len(a) == 3
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+
+
+def test_jsonl_and_glob_corpora(tmp_path):
+    lines = [json.dumps({"text": f"print({i})\n" * 20}) for i in range(20)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    data = load(
+        DataConfig(corpus=str(tmp_path / "docs.jsonl"), seq_len=8, val_fraction=0.2, cache_dir=str(tmp_path / "c")),
+        tmp_path,
+    )
+    assert data.store.meta["train"]["documents"] + data.store.meta["val"]["documents"] == 20
+    for i in range(4):
+        (tmp_path / f"t{i}.txt").write_text("hello world\n" * 10)
+    data = load(
+        DataConfig(corpus=str(tmp_path / "t*.txt"), seq_len=8, val_fraction=0.3, cache_dir=str(tmp_path / "c")),
+        tmp_path,
+    )
+    assert data.store.meta["train"]["documents"] + data.store.meta["val"]["documents"] == 4
+
+
+def test_bpe_tokenizer_is_trained_once_and_cached_in_the_workdir(text_corpus, tmp_path):
+    cfg = DataConfig(
+        corpus=str(text_corpus), tokenizer="bpe:300", seq_len=16, val_fraction=0.2, cache_dir=str(tmp_path / "c")
+    )
+    data = load(cfg, tmp_path / "wd")
+    cached = tmp_path / "wd" / "tokenizer.json"
+    assert cached.exists() and data.tokenizer.vocab_size == 300
+    mtime = cached.stat().st_mtime_ns
+    assert load(cfg, tmp_path / "wd").tokenizer.fingerprint == data.tokenizer.fingerprint
+    assert cached.stat().st_mtime_ns == mtime
+    # A tokenizer.json path works as a spec too.
+    assert load(DataConfig(**{**cfg.__dict__, "tokenizer": str(cached)}), tmp_path / "wd2").tokenizer.vocab_size == 300
+
+
+@pytest.mark.parametrize(
+    "setup, spec_field, match",
+    [
+        (lambda p: None, {"corpus": "{p}/missing"}, "no such file"),
+        (lambda p: (p / "empty").mkdir(), {"corpus": "{p}/empty"}, "empty"),
+        (lambda p: (p / "g").mkdir(), {"corpus": "{p}/g/*.txt"}, "matches no files"),
+        (
+            lambda p: [(p / f"s{i}.txt").write_text("x = 1\n") for i in range(3)],
+            {"corpus": "{p}/s*.txt"},
+            "shorter than one window",
+        ),
+        (lambda p: (p / "bad.json").write_text("{not json"), {"tokenizer": "{p}/bad.json"}, "cannot read"),
+        (lambda p: None, {"tokenizer": "bpe:12"}, "bpe:N"),
+        (lambda p: None, {"tokenizer": "{p}/nope.json"}, "not 'bytes'"),
+    ],
+)
+def test_bad_data_input_gives_a_one_line_error_naming_it(tmp_path, text_corpus, setup, spec_field, match):
+    setup(tmp_path)
+    fields = {"corpus": str(text_corpus), "seq_len": 64, "cache_dir": str(tmp_path / "cache")}
+    fields.update({k: v.format(p=tmp_path) for k, v in spec_field.items()})
+    with pytest.raises(DataError, match=match) as err:
+        load(DataConfig(**fields), tmp_path / "wd")
+    message = str(err.value)
+    assert "\n" not in message and any(str(v).format(p=tmp_path) in message for v in fields.values())
+    assert not list(pathlib.Path(tmp_path / "cache").glob(".*"))  # no half-written store left behind

@@ -1,0 +1,161 @@
+"""Model math against independent references: causality, attention heads, positions, accounting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import ModelConfig, Transformer, flops_per_token, param_counts
+from model.attention import attend, causal_mask
+from model.positions import POSITIONS, alibi_bias, alibi_slopes, apply_rope
+
+CFG = ModelConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_seq_len=16)
+
+
+def init(cfg: ModelConfig, T: int = 16):
+    return nn.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, T), jnp.int32))["params"])
+
+
+@pytest.mark.parametrize("position", sorted(POSITIONS))
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_changing_a_future_token_never_changes_past_logits(position, scan_layers):
+    cfg = dataclasses.replace(CFG, position=position, scan_layers=scan_layers)
+    model, params = Transformer(cfg), init(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    base = model.apply({"params": params}, tokens)
+    for t in (0, 5, 14):
+        changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 7) % cfg.vocab_size)
+        out = model.apply({"params": params}, changed)
+        np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
+        assert not np.allclose(out[:, t + 1], base[:, t + 1])
+
+
+def numpy_attention(q, k, v, head_to_kv):
+    """Per-head causal softmax attention; query head h reads kv head head_to_kv[h]."""
+    B, T, N, H = q.shape
+    out = np.zeros_like(q, dtype=np.float64)
+    for b in range(B):
+        for h in range(N):
+            kh = head_to_kv[h]
+            s = q[b, :, h].astype(np.float64) @ k[b, :, kh].T.astype(np.float64) / np.sqrt(H)
+            s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            out[b, :, h] = p @ v[b, :, kh]
+    return out
+
+
+@pytest.mark.parametrize("num_kv_heads", [8, 4, 2, 1])  # MHA, GQA, GQA, MQA
+def test_attention_matches_numpy_with_head_h_reading_kv_head_h_div_group(num_kv_heads):
+    B, T, N, H = 2, 7, 8, 4
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(B, T, N, H)).astype(np.float32)
+    k = rng.normal(size=(B, T, num_kv_heads, H)).astype(np.float32)
+    v = rng.normal(size=(B, T, num_kv_heads, H)).astype(np.float32)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal_mask(pos, pos))
+    group = N // num_kv_heads
+    want = numpy_attention(q, k, v, [h // group for h in range(N)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    """A GQA model and an MHA model whose K/V heads are the GQA heads repeated per group agree."""
+    gqa = dataclasses.replace(CFG, num_heads=4, num_kv_heads=2, scan_layers=False)
+    mha = dataclasses.replace(gqa, num_kv_heads=4)
+    params = init(gqa)
+    mha_params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.repeat(x, 2, axis=1) if path[-2].key in ("key", "value") else x, params
+    )
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, CFG.vocab_size)
+    np.testing.assert_allclose(
+        Transformer(gqa).apply({"params": params}, tokens),
+        Transformer(mha).apply({"params": mha_params}, tokens),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def numpy_rope(x, pos, theta=10_000.0):
+    """Llama's rotate_half formulation: x * cos + rotate_half(x) * sin."""
+    H = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, H, 2) / H)
+    ang = np.concatenate([pos[:, None] * inv, pos[:, None] * inv], -1)  # [T, H]
+    rot = np.concatenate([-x[..., H // 2 :], x[..., : H // 2]], -1)
+    return x * np.cos(ang)[None, :, None] + rot * np.sin(ang)[None, :, None]
+
+
+def test_rope_matches_llama_and_depends_only_on_relative_offset():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(1, 1, 1, 16)).astype(np.float32)
+    k = rng.normal(size=(1, 1, 1, 16)).astype(np.float32)
+
+    def rotated(x, p):
+        return np.asarray(apply_rope(jnp.asarray(x), jnp.full((1, 1), p), 10_000.0))
+
+    pos = np.arange(5, dtype=np.float64)
+    x = rng.normal(size=(1, 5, 2, 16))
+    np.testing.assert_allclose(
+        apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos)[None], 1e4), numpy_rope(x, pos), atol=1e-5
+    )
+    for m, n in [(3, 1), (10, 8), (102, 100)]:  # all offset 2
+        np.testing.assert_allclose(
+            np.sum(rotated(q, m) * rotated(k, n)), np.sum(rotated(q, 3) * rotated(k, 1)), rtol=1e-4
+        )
+    assert not np.isclose(np.sum(rotated(q, 5) * rotated(k, 1)), np.sum(rotated(q, 3) * rotated(k, 1)), rtol=1e-3)
+
+
+def test_alibi_slopes_are_the_published_geometric_sequence():
+    np.testing.assert_allclose(alibi_slopes(8), [2.0**-i for i in range(1, 9)])
+    np.testing.assert_allclose(alibi_slopes(16), [2.0 ** (-0.5 * i) for i in range(1, 17)])
+    # 12 heads (Press et al. reference code): the 8-head slopes, then every other 16-head slope.
+    np.testing.assert_allclose(
+        alibi_slopes(12), [2.0**-i for i in range(1, 9)] + [2.0**-0.5, 2.0**-1.5, 2.0**-2.5, 2.0**-3.5]
+    )
+    pos = jnp.arange(4)[None]
+    bias = alibi_bias(8, pos, pos)
+    assert bias.shape == (1, 8, 4, 4)
+    np.testing.assert_allclose(bias[0, 0, 3, 1], -0.5 * 2)  # head 0 slope 1/2, distance 2
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"tie_embeddings": False}, {"mlp": "gelu", "norm": "layernorm"}, {"position": "learned"}, {"head_dim": 12}],
+)
+def test_param_counts_match_initialised_params(changes):
+    cfg = dataclasses.replace(CFG, **changes)
+    actual = sum(x.size for x in jax.tree.leaves(init(cfg)))
+    assert param_counts(cfg).total == actual
+
+
+@pytest.mark.parametrize("changes", [{}, {"num_kv_heads": 1, "mlp": "gelu"}, {"tie_embeddings": False}])
+def test_training_flops_match_xla_cost_analysis(changes):
+    cfg = ModelConfig(
+        vocab_size=512,
+        d_model=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        d_ff=512,
+        max_seq_len=128,
+        scan_layers=False,
+    )
+    cfg = dataclasses.replace(cfg, **changes)
+    model, params = Transformer(cfg), init(cfg, cfg.max_seq_len)
+    B, T = 2, cfg.max_seq_len
+    tokens = jnp.zeros((B, T + 1), jnp.int32)
+
+    def loss(p, tokens):
+        logits = model.apply({"params": p}, tokens[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+    compiled = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+    cost = compiled.cost_analysis()
+    xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    ours = flops_per_token(cfg, T) * B * T
+    assert abs(ours - xla_flops) / xla_flops < 0.05, (ours, xla_flops)

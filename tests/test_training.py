@@ -1,0 +1,129 @@
+"""Loss, schedules, optimizer masking, gradient accumulation, metrics, determinism and learning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data as data_lib
+from model import Transformer
+from tests.conftest import tiny_run
+from training.config import with_vocab
+from training.loop import cross_entropy, evaluate, init_state, make_eval_step, make_train_step, train
+from training.optim import SCHEDULES, decay_mask, make_optimizer
+
+
+def test_cross_entropy_matches_numpy_with_z_loss_and_label_smoothing():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, size=(2, 3))
+    log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    logp = logits - log_z[..., None]
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    smooth = 0.1
+    want = (1 - smooth) * nll + smooth * (-logp.mean(-1)) + 1e-3 * log_z**2
+    loss, got_nll = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), z_loss=1e-3, label_smoothing=smooth)
+    np.testing.assert_allclose(got_nll, nll, rtol=1e-5)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_schedules_follow_their_formulas():
+    t = tiny_run(train={"lr": 1.0, "steps": 100, "warmup_steps": 10, "min_lr_ratio": 0.1, "decay_fraction": 0.2}).train
+    cos, wsd, const = (SCHEDULES[n](t) for n in ("cosine", "wsd", "constant"))
+    assert float(cos(0)) == pytest.approx(0.1) and float(cos(9)) == pytest.approx(1.0)
+    assert float(cos(55)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert float(cos(100)) == pytest.approx(0.1)
+    assert float(wsd(50)) == pytest.approx(1.0) and float(wsd(80)) == pytest.approx(1.0)
+    assert float(wsd(90)) == pytest.approx(1 - 0.9 * 0.5) and float(wsd(100)) == pytest.approx(0.1)
+    assert float(const(5)) == pytest.approx(0.6) and float(const(99)) == pytest.approx(1.0)
+
+
+def test_weight_decay_skips_norm_scales_and_biases():
+    params = {"layers": {"attn_norm": {"scale": jnp.ones((2, 4))}, "mlp": {"up": {"kernel": jnp.ones((2, 4, 8))}}},
+              "ln": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}, "embed": {"embedding": jnp.ones((5, 4))}}  # fmt: skip
+    mask = decay_mask(params)
+    assert mask["layers"]["mlp"]["up"]["kernel"] and mask["embed"]["embedding"]
+    assert not mask["layers"]["attn_norm"]["scale"] and not mask["ln"]["scale"] and not mask["ln"]["bias"]
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    run = with_vocab(tiny_run(train={"batch_size": 8, "grad_clip": 0.0}), 64)
+    tokens = jax.random.randint(jax.random.key(0), (8, run.data.seq_len + 1), 0, 64)
+    results = []
+    for accum in (1, 4):
+        t = run.train.__class__(**{**run.train.__dict__, "grad_accum": accum})
+        model, (tx, schedule) = Transformer(run.model), make_optimizer(t)
+        state = init_state(model, tx, seed=0)
+        state, metrics = jax.jit(make_train_step(model, tx, schedule, t))(state, {"tokens": tokens})
+        results.append((state.params, metrics["train/loss"], metrics["train/grad_norm"]))
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6)
+    np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+        np.testing.assert_allclose(a, b, atol=1e-4)  # Adam steps are ~lr = 1e-3 per element
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_have_the_documented_names(tmp_path, text_corpus):
+    run = tiny_run(data={"corpus": str(text_corpus), "val_fraction": 0.2})
+    result = train(run, tmp_path, quiet=True)
+    rows = read_metrics(tmp_path)
+    train_names = {"train/loss", "train/grad_norm", "train/lr", "perf/tokens_per_sec", "perf/mfu", "perf/step_time"}
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [3, 6]
+    assert all(train_names <= r.keys() for r in rows if "train/loss" in r)
+    ev = next(r for r in rows if "eval/loss" in r)
+    assert ev["eval/ppl"] == pytest.approx(math.exp(ev["eval/loss"]))
+    # Byte tokenizer: bits per byte = nats per token / ln 2 * (tokens / bytes), with EOD tokens costing 0 bytes.
+    assert ev["eval/bpb"] >= ev["eval/loss"] / math.log(2)
+    assert 0 < result["perf/mfu"] < 1.5 and result["step"] == 6
+    assert list((tmp_path / "tensorboard").iterdir())
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["vocab_size"] == 257 and saved["data"]["corpus"] == str(text_corpus)
+
+
+def test_same_config_and_seed_give_bit_identical_losses(tmp_path, text_corpus):
+    run = tiny_run(data={"corpus": str(text_corpus), "val_fraction": 0.2}, train={"log_every": 1, "steps": 8})
+    losses = []
+    for name in ("a", "b"):
+        train(run, tmp_path / name, quiet=True)
+        losses.append([r["train/loss"] for r in read_metrics(tmp_path / name) if "train/loss" in r])
+    assert len(losses[0]) == 8 and losses[0] == losses[1]
+    other = tiny_run(
+        data={"corpus": str(text_corpus), "val_fraction": 0.2}, train={"log_every": 1, "steps": 8, "seed": 1}
+    )
+    train(other, tmp_path / "c", quiet=True)
+    assert [r["train/loss"] for r in read_metrics(tmp_path / "c") if "train/loss" in r] != losses[0]
+
+
+def test_a_tiny_run_on_the_stdlib_lowers_eval_bpb(tmp_path):
+    run = tiny_run(
+        model={"d_model": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "d_ff": 192},
+        data={"corpus": "stdlib", "seq_len": 64},
+        train={
+            "steps": 150,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "warmup_steps": 15,
+            "log_every": 50,
+            "eval_every": 150,
+            "eval_batches": 4,
+        },
+    )
+    data = data_lib.load(run.data, tmp_path)
+    vocab_run = with_vocab(run, data.tokenizer.vocab_size)
+    model, (tx, _) = Transformer(vocab_run.model), make_optimizer(run.train)
+    batches = data.validation_batches(run.train.batch_size, run.train.eval_batches)
+    start = evaluate(
+        jax.jit(make_eval_step(model, data.tokenizer.token_bytes)), init_state(model, tx, 0).params, batches
+    )
+    result = train(run, tmp_path, quiet=True)
+    assert start["eval/bpb"] > 7.5  # ~log2(257) for an untrained byte model
+    assert result["eval/bpb"] < 0.5 * start["eval/bpb"], (start, result)
