@@ -1,0 +1,1 @@
+"""Sweeps, scaling-law fits and ablation tables built on training.loop."""
