@@ -1,6 +1,6 @@
 """The ~10M non-embedding-parameter benchmark model (BENCHMARKS.md): Llama-style, float32.
 
-    python benchmarks/throughput.py --config configs/bench_10m.py
+python benchmarks/throughput.py --config configs/bench_10m.py
 """
 
 from configs import base

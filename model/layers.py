@@ -5,6 +5,8 @@ Every parameter carries logical axis names; parallel/ maps them onto mesh axes.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,18 +14,56 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 
 
-def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, *, in_axes=-1, std=None):
-    """A bias-free projection whose kernel has logical axes `axes` (input axes first)."""
-    init = nn.initializers.normal(cfg.init_std if std is None else std)
-    return nn.DenseGeneral(
-        features=features,
-        axis=in_axes,
-        use_bias=False,
-        dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.dtype(cfg.param_dtype),
-        kernel_init=nn.with_logical_partitioning(init, axes),
-        name=name,
-    )
+@jax.custom_vjp
+def matmul(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
+    """x @ w whose backward pass is spelled out as dy @ w.T and x.T @ dy.
+
+    Same math as autodiff; XLA:CPU lays out autodiff's weight-gradient dot with a transposed copy
+    of the (large) output gradient that runs several times slower than this form (BENCHMARKS.md).
+    """
+    return x_MK @ w_KN
+
+
+def _matmul_fwd(x_MK, w_KN):
+    return x_MK @ w_KN, (x_MK, w_KN)
+
+
+def _matmul_bwd(residuals, dy_MN):
+    x_MK, w_KN = residuals
+    return dy_MN @ w_KN.T, x_MK.T @ dy_MN
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Dense(nn.Module):
+    """A bias-free projection contracting the last `num_in` axes of x; kernel axes are `axes`."""
+
+    cfg: ModelConfig
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    num_in: int = 1
+    std: float | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, in_shape = self.cfg, x.shape[-self.num_in :]
+        init = nn.initializers.normal(cfg.init_std if self.std is None else self.std)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, self.axes),
+            (*in_shape, *self.features),
+            jnp.dtype(cfg.param_dtype),
+        )
+        dtype = jnp.dtype(cfg.dtype)
+        k = math.prod(in_shape)
+        y = matmul(x.reshape(-1, k).astype(dtype), kernel.reshape(k, -1).astype(dtype))
+        return y.reshape(*x.shape[: -self.num_in], *self.features)
+
+
+def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, *, num_in: int = 1, std=None) -> Dense:
+    features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+    return Dense(cfg, features, axes, num_in=num_in, std=std, name=name)
 
 
 class RMSNorm(nn.Module):

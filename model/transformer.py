@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from model.attention import Attention
 from model.config import ModelConfig
-from model.layers import MLPS, NORMS
+from model.layers import MLPS, NORMS, dense
 from model.positions import POSITIONS
 
 # What a rematerialised block keeps for the backward pass (None: remat off).
@@ -81,14 +81,6 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits_BTV = embedding.attend(x_BTD)
         else:
-            head = nn.DenseGeneral(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=jnp.dtype(cfg.dtype),
-                param_dtype=jnp.dtype(cfg.param_dtype),
-                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
-                name="head",
-            )
-            logits_BTV = head(x_BTD)
+            logits_BTV = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "head")(x_BTD)
         logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
         return logits_BTV
