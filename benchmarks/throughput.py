@@ -17,11 +17,21 @@ import time
 import jax
 import jax.numpy as jnp
 
+from configs.base import apply_arg
 from model import Transformer, flops_per_token, param_counts
-from training.config import resolve, with_vocab
+from training.config import RunConfig, resolve, with_vocab
 from training.loop import init_state, make_train_step
 from training.metrics import measured_matmul_flops
 from training.optim import make_optimizer
+
+
+def load_config(spec: str, vocab: int, overrides: str = "") -> RunConfig:
+    """The resolved config of `path[:arg]` with `overrides` applied and the vocabulary size set."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return with_vocab(resolve(apply_arg(module.get_config(arg or None), overrides)), vocab)
 
 
 def main() -> None:
@@ -33,16 +43,7 @@ def main() -> None:
     parser.add_argument("--set", default="", help="config overrides as key=value,key=value")
     args = parser.parse_args()
 
-    path, _, arg = args.config.partition(":")
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-    if args.set:
-        from configs.base import apply_arg
-
-        config = apply_arg(config, args.set)
-    run = with_vocab(resolve(config), args.vocab)
+    run = load_config(args.config, args.vocab, args.set)
     model, (tx, schedule) = Transformer(run.model), make_optimizer(run.train)
     state = init_state(model, tx, run.train.seed)
     B, T = run.train.batch_size, run.data.seq_len
