@@ -45,6 +45,9 @@ def main(argv: list[str]) -> None:
         result = train(run, _WORKDIR.value)
     except (ConfigError, DataError) as e:
         fail(str(e))
+    except FloatingPointError as e:  # a diverged run: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     print(run_summary(result))
 
 

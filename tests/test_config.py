@@ -80,7 +80,7 @@ def run_cli(*args, cwd=REPO):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("--config.model.num_kv_heads=3", "model.num_heads=4: must be divisible by model.num_kv_heads=3"),
+        ("--config.model.num_kv_heads=4", "model.num_heads=6: must be divisible by model.num_kv_heads=4"),
         ("--config.model.position=xpos", "model.position='xpos'"),
         ("--config.model.not_a_key=1", "not_a_key"),
         ("--config.data.corpus=/no/such/dir", "data.corpus='/no/such/dir': no such file or directory"),

@@ -18,19 +18,19 @@ CFG = ModelConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_h
 
 
 def init(cfg: ModelConfig, T: int = 16):
-    return nn.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, T), jnp.int32))["params"])
+    return nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros((1, T), jnp.int32))["params"])
 
 
 @pytest.mark.parametrize("position", sorted(POSITIONS))
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_changing_a_future_token_never_changes_past_logits(position, scan_layers):
     cfg = dataclasses.replace(CFG, position=position, scan_layers=scan_layers)
-    model, params = Transformer(cfg), init(cfg)
+    apply, params = jax.jit(Transformer(cfg).apply), init(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
-    base = model.apply({"params": params}, tokens)
+    base = apply({"params": params}, tokens)
     for t in (0, 5, 14):
         changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 7) % cfg.vocab_size)
-        out = model.apply({"params": params}, changed)
+        out = apply({"params": params}, changed)
         np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
         assert not np.allclose(out[:, t + 1], base[:, t + 1])
 
@@ -201,3 +201,28 @@ def test_dense_matmul_gradients_match_autodiff():
     want = jax.grad(lambda x, w: jnp.sum((x @ w) * dy), (0, 1))(x, w)
     for g, ref in zip(got, want):
         np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_and_unrolled_layers_compute_the_same_loss_and_gradients(remat):
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, CFG.vocab_size)
+    params = init(CFG)
+
+    def grads(cfg):
+        model = Transformer(cfg)
+        return jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)))(params)
+
+    want = grads(CFG)
+    got = grads(dataclasses.replace(CFG, remat=remat))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    # The unrolled stack names layers layer_i; with the same weights it computes the same logits.
+    unrolled = dataclasses.replace(CFG, scan_layers=False)
+    per_layer = {f"layer_{i}": jax.tree.map(lambda x: x[i], params["layers"]) for i in range(CFG.num_layers)}
+    flat = {**{k: v for k, v in params.items() if k != "layers"}, **per_layer}
+    np.testing.assert_allclose(
+        Transformer(unrolled).apply({"params": flat}, tokens),
+        Transformer(CFG).apply({"params": params}, tokens),
+        rtol=1e-5,
+        atol=1e-6,
+    )

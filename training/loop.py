@@ -183,7 +183,9 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False) -
             if not math.isfinite(logged["train/loss"]):
                 raise FloatingPointError(f"step {step}: train/loss is {logged['train/loss']}; stopping")
             pending = []
+            interval_start = time.perf_counter()
         if step % t.eval_every == 0 or step == t.steps:
+            eval_start = time.perf_counter()
             evaluated = evaluate(eval_fn, state.params, val_batches)
             writer.write(step, evaluated)
             last.update(evaluated)
@@ -191,8 +193,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False) -
                 progress.write(
                     f"step {step}: eval/loss {evaluated['eval/loss']:.4f}  eval/bpb {evaluated['eval/bpb']:.4f}"
                 )
-        if step % t.log_every == 0:
-            interval_start = time.perf_counter()  # evaluation time is not training time
+            interval_start += time.perf_counter() - eval_start  # evaluation time is not training time
     progress.close()
     writer.close()
 
