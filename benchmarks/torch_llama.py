@@ -39,9 +39,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     p.add_argument(
         "--adamw",
-        choices=["foreach", "fused", "forloop"],
-        default="foreach",
-        help="AdamW implementation (foreach was fastest on a 2-core CPU)",
+        choices=["fused", "foreach", "forloop"],
+        default="fused",
+        help="AdamW implementation; fused is fastest on CPU (~20 ms/step vs 60-180 ms for forloop/foreach at 17M params)",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON line at the end")
