@@ -27,7 +27,7 @@ PEAK_FLOPS = {
 
 
 @functools.cache
-def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+def measured_matmul_flops(n: int = 2048, repeats: int = 10) -> float:
     """Best observed FLOP/s of an n x n float32 matmul on the default device (the CPU 'peak')."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
