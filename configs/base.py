@@ -63,6 +63,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_batches=8,
         sample_tokens=200,  # printed at the end of training (0: no sample)
         sample_prompt="def ",
+        init_from="",  # a workdir or checkpoint dir: start from its params (not its optimizer state)
+    )
+    c.checkpoint = dict(
+        every=500,  # save every N steps (and always at the end and on SIGTERM)
+        keep=3,  # how many of the latest checkpoints to keep
+        keep_every=0,  # also keep every checkpoint whose step is a multiple of this (0: none)
+        async_save=True,  # write in a background thread while training continues
     )
     return apply_arg(c, arg)
 

@@ -15,4 +15,5 @@ def get_config(arg: str | None = None):
     config.model.remat = "dots_no_batch"
     config.data.update(tokenizer="bytes", seq_len=256)
     config.train.update(steps=350, batch_size=16, lr=3e-3, warmup_steps=30, log_every=25, eval_every=100)
+    config.checkpoint.every = 100
     return base.apply_arg(config, arg)

@@ -49,6 +49,15 @@ class TrainConfig:
     eval_batches: int = 8
     sample_tokens: int = 200
     sample_prompt: str = "def "
+    init_from: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    keep_every: int = 0
+    async_save: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +65,13 @@ class RunConfig:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "checkpoint": CheckpointConfig}
 # Fields filled in from elsewhere (the tokenizer, data.seq_len), not set by users.
 DERIVED = {"model": {"vocab_size", "max_seq_len"}}
 
@@ -89,7 +99,7 @@ def _check(ok: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r}: {allowed}")
 
 
-def _rules(m: ModelConfig, d: DataConfig, t: TrainConfig) -> list[tuple[bool, str, Any, str]]:
+def _rules(m: ModelConfig, d: DataConfig, t: TrainConfig, c: CheckpointConfig) -> list[tuple[bool, str, Any, str]]:
     """(condition that must hold, key, value, what is allowed), checked in order."""
     positive = lambda group, obj, *names: [
         (getattr(obj, n) > 0, f"{group}.{n}", getattr(obj, n), "must be > 0") for n in names
@@ -161,6 +171,8 @@ def _rules(m: ModelConfig, d: DataConfig, t: TrainConfig) -> list[tuple[bool, st
             t.batch_size,
             f"must be divisible by train.grad_accum={t.grad_accum}",
         ),
+        *positive("checkpoint", c, "every", "keep"),
+        (c.keep_every >= 0, "checkpoint.keep_every", c.keep_every, "must be >= 0 (0: keep only the latest)"),
     ]
 
 
@@ -171,7 +183,7 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunConfig:
         if group not in GROUPS:
             raise ConfigError(f"{group}: unknown config group (allowed: {', '.join(GROUPS)})")
     typed = {group: _typed(group, cls, dict(raw.get(group, {}))) for group, cls in GROUPS.items()}
-    for ok, key, value, allowed in _rules(typed["model"], typed["data"], typed["train"]):
+    for ok, key, value, allowed in _rules(*typed.values()):
         _check(ok, key, value, allowed)
     typed["model"] = dataclasses.replace(typed["model"], max_seq_len=typed["data"].seq_len)
     return RunConfig(**typed)
@@ -183,4 +195,4 @@ def with_vocab(run: RunConfig, vocab_size: int) -> RunConfig:
 
 def from_dict(d: dict) -> RunConfig:
     """Rebuilds a RunConfig from `to_dict()` output (the config.json of a workdir)."""
-    return RunConfig(ModelConfig(**d["model"]), DataConfig(**d["data"]), TrainConfig(**d["train"]))
+    return RunConfig(**{group: cls(**d.get(group, {})) for group, cls in GROUPS.items()})
