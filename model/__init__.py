@@ -2,6 +2,6 @@
 
 from model.accounting import ParamCounts, flops_per_token, param_counts
 from model.config import ModelConfig
-from model.transformer import Transformer
+from model.transformer import Transformer, unstack_layers
 
-__all__ = ["ModelConfig", "ParamCounts", "Transformer", "flops_per_token", "param_counts"]
+__all__ = ["ModelConfig", "ParamCounts", "Transformer", "flops_per_token", "param_counts", "unstack_layers"]

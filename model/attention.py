@@ -60,16 +60,26 @@ def attend(
     mask_BTS: jax.Array,
     bias_BNTS: jax.Array | None = None,
 ) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + bias, masked) v; logits and softmax in float32.
+    """softmax(q k^T / sqrt(H) + bias, masked) v; logits and softmax in float32."""
+    return attend_kv_major(q_BTNH, k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3), mask_BTS, bias_BNTS)
+
+
+def attend_kv_major(
+    q_BTNH: jax.Array,
+    k_BKSH: jax.Array,
+    v_BKSH: jax.Array,
+    mask_BTS: jax.Array,
+    bias_BNTS: jax.Array | None = None,
+) -> jax.Array:
+    """`attend` with keys and values laid out [B, K, S, H] (as the decode cache keeps them).
 
     The G = N / K query heads sharing a K/V head are stacked along the row axis, so each K/V head
     is one [G*T, H] x [H, S] product and K/V are never repeated.
     """
     B, T, N, H = q_BTNH.shape
-    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    K, S = k_BKSH.shape[1], k_BKSH.shape[2]
     G = N // K
     q_BKMH = (q_BTNH * H**-0.5).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
-    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     mask_BMS = jnp.tile(mask_BTS, (1, G, 1))
     bias_BKMS = jnp.zeros((1, 1, 1, 1), jnp.float32) if bias_BNTS is None else bias_BNTS.reshape(B, K, G * T, S)
     out_BKMH = _attention_core(q_BKMH, k_BKSH, v_BKSH, mask_BMS, bias_BKMS)
@@ -77,12 +87,19 @@ def attend(
 
 
 def causal_mask(q_positions_BT: jax.Array, k_positions_BS: jax.Array) -> jax.Array:
-    """True where key position <= query position."""
-    return k_positions_BS[:, None, :] <= q_positions_BT[:, :, None]
+    """True where the key is a real token (position >= 0; padding and empty cache slots are -1) at or
+    before the query's position."""
+    k_positions_B1S = k_positions_BS[:, None, :]
+    return (k_positions_B1S <= q_positions_BT[:, :, None]) & (k_positions_B1S >= 0)
 
 
 class Attention(nn.Module):
+    """Causal self-attention. With `decode=True` it keeps a static K/V cache in the "cache" collection:
+    `model.init` sizes it from its input ([B, max_len]); each later call writes its keys and values
+    at the next free slots and attends over the whole cache."""
+
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
@@ -97,11 +114,34 @@ class Attention(nn.Module):
 
         scheme = POSITIONS[cfg.position]
         if scheme.rotate is not None:
-            q_BTNH = scheme.rotate(q_BTNH, positions_BT, cfg.rope_theta)
-            k_BTKH = scheme.rotate(k_BTKH, positions_BT, cfg.rope_theta)
-        bias = scheme.bias(N, positions_BT, positions_BT) if scheme.bias is not None else None
+            q_BTNH = scheme.rotate(q_BTNH, jnp.maximum(positions_BT, 0), cfg.rope_theta)
+            k_BTKH = scheme.rotate(k_BTKH, jnp.maximum(positions_BT, 0), cfg.rope_theta)
+        if self.decode:
+            k_BKSH, v_BKSH, k_positions_BS = self._cached(k_BTKH, v_BTKH, positions_BT)
+        else:
+            k_BKSH, v_BKSH, k_positions_BS = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3), positions_BT
+        bias = scheme.bias(N, positions_BT, k_positions_BS) if scheme.bias is not None else None
 
-        out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, causal_mask(positions_BT, positions_BT), bias)
+        out_BTNH = attend_kv_major(q_BTNH, k_BKSH, v_BKSH, causal_mask(positions_BT, k_positions_BS), bias)
         out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
         proj = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "out", num_in=2, std=output_std(cfg))
         return proj(out_BTNH)
+
+    def _cached(self, k_BTKH: jax.Array, v_BTKH: jax.Array, positions_BT: jax.Array):
+        """Writes this call's T keys/values/positions at the cache's next free slots; returns the whole
+        cache, keys and values laid out [B, K, max_len, H] so attention reads them without a transpose."""
+        initialized = self.has_variable("cache", "k")
+        k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+        B, K, T, H = k_BKTH.shape
+        k_cache = self.variable("cache", "k", jnp.zeros, (B, K, T, H), k_BKTH.dtype)
+        v_cache = self.variable("cache", "v", jnp.zeros, (B, K, T, H), v_BKTH.dtype)
+        pos_cache = self.variable("cache", "pos", jnp.full, (B, T), -1, jnp.int32)
+        index = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
+        if not initialized:  # model.init: the input only sizes the cache
+            return k_BKTH, v_BKTH, positions_BT
+        i = index.value
+        k_cache.value = jax.lax.dynamic_update_slice(k_cache.value, k_BKTH, (0, 0, i, 0))
+        v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_BKTH, (0, 0, i, 0))
+        pos_cache.value = jax.lax.dynamic_update_slice(pos_cache.value, positions_BT.astype(jnp.int32), (0, i))
+        index.value = i + T
+        return k_cache.value, v_cache.value, pos_cache.value

@@ -22,29 +22,43 @@ REMAT_POLICIES = {
 
 class Block(nn.Module):
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array):
         cfg, norm = self.cfg, NORMS[self.cfg.norm]
-        x_BTD = x_BTD + Attention(cfg, name="attn")(norm(cfg, name="attn_norm")(x_BTD), positions_BT)
+        attn = Attention(cfg, self.decode, name="attn")
+        x_BTD = x_BTD + attn(norm(cfg, name="attn_norm")(x_BTD), positions_BT)
         x_BTD = x_BTD + MLPS[cfg.mlp](cfg, name="mlp")(norm(cfg, name="mlp_norm")(x_BTD))
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
         return x_BTD, None  # (carry, output) so the same module runs under nn.scan
 
 
-def block_stack(cfg: ModelConfig) -> type[nn.Module]:
+def block_stack(cfg: ModelConfig, decode: bool) -> type[nn.Module]:
     block = Block
-    if REMAT_POLICIES[cfg.remat] is not None:
+    if REMAT_POLICIES[cfg.remat] is not None and not decode:
         block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     return block
 
 
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Params of a scanned stack ("layers", stacked on axis 0) as the unrolled stack names them (layer_i)."""
+    if "layers" not in params:
+        return params
+    per_layer = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(num_layers)}
+    return {**{k: v for k, v in params.items() if k != "layers"}, **per_layer}
+
+
 class Transformer(nn.Module):
+    """`decode=True` adds a K/V cache (see `Attention`) for incremental sampling; params are the same."""
+
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
-        """Returns float32 logits [B, T, vocab]; positions default to 0..T-1."""
+        """Returns float32 logits [B, T, vocab]. Positions default to 0..T-1; -1 marks padding, which no
+        token attends to."""
         cfg = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
@@ -59,23 +73,23 @@ class Transformer(nn.Module):
         x_BTD = embedding(tokens_BT)
         scheme = POSITIONS[cfg.position]
         if scheme.embed is not None:
-            x_BTD = x_BTD + scheme.embed(cfg, name="pos_embed")(positions_BT).astype(x_BTD.dtype)
+            x_BTD = x_BTD + scheme.embed(cfg, name="pos_embed")(jnp.maximum(positions_BT, 0)).astype(x_BTD.dtype)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
 
-        block = block_stack(cfg)
+        block = block_stack(cfg, self.decode)
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True},
                 in_axes=nn.broadcast,
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, _ = stack(cfg, name="layers")(x_BTD, positions_BT)
+            x_BTD, _ = stack(cfg, self.decode, name="layers")(x_BTD, positions_BT)
         else:
             for i in range(cfg.num_layers):
-                x_BTD, _ = block(cfg, name=f"layer_{i}")(x_BTD, positions_BT)
+                x_BTD, _ = block(cfg, self.decode, name=f"layer_{i}")(x_BTD, positions_BT)
 
         x_BTD = NORMS[cfg.norm](cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:

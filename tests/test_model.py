@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import ModelConfig, Transformer, flops_per_token, param_counts
+from model import ModelConfig, Transformer, flops_per_token, param_counts, unstack_layers
 from model.attention import attend, causal_mask
 from model.positions import POSITIONS, alibi_bias, alibi_slopes, apply_rope
 
@@ -218,8 +218,7 @@ def test_remat_and_unrolled_layers_compute_the_same_loss_and_gradients(remat):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
     # The unrolled stack names layers layer_i; with the same weights it computes the same logits.
     unrolled = dataclasses.replace(CFG, scan_layers=False)
-    per_layer = {f"layer_{i}": jax.tree.map(lambda x: x[i], params["layers"]) for i in range(CFG.num_layers)}
-    flat = {**{k: v for k, v in params.items() if k != "layers"}, **per_layer}
+    flat = unstack_layers(params, CFG.num_layers)
     np.testing.assert_allclose(
         Transformer(unrolled).apply({"params": flat}, tokens),
         Transformer(CFG).apply({"params": params}, tokens),
