@@ -151,3 +151,15 @@ def build_tokenizer(spec: str, workdir: pathlib.Path, train_texts) -> Tokenizer:
     if not path.is_file():
         raise DataError(f"data.tokenizer={spec!r}: not 'bytes', 'bpe:N', or an existing tokenizer.json file")
     return load_file(path, spec)
+
+
+def tokenizer_to_dict(tok: Tokenizer) -> dict:
+    """JSON-able form of `tok` for checkpoints: its spec and, for `tokenizers` tokenizers, their JSON."""
+    return {"spec": tok.name, "json": tok.tok.to_str() if isinstance(tok, HFTokenizer) else None}
+
+
+def tokenizer_from_dict(d: dict) -> Tokenizer:
+    """Rebuilds a tokenizer from `tokenizer_to_dict` output, without its training corpus."""
+    if d["json"] is None:
+        return ByteTokenizer()
+    return HFTokenizer(tokenizers.Tokenizer.from_str(d["json"]), d["spec"])
