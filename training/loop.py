@@ -5,10 +5,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -23,6 +27,16 @@ from tqdm import tqdm
 import data as data_lib
 from model import Transformer, flops_per_token, param_counts
 from sampling import generate
+from training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    Restored,
+    check_same,
+    checkpoints_dir,
+    differences,
+    meta_for,
+    restore_params,
+)
 from training.config import RunConfig, TrainConfig, with_vocab
 from training.metrics import MetricsWriter, peak_flops_per_device
 from training.optim import make_optimizer
@@ -107,16 +121,18 @@ def evaluate(eval_step, params, batches: list[dict]) -> dict:
     }
 
 
-def init_state(model: Transformer, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(model: Transformer, tx: optax.GradientTransformation, seed: int, params: Any = None) -> TrainState:
+    """Step 0: the model's initial params (or the given ones, e.g. another run's), fresh optimizer state and RNG."""
     init_rng, state_rng = jax.random.split(jax.random.key(seed))
 
     @jax.jit
-    def init():
-        dummy_BT = jnp.zeros((1, model.cfg.max_seq_len), jnp.int32)
-        params = nn.unbox(model.init(init_rng, dummy_BT)["params"])
+    def init(params):
+        if params is None:
+            dummy_BT = jnp.zeros((1, model.cfg.max_seq_len), jnp.int32)
+            params = nn.unbox(model.init(init_rng, dummy_BT)["params"])
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_rng)
 
-    return init()
+    return init(params)
 
 
 def describe(run: RunConfig) -> str:
@@ -128,81 +144,243 @@ def describe(run: RunConfig) -> str:
     )
 
 
-def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False) -> dict:
-    """Trains `run` into `workdir`; returns the last logged train and eval metrics."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+# Keys a resumed run may not change without a CheckpointError, but for these: the vocabulary size is checked
+# against the tokenizer once it is loaded, max_seq_len is data.seq_len, and cache_dir only says where token
+# stores are cached.
+RESUME_IGNORES = {"model.vocab_size", "model.max_seq_len", "data.cache_dir"}
+
+
+def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig) -> dict:
+    """Abstract params and optimizer state for resuming `run` from a checkpoint written with `stored`."""
+    check_same(stored, run, directory, ("model", "data"), RESUME_IGNORES)
+    run = with_vocab(run, stored.model.vocab_size)
+    model, (tx, _) = Transformer(run.model), make_optimizer(run.train)
+    abstract = jax.eval_shape(lambda: init_state(model, tx, run.train.seed))
+    return {"params": abstract.params, "opt_state": abstract.opt_state}
+
+
+def init_from_check(run: RunConfig, path: str, stored: RunConfig) -> None:
+    """Another run's params fit this one if the model configs agree (max_seq_len only sizes learned positions)."""
+    ignore = {"model.vocab_size"} | ({"model.max_seq_len"} if run.model.position != "learned" else set())
+    check_same(stored, run, pathlib.Path(path), ("model",), ignore)
+
+
+def find_start(run: RunConfig, checkpointer: Checkpointer, log) -> tuple[Restored | None, Restored | None]:
+    """(the checkpoint to resume from, where the params come from): the workdir's latest complete checkpoint,
+    else `train.init_from`'s params, else (None, None) for a fresh start.
+
+    Everything that can refuse the run (an incompatible or unreadable checkpoint, a bad init_from) is
+    checked here, before anything in the workdir is written.
+    """
     t = run.train
-    data = data_lib.load(run.data, workdir)
-    run = with_vocab(run, data.tokenizer.vocab_size)
-    (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    restored = checkpointer.restore(functools.partial(resume_targets, run, checkpointer.directory))
+    if restored is not None:
+        log(f"resuming from {restored.path}")
+        for key, old, new in differences(restored.run, run, ("train",)):
+            log(f"{key}: {old!r} in the checkpoint, {new!r} now")
+        if t.init_from:
+            log(f"train.init_from={t.init_from!r} ignored: the workdir has checkpoints, resuming instead")
+        return restored, restored
+    if t.init_from:
+        source = restore_params(t.init_from, check=functools.partial(init_from_check, run, t.init_from))
+        log(f"initialising params from {source.path} (fresh optimizer state)")
+        return None, source
+    return None, None
+
+
+def check_vocab(source: Restored, vocab_size: int, tokenizer_spec: str) -> None:
+    if source.run.model.vocab_size != vocab_size:
+        raise CheckpointError(
+            f"{source.path}: model.vocab_size={source.run.model.vocab_size} in the checkpoint but "
+            f"data.tokenizer={tokenizer_spec!r} gives {vocab_size}"
+        )
+
+
+def restored_state(restored: Restored) -> TrainState:
+    rng = jax.random.wrap_key_data(
+        np.asarray(restored.train["rng"]["data"], np.uint32), impl=restored.train["rng"]["impl"]
+    )
+    params, opt_state = restored.arrays["params"], restored.arrays["opt_state"]
+    return TrainState(jnp.asarray(restored.step, jnp.int32), params, opt_state, rng)
+
+
+def train_record(state: TrainState, data_state: dict, pending_host: list[dict]) -> dict:
+    """The `train` item of a checkpoint: what besides the arrays a resumed run needs to continue exactly."""
+    rng = {"impl": str(jax.random.key_impl(state.rng)), "data": jax.device_get(jax.random.key_data(state.rng)).tolist()}
+    pending = [{name: float(value) for name, value in m.items()} for m in pending_host]
+    return {"step": int(state.step), "rng": rng, "data": data_state, "pending": pending}
+
+
+def check_finite(pending_host: list[dict], step: int, saved: int | None) -> None:
+    """Raises FloatingPointError naming the first of the pending steps (ending at `step`) that went non-finite."""
+    first = step - len(pending_host) + 1
+    for i, metrics in enumerate(pending_host):
+        for name in ("train/loss", "train/grad_norm"):
+            if not np.isfinite(metrics[name]):
+                kept = f"the last checkpoint, step {saved}, is intact" if saved is not None else "no checkpoint"
+                raise FloatingPointError(f"step {first + i}: {name} is {float(metrics[name])}; stopping ({kept})")
+
+
+def trim_metrics(path: pathlib.Path, step: int) -> tuple[dict, int]:
+    """Drops metric rows after `step` (a resumed run writes them again) and any line torn by a kill.
+
+    Returns the latest value of each metric kept and how many rows were dropped.
+    """
+    if not path.exists():
+        return {}, 0
+    lines = path.read_text().splitlines()
+    kept, last = [], {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["step"] <= step:
+            kept.append(line)
+            last.update(row)
+    if len(kept) < len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    last.pop("step", None)
+    return last, len(lines) - len(kept)
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """Yields a function telling whether SIGTERM arrived; the previous handler comes back on exit.
+
+    Only the main thread can install signal handlers; in other threads SIGTERM keeps its usual meaning.
+    """
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received.is_set
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+    try:
+        yield received.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False) -> dict:
+    """Trains `run` into `workdir`, resuming from its latest complete checkpoint if it has one.
+
+    Returns the last logged train and eval metrics, the step reached, and `preempted`: True when SIGTERM
+    stopped the run early (after finishing the step and writing a checkpoint).
+    """
+    workdir = pathlib.Path(workdir)
+    t, c = run.train, run.checkpoint
     log = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    checkpointer = Checkpointer(checkpoints_dir(workdir), c)
+    try:
+        with sigterm_flag() as preempted:
+            restored, source = find_start(run, checkpointer, log)
+            data = data_lib.load(run.data, workdir)
+            run = with_vocab(run, data.tokenizer.vocab_size)
+            if source is not None:
+                check_vocab(source, data.tokenizer.vocab_size, run.data.tokenizer)
+            model = Transformer(run.model)
+            tx, schedule = make_optimizer(t)
+            if restored is not None:
+                state = restored_state(restored)
+            else:
+                state = init_state(model, tx, t.seed, source.arrays["params"] if source else None)
+            start = restored.step if restored else 0
+            workdir.mkdir(parents=True, exist_ok=True)
+            last, dropped = trim_metrics(workdir / "metrics.jsonl", start)
+            if dropped:
+                log(f"dropped {dropped} rows after step {start} from metrics.jsonl")
+            if start >= t.steps:
+                log(f"the checkpoint at step {start} completes the run (train.steps={t.steps}); nothing to train")
+                return {"step": start, **last, "preempted": False}
+            (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+            meta = meta_for(run, data.tokenizer)
 
-    model = Transformer(run.model)
-    tx, schedule = make_optimizer(t)
-    state = init_state(model, tx, t.seed)
-    train_iter = data.train_iterator(t.batch_size, t.seed)
-    val_batches = data.validation_batches(t.batch_size, t.eval_batches)
+            train_iter = data.train_iterator(t.batch_size, t.seed)
+            pending: list[dict] = []  # per-step metrics of the current log interval
+            if restored is not None:
+                train_iter.set_state(restored.train["data"])
+                pending = [{k: np.asarray(v, np.float32) for k, v in m.items()} for m in restored.train["pending"]]
+            val_batches = data.validation_batches(t.batch_size, t.eval_batches)
 
-    compile_start = time.perf_counter()
-    batch = next(train_iter)
-    step_fn = jax.jit(make_train_step(model, tx, schedule, t), donate_argnums=0).lower(state, batch).compile()
-    eval_fn = jax.jit(make_eval_step(model, data.tokenizer.token_bytes))
-    log(describe(run))
-    log(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
+            compile_start = time.perf_counter()
+            batch = next(train_iter)
+            step_fn = jax.jit(make_train_step(model, tx, schedule, t), donate_argnums=0).lower(state, batch).compile()
+            eval_fn = jax.jit(make_eval_step(model, data.tokenizer.token_bytes))
+            log(describe(run))
+            log(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
 
-    tokens_per_step = t.batch_size * run.data.seq_len
-    train_flops = flops_per_token(run.model, run.data.seq_len) * tokens_per_step
-    peak, peak_source = peak_flops_per_device(run.model.dtype)
-    peak *= jax.device_count()
-    log(f"peak for MFU: {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
+            tokens_per_step = t.batch_size * run.data.seq_len
+            train_flops = flops_per_token(run.model, run.data.seq_len) * tokens_per_step
+            peak, peak_source = peak_flops_per_device(run.model.dtype)
+            peak *= jax.device_count()
+            log(f"peak for MFU: {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
+            log(f"checkpoints: every {c.every} steps into {checkpointer.directory}")
 
-    writer = MetricsWriter(workdir)
-    last: dict = {}
-    pending: list[dict] = []
-    progress = tqdm(total=t.steps, disable=quiet, desc="train", dynamic_ncols=True, file=sys.stderr)
-    interval_start = time.perf_counter()
-    for step in range(1, t.steps + 1):
-        state, metrics = step_fn(state, batch)
-        pending.append(metrics)
-        if step < t.steps:
-            batch = next(train_iter)  # overlaps with the step running asynchronously
-        progress.update(1)
-        if step % t.log_every == 0 or step == t.steps:
-            host = jax.device_get(pending)
-            elapsed = time.perf_counter() - interval_start
-            step_time = elapsed / len(pending)
-            logged = {name: float(np.mean([m[name] for m in host])) for name in host[0]}
-            logged["train/lr"] = float(host[-1]["train/lr"])
-            logged["perf/step_time"] = step_time
-            logged["perf/tokens_per_sec"] = tokens_per_step / step_time
-            logged["perf/mfu"] = train_flops / step_time / peak
-            writer.write(step, logged)
-            last.update(logged)
-            progress.set_postfix(loss=f"{logged['train/loss']:.3f}", tok_s=f"{logged['perf/tokens_per_sec']:,.0f}")
-            if not math.isfinite(logged["train/loss"]):
-                raise FloatingPointError(f"step {step}: train/loss is {logged['train/loss']}; stopping")
-            pending = []
+            writer = MetricsWriter(workdir)
+            saved = restored.step if restored else None  # the last checkpoint known to be good
+            stopped = False
+            progress = tqdm(
+                total=t.steps, initial=start, disable=quiet, desc="train", dynamic_ncols=True, file=sys.stderr
+            )
             interval_start = time.perf_counter()
-        if step % t.eval_every == 0 or step == t.steps:
-            eval_start = time.perf_counter()
-            evaluated = evaluate(eval_fn, state.params, val_batches)
-            writer.write(step, evaluated)
-            last.update(evaluated)
-            if not quiet:
-                progress.write(
-                    f"step {step}: eval/loss {evaluated['eval/loss']:.4f}  eval/bpb {evaluated['eval/bpb']:.4f}"
-                )
-            interval_start += time.perf_counter() - eval_start  # evaluation time is not training time
-    progress.close()
-    writer.close()
-
-    if t.sample_tokens > 0:
-        prompt = data.tokenizer.encode(t.sample_prompt)
-        sample = data.tokenizer.decode(generate(model, state.params, prompt, t.sample_tokens, seed=t.seed))
-        (workdir / "samples.txt").write_text(t.sample_prompt + sample + "\n")
-        log(f"--- sample ---\n{t.sample_prompt}{sample}\n--------------")
-    return {"step": t.steps, **last}
+            for step in range(start + 1, t.steps + 1):
+                state, metrics = step_fn(state, batch)
+                pending.append(metrics)
+                data_state = train_iter.get_state()  # this step's batch consumed, the next one not yet fetched
+                if step < t.steps:
+                    batch = next(train_iter)  # overlaps with the step running asynchronously
+                progress.update(1)
+                if step % t.log_every == 0 or step == t.steps:
+                    host = jax.device_get(pending)
+                    step_time = (time.perf_counter() - interval_start) / len(pending)
+                    logged = {name: float(np.mean([m[name] for m in host])) for name in host[0]}
+                    logged["train/lr"] = float(host[-1]["train/lr"])
+                    logged["perf/step_time"] = step_time
+                    logged["perf/tokens_per_sec"] = tokens_per_step / step_time
+                    logged["perf/mfu"] = train_flops / step_time / peak
+                    writer.write(step, logged)
+                    last.update(logged)
+                    progress.set_postfix(
+                        loss=f"{logged['train/loss']:.3f}", tok_s=f"{logged['perf/tokens_per_sec']:,.0f}"
+                    )
+                    check_finite(host, step, saved)
+                    pending = []
+                    interval_start = time.perf_counter()
+                if step % t.eval_every == 0 or step == t.steps:
+                    eval_start = time.perf_counter()
+                    evaluated = evaluate(eval_fn, state.params, val_batches)
+                    writer.write(step, evaluated)
+                    last.update(evaluated)
+                    if not quiet:
+                        progress.write(
+                            f"step {step}: eval/loss {evaluated['eval/loss']:.4f}  eval/bpb {evaluated['eval/bpb']:.4f}"
+                        )
+                    interval_start += time.perf_counter() - eval_start  # evaluation time is not training time
+                stopped = preempted() and step < t.steps
+                if step % c.every == 0 or step == t.steps or stopped:
+                    save_start = time.perf_counter()
+                    host = jax.device_get(pending)
+                    check_finite(host, step, saved)  # never checkpoint a diverged state
+                    arrays = {"params": state.params, "opt_state": state.opt_state}
+                    checkpointer.save(step, arrays, train_record(state, data_state, host), meta)
+                    saved = step
+                    interval_start += time.perf_counter() - save_start
+                if stopped:
+                    break
+            progress.close()
+            writer.close()
+            if stopped:
+                log(f"SIGTERM: stopped after step {step} and wrote a checkpoint; re-run the same command to resume")
+            elif t.sample_tokens > 0:
+                prompt = data.tokenizer.encode(t.sample_prompt)
+                sample = data.tokenizer.decode(generate(model, state.params, prompt, t.sample_tokens, seed=t.seed))
+                (workdir / "samples.txt").write_text(t.sample_prompt + sample + "\n")
+                log(f"--- sample ---\n{t.sample_prompt}{sample}\n--------------")
+            return {"step": step, **last, "preempted": stopped}
+    finally:
+        checkpointer.close()  # waits for a pending save
 
 
 def run_summary(result: dict) -> str:

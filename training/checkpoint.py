@@ -1,0 +1,266 @@
+"""Checkpoints of a run: orbax step directories under `WORKDIR/checkpoints`, restoring them onto any device
+layout, and loading one for inference.
+
+Each step directory holds four items:
+- `params`, `opt_state`: the arrays (orbax StandardSave), restored onto the shardings the caller asks for;
+- `train`: JSON with the step, the RNG key data, the grain iterator state and the per-step metrics of the
+  current log interval, so a resumed run logs exactly what an uninterrupted one would;
+- `meta`: JSON with the format version, the resolved config and the tokenizer, so a step directory alone
+  is enough to sample from.
+
+Every error is a `CheckpointError` with a one-line message; entry points print it and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from data.tokenizer import Tokenizer, tokenizer_from_dict, tokenizer_to_dict
+from model import ModelConfig, Transformer
+from training.config import CheckpointConfig, RunConfig, from_dict
+
+FORMAT_VERSION = 1
+ITEMS = ("params", "opt_state", "train", "meta")
+
+# Where restored arrays go: one jax.sharding.Sharding for all, a pytree of Shardings matching the targets, or a
+# function from each abstract leaf to its Sharding. None: the first device.
+Shardings = Any
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, damaged, or written for another config or format)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    step: int
+    arrays: dict[str, Any]  # item name -> pytree of jax.Array
+    train: dict  # step, rng, data iterator state, pending per-step metrics
+    meta: dict  # format_version, config, tokenizer
+    run: RunConfig  # the config the checkpoint was written with
+    path: pathlib.Path  # the step directory
+
+
+def checkpoints_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(workdir) / "checkpoints"
+
+
+def meta_for(run: RunConfig, tokenizer: Tokenizer) -> dict:
+    """The `meta` item: what a step directory needs to be read back and sampled from on its own."""
+    return {"format_version": FORMAT_VERSION, "config": run.to_dict(), "tokenizer": tokenizer_to_dict(tokenizer)}
+
+
+class Checkpointer:
+    """The steps of one checkpoints directory; without a CheckpointConfig it only reads."""
+
+    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig | None = None):
+        self.directory = pathlib.Path(directory).absolute()
+        self.writable = cfg is not None
+        options = ocp.CheckpointManagerOptions(create=False)  # the directory appears with the first save
+        if cfg is not None:
+            keep = [ocp.checkpoint_managers.LatestN(n=cfg.keep)]
+            if cfg.keep_every:
+                keep.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=cfg.keep_every))
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
+                enable_async_checkpointing=cfg.async_save,
+                cleanup_tmp_directories=True,  # half-written steps of a killed save
+                create=False,
+            )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def steps(self) -> list[int]:
+        """Complete (finalized) steps, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, arrays: dict[str, Any], train: dict, meta: dict) -> None:
+        """Starts writing `step`. Returns once the arrays are copied off the devices, so they may be donated."""
+        assert self.writable, "a read-only Checkpointer"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._set_aside(step)
+        args = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+        args |= {"train": ocp.args.JsonSave(train), "meta": ocp.args.JsonSave(meta)}
+        self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def _set_aside(self, step: int) -> None:
+        """Renames a damaged step directory that a resumed run is about to write again (kept for inspection)."""
+        path = self.directory / str(step)
+        if path.exists():
+            path.rename(path.with_name(f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
+            self._manager.reload()
+
+    def restore(
+        self,
+        targets: Callable[[RunConfig], dict[str, Any]],
+        step: int | None = None,
+        shardings: Shardings = None,
+    ) -> Restored | None:
+        """Restores `step`, or the newest step that reads back completely, warning about each damaged one.
+
+        `targets(config the checkpoint was written with)` gives the abstract arrays to restore by item name
+        (e.g. {"params": ...}); it may raise CheckpointError for an incompatible config. None when the
+        directory holds no checkpoints; CheckpointError when it holds some but none of them reads back.
+        """
+        steps = self.steps()
+        if step is not None and step not in steps:
+            listed = ", ".join(map(str, steps)) or "none"
+            raise CheckpointError(f"{self.directory}: no checkpoint for step {step} (steps: {listed})")
+        candidates = [step] if step is not None else steps[::-1]
+        for s in candidates:
+            path = self.directory / str(s)
+            try:
+                meta = self._manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as e:  # orbax and tensorstore raise many kinds for damaged files
+                warn_damaged(path, e)
+                continue
+            run = stored_config(meta, path)
+            abstract = with_shardings(targets(run), shardings)
+            args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
+            try:
+                items = self._manager.restore(s, args=ocp.args.Composite(**args, train=ocp.args.JsonRestore()))
+            except Exception as e:
+                warn_damaged(path, e)
+                continue
+            arrays = {name: items[name] for name in abstract}
+            return Restored(step=s, arrays=arrays, train=items["train"], meta=meta, run=run, path=path)
+        if candidates:
+            listed = ", ".join(map(str, candidates))
+            raise CheckpointError(
+                f"{self.directory}: no checkpoint reads back completely (damaged: {listed}); "
+                "move the directory away to start over"
+            )
+        return None
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for a pending save, and for the removal of half-written steps, to finish."""
+        self._manager.close()
+        # orbax 0.12 removes half-written steps in a thread that close() does not wait for; one still running
+        # at interpreter exit prints a traceback.
+        getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+
+
+def warn_damaged(path: pathlib.Path, error: Exception) -> None:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    print(f"warning: skipping damaged checkpoint {path}: {reason}", file=sys.stderr, flush=True)
+
+
+def stored_config(meta: dict, path: pathlib.Path) -> RunConfig:
+    """The RunConfig in a checkpoint's meta, after checking the format version."""
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format_version={version!r}, this code reads format_version={FORMAT_VERSION}"
+        )
+    try:
+        return from_dict(meta["config"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: the stored config does not fit this code ({e})") from None
+
+
+def differences(stored: RunConfig, current: RunConfig, groups: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """(group.key, stored value, current value) for every field of `groups` that differs."""
+    a, b = stored.to_dict(), current.to_dict()
+    return [
+        (f"{group}.{key}", a[group][key], b[group][key])
+        for group in groups
+        for key in a[group]
+        if a[group][key] != b[group][key]
+    ]
+
+
+def check_same(
+    stored: RunConfig, current: RunConfig, where: pathlib.Path, groups: tuple[str, ...], ignore: set[str] = frozenset()
+) -> None:
+    """Raises CheckpointError naming the first key of `groups` (not in `ignore`) whose value differs."""
+    for key, old, new in differences(stored, current, groups):
+        if key not in ignore:
+            raise CheckpointError(
+                f"{where}: {key}={old!r} in the checkpoint but {new!r} in this config "
+                "(use another workdir, or the checkpoint's value)"
+            )
+
+
+def with_shardings(targets: Any, shardings: Shardings = None) -> Any:
+    """ShapeDtypeStructs of `targets` (arrays or abstract arrays) placed as `shardings` says (see `Shardings`)."""
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = lambda _, one=shardings: one
+    placed = jax.tree.map(shardings, targets) if callable(shardings) else shardings
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), targets, placed)
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+    """The shapes and dtypes of a model's params, without allocating them."""
+    model = Transformer(cfg)
+    dummy_BT = jnp.zeros((1, cfg.max_seq_len), jnp.int32)
+    return jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), dummy_BT)["params"]))
+
+
+def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+    """(checkpoints directory, step or None) for a workdir, its checkpoints directory, or one step directory."""
+    path = pathlib.Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory")
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    if path.name.isdigit() and (path / "meta").is_dir():
+        return path.parent, int(path.name)
+    if path.name == "checkpoints" or any(child.name.isdigit() for child in path.iterdir()):
+        return path, None
+    raise CheckpointError(f"{path}: no checkpoints (not a workdir with checkpoints/, nor a checkpoint directory)")
+
+
+def list_steps(path: str | pathlib.Path) -> list[int]:
+    """The complete checkpoint steps of a workdir (or checkpoints directory, or step directory's siblings)."""
+    checkpointer = Checkpointer(locate(path)[0])
+    try:
+        return checkpointer.steps()
+    finally:
+        checkpointer.close()
+
+
+def restore_params(
+    path: str | pathlib.Path,
+    step: int | None = None,
+    shardings: Shardings = None,
+    check: Callable[[RunConfig], None] = lambda run: None,
+) -> Restored:
+    """The params (not the optimizer state) of the given or latest complete step under `path`.
+
+    `check(config the checkpoint was written with)` may refuse it with a CheckpointError before any array is read.
+    """
+    directory, path_step = locate(path)
+
+    def targets(run: RunConfig) -> dict:
+        check(run)
+        return {"params": abstract_params(run.model)}
+
+    checkpointer = Checkpointer(directory)
+    try:
+        restored = checkpointer.restore(targets, step if step is not None else path_step, shardings)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise CheckpointError(f"{path}: no checkpoints in {directory}")
+    return restored
+
+
+def load_for_inference(path: str | pathlib.Path, step: int | None = None) -> tuple[RunConfig, Any, Tokenizer, int]:
+    """(config, params, tokenizer, step) of the latest complete (or the given) step of a workdir,
+    its checkpoints directory, or a step directory; needs no corpus."""
+    restored = restore_params(path, step)
+    return restored.run, restored.arrays["params"], tokenizer_from_dict(restored.meta["tokenizer"]), restored.step
