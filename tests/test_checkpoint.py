@@ -1,0 +1,307 @@
+"""Checkpoints: bit-identical resumption after SIGKILL and SIGTERM, damaged and incompatible checkpoints,
+divergence, init_from, restoring onto another device layout, and loading for inference."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_from_dict, tokenizer_to_dict, train_bpe
+from tests.conftest import REPO, tiny_run
+from training import loop
+from training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    abstract_params,
+    checkpoints_dir,
+    list_steps,
+    load_for_inference,
+    meta_for,
+)
+from training.config import with_vocab
+from training.loop import init_state, make_train_step, resume_targets, train
+
+# train.py's main in a subprocess, with hooks that interrupt it: argv is the mode, a step, then train.py's
+# flags. Not measuring the CPU's peak FLOP/s only changes perf/mfu.
+DRIVER = """
+import os, signal, sys, time
+from absl import app
+import train
+from training import checkpoint, loop
+
+mode, at = sys.argv[1], int(sys.argv[2])
+loop.peak_flops_per_device = lambda dtype: (1e12, "not measured")
+save, write = checkpoint.Checkpointer.save, loop.MetricsWriter.write
+
+def save_then_kill(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)  # returns once the arrays are on the host; the files come after
+    if step == at and mode == "kill-mid-save":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def write_then(self, step, metrics):
+    write(self, step, metrics)
+    if mode == "slow":
+        time.sleep(0.2)
+    if mode == "sigterm" and step == at and "train/loss" in metrics:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+checkpoint.Checkpointer.save, loop.MetricsWriter.write = save_then_kill, write_then
+sys.argv = ["train.py", *sys.argv[3:]]
+app.run(train.main, flags_parser=train.parse_flags)
+"""
+
+
+def subprocess_env(**extra: str) -> dict:
+    """This session's XLA flags and private token-store cache (set by conftest), plus `extra`."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def curve(workdir, name: str = "train/loss") -> list[tuple[int, float]]:
+    path = workdir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [(r["step"], r[name]) for r in rows if name in r]
+
+
+def damage(directory) -> None:
+    for f in directory.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"")
+
+
+def test_runs_killed_or_preempted_anywhere_resume_bit_identically(tmp_path, text_corpus):
+    groups = {
+        "data": {"corpus": str(text_corpus), "val_fraction": 0.2},
+        "train": {"steps": 20, "log_every": 1, "eval_every": 100},
+        "checkpoint": {"every": 4},
+    }
+    config = tmp_path / "config.py"
+    config.write_text(f"from tests.conftest import tiny_config\n\n\ndef get_config(arg=None):\n    return tiny_config(**{groups!r})\n")  # fmt: skip
+    # Every run compiles the same programs: a shared compilation cache makes all but the first start quickly.
+    env = subprocess_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+
+    def command(workdir, mode: str, at: int) -> list[str]:
+        return [sys.executable, "-c", DRIVER, mode, str(at), f"--config={config}", f"--workdir={workdir}"]
+
+    def run(workdir, mode: str = "run", at: int = 0, returncode: int = 0) -> str:
+        done = subprocess.run(command(workdir, mode, at), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == returncode, done.stderr[-3000:]
+        return done.stdout
+
+    run(tmp_path / "reference")
+    reference = curve(tmp_path / "reference")
+    assert [step for step, _ in reference] == list(range(1, 21))
+    workdir = tmp_path / "run"
+
+    # SIGKILL from outside, at whatever the run is doing once step 6 is logged.
+    proc = subprocess.Popen(command(workdir, "slow", 0), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 300
+    metrics = workdir / "metrics.jsonl"  # read while being written: look for the start of step 6's row
+    while not (metrics.exists() and '{"step": 6,' in metrics.read_text()) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    assert max(list_steps(workdir), default=0) < 20
+
+    # SIGKILL right after the save of step 12 started: its step directory is still a temporary one.
+    run(workdir, "kill-mid-save", 12, returncode=-signal.SIGKILL)
+    assert 12 not in list_steps(workdir) and list(checkpoints_dir(workdir).glob("12.orbax-checkpoint-tmp*"))
+
+    # SIGTERM: finish the step, write a checkpoint, exit 0. (The run before resumed from the last complete step.)
+    assert "preempted at step 18" in run(workdir, "sigterm", 18)
+    assert list_steps(workdir)[-2:] == [16, 18] and not list(checkpoints_dir(workdir).glob("*tmp*"))
+
+    run(workdir)
+    assert curve(workdir) == reference
+    assert curve(workdir, "eval/loss") == curve(tmp_path / "reference", "eval/loss")
+
+
+def test_resuming_checks_the_config_and_skips_a_damaged_latest_checkpoint(tmp_path, text_corpus, capsys):
+    groups = {
+        "data": {"corpus": str(text_corpus), "val_fraction": 0.2},
+        "train": {"steps": 10, "eval_every": 100},
+        "checkpoint": {"every": 2, "keep": 2, "keep_every": 4},
+    }
+    handler = signal.getsignal(signal.SIGTERM)
+    first = train(tiny_run(**groups), tmp_path, quiet=True)
+    assert list_steps(tmp_path) == [4, 8, 10] and signal.getsignal(signal.SIGTERM) is handler
+    metrics, config = (tmp_path / "metrics.jsonl").read_bytes(), (tmp_path / "config.json").read_bytes()
+
+    again = train(tiny_run(**groups), tmp_path)
+    assert "nothing to train" in capsys.readouterr().out
+    assert again == first and (tmp_path / "metrics.jsonl").read_bytes() == metrics
+
+    where = checkpoints_dir(tmp_path)
+    for group, change, message in [
+        ("model", {"d_model": 64}, r"model\.d_model=32 in the checkpoint but 64"),
+        ("data", {"seq_len": 16}, r"data\.seq_len=32 in the checkpoint but 16"),
+    ]:
+        with pytest.raises(CheckpointError, match=f"^{where}: {message}"):
+            train(tiny_run(**{**groups, group: {**groups.get(group, {}), **change}}), tmp_path, quiet=True)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics and (tmp_path / "config.json").read_bytes() == config
+
+    damage(where / "10" / "params")
+    longer = train(tiny_run(**{**groups, "train": {**groups["train"], "steps": 12}}), tmp_path)
+    out, err = capsys.readouterr()
+    assert f"warning: skipping damaged checkpoint {where / '10'}" in err
+    assert f"resuming from {where / '8'}" in out and "train.steps: 10 in the checkpoint, 12 now" in out
+    assert longer["step"] == 12 and list_steps(tmp_path) == [4, 8, 10, 12] and list(where.glob("10.damaged-*"))
+    assert [step for step, _ in curve(tmp_path)] == [2, 4, 6, 8, 10, 12]
+
+    meta = where / "12" / "meta" / "metadata"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format_version": 99}))
+    with pytest.raises(CheckpointError, match="format_version=99, this code reads format_version=1"):
+        train(tiny_run(**groups), tmp_path, quiet=True)
+    damage(where)
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=f"^{where}: no checkpoint reads back completely"):
+        train(tiny_run(**groups), tmp_path, quiet=True)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, text_corpus, monkeypatch):  # fmt: skip
+    def diverging_at_step_5(model, tx, schedule, t):
+        step_fn = make_train_step(model, tx, schedule, t)
+
+        def train_step(state, batch):
+            state, metrics = step_fn(state, batch)
+            bad = state.step == 5
+            params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), state.params)
+            loss = jnp.where(bad, jnp.nan, metrics["train/loss"])
+            return state.replace(params=params), {**metrics, "train/loss": loss}
+
+        return train_step
+
+    monkeypatch.setattr(loop, "make_train_step", diverging_at_step_5)
+    run = tiny_run(
+        data={"corpus": str(text_corpus), "val_fraction": 0.2},
+        train={"steps": 8, "log_every": 4, "eval_every": 100},
+        checkpoint={"every": 3},
+    )
+    with pytest.raises(FloatingPointError, match=r"step 5: train/loss is nan; stopping \(the last checkpoint, step 3"):
+        train(run, tmp_path, quiet=True)  # logs at step 4 (all finite), saves at 3 and would at 6
+    assert list_steps(tmp_path) == [3]
+    _, params, _, _ = load_for_inference(tmp_path)
+    assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(params))
+
+
+def test_init_from_takes_another_runs_params_and_load_for_inference_finds_steps(tmp_path, text_corpus, capsys):
+    data = {"corpus": str(text_corpus), "val_fraction": 0.2}
+    a = tmp_path / "a"
+    train(tiny_run(data=data, train={"steps": 4, "eval_every": 100}, checkpoint={"every": 2}), a, quiet=True)
+
+    run, params, tokenizer, step = load_for_inference(a)
+    assert step == 4 and run.model.vocab_size == 257 and isinstance(tokenizer, ByteTokenizer)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), abstract_params(run.model)
+    )
+    assert (
+        load_for_inference(checkpoints_dir(a) / "2")[3] == 2 and load_for_inference(checkpoints_dir(a), step=2)[3] == 2
+    )
+    assert list_steps(a) == list_steps(checkpoints_dir(a)) == [2, 4]
+    for path, step, message in [
+        (tmp_path / "missing", None, "no such directory"),
+        (text_corpus, None, "no checkpoints"),
+        (a, 3, r"no checkpoint for step 3 \(steps: 2, 4\)"),
+    ]:
+        with pytest.raises(CheckpointError, match=message):
+            load_for_inference(path, step)
+
+    given = []
+
+    def spy(model, tx, seed, params=None):
+        given.append(params)
+        return init_state(model, tx, seed, params)
+
+    b = tiny_run(data=data, train={"steps": 2, "eval_every": 100, "init_from": str(a)}, checkpoint={"every": 2})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "init_state", spy)
+        train(b, tmp_path / "b")
+    assert f"initialising params from {checkpoints_dir(a) / '4'}" in capsys.readouterr().out
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), given[-1], params))
+    checkpointer = Checkpointer(checkpoints_dir(tmp_path / "b"))
+    restored = checkpointer.restore(lambda stored: resume_targets(stored, checkpointer.directory, stored))
+    checkpointer.close()
+    counts = [int(x) for x in jax.tree.leaves(restored.arrays["opt_state"]) if x.dtype == jnp.int32]
+    assert counts and all(c == 2 for c in counts)  # a fresh optimizer state, 2 steps old (a's was 4)
+
+    train(b, tmp_path / "b")
+    assert f"train.init_from={str(a)!r} ignored" in capsys.readouterr().out
+    wider = tiny_run(data=data, model={"d_ff": 128}, train={"init_from": str(a)})
+    with pytest.raises(CheckpointError, match=r"model\.d_ff=64 in the checkpoint but 128"):
+        train(wider, tmp_path / "c", quiet=True)
+    assert not (tmp_path / "c").exists()
+
+
+def test_tokenizers_round_trip_through_checkpoint_meta():
+    texts = [f"def f{i}(x):\n    return x + {i}\n" for i in range(50)]
+    bpe = HFTokenizer(train_bpe(texts, 300), "bpe:300")
+    rebuilt = tokenizer_from_dict(json.loads(json.dumps(tokenizer_to_dict(bpe))))
+    assert rebuilt.fingerprint == bpe.fingerprint and rebuilt.encode(texts[3]) == bpe.encode(texts[3])
+    assert rebuilt.eod_id == bpe.eod_id and (rebuilt.token_bytes == bpe.token_bytes).all()
+    assert isinstance(tokenizer_from_dict(tokenizer_to_dict(ByteTokenizer())), ByteTokenizer)
+
+
+# argv: a checkpoints directory written on one device, one to write, the expected arrays (.npz). Restores the
+# first sharded over 8 devices, checks it, and saves it from there into the second.
+ACROSS_LAYOUTS = """
+import sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from training.checkpoint import Checkpointer
+from training.config import CheckpointConfig
+
+want = dict(np.load(sys.argv[3]))
+mesh = Mesh(np.array(jax.devices()), ("data",))
+
+def spread(leaf):
+    axes = [i for i, n in enumerate(leaf.shape) if n % 8 == 0]
+    return NamedSharding(mesh, P(*[None] * axes[0], "data") if axes else P())
+
+source = Checkpointer(sys.argv[1])
+restored = source.restore(lambda run: {"params": {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in want.items()}}, shardings=spread)
+assert len(jax.devices()) == 8
+for name, leaf in restored.arrays["params"].items():
+    assert leaf.sharding == spread(leaf), (name, leaf.sharding)
+    np.testing.assert_array_equal(np.asarray(leaf), want[name])
+assert not restored.arrays["params"]["kernel"].sharding.is_fully_replicated
+target = Checkpointer(sys.argv[2], CheckpointConfig())
+target.save(restored.step, restored.arrays, restored.train, restored.meta)
+target.close()
+"""
+
+
+def test_a_checkpoint_restores_onto_another_device_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    params = {
+        "kernel": rng.normal(size=(6, 16)).astype(np.float32),
+        "bias": rng.normal(size=(5,)).astype(np.float32),
+        "count": np.int32(7),
+    }
+    np.savez(tmp_path / "want.npz", **params)
+    meta = meta_for(with_vocab(tiny_run(), 257), ByteTokenizer())
+    one = Checkpointer(tmp_path / "one", tiny_run().checkpoint)
+    one.save(3, {"params": jax.device_put(params)}, {"step": 3}, meta)
+    one.close()
+
+    script = [sys.executable, "-c", ACROSS_LAYOUTS, *(str(tmp_path / p) for p in ("one", "eight", "want.npz"))]
+    env = subprocess_env(XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    done = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    eight = Checkpointer(tmp_path / "eight")
+    restored = eight.restore(lambda run: {"params": params})
+    eight.close()
+    assert restored.step == 3 and restored.train == {"step": 3}
+    for name, leaf in restored.arrays["params"].items():
+        assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        np.testing.assert_array_equal(np.asarray(leaf), params[name])
