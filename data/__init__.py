@@ -2,6 +2,6 @@
 
 from data.config import DataConfig
 from data.errors import DataError
-from data.pipeline import Data, load
+from data.pipeline import Data, load, scoring_batches
 
-__all__ = ["Data", "DataConfig", "DataError", "load"]
+__all__ = ["Data", "DataConfig", "DataError", "load", "scoring_batches"]

@@ -42,11 +42,16 @@ class Data:
         return iter(ds)
 
     def validation_batches(self, batch_size: int, num_batches: int) -> list[dict]:
-        """`num_batches` fixed batches; windows may overlap when the split is small."""
-        tokens, window = self.store.val, self.cfg.seq_len + 1
-        starts = np.linspace(0, len(tokens) - window, batch_size * num_batches).round().astype(np.int64)
-        rows = np.stack([tokens[s : s + window] for s in starts]).astype(np.int32)
-        return [{"tokens": rows[i * batch_size : (i + 1) * batch_size]} for i in range(num_batches)]
+        """Fixed batches of {'tokens', 'mask'}: every target of the split exactly once when that fits in
+        `num_batches` batches (the numbers `infer.py --score` gives for the same text), else
+        `num_batches` full batches of windows spread evenly over the split."""
+        tokens, seq_len = self.store.val, self.cfg.seq_len
+        if len(covering_starts(len(tokens), seq_len)) <= batch_size * num_batches:
+            return scoring_batches(tokens, seq_len, batch_size)
+        starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * num_batches).round().astype(np.int64)
+        rows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int32)
+        mask = np.ones((len(rows), seq_len), np.float32)
+        return [_rows(rows, mask, i * batch_size, batch_size) for i in range(num_batches)]
 
 
 class Windows:
@@ -61,6 +66,31 @@ class Windows:
     def __getitem__(self, i: int) -> np.ndarray:
         start = i * self.seq_len
         return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int32)
+
+
+def covering_starts(num_tokens: int, seq_len: int) -> list[int]:
+    """Window starts that put every target (tokens 1..N-1) in some window: stride seq_len, the last
+    window moved back to end at the last token."""
+    count = max(1, -(-(num_tokens - 1) // seq_len))
+    return [min(w * seq_len, max(num_tokens - seq_len - 1, 0)) for w in range(count)]
+
+
+def scoring_batches(tokens: np.ndarray, seq_len: int, batch_size: int) -> list[dict]:
+    """Batches of {'tokens': [B, seq_len + 1], 'mask': [B, seq_len]} in which every target of `tokens`
+    has mask 1 exactly once; padding (a short text, the last batch's spare rows) has mask 0."""
+    starts = covering_starts(len(tokens), seq_len)
+    rows = np.zeros((-(-len(starts) // batch_size) * batch_size, seq_len + 1), np.int32)
+    mask = np.zeros((len(rows), seq_len), np.float32)
+    for w, start in enumerate(starts):
+        window = np.asarray(tokens[start : start + seq_len + 1])
+        rows[w, : len(window)] = window
+        first_new = w * seq_len - start  # targets before this were scored by the previous window
+        mask[w, first_new : len(window) - 1] = 1.0
+    return [_rows(rows, mask, i, batch_size) for i in range(0, len(rows), batch_size)]
+
+
+def _rows(rows: np.ndarray, mask: np.ndarray, start: int, count: int) -> dict:
+    return {"tokens": rows[start : start + count], "mask": mask[start : start + count]}
 
 
 def stack_windows(windows) -> dict:

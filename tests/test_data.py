@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from data import DataConfig, DataError, load
+from data import DataConfig, DataError, load, scoring_batches
 from data.corpus import split_documents
 from data.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
 
@@ -150,3 +150,19 @@ def test_bad_data_input_gives_a_one_line_error_naming_it(tmp_path, text_corpus, 
     message = str(err.value)
     assert "\n" not in message and any(str(v).format(p=tmp_path) in message for v in fields.values())
     assert not list(pathlib.Path(tmp_path / "cache").glob(".*"))  # no half-written store left behind
+
+
+@pytest.mark.parametrize("num_tokens", [5, 17, 33, 40])
+def test_scoring_batches_score_every_target_exactly_once(num_tokens):
+    tokens = np.arange(100, 100 + num_tokens, dtype=np.int32)
+    batches = scoring_batches(tokens, seq_len=8, batch_size=3)
+    scored = []
+    for batch in batches:
+        assert batch["tokens"].shape == (3, 9) and batch["mask"].shape == (3, 8)
+        targets = batch["tokens"][:, 1:]
+        scored += targets[batch["mask"] == 1].tolist()
+    assert sorted(scored) == tokens[1:].tolist()
+    # each scored target follows its true predecessor in the window
+    for batch in batches:
+        rows, cols = np.nonzero(batch["mask"])
+        assert (batch["tokens"][rows, cols] == batch["tokens"][rows, cols + 1] - 1).all()

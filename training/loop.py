@@ -99,26 +99,38 @@ def make_eval_step(model: Transformer, token_bytes: np.ndarray):
     bytes_V = jnp.asarray(token_bytes, jnp.float32)
 
     def eval_step(params, batch: dict) -> dict:
-        tokens_BT1 = batch["tokens"]
+        tokens_BT1, mask_BT = batch["tokens"], batch["mask"]
         logits_BTV = model.apply({"params": params}, tokens_BT1[:, :-1])
         _, nll_BT = cross_entropy(logits_BTV, tokens_BT1[:, 1:])
-        return {"nll": jnp.sum(nll_BT), "tokens": nll_BT.size, "bytes": jnp.sum(bytes_V[tokens_BT1[:, 1:]])}
+        return {
+            "nll": jnp.sum(nll_BT * mask_BT),
+            "tokens": jnp.sum(mask_BT),
+            "bytes": jnp.sum(bytes_V[tokens_BT1[:, 1:]] * mask_BT),
+        }
 
     return eval_step
 
 
 def evaluate(eval_step, params, batches: list[dict]) -> dict:
-    """Mean loss (nats/token), perplexity and bits per UTF-8 byte over the fixed validation batches."""
-    totals = {"nll": 0.0, "tokens": 0, "bytes": 0.0}
+    """Mean loss (nats/token), perplexity and bits per UTF-8 byte over `batches` ({'tokens', 'mask'})."""
+    totals = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
     for batch in batches:
         out = jax.device_get(eval_step(params, batch))
         totals = {k: totals[k] + float(out[k]) for k in totals}
-    loss = totals["nll"] / totals["tokens"]
+    loss = totals["nll"] / max(totals["tokens"], 1.0)
     return {
         "eval/loss": loss,
         "eval/ppl": math.exp(min(loss, 700.0)),
         "eval/bpb": totals["nll"] / math.log(2) / max(totals["bytes"], 1.0),
     }
+
+
+def score_text(model: Transformer, params, tokenizer, text: str, seq_len: int, batch_size: int) -> dict:
+    """eval/loss, eval/ppl and eval/bpb of `text` as one document (end-of-document appended, as the
+    token store does), every token scored once: what train.py's eval reports for the same text."""
+    tokens = np.asarray(tokenizer.encode(text) + [tokenizer.eod_id], np.int32)
+    eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes))
+    return evaluate(eval_step, params, data_lib.scoring_batches(tokens, seq_len, batch_size))
 
 
 def init_state(model: Transformer, tx: optax.GradientTransformation, seed: int, params: Any = None) -> TrainState:
