@@ -1,5 +1,6 @@
-"""Sampling from trained models."""
+"""Sampling from trained models: rules on logits, cached decoding, beam search."""
 
-from sampling.sampler import generate, sample_logits
+from sampling.decode import Generation, for_inference, generate, generate_batch, init_cache
+from sampling.rules import Rules, pick
 
-__all__ = ["generate", "sample_logits"]
+__all__ = ["Generation", "Rules", "generate", "generate_batch", "init_cache", "for_inference", "pick"]

@@ -1,0 +1,184 @@
+"""What infer.py does with a loaded checkpoint: turn prompts into samples (streamed, stopped at stop
+strings, batched) or beams, and score a text file."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TextIO
+
+import numpy as np
+
+from data.tokenizer import Tokenizer
+from model import Transformer
+from sampling.beam import beam_search
+from sampling.decode import DONE, generate_batch
+from sampling.rules import Rules
+from training.config import RunConfig
+from training.loop import score_text
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompts: list[str]
+    max_new_tokens: int = 200
+    max_len: int = 256
+    num_samples: int = 1
+    seed: int = 0
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    beam_size: int = 1
+    stop: tuple[str, ...] = ()
+    eos: bool = True
+    kv_cache: bool = True
+    batch_size: int = 32
+
+
+@dataclasses.dataclass
+class Speeds:
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt starts a document: it follows the end-of-document token, as documents do in training."""
+    return [tokenizer.eod_id, *tokenizer.encode(text)]
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """`text` up to (not including) the earliest stop string in it."""
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+class Watcher:
+    """The decode loop's host callback: collects each row's tokens, stops rows whose text reached a
+    stop string, and (with `echo`) prints row 0's text as it grows."""
+
+    def __init__(self, tokenizer: Tokenizer, rows: int, stops: tuple[str, ...], eos_id: int, echo: TextIO | None):
+        self.tokenizer, self.stops, self.eos_id, self.echo = tokenizer, stops, eos_id, echo
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.printed = 0
+        self.hold = max((len(s) for s in stops), default=1) - 1  # a stop string may be half-written
+
+    def __call__(self, tokens_B: np.ndarray, step) -> np.ndarray:
+        stop_B = np.zeros(len(self.ids), bool)
+        for b, token in enumerate(np.asarray(tokens_B).tolist()):
+            if token in (DONE, self.eos_id):
+                continue
+            self.ids[b].append(token)
+            if self.stops:
+                text = self.tokenizer.decode(self.ids[b])
+                stop_B[b] = any(s in text for s in self.stops)
+        if self.echo is not None:
+            text = self.tokenizer.decode(self.ids[0]).rstrip("\ufffd")  # a character still missing bytes
+            text = cut_at_stop(text, self.stops)
+            self.show(text[: max(len(text) - self.hold, self.printed)] if self.hold else text)
+        return stop_B
+
+    def show(self, text: str) -> None:
+        """Prints what `text` adds to what was already printed."""
+        if len(text) > self.printed:
+            self.echo.write(text[self.printed :])
+            self.echo.flush()
+            self.printed = len(text)
+
+
+def check_fits(run: RunConfig, request: Request, longest_prompt: int) -> None:
+    """ValueError (shown to the user as one line) for a request the model cannot serve."""
+    m = run.model
+    if m.position == "learned" and request.max_len > m.max_seq_len:
+        raise ValueError(
+            f"--max_len={request.max_len}: a model with learned positions reaches only its seq_len={m.max_seq_len}"
+        )
+    if longest_prompt >= request.max_len:
+        raise ValueError(
+            f"a prompt of {longest_prompt} tokens (with the leading end-of-document token) does not fit in "
+            f"--max_len={request.max_len} with room for a new token"
+        )
+
+
+def run_request(run: RunConfig, params, tokenizer: Tokenizer, request: Request, out: TextIO) -> Speeds:
+    """Writes every prompt's samples (or best beams) to `out`; returns the measured speeds."""
+    model = Transformer(run.model)
+    encoded = [prompt_ids(tokenizer, p) for p in request.prompts]
+    check_fits(run, request, max(len(ids) for ids in encoded))
+    eos_id = tokenizer.eod_id if request.eos else -1
+    speeds = Speeds()
+    if request.beam_size > 1:
+        for i, (text, ids) in enumerate(zip(request.prompts, encoded)):
+            beams = beam_search(
+                model, params, ids, request.max_new_tokens, request.beam_size, max_len=request.max_len, eos_id=eos_id
+            )
+            speeds.decode_tokens += beams.steps * request.beam_size  # prefill included in the time
+            speeds.decode_seconds += beams.seconds
+            for j, (tokens, score) in enumerate(zip(beams.tokens[: request.num_samples], beams.scores)):
+                header = f"prompt {i + 1}/{len(encoded)}, beam {j + 1} (log-prob {score:.3f})"
+                _write(out, header, text + cut_at_stop(tokenizer.decode(tokens), request.stop), request, len(encoded))
+        return speeds
+
+    rules = Rules(request.temperature, request.top_k, request.top_p, request.min_p)
+    rows = [(i, j) for i in range(len(encoded)) for j in range(request.num_samples)]
+    stream = len(rows) == 1
+    for first in range(0, len(rows), request.batch_size):
+        chunk = rows[first : first + request.batch_size]
+        watcher = None
+        if stream or request.stop:
+            watcher = Watcher(tokenizer, len(chunk), request.stop, eos_id, out if stream else None)
+        if stream:
+            out.write(request.prompts[0])
+            out.flush()
+        generation = generate_batch(
+            model,
+            params,
+            [encoded[i] for i, _ in chunk],
+            request.max_new_tokens,
+            rules,
+            max_len=request.max_len,
+            eos_id=eos_id,
+            seed=request.seed,
+            first_row=first,
+            kv_cache=request.kv_cache,
+            on_token=watcher,
+        )
+        speeds.prefill_tokens += generation.prefill_tokens
+        speeds.prefill_seconds += generation.prefill_seconds
+        speeds.decode_tokens += generation.decode_tokens
+        speeds.decode_seconds += generation.decode_seconds
+        for (i, j), tokens in zip(chunk, generation.tokens):
+            text = cut_at_stop(tokenizer.decode(tokens), request.stop)
+            if stream:
+                watcher.show(text)
+                out.write("\n")
+            else:
+                header = f"prompt {i + 1}/{len(encoded)}, sample {j + 1}/{request.num_samples}"
+                _write(out, header, request.prompts[i] + text, request, len(encoded))
+    return speeds
+
+
+def _write(out: TextIO, header: str, text: str, request: Request, prompts: int) -> None:
+    if prompts > 1 or request.num_samples > 1:
+        out.write(f"=== {header} ===\n")
+    out.write(text + "\n")
+    out.flush()
+
+
+def report_speed(speeds: Speeds, file: TextIO) -> None:
+    def rate(tokens: int, seconds: float) -> str:
+        return f"{tokens} tokens in {seconds:.3f}s ({tokens / seconds:,.0f} tokens/s)" if seconds > 0 else "n/a"
+
+    print(
+        f"prefill: {rate(speeds.prefill_tokens, speeds.prefill_seconds)} | "
+        f"decode: {rate(speeds.decode_tokens, speeds.decode_seconds)}",
+        file=file,
+    )
+
+
+def score_file(run: RunConfig, params, tokenizer: Tokenizer, text: str) -> dict:
+    """eval/loss, eval/ppl, eval/bpb of `text` under the model, plus how many tokens were scored."""
+    model = Transformer(run.model)
+    scores = score_text(model, params, tokenizer, text, run.data.seq_len, run.train.batch_size)
+    return {**scores, "tokens": len(tokenizer.encode(text)) + 1}

@@ -1,0 +1,267 @@
+"""Sampling rules against NumPy, the K/V cache against recomputation and a plain forward pass, beam
+search against brute force, and infer.py end to end on a trained checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data import corpus
+from model import ModelConfig, Transformer
+from sampling import Rules, generate_batch
+from sampling.beam import beam_search
+from sampling.rules import filtered, min_p_filter, pick, top_k_filter, top_p_filter
+from sampling.runner import Watcher, cut_at_stop, prompt_ids
+from tests.conftest import REPO, tiny_run
+from training.checkpoint import load_for_inference
+from training.loop import train
+
+LOGITS = np.log(np.array([[0.05, 0.4, 0.1, 0.25, 0.2], [0.5, 0.1, 0.15, 0.05, 0.2]], np.float32))
+
+
+def kept(filtered_logits) -> np.ndarray:
+    return np.isfinite(np.asarray(filtered_logits))
+
+
+def test_top_k_keeps_the_k_largest():
+    want = np.zeros_like(LOGITS, bool)
+    for row, order in enumerate(np.argsort(-LOGITS, axis=-1)):
+        want[row, order[:2]] = True
+    np.testing.assert_array_equal(kept(top_k_filter(jnp.asarray(LOGITS), 2)), want)
+    assert kept(top_k_filter(jnp.asarray(LOGITS), 0)).all()
+
+
+@pytest.mark.parametrize("p", [0.3, 0.45, 0.6, 0.66, 0.75, 0.9, 0.97, 1.0])  # none on a boundary
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p(p):
+    probs = np.exp(LOGITS.astype(np.float64))
+    for row in range(len(probs)):
+        # brute force: the smallest subsets of tokens whose mass reaches p, then the most probable of those
+        best = None
+        for size in range(1, probs.shape[1] + 1):
+            subsets = [
+                s for s in itertools.combinations(range(probs.shape[1]), size) if probs[row, list(s)].sum() >= p - 1e-7
+            ]
+            if subsets:
+                best = max(subsets, key=lambda s: probs[row, list(s)].sum())
+                break
+        want = np.zeros(probs.shape[1], bool)
+        want[list(best)] = True
+        np.testing.assert_array_equal(kept(top_p_filter(jnp.asarray(LOGITS), p))[row], want, err_msg=f"row {row}")
+
+
+def test_min_p_keeps_tokens_at_least_min_p_times_the_most_likely():
+    probs = np.exp(LOGITS)
+    want = probs >= 0.45 * probs.max(axis=-1, keepdims=True)
+    np.testing.assert_array_equal(kept(min_p_filter(jnp.asarray(LOGITS), 0.45)), want)
+    assert kept(min_p_filter(jnp.asarray(LOGITS), 0.0)).all()
+
+
+def test_temperature_scales_logits_and_zero_is_greedy():
+    got = np.asarray(jax.nn.softmax(filtered(jnp.asarray(LOGITS), Rules(temperature=0.5))))
+    want = np.exp(LOGITS / 0.5) / np.exp(LOGITS / 0.5).sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    keys = jax.random.split(jax.random.key(0), 2)
+    np.testing.assert_array_equal(pick(jnp.asarray(LOGITS), keys, Rules(temperature=0)), LOGITS.argmax(-1))
+
+
+def test_draws_follow_the_filtered_distribution():
+    rules = Rules(temperature=1.0, top_k=3)
+    n = 4000
+    keys = jax.random.split(jax.random.key(1), n)
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS[0]), (n, 5))
+    counts = np.bincount(np.asarray(pick(logits, keys, rules)), minlength=5) / n
+    probs = np.exp(LOGITS[0]) * (np.argsort(np.argsort(-LOGITS[0])) < 3)
+    np.testing.assert_allclose(counts, probs / probs.sum(), atol=0.03)
+
+
+def random_model(position: str = "rope", scan: bool = True, vocab: int = 50, seq: int = 48):
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
+                      max_seq_len=seq, init_std=0.5, position=position, scan_layers=scan)  # fmt: skip
+    return init_params(Transformer(cfg))
+
+
+def init_params(model):
+    return model, jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def plain_greedy(model, params, prompt: list[int], steps: int, length: int) -> list[int]:
+    """Greedy decoding by the training forward pass on an unpadded buffer, no cache, no -1 positions."""
+    forward = jax.jit(lambda buf: model.apply({"params": params}, buf))
+    buf = np.zeros((1, length), np.int32)
+    buf[0, : len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + steps):
+        buf[0, i] = int(np.argmax(forward(buf)[0, i - 1]))
+    return buf[0, len(prompt) : len(prompt) + steps].tolist()
+
+
+@pytest.mark.parametrize("position,scan", [("rope", True), ("alibi", False), ("learned", True)])
+def test_batched_cached_decoding_matches_each_prompt_alone(position, scan):
+    """Left padding (positions -1) and the cache change nothing: each row is what its prompt gives alone."""
+    model, params = random_model(position, scan)
+    prompts, steps, greedy = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [4]], 12, Rules(temperature=0)
+    batch = generate_batch(model, params, prompts, steps, greedy, max_len=40)
+    for prompt, tokens in zip(prompts, batch.tokens):
+        assert tokens == plain_greedy(model, params, prompt, steps, 40)
+    if position == "rope":
+        recomputed = generate_batch(model, params, prompts, steps, greedy, max_len=40, kv_cache=False)
+        assert batch.tokens == recomputed.tokens
+
+
+def test_rows_stop_at_end_of_document_and_keep_their_own_random_stream():
+    model, params = random_model()
+    rules = Rules(temperature=1.0)
+    together = generate_batch(model, params, [[1, 2], [3]], 10, rules, max_len=32, seed=3)
+    second = generate_batch(model, params, [[3]], 10, rules, max_len=32, seed=3, first_row=1)
+    assert together.tokens[1] == second.tokens[0]
+    eos = together.tokens[0][4]
+    stopped = generate_batch(model, params, [[1, 2], [3]], 10, rules, max_len=32, seed=3, eos_id=eos)
+    assert stopped.tokens[0] == together.tokens[0][: together.tokens[0].index(eos)]
+
+
+def brute_force_best(model, params, prompt, steps, vocab, eos_id=-1):
+    """The highest total log-probability continuation over all sequences (ending early at eos_id)."""
+    seqs = np.array(list(itertools.product(range(vocab), repeat=steps)), np.int32)
+    full = np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], axis=1)
+    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(full))
+    logp = np.asarray(jax.nn.log_softmax(logits, -1), np.float64)
+    step_logp = np.take_along_axis(logp[:, len(prompt) - 1 : -1], seqs[..., None], -1)[..., 0]
+    best = {}
+    for seq, lp in zip(seqs.tolist(), step_logp):
+        end = seq.index(eos_id) + 1 if eos_id in seq else steps
+        key = tuple(seq[:end])
+        best[key] = lp[:end].sum()
+    top = max(best, key=best.get)
+    return [t for t in top if t != eos_id], best[top]
+
+
+def test_beam_search_finds_the_brute_force_best_sequence():
+    vocab, steps = 5, 3
+    model, params = init_params(Transformer(dataclasses.replace(random_model(vocab=vocab)[0].cfg, init_std=1.0)))
+    for eos_id in (-1, 2):  # without and with an end token that finishes beams early
+        want, want_score = brute_force_best(model, params, [1, 3], steps, vocab, eos_id)
+        # vocab^(steps - 1) beams keep every prefix, so beam search is exact here
+        beams = beam_search(model, params, [1, 3], steps, vocab ** (steps - 1), max_len=16, eos_id=eos_id)
+        assert beams.tokens[0] == want, eos_id
+        assert beams.scores[0] == pytest.approx(want_score, abs=1e-4)
+        assert beams.scores == sorted(beams.scores, reverse=True)
+        greedy = generate_batch(model, params, [[1, 3]], steps, Rules(temperature=0), max_len=16, eos_id=eos_id)
+        assert beam_search(model, params, [1, 3], steps, 1, max_len=16, eos_id=eos_id).tokens[0] == greedy.tokens[0]
+
+
+def test_stop_strings_cut_and_stop_rows():
+    assert cut_at_stop("abc\ndef", ("\n",)) == "abc"
+    assert cut_at_stop("abcdef", ("ef", "cd")) == "ab"
+
+    class Chars:
+        eod_id = 0
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    watcher = Watcher(Chars(), rows=2, stops=("yz",), eos_id=0, echo=None)
+    assert not watcher(np.array([ord("x"), ord("y")]), 0).any()
+    assert watcher(np.array([ord("y"), ord("z")]), 1).tolist() == [False, True]  # row 1 now reads "yz"
+
+
+# ---------------------------------------------------------------- a trained checkpoint and infer.py
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny run trained on two documents; the second is the whole validation split. Trained once
+    per test session: pytest-xdist workers share it through a lock in their common temp dir."""
+    root = tmp_path_factory.getbasetemp().parent / "trained_checkpoint"
+    root.mkdir(exist_ok=True)
+    with (root / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            _train_checkpoint(root)
+            (root / "done").touch()
+    return root / "run", root / "corpus"
+
+
+def _train_checkpoint(root):
+    docs = root / "corpus"
+    docs.mkdir()
+    (docs / "a.py").write_text("".join(f"def f{j}(x):\n    return x * {j}\n\n" for j in range(300)))
+    (docs / "b.py").write_text("".join(f"def g{j}(y):\n    return y + {j}\n\n" for j in range(12)))
+    run = tiny_run(
+        data={"corpus": str(docs), "val_fraction": 0.001},
+        train={"steps": 60, "lr": 3e-3, "eval_every": 60, "log_every": 20, "eval_batches": 16},
+    )
+    train(run, root / "run", quiet=True)
+
+
+def test_cache_and_recompute_agree_on_a_trained_checkpoint(trained):
+    workdir, _ = trained
+    run, params, tokenizer, step = load_for_inference(workdir)
+    assert step == 60
+    model = Transformer(run.model)
+    prompts = [prompt_ids(tokenizer, p) for p in ("def f1", "def g2(y):\n    return", "\n")]
+    greedy = Rules(temperature=0)
+    # 8 new tokens fit after the longest prompt, so every row runs all 8 steps
+    cached = generate_batch(model, params, prompts, 8, greedy, max_len=run.model.max_seq_len)
+    recomputed = generate_batch(model, params, prompts, 8, greedy, max_len=run.model.max_seq_len, kv_cache=False)
+    assert cached.tokens == recomputed.tokens
+    assert all(len(t) == 8 for t in cached.tokens)
+    for prompt, tokens in zip(prompts, cached.tokens):
+        assert tokens == plain_greedy(model, params, prompt, 8, run.model.max_seq_len)
+
+
+def run_infer(*args):
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    return subprocess.run([sys.executable, "infer.py", *args], cwd=REPO, capture_output=True, text=True, env=env)
+
+
+def test_infer_streams_a_sample_and_reports_speeds(trained):
+    workdir, _ = trained
+    out = run_infer("--workdir", str(workdir), "--prompt", "def f", "--max_new_tokens", "20", "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("def f") and len(out.stdout) > len("def f\n")
+    assert "prefill:" in out.stderr and "decode:" in out.stderr and "tokens/s" in out.stderr
+
+
+def test_infer_score_equals_the_training_eval_of_the_same_text(trained):
+    workdir, docs = trained
+    _, val = corpus.split_documents(str(docs), "text", 0.001)
+    assert [d.text for d in val] == [(docs / "b.py").read_text()]
+    out = run_infer("--workdir", str(workdir), "--score", str(docs / "b.py"))
+    assert out.returncode == 0, out.stderr
+    scored = json.loads(out.stdout)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in rows if "eval/loss" in r][-1]
+    for key in ("eval/loss", "eval/ppl", "eval/bpb"):
+        assert scored[key] == pytest.approx(evaluated[key], rel=1e-5), key
+    assert scored["eval/ppl"] == pytest.approx(math.exp(scored["eval/loss"]))
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--temperature", "-1", "--prompt", "x"], "--temperature=-1.0"),
+        (["--top_p", "0", "--prompt", "x"], "--top_p=0.0"),
+        (["--top_p", "1.5", "--prompt", "x"], "--top_p=1.5"),
+        (["--top_k", "-2", "--prompt", "x"], "--top_k=-2"),
+        (["--beam_size", "0", "--prompt", "x"], "--beam_size=0"),
+        (["--prompt", "a longer prompt", "--max_len", "4"], "does not fit in --max_len=4"),
+        (["--prompt", "x", "--step", "7"], "no checkpoint for step 7"),
+        (["--prompt", "x", "--workdir", "/nonexistent/run"], "/nonexistent/run"),
+    ],
+)
+def test_infer_bad_input_is_one_line_and_exit_code_2(trained, args, match):
+    workdir, _ = trained
+    out = run_infer("--workdir", str(workdir), *args)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and match in lines[-1], out.stderr
