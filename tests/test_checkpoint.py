@@ -60,6 +60,12 @@ app.run(train.main, flags_parser=train.parse_flags)
 """
 
 
+@pytest.fixture(autouse=True)
+def unmeasured_peak(monkeypatch):
+    """Skips measuring the CPU's peak FLOP/s (seconds per process); only perf/mfu depends on it."""
+    monkeypatch.setattr(loop, "peak_flops_per_device", lambda dtype: (1e12, "not measured"))
+
+
 def subprocess_env(**extra: str) -> dict:
     """This session's XLA flags and private token-store cache (set by conftest), plus `extra`."""
     return {**os.environ, "JAX_PLATFORMS": "cpu", **extra}

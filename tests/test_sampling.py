@@ -257,6 +257,8 @@ def test_infer_score_equals_the_training_eval_of_the_same_text(trained):
         (["--prompt", "a longer prompt", "--max_len", "4"], "does not fit in --max_len=4"),
         (["--prompt", "x", "--step", "7"], "no checkpoint for step 7"),
         (["--prompt", "x", "--workdir", "/nonexistent/run"], "/nonexistent/run"),
+        (["--prompt", "x", "--workdir", str(REPO / "configs")], "no checkpoints"),
+        (["--prompt", "x", "--num_samples", "3", "--beam_size", "2"], "--num_samples=3"),
     ],
 )
 def test_infer_bad_input_is_one_line_and_exit_code_2(trained, args, match):
