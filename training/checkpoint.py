@@ -32,8 +32,8 @@ from training.config import CheckpointConfig, RunConfig, from_dict
 FORMAT_VERSION = 1
 ITEMS = ("params", "opt_state", "train", "meta")
 
-# Where restored arrays go: one jax.sharding.Sharding for all, a pytree of Shardings matching the targets, or a
-# function from each abstract leaf to its Sharding. None: the first device.
+# Where restored arrays go: one jax.sharding.Sharding for all, a pytree of Shardings matching the targets (a dict
+# by item name), or a function from each abstract leaf to its Sharding. None: the first device.
 Shardings = Any
 
 
@@ -87,17 +87,20 @@ class Checkpointer:
         """Starts writing `step`. Returns once the arrays are copied off the devices, so they may be donated."""
         assert self.writable, "a read-only Checkpointer"
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._set_aside(step)
         args = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
         args |= {"train": ocp.args.JsonSave(train), "meta": ocp.args.JsonSave(meta)}
         self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-    def _set_aside(self, step: int) -> None:
-        """Renames a damaged step directory that a resumed run is about to write again (kept for inspection)."""
-        path = self.directory / str(step)
-        if path.exists():
-            path.rename(path.with_name(f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
+    def set_aside_after(self, step: int) -> list[int]:
+        """Renames the steps after `step` (damaged ones that `restore` skipped) to STEP.damaged-TIME, kept for
+        inspection, so that a run resumed from `step` can write them again; returns them."""
+        newer = [s for s in self.steps() if s > step]
+        for s in newer:
+            path = self.directory / str(s)
+            path.rename(path.with_name(f"{s}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
+        if newer:
             self._manager.reload()
+        return newer
 
     def restore(
         self,
@@ -225,7 +228,8 @@ def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
 
 
 def list_steps(path: str | pathlib.Path) -> list[int]:
-    """The complete checkpoint steps of a workdir (or checkpoints directory, or step directory's siblings)."""
+    """The complete checkpoint steps of a workdir (or checkpoints directory, or step directory's siblings);
+    CheckpointError when `path` is missing or holds no checkpoints."""
     checkpointer = Checkpointer(locate(path)[0])
     try:
         return checkpointer.steps()

@@ -300,6 +300,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False) -
                 state = init_state(model, tx, t.seed, source.arrays["params"] if source else None)
             start = restored.step if restored else 0
             workdir.mkdir(parents=True, exist_ok=True)
+            for damaged in checkpointer.set_aside_after(start):
+                log(f"kept the damaged checkpoint {damaged} as {damaged}.damaged-* in {checkpointer.directory}")
             last, dropped = trim_metrics(workdir / "metrics.jsonl", start)
             if dropped:
                 log(f"dropped {dropped} rows after step {start} from metrics.jsonl")
