@@ -59,6 +59,11 @@ def select_rows(cache: dict, rows_B: jax.Array) -> dict:
     return jax.tree_util.tree_map_with_path(take, cache)
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A prompt starts a document: it follows the end-of-document token, as documents do in training."""
+    return [tokenizer.eod_id, *tokenizer.encode(text)]
+
+
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """tokens [B, P] and positions [B, P] (-1 on padding) for prompts left-padded to the longest."""
     P = max(len(p) for p in prompts)

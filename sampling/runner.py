@@ -11,7 +11,7 @@ import numpy as np
 from data.tokenizer import Tokenizer
 from model import Transformer
 from sampling.beam import beam_search
-from sampling.decode import DONE, generate_batch
+from sampling.decode import DONE, generate_batch, prompt_ids
 from sampling.rules import Rules
 from training.config import RunConfig
 from training.loop import score_text
@@ -41,11 +41,6 @@ class Speeds:
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
-
-
-def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """A prompt starts a document: it follows the end-of-document token, as documents do in training."""
-    return [tokenizer.eod_id, *tokenizer.encode(text)]
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

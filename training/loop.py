@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import data as data_lib
 from model import Transformer, flops_per_token, param_counts
-from sampling import generate
+from sampling import generate, prompt_ids
 from training.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -388,7 +388,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False) -
             if stopped:
                 log(f"SIGTERM: stopped after step {step} and wrote a checkpoint; re-run the same command to resume")
             elif t.sample_tokens > 0:
-                prompt = data.tokenizer.encode(t.sample_prompt)
+                prompt = prompt_ids(data.tokenizer, t.sample_prompt)
                 sample = data.tokenizer.decode(generate(model, state.params, prompt, t.sample_tokens, seed=t.seed))
                 (workdir / "samples.txt").write_text(t.sample_prompt + sample + "\n")
                 log(f"--- sample ---\n{t.sample_prompt}{sample}\n--------------")
