@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags, logging
 
+from training.cli import fail, parse_flags
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or a checkpoint directory) to load.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest complete one).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
@@ -36,18 +38,6 @@ _EOS = flags.DEFINE_boolean("eos", True, "Stop a sample at the end-of-document t
 _KV_CACHE = flags.DEFINE_boolean("kv_cache", True, "Decode with the K/V cache (--kv_cache=false: recompute).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows decoded together for many prompts or samples.")
 _SCORE = flags.DEFINE_string("score", None, "Print the loss, perplexity and bits per byte of this text file.")
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e).splitlines()[0])
 
 
 def check_flags() -> None:

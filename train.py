@@ -11,13 +11,15 @@ Bad config values, data inputs or checkpoints print one line and exit with code 
 
 from __future__ import annotations
 
-import sys
+import functools
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data import DataError
 from training.checkpoint import CheckpointError
+from training.cli import fail
+from training.cli import parse_flags as parse_any_flags
 from training.config import ConfigError, resolve
 from training.loop import run_summary, train
 
@@ -25,19 +27,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config f
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and the resolved config.")
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing, but a bad flag or override is one line and exit code 2, not a usage dump."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e).splitlines()[0])
-    except (ValueError, KeyError, AttributeError, TypeError, FileNotFoundError) as e:
-        fail(f"--config: {str(e).splitlines()[0]}")
+# What a bad --config file or override raises while absl loads it.
+CONFIG_ERRORS = (ValueError, KeyError, AttributeError, TypeError, FileNotFoundError)
+parse_flags = functools.partial(parse_any_flags, config_errors=CONFIG_ERRORS)
 
 
 def main(argv: list[str]) -> None:
@@ -52,8 +44,7 @@ def main(argv: list[str]) -> None:
     except (ConfigError, DataError, CheckpointError) as e:
         fail(str(e))
     except FloatingPointError as e:  # a diverged run: one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e), code=1)
     print(run_summary(result))
     if result["preempted"]:
         print(f"preempted at step {result['step']}; re-run the same command to resume")
