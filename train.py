@@ -5,26 +5,40 @@
 Re-running the same command with the same workdir resumes from its latest complete checkpoint. SIGTERM
 (preemption) finishes the current step, writes a checkpoint and exits with code 0.
 
-Bad config values, data inputs or checkpoints print one line and exit with code 2; a diverged run
+The mesh comes from `config.mesh` (e.g. --config.mesh.fsdp=8). On several hosts, start one process per host
+with --coordinator_address, --num_processes and --process_id (or let SLURM / Cloud TPU set them).
+`--dry_run` compiles the step for the mesh on abstract shapes and prints per-device memory, FLOPs and
+collectives instead of training (with --fake_devices=N to plan for N devices on a CPU).
+
+Bad config values, data inputs, meshes or checkpoints print one line and exit with code 2; a diverged run
 (non-finite loss) exits with code 1.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data import DataError
+from parallel.distributed import DistributedError, initialize
+from parallel.mesh import MeshError
 from training.checkpoint import CheckpointError
 from training.cli import fail
 from training.cli import parse_flags as parse_any_flags
 from training.config import ConfigError, resolve
+from training.dry_run import dry_run, report
 from training.loop import run_summary, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (a get_config(arg) module).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and the resolved config.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the mesh and print the plan; no training.")
+_FAKE_DEVICES = flags.DEFINE_integer("fake_devices", None, "With --dry_run: plan for this many (fake) CPU devices.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes take part.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in [0, num_processes).")
 
 
 # What a bad --config file or override raises while absl loads it.
@@ -32,16 +46,33 @@ CONFIG_ERRORS = (ValueError, KeyError, AttributeError, TypeError, FileNotFoundEr
 parse_flags = functools.partial(parse_any_flags, config_errors=CONFIG_ERRORS)
 
 
+def use_fake_devices(count: int) -> None:
+    """Makes JAX see `count` CPU devices; must run before JAX starts its backends."""
+    if count < 1:
+        fail(f"--fake_devices={count}: must be >= 1")
+    flags_ = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join([*flags_, f"--xla_force_host_platform_device_count={count}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _WORKDIR.value:
+    if _FAKE_DEVICES.value is not None:
+        if not _DRY_RUN.value:
+            fail("--fake_devices only plans (with --dry_run); real runs use the devices they find")
+        use_fake_devices(_FAKE_DEVICES.value)
+    if not _WORKDIR.value and not _DRY_RUN.value:
         fail("--workdir is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     try:
         run = resolve(_CONFIG.value)
+        if _DRY_RUN.value:
+            print(report(dry_run(run)))
+            return
+        initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         result = train(run, _WORKDIR.value)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, MeshError, DistributedError) as e:
         fail(str(e))
     except FloatingPointError as e:  # a diverged run: one line, not a traceback
         fail(str(e), code=1)

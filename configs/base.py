@@ -10,6 +10,8 @@ import ast
 
 import ml_collections
 
+from parallel.config import DEFAULT_RULES
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -64,12 +66,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         sample_tokens=200,  # printed at the end of training (0: no sample)
         sample_prompt="def ",
         init_from="",  # a workdir or checkpoint dir: start from its params (not its optimizer state)
+        peak_flops=0.0,  # per-device peak FLOP/s for perf/mfu; 0: known accelerators' table, measured on CPU
     )
     c.checkpoint = dict(
         every=500,  # save every N steps (and always at the end and on SIGTERM)
         keep=3,  # how many of the latest checkpoints to keep
         keep_every=0,  # also keep every checkpoint whose step is a multiple of this (0: none)
         async_save=True,  # write in a background thread while training continues
+    )
+    c.mesh = dict(
+        data=-1,  # devices per mesh axis; -1 takes the devices the other axes leave
+        fsdp=1,  # ZeRO-3: params, grads and optimizer state split over these devices
+        tensor=1,  # Megatron tensor parallelism over heads and the MLP hidden dimension
+        sequence=1,  # ring attention over the sequence
+        expert=1,  # MoE experts
+        rules=dict(DEFAULT_RULES),  # logical axis -> "mesh_axis,mesh_axis" ('' = not split); see parallel/config.py
     )
     return apply_arg(c, arg)
 

@@ -29,16 +29,16 @@ class Data:
     cfg: DataConfig
 
     def train_iterator(self, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1):
-        """A checkpointable grain iterator of {'tokens': int32 [batch_size, seq_len + 1]}.
+        """A checkpointable grain iterator of {'tokens': int32 [batch_size // shard_count, seq_len + 1]}.
 
-        With several shards (processes), each gets batch_size // shard_count rows of every global batch.
+        The global batches are the same for any shard_count: shard i (a process) reads only rows
+        [i * rows, (i + 1) * rows) of each, rows = batch_size // shard_count, so a run gives the same
+        losses on one host or several, and its iterator state (the step) resumes on any number of hosts.
         """
         windows = Windows(self.store.train, self.cfg.seq_len)
         ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
-        ds = ds.batch(batch_size, batch_fn=stack_windows)
-        if shard_count > 1:
-            rows = batch_size // shard_count
-            ds = ds.map(lambda b: {"tokens": b["tokens"][shard_index * rows : (shard_index + 1) * rows]})
+        # Global batch k is local batches k * shard_count .. k * shard_count + shard_count - 1, in shard order.
+        ds = ds.batch(batch_size // shard_count, batch_fn=stack_windows)[shard_index::shard_count]
         return iter(ds)
 
     def validation_batches(self, batch_size: int, num_batches: int) -> list[dict]:

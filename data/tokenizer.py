@@ -131,6 +131,18 @@ def bpe_vocab_size(spec: str) -> int | None:
     return n
 
 
+def planned_vocab_size(spec: str) -> int:
+    """The vocabulary size `spec` gives, without training or reading a corpus (for planning: --dry_run)."""
+    if spec == "bytes":
+        return ByteTokenizer.vocab_size
+    if (n := bpe_vocab_size(spec)) is not None:
+        return n
+    path = pathlib.Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.tokenizer={spec!r}: not 'bytes', 'bpe:N', or an existing tokenizer.json file")
+    return load_file(path, spec).vocab_size
+
+
 def build_tokenizer(spec: str, workdir: pathlib.Path, train_texts) -> Tokenizer:
     """The tokenizer for `spec`; `bpe:N` is trained on `train_texts()` once and cached in workdir."""
     if spec == "bytes":

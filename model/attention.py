@@ -6,6 +6,9 @@ never repeated in memory.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -93,13 +96,21 @@ def causal_mask(q_positions_BT: jax.Array, k_positions_BS: jax.Array) -> jax.Arr
     return (k_positions_B1S <= q_positions_BT[:, :, None]) & (k_positions_B1S >= 0)
 
 
+# softmax(q k^T / sqrt(H) + bias, causally masked by position) v computed some other way, e.g. parallel/'s ring
+# attention over a sequence-sharded mesh: (q_BTNH, k_BTKH, v_BTKH, positions_BT, bias_fn) -> out_BTNH, where
+# bias_fn(q_positions_BT, k_positions_BS) gives the [B, N, T, S] additive bias or is None.
+AttentionFn = Callable[..., jax.Array]
+
+
 class Attention(nn.Module):
     """Causal self-attention. With `decode=True` it keeps a static K/V cache in the "cache" collection:
     `model.init` sizes it from its input ([B, max_len]); each later call writes its keys and values
-    at the next free slots and attends over the whole cache."""
+    at the next free slots and attends over the whole cache. `attention`, if given, replaces the
+    attention math of the (non-decoding) forward pass."""
 
     cfg: ModelConfig
     decode: bool = False
+    attention: AttentionFn | None = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
@@ -116,13 +127,17 @@ class Attention(nn.Module):
         if scheme.rotate is not None:
             q_BTNH = scheme.rotate(q_BTNH, jnp.maximum(positions_BT, 0), cfg.rope_theta)
             k_BTKH = scheme.rotate(k_BTKH, jnp.maximum(positions_BT, 0), cfg.rope_theta)
-        if self.decode:
-            k_BKSH, v_BKSH, k_positions_BS = self._cached(k_BTKH, v_BTKH, positions_BT)
+        bias_fn = functools.partial(scheme.bias, N) if scheme.bias is not None else None
+        if self.attention is not None and not self.decode:
+            out_BTNH = self.attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, bias_fn=bias_fn)
         else:
-            k_BKSH, v_BKSH, k_positions_BS = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3), positions_BT
-        bias = scheme.bias(N, positions_BT, k_positions_BS) if scheme.bias is not None else None
-
-        out_BTNH = attend_kv_major(q_BTNH, k_BKSH, v_BKSH, causal_mask(positions_BT, k_positions_BS), bias)
+            if self.decode:
+                k_BKSH, v_BKSH, k_positions_BS = self._cached(k_BTKH, v_BTKH, positions_BT)
+            else:
+                k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+                k_positions_BS = positions_BT
+            bias = bias_fn(positions_BT, k_positions_BS) if bias_fn is not None else None
+            out_BTNH = attend_kv_major(q_BTNH, k_BKSH, v_BKSH, causal_mask(positions_BT, k_positions_BS), bias)
         out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
         proj = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "out", num_in=2, std=output_std(cfg))
         return proj(out_BTNH)

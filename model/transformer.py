@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.attention import Attention
+from model.attention import Attention, AttentionFn
 from model.config import ModelConfig
 from model.layers import MLPS, NORMS, dense
 from model.positions import POSITIONS
@@ -23,11 +23,12 @@ REMAT_POLICIES = {
 class Block(nn.Module):
     cfg: ModelConfig
     decode: bool = False
+    attention: AttentionFn | None = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array):
         cfg, norm = self.cfg, NORMS[self.cfg.norm]
-        attn = Attention(cfg, self.decode, name="attn")
+        attn = Attention(cfg, self.decode, self.attention, name="attn")
         x_BTD = x_BTD + attn(norm(cfg, name="attn_norm")(x_BTD), positions_BT)
         x_BTD = x_BTD + MLPS[cfg.mlp](cfg, name="mlp")(norm(cfg, name="mlp_norm")(x_BTD))
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
@@ -50,10 +51,12 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
 
 
 class Transformer(nn.Module):
-    """`decode=True` adds a K/V cache (see `Attention`) for incremental sampling; params are the same."""
+    """`decode=True` adds a K/V cache (see `Attention`) for incremental sampling; params are the same.
+    `attention` swaps in another implementation of the attention math (e.g. ring attention)."""
 
     cfg: ModelConfig
     decode: bool = False
+    attention: AttentionFn | None = None
 
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
@@ -86,10 +89,10 @@ class Transformer(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, _ = stack(cfg, self.decode, name="layers")(x_BTD, positions_BT)
+            x_BTD, _ = stack(cfg, self.decode, self.attention, name="layers")(x_BTD, positions_BT)
         else:
             for i in range(cfg.num_layers):
-                x_BTD, _ = block(cfg, self.decode, name=f"layer_{i}")(x_BTD, positions_BT)
+                x_BTD, _ = block(cfg, self.decode, self.attention, name=f"layer_{i}")(x_BTD, positions_BT)
 
         x_BTD = NORMS[cfg.norm](cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:

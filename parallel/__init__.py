@@ -1,1 +1,1 @@
-"""Meshes, logical-to-mesh sharding rules and explicit collectives (filled in by the sharding work)."""
+"""Meshes, the logical-to-mesh rules table, shardings, collectives (ring attention) and multi-host start-up."""

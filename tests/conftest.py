@@ -37,6 +37,8 @@ def tiny_config(**groups):
     c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64)
     c.data.update(seq_len=32)
     c.train.update(steps=6, batch_size=4, warmup_steps=2, log_every=2, eval_every=3, eval_batches=2, sample_tokens=0)
+    c.train.peak_flops = 1e12  # measuring the CPU's peak takes seconds at -O0; only perf/mfu depends on it
+    c.mesh.data = 1  # one device unless a test asks for more (tests/multidevice)
     for group, fields in groups.items():
         c[group].update(fields)
     return c

@@ -39,7 +39,7 @@ import train
 from training import checkpoint, loop
 
 mode, at = sys.argv[1], int(sys.argv[2])
-loop.peak_flops_per_device = lambda dtype: (1e12, "not measured")
+loop.peak_flops = lambda *args: (1e12, "not measured")
 save, write = checkpoint.Checkpointer.save, loop.MetricsWriter.write
 
 def save_then_kill(self, step, *args, **kwargs):
@@ -63,7 +63,7 @@ app.run(train.main, flags_parser=train.parse_flags)
 @pytest.fixture(autouse=True)
 def unmeasured_peak(monkeypatch):
     """Skips measuring the CPU's peak FLOP/s (seconds per process); only perf/mfu depends on it."""
-    monkeypatch.setattr(loop, "peak_flops_per_device", lambda dtype: (1e12, "not measured"))
+    monkeypatch.setattr(loop, "peak_flops", lambda *args: (1e12, "not measured"))
 
 
 def subprocess_env(**extra: str) -> dict:
@@ -175,8 +175,8 @@ def test_resuming_checks_the_config_and_skips_a_damaged_latest_checkpoint(tmp_pa
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, text_corpus, monkeypatch):  # fmt: skip
-    def diverging_at_step_5(model, tx, schedule, t):
-        step_fn = make_train_step(model, tx, schedule, t)
+    def diverging_at_step_5(model, tx, schedule, t, order_T=None):
+        step_fn = make_train_step(model, tx, schedule, t, order_T)
 
         def train_step(state, batch):
             state, metrics = step_fn(state, batch)
@@ -224,9 +224,9 @@ def test_init_from_takes_another_runs_params_and_load_for_inference_finds_steps(
 
     given = []
 
-    def spy(model, tx, seed, params=None):
+    def spy(model, tx, seed, params=None, shardings=None):
         given.append(params)
-        return init_state(model, tx, seed, params)
+        return init_state(model, tx, seed, params, shardings)
 
     b = tiny_run(data=data, train={"steps": 2, "eval_every": 100, "init_from": str(a)}, checkpoint={"every": 2})
     with pytest.MonkeyPatch.context() as patch:

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from data.tokenizer import Tokenizer, tokenizer_from_dict, tokenizer_to_dict
 from model import ModelConfig, Transformer
@@ -95,9 +96,11 @@ class Checkpointer:
         """Renames the steps after `step` (damaged ones that `restore` skipped) to STEP.damaged-TIME, kept for
         inspection, so that a run resumed from `step` can write them again; returns them."""
         newer = [s for s in self.steps() if s > step]
-        for s in newer:
+        for s in newer if jax.process_index() == 0 else ():
             path = self.directory / str(s)
             path.rename(path.with_name(f"{s}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
+        if newer and jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoint set_aside_after")
         if newer:
             self._manager.reload()
         return newer
@@ -197,9 +200,11 @@ def check_same(
 
 
 def with_shardings(targets: Any, shardings: Shardings = None) -> Any:
-    """ShapeDtypeStructs of `targets` (arrays or abstract arrays) placed as `shardings` says (see `Shardings`)."""
+    """ShapeDtypeStructs of `targets` (arrays or abstract arrays) placed as `shardings` says (see `Shardings`);
+    with None, abstract leaves that carry a sharding keep it and the others go to the first device."""
     if shardings is None:
-        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = lambda x: getattr(x, "sharding", None) or first  # noqa: E731
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = lambda _, one=shardings: one
     placed = jax.tree.map(shardings, targets) if callable(shardings) else shardings
@@ -242,16 +247,18 @@ def restore_params(
     step: int | None = None,
     shardings: Shardings = None,
     check: Callable[[RunConfig], None] = lambda run: None,
+    abstract: Callable[[ModelConfig], Any] = abstract_params,
 ) -> Restored:
     """The params (not the optimizer state) of the given or latest complete step under `path`.
 
-    `check(config the checkpoint was written with)` may refuse it with a CheckpointError before any array is read.
+    `check(config the checkpoint was written with)` may refuse it with a CheckpointError before any array is read;
+    `abstract(its model config)` gives the params' shapes (and, if they carry them, their shardings).
     """
     directory, path_step = locate(path)
 
     def targets(run: RunConfig) -> dict:
         check(run)
-        return {"params": abstract_params(run.model)}
+        return {"params": abstract(run.model)}
 
     checkpointer = Checkpointer(directory)
     try:

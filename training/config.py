@@ -17,6 +17,7 @@ from model.config import ModelConfig
 from model.layers import MLPS, NORMS
 from model.positions import POSITIONS
 from model.transformer import REMAT_POLICIES
+from parallel.config import DEFAULT_RULES, MESH_AXES, MeshConfig
 from training.optim import SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -50,6 +51,7 @@ class TrainConfig:
     sample_tokens: int = 200
     sample_prompt: str = "def "
     init_from: str = ""
+    peak_flops: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +68,19 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-GROUPS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "checkpoint": CheckpointConfig}
+GROUPS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "mesh": MeshConfig,
+}
 # Fields filled in from elsewhere (the tokenizer, data.seq_len), not set by users.
 DERIVED = {"model": {"vocab_size", "max_seq_len"}}
 
@@ -83,7 +92,7 @@ def _typed(group: str, cls, values: dict) -> Any:
     for key, value in values.items():
         if key not in allowed:
             raise ConfigError(f"{group}.{key}: unknown key (allowed: {', '.join(allowed)})")
-        want = hints[key]
+        want = typing.get_origin(hints[key]) or hints[key]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if want is int and isinstance(value, float) and value.is_integer():
@@ -91,7 +100,32 @@ def _typed(group: str, cls, values: dict) -> Any:
         if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
             raise ConfigError(f"{group}.{key}={value!r}: expected {want.__name__}")
         kwargs[key] = value
+    if cls is MeshConfig and "rules" in kwargs:
+        kwargs["rules"] = _mesh_rules(kwargs["rules"])
     return cls(**kwargs)
+
+
+def _mesh_rules(overrides: dict) -> dict[str, str]:
+    """The default rules table with the config's entries replacing theirs (same order)."""
+    rules = dict(DEFAULT_RULES)
+    for name, rule in overrides.items():
+        if name not in DEFAULT_RULES:
+            raise ConfigError(f"mesh.rules.{name}: unknown logical axis (allowed: {', '.join(DEFAULT_RULES)})")
+        if isinstance(rule, (tuple, list)):
+            rule = ",".join(rule)
+        rule = "" if rule is None else rule
+        if not isinstance(rule, str):
+            raise ConfigError(f"mesh.rules.{name}={rule!r}: expected mesh axes as 'axis,axis' ('' for none)")
+        axes = [axis.strip() for axis in rule.split(",") if axis.strip()]
+        for axis in axes:
+            if axis not in MESH_AXES:
+                raise ConfigError(
+                    f"mesh.rules.{name}={rule!r}: unknown mesh axis {axis!r} (allowed: {', '.join(MESH_AXES)})"
+                )
+        if len(set(axes)) != len(axes):
+            raise ConfigError(f"mesh.rules.{name}={rule!r}: a mesh axis appears twice")
+        rules[name] = ",".join(axes)
+    return rules
 
 
 def _check(ok: bool, key: str, value, allowed: str) -> None:
@@ -99,7 +133,9 @@ def _check(ok: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r}: {allowed}")
 
 
-def _rules(m: ModelConfig, d: DataConfig, t: TrainConfig, c: CheckpointConfig) -> list[tuple[bool, str, Any, str]]:
+def _rules(
+    m: ModelConfig, d: DataConfig, t: TrainConfig, c: CheckpointConfig, mesh: MeshConfig
+) -> list[tuple[bool, str, Any, str]]:
     """(condition that must hold, key, value, what is allowed), checked in order."""
     positive = lambda group, obj, *names: [
         (getattr(obj, n) > 0, f"{group}.{n}", getattr(obj, n), "must be > 0") for n in names
@@ -163,6 +199,7 @@ def _rules(m: ModelConfig, d: DataConfig, t: TrainConfig, c: CheckpointConfig) -
         (t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0"),
         (t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)"),
         (t.z_loss >= 0, "train.z_loss", t.z_loss, "must be >= 0"),
+        (t.peak_flops >= 0, "train.peak_flops", t.peak_flops, "must be >= 0 (0: the device table, or measured on CPU)"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)"),
         (t.sample_tokens >= 0, "train.sample_tokens", t.sample_tokens, "must be >= 0"),
         (
@@ -173,6 +210,10 @@ def _rules(m: ModelConfig, d: DataConfig, t: TrainConfig, c: CheckpointConfig) -
         ),
         *positive("checkpoint", c, "every", "keep"),
         (c.keep_every >= 0, "checkpoint.keep_every", c.keep_every, "must be >= 0 (0: keep only the latest)"),
+        *[
+            (size > 0 or size == -1, f"mesh.{axis}", size, "must be a positive device count or -1 (the rest)")
+            for axis, size in mesh.sizes().items()
+        ],
     ]
 
 
@@ -194,5 +235,5 @@ def with_vocab(run: RunConfig, vocab_size: int) -> RunConfig:
 
 
 def from_dict(d: dict) -> RunConfig:
-    """Rebuilds a RunConfig from `to_dict()` output (the config.json of a workdir)."""
+    """Rebuilds a RunConfig from `to_dict()` output (the config.json of a workdir; older ones lack `mesh`)."""
     return RunConfig(**{group: cls(**d.get(group, {})) for group, cls in GROUPS.items()})

@@ -16,7 +16,6 @@ import threading
 import time
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 import data as data_lib
 from model import Transformer, flops_per_token, param_counts
+from parallel.sharding import global_batch, process_rows, replicated_batch
 from sampling import generate, prompt_ids
 from training.checkpoint import (
     Checkpointer,
@@ -38,16 +38,19 @@ from training.checkpoint import (
     restore_params,
 )
 from training.config import RunConfig, TrainConfig, with_vocab
-from training.metrics import MetricsWriter, peak_flops_per_device
+from training.layout import (
+    Layout,
+    TrainState,
+    abstract_params,
+    abstract_state,
+    host_copy,
+    model_for,
+    plan,
+    sequence_order,
+    shardings_of,
+)
+from training.metrics import MetricsWriter, peak_flops
 from training.optim import make_optimizer
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float = 0.0, label_smoothing: float = 0.0):
@@ -65,10 +68,22 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float = 
     return loss_BT, nll_BT
 
 
-def make_train_step(model: Transformer, tx: optax.GradientTransformation, schedule, t: TrainConfig):
+def model_inputs(tokens_BT1: jax.Array, order_T: np.ndarray | None = None):
+    """(inputs, targets, positions or None) of a batch of windows; with `order_T` (ring attention's zig-zag
+    layout) the tokens are permuted along the sequence and the positions say where each one really is."""
+    inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+    if order_T is None:
+        return inputs_BT, targets_BT, None
+    return inputs_BT[:, order_T], targets_BT[:, order_T], jnp.broadcast_to(jnp.asarray(order_T), inputs_BT.shape)
+
+
+def make_train_step(
+    model: Transformer, tx: optax.GradientTransformation, schedule, t: TrainConfig, order_T: np.ndarray | None = None
+):
     def loss_fn(params, tokens_BT1):
-        logits_BTV = model.apply({"params": params}, tokens_BT1[:, :-1])
-        loss_BT, _ = cross_entropy(logits_BTV, tokens_BT1[:, 1:], t.z_loss, t.label_smoothing)
+        inputs_BT, targets_BT, positions_BT = model_inputs(tokens_BT1, order_T)
+        logits_BTV = model.apply({"params": params}, inputs_BT, positions_BT)
+        loss_BT, _ = cross_entropy(logits_BTV, targets_BT, t.z_loss, t.label_smoothing)
         return jnp.mean(loss_BT)
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -78,7 +93,8 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, schedu
         if t.grad_accum == 1:
             loss, grads = grad_fn(state.params, tokens_BT1)
         else:
-            micro_ABT1 = tokens_BT1.reshape(t.grad_accum, -1, tokens_BT1.shape[-1])
+            # Micro-batch a takes rows a, a + A, a + 2A, ...: every batch shard holds 1/A of each one.
+            micro_ABT1 = tokens_BT1.reshape(-1, t.grad_accum, tokens_BT1.shape[-1]).swapaxes(0, 1)
 
             def accumulate(carry, micro_BT1):
                 loss, grads = grad_fn(state.params, micro_BT1)
@@ -95,17 +111,28 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, schedu
     return train_step
 
 
-def make_eval_step(model: Transformer, token_bytes: np.ndarray):
+def jit_train_step(model: Transformer, tx, schedule, run: RunConfig, layout: Layout, state_shardings: TrainState):
+    """The train step jitted for `layout`: state and batches sharded as it says, the state donated."""
+    return jax.jit(
+        make_train_step(model, tx, schedule, run.train, sequence_order(run.data.seq_len, layout)),
+        in_shardings=(state_shardings, layout.batch),
+        out_shardings=(state_shardings, layout.replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(model: Transformer, token_bytes: np.ndarray, order_T: np.ndarray | None = None):
     bytes_V = jnp.asarray(token_bytes, jnp.float32)
 
     def eval_step(params, batch: dict) -> dict:
-        tokens_BT1, mask_BT = batch["tokens"], batch["mask"]
-        logits_BTV = model.apply({"params": params}, tokens_BT1[:, :-1])
-        _, nll_BT = cross_entropy(logits_BTV, tokens_BT1[:, 1:])
+        inputs_BT, targets_BT, positions_BT = model_inputs(batch["tokens"], order_T)
+        mask_BT = batch["mask"] if order_T is None else batch["mask"][:, order_T]
+        logits_BTV = model.apply({"params": params}, inputs_BT, positions_BT)
+        _, nll_BT = cross_entropy(logits_BTV, targets_BT)
         return {
             "nll": jnp.sum(nll_BT * mask_BT),
             "tokens": jnp.sum(mask_BT),
-            "bytes": jnp.sum(bytes_V[tokens_BT1[:, 1:]] * mask_BT),
+            "bytes": jnp.sum(bytes_V[targets_BT] * mask_BT),
         }
 
     return eval_step
@@ -133,15 +160,21 @@ def score_text(model: Transformer, params, tokenizer, text: str, seq_len: int, b
     return evaluate(eval_step, params, data_lib.scoring_batches(tokens, seq_len, batch_size))
 
 
-def init_state(model: Transformer, tx: optax.GradientTransformation, seed: int, params: Any = None) -> TrainState:
-    """Step 0: the model's initial params (or the given ones, e.g. another run's), fresh optimizer state and RNG."""
+def init_state(
+    model: Transformer, tx: optax.GradientTransformation, seed: int, params: Any = None, shardings: Any = None
+) -> TrainState:
+    """Step 0: the model's initial params (or the given ones, e.g. another run's), fresh optimizer state and RNG,
+    created directly in place when `shardings` (a TrainState of shardings) says where: the whole model is
+    never built on one device."""
     init_rng, state_rng = jax.random.split(jax.random.key(seed))
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=shardings)
     def init(params):
         if params is None:
             dummy_BT = jnp.zeros((1, model.cfg.max_seq_len), jnp.int32)
-            params = nn.unbox(model.init(init_rng, dummy_BT)["params"])
+            # Plain attention: parameters do not depend on how attention is computed (ring attention splits
+            # the batch, which a 1-row dummy cannot be).
+            params = nn.unbox(model.clone(attention=None).init(init_rng, dummy_BT)["params"])
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_rng)
 
     return init(params)
@@ -162,12 +195,16 @@ def describe(run: RunConfig) -> str:
 RESUME_IGNORES = {"model.vocab_size", "model.max_seq_len", "data.cache_dir"}
 
 
-def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig) -> dict:
-    """Abstract params and optimizer state for resuming `run` from a checkpoint written with `stored`."""
+def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig, layout: Layout | None = None) -> dict:
+    """Abstract params and optimizer state for resuming `run` from a checkpoint written with `stored`, placed
+    as `layout` shards them (whatever mesh wrote them)."""
     check_same(stored, run, directory, ("model", "data"), RESUME_IGNORES)
     run = with_vocab(run, stored.model.vocab_size)
     model, (tx, _) = Transformer(run.model), make_optimizer(run.train)
-    abstract = jax.eval_shape(lambda: init_state(model, tx, run.train.seed))
+    if layout is None:
+        abstract = jax.eval_shape(lambda: init_state(model, tx, run.train.seed))
+    else:
+        abstract = abstract_state(model, tx, layout)
     return {"params": abstract.params, "opt_state": abstract.opt_state}
 
 
@@ -177,7 +214,9 @@ def init_from_check(run: RunConfig, path: str, stored: RunConfig) -> None:
     check_same(stored, run, pathlib.Path(path), ("model",), ignore)
 
 
-def find_start(run: RunConfig, checkpointer: Checkpointer, log) -> tuple[Restored | None, Restored | None]:
+def find_start(
+    run: RunConfig, checkpointer: Checkpointer, layout: Layout, log
+) -> tuple[Restored | None, Restored | None]:
     """(the checkpoint to resume from, where the params come from): the workdir's latest complete checkpoint,
     else `train.init_from`'s params, else (None, None) for a fresh start.
 
@@ -185,7 +224,7 @@ def find_start(run: RunConfig, checkpointer: Checkpointer, log) -> tuple[Restore
     checked here, before anything in the workdir is written.
     """
     t = run.train
-    restored = checkpointer.restore(functools.partial(resume_targets, run, checkpointer.directory))
+    restored = checkpointer.restore(functools.partial(resume_targets, run, checkpointer.directory, layout=layout))
     if restored is not None:
         log(f"resuming from {restored.path}")
         for key, old, new in differences(restored.run, run, ("train",)):
@@ -194,7 +233,11 @@ def find_start(run: RunConfig, checkpointer: Checkpointer, log) -> tuple[Restore
             log(f"train.init_from={t.init_from!r} ignored: the workdir has checkpoints, resuming instead")
         return restored, restored
     if t.init_from:
-        source = restore_params(t.init_from, check=functools.partial(init_from_check, run, t.init_from))
+        source = restore_params(
+            t.init_from,
+            check=functools.partial(init_from_check, run, t.init_from),
+            abstract=lambda cfg: abstract_params(Transformer(cfg), layout),
+        )
         log(f"initialising params from {source.path} (fresh optimizer state)")
         return None, source
     return None, None
@@ -208,12 +251,13 @@ def check_vocab(source: Restored, vocab_size: int, tokenizer_spec: str) -> None:
         )
 
 
-def restored_state(restored: Restored) -> TrainState:
+def restored_state(restored: Restored, layout: Layout) -> TrainState:
     rng = jax.random.wrap_key_data(
         np.asarray(restored.train["rng"]["data"], np.uint32), impl=restored.train["rng"]["impl"]
     )
+    step = jax.device_put(np.int32(restored.step), layout.replicated)
     params, opt_state = restored.arrays["params"], restored.arrays["opt_state"]
-    return TrainState(jnp.asarray(restored.step, jnp.int32), params, opt_state, rng)
+    return TrainState(step, params, opt_state, jax.device_put(rng, layout.replicated))
 
 
 def train_record(state: TrainState, data_state: dict, pending_host: list[dict]) -> dict:
@@ -275,64 +319,82 @@ def sigterm_flag():
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False) -> dict:
+def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, devices: list | None = None) -> dict:
     """Trains `run` into `workdir`, resuming from its latest complete checkpoint if it has one.
 
+    Runs on a mesh over `devices` (default: all global devices) shaped by `run.mesh`; on several processes
+    each loads its rows of every batch, all take part in checkpoints and only process 0 writes logs,
+    metrics and samples.
     Returns the last logged train and eval metrics, the step reached, and `preempted`: True when SIGTERM
     stopped the run early (after finishing the step and writing a checkpoint).
     """
     workdir = pathlib.Path(workdir)
     t, c = run.train, run.checkpoint
+    layout = plan(run, devices)  # a mesh that does not fit fails here, before anything is read or written
+    lead = jax.process_index() == 0
+    quiet = quiet or not lead
     log = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
     checkpointer = Checkpointer(checkpoints_dir(workdir), c)
     try:
-        with sigterm_flag() as preempted:
-            restored, source = find_start(run, checkpointer, log)
+        with sigterm_flag() as preempted, layout.activate():
+            restored, source = find_start(run, checkpointer, layout, log)
             data = data_lib.load(run.data, workdir)
             run = with_vocab(run, data.tokenizer.vocab_size)
             if source is not None:
                 check_vocab(source, data.tokenizer.vocab_size, run.data.tokenizer)
-            model = Transformer(run.model)
+            model = model_for(run.model, layout)
+            order_T = sequence_order(run.data.seq_len, layout)
             tx, schedule = make_optimizer(t)
+            state_shardings = shardings_of(abstract_state(model, tx, layout))
             if restored is not None:
-                state = restored_state(restored)
+                state = restored_state(restored, layout)
             else:
-                state = init_state(model, tx, t.seed, source.arrays["params"] if source else None)
+                params = source.arrays["params"] if source else None
+                state = init_state(model, tx, t.seed, params, state_shardings)
             start = restored.step if restored else 0
-            workdir.mkdir(parents=True, exist_ok=True)
+            if lead:
+                workdir.mkdir(parents=True, exist_ok=True)
             for damaged in checkpointer.set_aside_after(start):
                 log(f"kept the damaged checkpoint {damaged} as {damaged}.damaged-* in {checkpointer.directory}")
-            last, dropped = trim_metrics(workdir / "metrics.jsonl", start)
+            last, dropped = trim_metrics(workdir / "metrics.jsonl", start) if lead else ({}, 0)
             if dropped:
                 log(f"dropped {dropped} rows after step {start} from metrics.jsonl")
             if start >= t.steps:
                 log(f"the checkpoint at step {start} completes the run (train.steps={t.steps}); nothing to train")
                 return {"step": start, **last, "preempted": False}
-            (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+            if lead:
+                (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
             meta = meta_for(run, data.tokenizer)
 
-            train_iter = data.train_iterator(t.batch_size, t.seed)
+            first_row, rows = process_rows(layout.batch, t.batch_size)
+            train_iter = data.train_iterator(t.batch_size, t.seed, first_row // rows, t.batch_size // rows)
             pending: list[dict] = []  # per-step metrics of the current log interval
             if restored is not None:
                 train_iter.set_state(restored.train["data"])
                 pending = [{k: np.asarray(v, np.float32) for k, v in m.items()} for m in restored.train["pending"]]
-            val_batches = data.validation_batches(t.batch_size, t.eval_batches)
+            val_batches = [
+                replicated_batch(b, layout.batch) for b in data.validation_batches(t.batch_size, t.eval_batches)
+            ]
 
             compile_start = time.perf_counter()
-            batch = next(train_iter)
-            step_fn = jax.jit(make_train_step(model, tx, schedule, t), donate_argnums=0).lower(state, batch).compile()
-            eval_fn = jax.jit(make_eval_step(model, data.tokenizer.token_bytes))
+            batch = global_batch(next(train_iter), layout.batch)
+            step_fn = jit_train_step(model, tx, schedule, run, layout, state_shardings).lower(state, batch).compile()
+            eval_fn = jax.jit(
+                make_eval_step(model, data.tokenizer.token_bytes, order_T),
+                in_shardings=(state_shardings.params, layout.batch),
+                out_shardings=layout.replicated,
+            )
             log(describe(run))
+            log(f"mesh: {mesh_summary(layout)} over {layout.mesh.size} devices, {jax.process_count()} process(es)")
             log(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
 
             tokens_per_step = t.batch_size * run.data.seq_len
             train_flops = flops_per_token(run.model, run.data.seq_len) * tokens_per_step
-            peak, peak_source = peak_flops_per_device(run.model.dtype)
-            peak *= jax.device_count()
+            peak, peak_source = peak_flops(run.model.dtype, layout.mesh.size, t.peak_flops)
             log(f"peak for MFU: {peak / 1e9:,.1f} GFLOP/s ({peak_source})")
             log(f"checkpoints: every {c.every} steps into {checkpointer.directory}")
 
-            writer = MetricsWriter(workdir)
+            writer = MetricsWriter(workdir, enabled=lead)
             saved = restored.step if restored else None  # the last checkpoint known to be good
             stopped = False
             progress = tqdm(
@@ -344,7 +406,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False) -
                 pending.append(metrics)
                 data_state = train_iter.get_state()  # this step's batch consumed, the next one not yet fetched
                 if step < t.steps:
-                    batch = next(train_iter)  # overlaps with the step running asynchronously
+                    batch = global_batch(next(train_iter), layout.batch)  # overlaps with the running step
                 progress.update(1)
                 if step % t.log_every == 0 or step == t.steps:
                     host = jax.device_get(pending)
@@ -385,16 +447,23 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False) -
                     break
             progress.close()
             writer.close()
-            if stopped:
-                log(f"SIGTERM: stopped after step {step} and wrote a checkpoint; re-run the same command to resume")
-            elif t.sample_tokens > 0:
-                prompt = prompt_ids(data.tokenizer, t.sample_prompt)
-                sample = data.tokenizer.decode(generate(model, state.params, prompt, t.sample_tokens, seed=t.seed))
-                (workdir / "samples.txt").write_text(t.sample_prompt + sample + "\n")
-                log(f"--- sample ---\n{t.sample_prompt}{sample}\n--------------")
-            return {"step": step, **last, "preempted": stopped}
+            sample_params = host_copy(state.params) if t.sample_tokens > 0 and not stopped else None
+        if stopped:
+            log(f"SIGTERM: stopped after step {step} and wrote a checkpoint; re-run the same command to resume")
+        elif sample_params is not None and lead:
+            prompt = prompt_ids(data.tokenizer, t.sample_prompt)
+            sampler = Transformer(run.model)
+            sample = data.tokenizer.decode(generate(sampler, sample_params, prompt, t.sample_tokens, seed=t.seed))
+            (workdir / "samples.txt").write_text(t.sample_prompt + sample + "\n")
+            log(f"--- sample ---\n{t.sample_prompt}{sample}\n--------------")
+        return {"step": step, **last, "preempted": stopped}
     finally:
         checkpointer.close()  # waits for a pending save
+
+
+def mesh_summary(layout: Layout) -> str:
+    split = [f"{axis}={size}" for axis, size in layout.mesh.shape.items() if size > 1]
+    return " x ".join(split) or "1 device"
 
 
 def run_summary(result: dict) -> str:

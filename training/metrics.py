@@ -50,6 +50,18 @@ def peak_flops_per_device(dtype: str) -> tuple[float, str]:
     return measured_matmul_flops(), "measured float32 matmul"
 
 
+def peak_flops(dtype: str, num_devices: int, per_device: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of all `num_devices` together, where the number comes from); `per_device` > 0 overrides
+    the table. On CPU the matmul measured on one device already uses every core of its host, so the
+    peak is per process: fake devices of one host share the same cores."""
+    if per_device > 0:
+        return per_device * num_devices, "train.peak_flops"
+    peak, source = peak_flops_per_device(dtype)
+    if jax.devices()[0].platform == "cpu":
+        return peak * jax.process_count(), source
+    return peak * num_devices, source
+
+
 class MetricsWriter:
     """Appends `{"step": s, name: value, ...}` lines to metrics.jsonl and scalars to TensorBoard."""
 
