@@ -1,0 +1,134 @@
+"""isoFLOP planning: for each compute budget, models of one shape family spanning size N around the
+expected optimum, each trained on the number of tokens D that spends the budget, FLOPs counted by the
+model's own accounting (6N plus attention, not 6N alone).
+
+A family fixes how a model grows: d_model ~ aspect * num_layers, a fixed head_dim, d_ff a fixed
+multiple of d_model. For a target N the planner picks the layer count the aspect ratio implies, then
+the width that brings non-embedding params closest to N; D then follows from the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from model import ModelConfig, flops_per_token, param_counts
+
+MAX_BUDGET_ERROR = 0.02  # every planned run spends its budget within 2%
+
+
+class PlanError(ValueError):
+    """A sweep that cannot be planned as asked (a one-line message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    aspect: float = 32.0  # d_model / num_layers
+    head_dim: int = 32
+    ffn_ratio: float = 8 / 3  # d_ff / d_model (SwiGLU's usual 8/3)
+    ffn_multiple: int = 32  # d_ff rounded to a multiple of this
+    kv_group: int = 1  # query heads per K/V head (1: MHA)
+    min_layers: int = 1
+
+    def shape(self, num_layers: int, d_model: int) -> dict:
+        heads = d_model // self.head_dim
+        d_ff = max(self.ffn_multiple, round(self.ffn_ratio * d_model / self.ffn_multiple) * self.ffn_multiple)
+        return {
+            "num_layers": num_layers,
+            "d_model": d_model,
+            "num_heads": heads,
+            "num_kv_heads": max(1, heads // self.kv_group),
+            "head_dim": self.head_dim,
+            "d_ff": d_ff,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    name: str
+    budget: float
+    model: dict  # model config fields of this size
+    params: int  # non-embedding
+    params_total: int
+    tokens: int
+    steps: int
+    flops: float
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.tokens / self.params
+
+
+def sized(base: ModelConfig, family: Family, target_params: float) -> ModelConfig:
+    """The family member whose non-embedding parameter count is closest to `target_params`."""
+    best = None
+    # N ~ 12 L d^2 with d = aspect L: the layer count the aspect ratio implies, and its neighbours.
+    guess = (target_params / (12 * family.aspect**2)) ** (1 / 3)
+    for layers in {max(family.min_layers, round(guess) + k) for k in (-1, 0, 1)}:
+        width = math.sqrt(target_params / (12 * layers))
+        for heads in {max(1, math.floor(width / family.head_dim)), max(1, math.ceil(width / family.head_dim))}:
+            if heads % family.kv_group:
+                heads = max(family.kv_group, heads - heads % family.kv_group)
+            cfg = dataclasses.replace(base, **family.shape(layers, heads * family.head_dim))
+            error = abs(math.log(param_counts(cfg).non_embedding / target_params))
+            if best is None or error < best[0]:
+                best = (error, cfg)
+    return best[1]
+
+
+def plan_budget(
+    base: ModelConfig,
+    family: Family,
+    budget: float,
+    *,
+    sizes: int,
+    spread: float,
+    tokens_per_param: float,
+    seq_len: int,
+    batch_size: int,
+) -> list[Planned]:
+    """`sizes` distinct models log-spaced over [N*/spread, N* spread] around N* = sqrt(C / (6 tokens_per_param))
+    (Chinchilla's D = 20 N by default), each with the steps that spend `budget`."""
+    expected = math.sqrt(budget / (6 * tokens_per_param))
+    runs: dict[int, Planned] = {}
+    for target in np.geomspace(expected / spread, expected * spread, sizes):
+        cfg = sized(base, family, float(target))
+        counts = param_counts(cfg)
+        if counts.non_embedding in runs:
+            continue
+        per_step = flops_per_token(cfg, seq_len) * batch_size * seq_len
+        steps = round(budget / per_step)
+        flops = steps * per_step
+        if steps < 1 or abs(flops - budget) / budget > MAX_BUDGET_ERROR:
+            raise PlanError(
+                f"budget {budget:.3g}: a {counts.non_embedding:,}-param model takes {per_step:.3g} FLOPs per step, "
+                f"so {max(steps, 1)} steps spend {max(steps, 1) * per_step:.3g} (more than 2% off); "
+                "use a smaller train.batch_size or a larger budget"
+            )
+        shape = {k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff")}
+        name = f"C{budget:.0e}_N{counts.non_embedding / 1e6:.2f}M".replace("+", "")
+        runs[counts.non_embedding] = Planned(
+            name, budget, shape, counts.non_embedding, counts.total, steps * batch_size * seq_len, steps, flops
+        )
+    if len(runs) < sizes:
+        raise PlanError(
+            f"budget {budget:.3g}: only {len(runs)} distinct model sizes between {expected / spread:,.0f} and "
+            f"{expected * spread:,.0f} params for sizes={sizes}; widen the spread or use a smaller head_dim"
+        )
+    return sorted(runs.values(), key=lambda r: r.params)
+
+
+def table(planned: list[Planned]) -> str:
+    """The plan as a markdown table."""
+    lines = [
+        "| run | budget | params (non-emb.) | params (total) | layers x d_model | tokens | steps | tokens/param | FLOPs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in planned:
+        lines.append(
+            f"| {r.name} | {r.budget:.2e} | {r.params:,} | {r.params_total:,} | {r.model['num_layers']} x {r.model['d_model']} "
+            f"| {r.tokens:,} | {r.steps:,} | {r.tokens_per_param:.1f} | {r.flops:.3e} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,388 @@
+"""Sweeps: plan configs, run them (locally or on SLURM), collect results, report ablations.
+
+    python -m experiments.sweep plan experiments/sweeps/isoflop_stdlib.py --out sweeps/iso
+    python -m experiments.sweep run sweeps/iso [--executor local|slurm] [--parallel N]
+    python -m experiments.sweep collect sweeps/iso     # -> runs.csv, curves.csv
+    python -m experiments.sweep report sweeps/iso      # ablations: eval/bpb mean +- std per variant
+
+A sweep file's `get_sweep()` returns a dict: `config` (a config file, optionally `path:arg`), `overrides`
+({"group.field": value} for every run), and either `isoflop` (budgets, sizes, spread, tokens_per_param,
+family: see experiments/plan.py) or `grid` ({"group.field": [values]}) with `seeds` (an ablation).
+
+Each run is a directory SWEEP_DIR/runs/NAME holding `planned.json` (its resolved config and what the
+plan says about it); running it trains into that directory with the same code as train.py, so an
+interrupted sweep resumes from each run's checkpoints and finished runs (`done.json`) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from data.tokenizer import planned_vocab_size
+from experiments.plan import Family, PlanError, plan_budget, table
+from model import flops_per_token, param_counts
+from training.config import ConfigError, RunConfig, from_dict, resolve, with_vocab
+
+RUNS_CSV = ("name", "params", "params_total", "tokens", "flops", "budget", "loss", "bpb")
+CURVES_CSV = ("name", "step", "tokens", "flops", "loss", "bpb")
+
+
+class SweepError(ValueError):
+    """A sweep file, directory or flag that cannot be used (a one-line message)."""
+
+
+# ----------------------------------------------------------------------------------------------- plan
+
+
+def load_sweep(path: str) -> dict:
+    spec = importlib.util.spec_from_file_location("sweep_file", path)
+    if spec is None or not pathlib.Path(path).is_file():
+        raise SweepError(f"{path}: no such sweep file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise SweepError(f"{path}: defines no get_sweep()")
+    sweep = module.get_sweep()
+    kinds = [k for k in ("isoflop", "grid") if k in sweep]
+    if len(kinds) != 1:
+        raise SweepError(
+            f"{path}: get_sweep() must return exactly one of 'isoflop' or 'grid' (got {kinds or 'neither'})"
+        )
+    return sweep
+
+
+def base_config(sweep: dict, overrides: dict | None = None):
+    """The sweep's config file with its overrides (and `overrides`) applied, as a ConfigDict."""
+    path, _, arg = sweep["config"].partition(":")
+    spec = importlib.util.spec_from_file_location("sweep_config", path)
+    if spec is None or not pathlib.Path(path).is_file():
+        raise SweepError(f"config={sweep['config']!r}: no such config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    for key, value in {**sweep.get("overrides", {}), **(overrides or {})}.items():
+        group, _, field = key.partition(".")
+        if group not in config or field not in config[group]:
+            raise SweepError(f"override {key!r}: not a config field (use group.field, e.g. model.d_model)")
+        config[group][field] = value
+    return config
+
+
+def plan_isoflop(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
+    iso = sweep["isoflop"]
+    run = resolve(base_config(sweep))
+    run = with_vocab(run, planned_vocab_size(run.data.tokenizer))
+    family = Family(**iso.get("family", {}))
+    planned = []
+    for budget in iso["budgets"]:
+        for p in plan_budget(
+            run.model,
+            family,
+            float(budget),
+            sizes=iso.get("sizes", 5),
+            spread=iso.get("spread", 4.0),
+            tokens_per_param=iso.get("tokens_per_param", 20.0),
+            seq_len=run.data.seq_len,
+            batch_size=run.train.batch_size,
+        ):
+            sized = dataclasses.replace(
+                run,
+                model=dataclasses.replace(run.model, **p.model),
+                train=dataclasses.replace(
+                    run.train, steps=p.steps, warmup_steps=min(run.train.warmup_steps, p.steps // 10)
+                ),
+            )
+            planned.append((p.name, sized, {"budget": p.budget, **dataclasses.asdict(p)}))
+    return planned
+
+
+def plan_grid(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
+    grid, seeds = sweep["grid"], sweep.get("seeds", [0])
+    planned = []
+    for values in itertools.product(*grid.values()):
+        variant = dict(zip(grid, values))
+        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items())
+        for seed in seeds:
+            run = resolve(base_config(sweep, {**variant, "train.seed": seed}))
+            planned.append(
+                (f"{label},seed={seed}".replace("/", "_"), run, {"variant": variant, "label": label, "seed": seed})
+            )
+    return planned
+
+
+def plan(sweep_file: str, out: pathlib.Path) -> list[dict]:
+    """Writes SWEEP_DIR/sweep.json and one runs/NAME/planned.json per run; returns the rows planned."""
+    sweep = load_sweep(sweep_file)
+    planned = plan_isoflop(sweep) if "isoflop" in sweep else plan_grid(sweep)
+    for name, run, _ in planned:
+        existing = out / "runs" / name / "planned.json"
+        if existing.exists() and json.loads(existing.read_text())["config"] != run.to_dict():
+            raise SweepError(f"{existing}: already planned with another config; use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"file": sweep_file, "sweep": sweep}, indent=2, default=str) + "\n")
+    rows = []
+    for name, run, info in planned:
+        run_dir = out / "runs" / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "planned.json").write_text(
+            json.dumps({"name": name, "config": run.to_dict(), **info}, indent=2) + "\n"
+        )
+        rows.append({"name": name, **info})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def run_dirs(sweep_dir: pathlib.Path) -> list[pathlib.Path]:
+    dirs = sorted(p.parent for p in (sweep_dir / "runs").glob("*/planned.json"))
+    if not dirs:
+        raise SweepError(
+            f"{sweep_dir}: no planned runs (run `python -m experiments.sweep plan ... --out {sweep_dir}` first)"
+        )
+    return dirs
+
+
+def run_one(run_dir: str | pathlib.Path) -> dict:
+    """Trains (or resumes) one planned run in its directory, then marks it done; what each executor runs."""
+    from training.loop import train
+
+    run_dir = pathlib.Path(run_dir)
+    planned = json.loads((run_dir / "planned.json").read_text())
+    result = train(from_dict(planned["config"]), run_dir, quiet=True)
+    if result.get("preempted"):
+        return result
+    (run_dir / "done.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _local(run_dir: pathlib.Path) -> int:
+    """One run in its own process, as a cluster job would be; its output goes to run_dir/log.txt."""
+    with open(run_dir / "log.txt", "a") as log:
+        return subprocess.run(
+            [sys.executable, "-m", "experiments.sweep", "run-one", str(run_dir)], stdout=log, stderr=subprocess.STDOUT
+        ).returncode
+
+
+def run(sweep_dir: pathlib.Path, executor: str = "local", parallel: int = 1, slurm: dict | None = None) -> dict:
+    """Runs every planned run that is not done; returns {"done": [...], "failed": [...], "skipped": [...]}."""
+    dirs = run_dirs(sweep_dir)
+    todo = [d for d in dirs if not (d / "done.json").exists()]
+    skipped = [d.name for d in dirs if d not in todo]
+    print(
+        f"{len(dirs)} runs: {len(skipped)} done already, {len(todo)} to run ({executor}, {parallel} at a time)",
+        flush=True,
+    )
+    outcome = {"done": [], "failed": [], "skipped": skipped}
+    start = time.perf_counter()
+
+    def finished(run_dir: pathlib.Path, ok: bool) -> None:
+        outcome["done" if ok else "failed"].append(run_dir.name)
+        count = len(outcome["done"]) + len(outcome["failed"])
+        status = "done" if ok else f"FAILED (see {run_dir / 'log.txt'})"
+        print(f"[{count}/{len(todo)}] {run_dir.name}: {status}  ({time.perf_counter() - start:.0f}s)", flush=True)
+
+    if executor == "local":
+        with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = {pool.submit(_local, d): d for d in todo}
+            for future in concurrent.futures.as_completed(futures):
+                finished(futures[future], future.result() == 0)
+    elif executor in ("slurm", "submitit-local"):
+        import submitit
+
+        cluster = "slurm" if executor == "slurm" else "local"
+        submitter = submitit.AutoExecutor(folder=str(sweep_dir / "submitit"), cluster=cluster)
+        submitter.update_parameters(**(slurm or {}))
+        if cluster == "local":
+            submitter.update_parameters(timeout_min=(slurm or {}).get("timeout_min", 60))
+        jobs = [(d, submitter.submit(run_one, str(d))) for d in todo]
+        for d, job in jobs:
+            try:
+                job.result()
+                finished(d, True)
+            except Exception as e:  # submitit re-raises the job's failure
+                (d / "log.txt").write_text(str(e))
+                finished(d, False)
+    else:
+        raise SweepError(f"--executor={executor!r}: allowed: local, slurm, submitit-local")
+    return outcome
+
+
+# -------------------------------------------------------------------------------------------- collect
+
+
+def _metrics(run_dir: pathlib.Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def collect(sweep_dir: pathlib.Path) -> list[dict]:
+    """Writes runs.csv (final eval of every finished run) and curves.csv (every eval) into the sweep dir."""
+    rows, curves = [], []
+    for run_dir in run_dirs(sweep_dir):
+        if not (run_dir / "done.json").exists():
+            continue
+        planned = json.loads((run_dir / "planned.json").read_text())
+        run = from_dict(json.loads((run_dir / "config.json").read_text()))  # as trained: the real vocabulary size
+        counts = param_counts(run.model)
+        per_token = flops_per_token(run.model, run.data.seq_len)
+        tokens_per_step = run.train.batch_size * run.data.seq_len
+        evals = [m for m in _metrics(run_dir) if "eval/loss" in m]
+        for m in evals:
+            tokens = m["step"] * tokens_per_step
+            curves.append(
+                {
+                    "name": run_dir.name,
+                    "step": m["step"],
+                    "tokens": tokens,
+                    "flops": tokens * per_token,
+                    "loss": m["eval/loss"],
+                    "bpb": m["eval/bpb"],
+                }
+            )
+        tokens = run.train.steps * tokens_per_step
+        row = {
+            "name": run_dir.name,
+            "params": counts.non_embedding,
+            "params_total": counts.total,
+            "tokens": tokens,
+            "flops": tokens * per_token,
+            "budget": planned.get("budget", ""),
+            "loss": evals[-1]["eval/loss"],
+            "bpb": evals[-1]["eval/bpb"],
+        }
+        if "variant" in planned:
+            row.update({"label": planned["label"], "seed": planned["seed"]})
+        rows.append(row)
+    if not rows:
+        raise SweepError(f"{sweep_dir}: no finished runs to collect")
+    _write_csv(sweep_dir / "runs.csv", rows)
+    _write_csv(sweep_dir / "curves.csv", curves)
+    return rows
+
+
+def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def report(sweep_dir: pathlib.Path) -> str:
+    """An ablation's eval/bpb mean +- std (over seeds) per variant as a markdown table; also writes
+    report.md and report.png (a bar plot) into the sweep dir."""
+    rows = collect(sweep_dir)
+    if "label" not in rows[0]:
+        raise SweepError(f"{sweep_dir}: not an ablation (a grid sweep); fit an isoFLOP sweep with experiments.scaling")
+    by_label: dict[str, list[float]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row["bpb"])
+    stats = {
+        label: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v))
+        for label, v in by_label.items()
+    }
+    lines = ["| variant | eval/bpb (mean +- std) | seeds |", "| --- | --- | --- |"]
+    for label, (mean, std, n) in sorted(stats.items(), key=lambda kv: kv[1][0]):
+        lines.append(f"| {label} | {mean:.4f} +- {std:.4f} | {n} |")
+    text = "\n".join(lines)
+    (sweep_dir / "report.md").write_text(text + "\n")
+    _bar_plot(stats, sweep_dir / "report.png")
+    return text
+
+
+def _bar_plot(stats: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted(stats, key=lambda k: stats[k][0])
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels)), 3.5))
+    means = [stats[k][0] for k in labels]
+    errors = [0 if math.isnan(stats[k][1]) else stats[k][1] for k in labels]
+    ax.bar(range(len(labels)), means, yerr=errors, capsize=4, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set_ylabel("eval/bpb")
+    low = min(m - e for m, e in zip(means, errors))
+    ax.set_ylim(low - 0.05 * abs(low), None)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="write one resolved config per run and print the plan")
+    p.add_argument("sweep_file")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("run", help="run every planned run not yet done")
+    p.add_argument("sweep_dir")
+    p.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"))
+    p.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
+    p.add_argument(
+        "--slurm", default="{}", help='submitit parameters as JSON, e.g. {"slurm_partition": "gpu", "gpus_per_node": 8}'
+    )
+    p = sub.add_parser("run-one", help=argparse.SUPPRESS)
+    p.add_argument("run_dir")
+    for name in ("collect", "report"):
+        sub.add_parser(name).add_argument("sweep_dir")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "plan":
+            rows = plan(args.sweep_file, pathlib.Path(args.out))
+            print(_plan_table(rows))
+            print(f"{len(rows)} runs planned in {args.out}")
+        elif args.command == "run":
+            if args.parallel < 1:
+                raise SweepError(f"--parallel={args.parallel}: must be >= 1")
+            outcome = run(pathlib.Path(args.sweep_dir), args.executor, args.parallel, json.loads(args.slurm))
+            print(
+                f"done {len(outcome['done'])}, failed {len(outcome['failed'])}, skipped (done before) {len(outcome['skipped'])}"
+            )
+            return 1 if outcome["failed"] else 0
+        elif args.command == "run-one":
+            run_one(args.run_dir)
+        elif args.command == "collect":
+            rows = collect(pathlib.Path(args.sweep_dir))
+            print(f"{len(rows)} runs -> {pathlib.Path(args.sweep_dir) / 'runs.csv'}")
+        elif args.command == "report":
+            print(report(pathlib.Path(args.sweep_dir)))
+    except (SweepError, PlanError, ConfigError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plan_table(rows: list[dict]) -> str:
+    if "params" in rows[0]:
+        from experiments.plan import Planned
+
+        return table([Planned(**{f.name: r[f.name] for f in dataclasses.fields(Planned)}) for r in rows])
+    lines = ["| run | variant | seed |", "| --- | --- | --- |"]
+    lines += [f"| {r['name']} | {r['label']} | {r['seed']} |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

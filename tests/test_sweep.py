@@ -1,0 +1,147 @@
+"""Sweeps: isoFLOP planning against the model's FLOPs accounting, and an ablation sweep run end to end
+(local processes, resumption, submitit's local executor), collected and reported."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import sweep as sweep_lib
+from model import flops_per_token, param_counts
+from tests.conftest import REPO
+from training.config import from_dict
+
+TINY = {
+    "model.d_model": 32,
+    "model.num_layers": 2,
+    "model.num_heads": 4,
+    "model.num_kv_heads": 4,
+    "model.d_ff": 64,
+    "model.remat": "none",
+    "data.seq_len": 32,
+    "train.batch_size": 4,
+    "train.warmup_steps": 1,
+    "train.log_every": 2,
+    "train.eval_every": 100,
+    "train.eval_batches": 1,
+    "train.sample_tokens": 0,
+    "train.peak_flops": 1e12,
+}
+
+
+def write_sweep(path, body: dict) -> str:
+    path.write_text(f"def get_sweep():\n    return {body!r}\n")
+    return str(path)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_isoflop_plan_spends_each_budget_on_log_spaced_sizes(tmp_path):
+    budgets = [3e12, 1e13, 3e13]
+    file = write_sweep(
+        tmp_path / "iso.py",
+        {
+            "config": "configs/tiny.py",
+            "overrides": {"data.tokenizer": "bpe:2048"},
+            "isoflop": {"budgets": budgets, "sizes": 5, "spread": 4.0, "family": {"head_dim": 16, "ffn_multiple": 16}},
+        },
+    )
+    done = cli("plan", file, "--out", str(tmp_path / "iso"))
+    assert done.returncode == 0, done.stderr
+    assert "| run | budget | params (non-emb.)" in done.stdout and "15 runs planned" in done.stdout
+    for budget in budgets:
+        planned = [json.loads(p.read_text()) for p in (tmp_path / "iso" / "runs").glob("*/planned.json")]
+        planned = [p for p in planned if p["budget"] == budget]
+        assert len(planned) == 5
+        sizes = []
+        for p in planned:
+            run = from_dict(p["config"])
+            assert run.model.vocab_size == 2048
+            # FLOPs from the model's own accounting (attention and the output head included), not 6N.
+            flops = (
+                flops_per_token(run.model, run.data.seq_len) * run.train.steps * run.train.batch_size * run.data.seq_len
+            )
+            assert p["flops"] == pytest.approx(flops) and abs(flops - budget) / budget <= 0.02
+            assert p["params"] == param_counts(run.model).non_embedding and p["tokens"] == p["steps"] * 16 * 256
+            sizes.append(p["params"])
+        sizes = np.sort(sizes)
+        expected = math.sqrt(budget / (6 * 20))
+        assert sizes[0] < expected < sizes[-1]
+        ratios = sizes[1:] / sizes[:-1]
+        assert np.all(ratios > 1.3) and np.all(ratios < 3.5)  # roughly even steps in log N
+
+
+def test_plan_rejects_a_budget_too_small_to_spend_within_2_percent(tmp_path):
+    file = write_sweep(tmp_path / "iso.py", {"config": "configs/tiny.py", "isoflop": {"budgets": [1e9], "sizes": 5}})
+    done = cli("plan", file, "--out", str(tmp_path / "iso"))
+    assert done.returncode == 2 and done.stderr.startswith("error: budget 1e+09:")
+    assert not (tmp_path / "iso").exists()
+
+
+def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path):
+    grid = {"model.position": ["rope", "none"]}
+    file = write_sweep(
+        tmp_path / "ablate.py",
+        {
+            "config": "configs/tiny.py",
+            "overrides": {**TINY, "train.steps": 4, "checkpoint.every": 2},
+            "grid": grid,
+            "seeds": [0, 1],
+        },
+    )
+    out = tmp_path / "ablate"
+    assert cli("plan", file, "--out", str(out)).returncode == 0
+    done = cli("run", str(out), "--parallel", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 runs: 0 done already, 4 to run" in done.stdout and "[4/4]" in done.stdout
+
+    # An interrupted run (no done.json) resumes from its checkpoint, here through submitit's local executor
+    # (the SLURM code path); the finished ones are skipped.
+    resumed = out / "runs" / "position=none,seed=1"
+    (resumed / "done.json").unlink()
+    done = cli("run", str(out), "--executor", "submitit-local")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 runs: 3 done already, 1 to run" in done.stdout and (resumed / "done.json").exists()
+
+    done = cli("report", str(out))
+    assert done.returncode == 0, done.stderr
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"name", "params", "params_total", "tokens", "flops", "budget", "loss", "bpb"} <= set(rows[0])
+    for row in rows:  # the final eval of each run's own metrics
+        metrics = [json.loads(line) for line in (out / "runs" / row["name"] / "metrics.jsonl").read_text().splitlines()]
+        assert float(row["bpb"]) == pytest.approx([m for m in metrics if "eval/bpb" in m][-1]["eval/bpb"])
+        assert int(row["tokens"]) == 4 * 4 * 32
+    for variant in ("position=rope", "position=none"):
+        bpbs = [float(r["bpb"]) for r in rows if r["label"] == variant]
+        line = next(line for line in done.stdout.splitlines() if line.startswith(f"| {variant} |"))
+        assert f"{np.mean(bpbs):.4f} +- {np.std(bpbs, ddof=1):.4f} | 2 |" in line
+    assert (out / "report.png").stat().st_size > 0 and (out / "curves.csv").exists()
+
+
+def test_bad_sweep_inputs_are_one_line_errors(tmp_path):
+    assert sweep_lib.main(["run", str(tmp_path / "nothing")]) == 2
+    bad = write_sweep(tmp_path / "bad.py", {"config": "configs/tiny.py", "overrides": {"model.width": 3}, "grid": {}})
+    done = cli("plan", bad, "--out", str(tmp_path / "x"))
+    assert (
+        done.returncode == 2
+        and done.stderr.strip()
+        == "error: override 'model.width': not a config field (use group.field, e.g. model.d_model)"
+    )
