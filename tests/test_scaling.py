@@ -1,0 +1,168 @@
+"""Scaling-law fits recover a known law from noisy synthetic runs; the CLI writes fit.json and plots, or fails in one
+line with exit code 2."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import scaling
+from tests.conftest import REPO
+
+# Chinchilla's published fit (Hoffmann et al. 2022, approach 3), the law the synthetic runs are drawn from.
+TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+BUDGETS = np.geomspace(1e17, 1e20, 4)
+
+
+def true_law() -> dict:
+    alpha, beta = TRUE["alpha"], TRUE["beta"]
+    g = (alpha * TRUE["A"] / (beta * TRUE["B"])) ** (1 / (alpha + beta))
+    return {**TRUE, "a": beta / (alpha + beta), "b": alpha / (alpha + beta), "G": g}
+
+
+def true_optimal_params(flops: float) -> float:
+    return scaling.optimal_frontier(true_law(), [flops])[0]["params"]
+
+
+def synthetic_runs(per_budget: int = 9, sigma: float = 0.003, seed: int = 0) -> scaling.Runs:
+    """An isoFLOP design: per budget, sizes log-spaced over a decade either side of the optimum, D = C / 6N."""
+    rng = np.random.default_rng(seed)
+    params = np.concatenate([true_optimal_params(c) * np.logspace(-1, 1, per_budget) for c in BUDGETS])
+    flops = np.repeat(BUDGETS, per_budget)
+    tokens = flops / (6 * params)
+    loss = scaling.parametric_loss(TRUE, params, tokens) * np.exp(rng.normal(0, sigma, params.size))
+    return scaling.Runs(params=params, tokens=tokens, loss=loss, budget=[f"{c:.3g}" for c in flops])
+
+
+def synthetic_curves(sizes: int = 16, points: int = 60) -> scaling.Curves:
+    """Each model's curve follows the law as if every point were a finished run, from 1e16 to 1e21 FLOPs."""
+    params = np.repeat(np.geomspace(3e6, 3e10, sizes), points)
+    tokens = np.concatenate([np.geomspace(1e16 / (6 * n), 1e21 / (6 * n), points) for n in params[::points]])
+    names = np.repeat([f"m{i}" for i in range(sizes)], points)
+    loss = scaling.parametric_loss(TRUE, params, tokens)
+    return scaling.Curves(names, params, tokens, 6 * params * tokens, loss)
+
+
+@pytest.fixture(scope="module")
+def runs() -> scaling.Runs:
+    return synthetic_runs()
+
+
+@pytest.fixture(scope="module")
+def law(runs) -> dict:
+    return scaling.fit_approach3(runs)
+
+
+def test_approach3_recovers_exponents_and_the_optimal_size_far_out(law):
+    assert law["alpha"] == pytest.approx(TRUE["alpha"], abs=0.02)
+    assert law["beta"] == pytest.approx(TRUE["beta"], abs=0.02)
+    far = 100 * BUDGETS[-1]
+    assert true_optimal_params(far) == pytest.approx(scaling.optimal_frontier(law, [far])[0]["params"], rel=0.1)
+
+
+def test_optimal_frontier_spends_the_budget_and_beats_its_neighbours(law):
+    (row,) = scaling.optimal_frontier(law, [1e21])
+    assert 6 * row["params"] * row["tokens"] == pytest.approx(1e21)
+    for scale in (0.8, 1.25):
+        n = row["params"] * scale
+        assert scaling.parametric_loss(law, n, 1e21 / (6 * n)) > row["loss"]
+
+
+def test_approach2_exponents_match_the_law(runs):
+    two = scaling.fit_approach2(runs)
+    assert two["a"] == pytest.approx(true_law()["a"], abs=0.03)
+    assert two["a"] + two["b"] == pytest.approx(1.0, abs=1e-6)
+    assert [b["runs"] for b in two["budgets"]] == [9] * len(BUDGETS)
+    assert all(b["interior"] for b in two["budgets"])
+
+
+def test_approach2_groups_by_flops_without_a_budget_column(runs):
+    unlabelled = scaling.Runs(params=runs.params, tokens=np.round(runs.tokens), loss=runs.loss)
+    assert scaling.fit_approach2(unlabelled)["a"] == pytest.approx(scaling.fit_approach2(runs)["a"], abs=1e-4)
+
+
+def test_approach1_lower_envelope_finds_the_exponents():
+    one = scaling.fit_approach1(synthetic_curves())
+    assert one["a"] == pytest.approx(true_law()["a"], abs=0.03)
+    assert one["b"] == pytest.approx(true_law()["b"], abs=0.03)
+
+
+def test_bootstrap_intervals_are_ordered_and_near_the_truth(runs, law):
+    boot = scaling.bootstrap(runs, law, samples=20, seed=1)
+    assert boot["ok"] == 20
+    for approach, key, truth in [("approach2", "a", true_law()["a"]), ("approach3", "alpha", TRUE["alpha"])]:
+        lo, hi = boot[approach][key]
+        assert lo <= hi and lo - 0.03 < truth < hi + 0.03
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_runs_csv(path, runs: scaling.Runs, columns=("name", "params", "tokens", "loss", "budget")) -> None:
+    write_csv(path, [{c: getattr(runs, c)[i] for c in columns} for i in range(len(runs))])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "experiments.scaling", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_writes_fit_json_and_plots(tmp_path, runs):
+    write_runs_csv(tmp_path / "runs.csv", runs, columns=("params", "tokens", "loss", "budget"))
+    out = tmp_path / "fit"
+    done = run_cli("fit", str(tmp_path / "runs.csv"), "--out", str(out), "--bootstrap", "5")
+    assert done.returncode == 0, done.stderr
+    assert "approach 3" in done.stdout
+    result = json.loads((out / "fit.json").read_text())
+    assert {"a", "b", "k_N", "k_D", "budgets"} <= set(result["approach2"])
+    assert {"E", "A", "B", "alpha", "beta"} <= set(result["approach3"])
+    assert result["approach1"] is None and result["bootstrap"]["ok"] == 5
+    assert all(set(row) == {"flops", "params", "tokens", "loss"} for row in result["optimal"])
+    assert result["optimal"][-1]["flops"] == pytest.approx(1000 * BUDGETS[-1], rel=1e-3)
+    for plot in scaling.PLOTS:
+        assert (out / plot).stat().st_size > 0
+
+
+def test_curves_csv_beside_runs_csv_gives_approach1(tmp_path, runs):
+    """Each isoFLOP run's own training curve, as a sweep writes them: evals from 1% of its tokens to the end."""
+    named = dataclasses.replace(runs, name=[f"run{i}" for i in range(len(runs))])
+    write_runs_csv(tmp_path / "runs.csv", named)
+    points = []
+    for name, params, tokens in zip(named.name, named.params, named.tokens):
+        for step, seen in enumerate(np.geomspace(tokens / 100, tokens, 20), start=1):
+            loss = scaling.parametric_loss(TRUE, params, seen)
+            points.append({"name": name, "step": step, "tokens": seen, "flops": 6 * params * seen, "loss": loss})
+    write_csv(tmp_path / "curves.csv", points)
+    result = scaling.fit(tmp_path / "runs.csv", tmp_path / "fit", samples=0)
+    assert result["approach1"]["a"] == pytest.approx(true_law()["a"], abs=0.05)
+    assert result["bootstrap"] is None
+
+
+@pytest.mark.parametrize(
+    "header, row, message",
+    [
+        (("params", "tokens"), (1e8, 1e9), "missing required column 'loss'"),
+        (("params", "tokens", "loss"), (1e8, -5, 3.0), "tokens='-5' is not a positive number"),
+        (("params", "tokens", "loss", "budget"), (1e8, 1e9, 3.0, "1e18"), "budget 1e18: 1 distinct params"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, header, row, message):
+    write_csv(tmp_path / "runs.csv", [dict(zip(header, row))])
+    done = run_cli("fit", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "fit"))
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and message in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_missing_file_is_a_scaling_error(tmp_path):
+    with pytest.raises(scaling.ScalingError, match="no such file"):
+        scaling.load_runs(tmp_path / "nope.csv")
