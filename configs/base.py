@@ -34,6 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         param_dtype="float32",
         scan_layers=True,
         remat="none",  # none | full | dots | dots_no_batch
+        parametrization="sp",  # sp | mup (hidden init ~ 1/fan_in, hidden lr / width_mult, logits / width_mult)
+        mup_base_width=256,  # muP: the d_model at which it equals sp (where lr and init were tuned)
     )
     c.data = dict(
         corpus="stdlib",  # stdlib | a directory | a glob | a .jsonl file

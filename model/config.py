@@ -29,10 +29,17 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True  # nn.scan over layers (fast compile) or an unrolled Python loop
     remat: str = "none"  # a key of model.transformer.REMAT_POLICIES
+    parametrization: str = "sp"  # 'sp' (standard) or 'mup' (maximal update parametrization)
+    mup_base_width: int = 256  # d_model at which muP and SP coincide (where the learning rate was tuned)
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def width_mult(self) -> float:
+        """muP's width multiplier d_model / base width (1 under SP)."""
+        return self.d_model / self.mup_base_width if self.parametrization == "mup" else 1.0
 
     @property
     def group_size(self) -> int:

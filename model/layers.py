@@ -48,7 +48,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, in_shape = self.cfg, x.shape[-self.num_in :]
-        init = nn.initializers.normal(cfg.init_std if self.std is None else self.std)
+        init = nn.initializers.normal(hidden_std(cfg) if self.std is None else self.std)
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(init, self.axes),
@@ -130,6 +130,12 @@ MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
 MLP_MATRICES: dict[str, int] = {"swiglu": 3, "gelu": 2}
 
 
+def hidden_std(cfg: ModelConfig) -> float:
+    """Init std of hidden (width x width) matrices: init_std, or under muP init_std / sqrt(width_mult), so
+    their variance scales as 1 / fan_in from the base width on (Yang et al. 2022, Tensor Programs V)."""
+    return cfg.init_std / cfg.width_mult**0.5
+
+
 def output_std(cfg: ModelConfig) -> float:
-    """Residual-branch output projections start smaller, as in GPT-2: std / sqrt(2 * layers)."""
-    return cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    """Residual-branch output projections start smaller, as in GPT-2: hidden std / sqrt(2 * layers)."""
+    return hidden_std(cfg) / (2 * cfg.num_layers) ** 0.5

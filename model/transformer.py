@@ -98,6 +98,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits_BTV = embedding.attend(x_BTD)
         else:
-            logits_BTV = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "head")(x_BTD)
+            logits_BTV = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "head", std=cfg.init_std)(x_BTD)
+        if cfg.width_mult != 1.0:  # muP's output multiplier keeps logits O(1) as the width grows
+            logits_BTV = logits_BTV / cfg.width_mult
         logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
         return logits_BTV

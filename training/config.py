@@ -159,6 +159,8 @@ def _rules(
         one_of("model.norm", m.norm, NORMS),
         one_of("model.position", m.position, POSITIONS),
         one_of("model.remat", m.remat, REMAT_POLICIES),
+        one_of("model.parametrization", m.parametrization, ("sp", "mup")),
+        (m.mup_base_width > 0, "model.mup_base_width", m.mup_base_width, "must be > 0"),
         one_of("model.dtype", m.dtype, DTYPES),
         one_of("model.param_dtype", m.param_dtype, DTYPES),
         (

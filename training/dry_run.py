@@ -61,7 +61,7 @@ def dry_run(run: RunConfig) -> dict:
     layout = plan(run)
     with layout.activate():
         model = model_for(run.model, layout)
-        tx, schedule = make_optimizer(t)
+        tx, schedule = make_optimizer(t, run.model)
         abstract = abstract_state(model, tx, layout)
         batch = {"tokens": jax.ShapeDtypeStruct((t.batch_size, run.data.seq_len + 1), jnp.int32, sharding=layout.batch)}
         step = jit_train_step(model, tx, schedule, run, layout, shardings_of(abstract))

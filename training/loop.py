@@ -200,7 +200,7 @@ def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig, l
     as `layout` shards them (whatever mesh wrote them)."""
     check_same(stored, run, directory, ("model", "data"), RESUME_IGNORES)
     run = with_vocab(run, stored.model.vocab_size)
-    model, (tx, _) = Transformer(run.model), make_optimizer(run.train)
+    model, (tx, _) = Transformer(run.model), make_optimizer(run.train, run.model)
     if layout is None:
         abstract = jax.eval_shape(lambda: init_state(model, tx, run.train.seed))
     else:
@@ -344,7 +344,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                 check_vocab(source, data.tokenizer.vocab_size, run.data.tokenizer)
             model = model_for(run.model, layout)
             order_T = sequence_order(run.data.seq_len, layout)
-            tx, schedule = make_optimizer(t)
+            tx, schedule = make_optimizer(t, run.model)
             state_shardings = shardings_of(abstract_state(model, tx, layout))
             if restored is not None:
                 state = restored_state(restored, layout)

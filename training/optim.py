@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 if TYPE_CHECKING:
+    from model import ModelConfig
     from training.config import TrainConfig
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -56,8 +57,29 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) not in NO_DECAY, params)
 
 
-def make_optimizer(t: TrainConfig) -> tuple[optax.GradientTransformation, Schedule]:
+def is_hidden_matrix(path) -> bool:
+    """A projection's kernel inside the layers (not the embedding, the norms or the output head)."""
+    keys = [getattr(k, "key", None) for k in path]
+    return keys[-1] == "kernel" and "head" not in keys
+
+
+def mup_learning_rates(width_mult: float) -> optax.GradientTransformation:
+    """muP for Adam: hidden matrices take lr / width_mult; embeddings, norms and the head keep lr."""
+
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(lambda p, u: u / width_mult if is_hidden_matrix(p) else u, updates)
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(t: TrainConfig, model: ModelConfig | None = None) -> tuple[optax.GradientTransformation, Schedule]:
+    """Global-norm clipping then AdamW on `schedule`; under muP (`model.parametrization='mup'`) the hidden
+    matrices' steps, weight decay included, are scaled by 1 / width_mult."""
     schedule = SCHEDULES[t.schedule](t)
     adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
     clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
+    if model is not None and model.parametrization == "mup":
+        return optax.chain(clip, adamw, mup_learning_rates(model.width_mult)), schedule
     return optax.chain(clip, adamw), schedule
