@@ -1,8 +1,8 @@
 """Position encodings at one budget: RoPE vs ALiBi vs none (NoPE), 3 seeds each, on the tiny config.
 
-    python -m experiments.sweep plan experiments/sweeps/ablate_positions.py --out sweeps/positions
-    python -m experiments.sweep run sweeps/positions --parallel 1
-    python -m experiments.sweep report sweeps/positions
+python -m experiments.sweep plan experiments/sweeps/ablate_positions.py --out sweeps/positions
+python -m experiments.sweep run sweeps/positions --parallel 1
+python -m experiments.sweep report sweeps/positions
 """
 
 
