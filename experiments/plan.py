@@ -62,20 +62,28 @@ class Planned:
 
 
 def sized(base: ModelConfig, family: Family, target_params: float) -> ModelConfig:
-    """The family member whose non-embedding parameter count is closest to `target_params`."""
+    """The family member nearest `target_params` non-embedding params: the layer count the aspect ratio
+    implies (N ~ 12 L d^2 with d = aspect L), then the width (a whole number of heads) closest in N."""
+    layers = max(family.min_layers, round((target_params / (12 * family.aspect**2)) ** (1 / 3)))
+    width = math.sqrt(target_params / (12 * layers)) / family.head_dim
     best = None
-    # N ~ 12 L d^2 with d = aspect L: the layer count the aspect ratio implies, and its neighbours.
-    guess = (target_params / (12 * family.aspect**2)) ** (1 / 3)
-    for layers in {max(family.min_layers, round(guess) + k) for k in (-1, 0, 1)}:
-        width = math.sqrt(target_params / (12 * layers))
-        for heads in {max(1, math.floor(width / family.head_dim)), max(1, math.ceil(width / family.head_dim))}:
-            if heads % family.kv_group:
-                heads = max(family.kv_group, heads - heads % family.kv_group)
-            cfg = dataclasses.replace(base, **family.shape(layers, heads * family.head_dim))
-            error = abs(math.log(param_counts(cfg).non_embedding / target_params))
-            if best is None or error < best[0]:
-                best = (error, cfg)
+    for heads in {max(family.kv_group, math.floor(width)), max(family.kv_group, math.ceil(width))}:
+        heads -= heads % family.kv_group
+        cfg = dataclasses.replace(base, **family.shape(layers, heads * family.head_dim))
+        error = abs(math.log(param_counts(cfg).non_embedding / target_params))
+        if best is None or error < best[0]:
+            best = (error, cfg)
     return best[1]
+
+
+def expected_optimum(base: ModelConfig, family: Family, budget: float, tokens_per_param: float, seq_len: int) -> float:
+    """The family's N whose budget buys tokens_per_param * N tokens (Chinchilla's D = 20 N by default), with
+    the model's real FLOPs per token: at small N the output head and attention make that well above 6N."""
+    n = math.sqrt(budget / (6 * tokens_per_param))  # the 6N answer, as a start
+    for _ in range(30):
+        per_token = flops_per_token(sized(base, family, n), seq_len)
+        n = math.sqrt(n * budget / (per_token * tokens_per_param))  # geometric damping of N <- C / (F(N) tpp)
+    return n
 
 
 def plan_budget(
@@ -89,9 +97,9 @@ def plan_budget(
     seq_len: int,
     batch_size: int,
 ) -> list[Planned]:
-    """`sizes` distinct models log-spaced over [N*/spread, N* spread] around N* = sqrt(C / (6 tokens_per_param))
-    (Chinchilla's D = 20 N by default), each with the steps that spend `budget`."""
-    expected = math.sqrt(budget / (6 * tokens_per_param))
+    """`sizes` distinct models log-spaced over [N*/spread, N* spread] around the expected optimum N*, each with
+    the steps that spend `budget`."""
+    expected = expected_optimum(base, family, budget, tokens_per_param, seq_len)
     runs: dict[int, Planned] = {}
     for target in np.geomspace(expected / spread, expected * spread, sizes):
         cfg = sized(base, family, float(target))
