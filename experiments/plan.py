@@ -116,7 +116,7 @@ def plan_budget(
                 "use a smaller train.batch_size or a larger budget"
             )
         shape = {k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff")}
-        name = f"C{budget:.0e}_N{counts.non_embedding / 1e6:.2f}M".replace("+", "")
+        name = f"C{budget:.0e}_N{counts.non_embedding}".replace("+", "")
         runs[counts.non_embedding] = Planned(
             name, budget, shape, counts.non_embedding, counts.total, steps * batch_size * seq_len, steps, flops
         )

@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -169,6 +170,22 @@ def run_one(run_dir: str | pathlib.Path) -> dict:
     return result
 
 
+def share_tokenizer(sweep_dir: pathlib.Path, dirs: list[pathlib.Path]) -> None:
+    """Runs with a `bpe:N` tokenizer would each train the same one on the same corpus: train it (and build
+    the token store) once in the sweep directory and give every run a copy, which train() then reuses."""
+    configs = [from_dict(json.loads((d / "planned.json").read_text())["config"]).data for d in dirs]
+    specs = {(c.corpus, c.tokenizer, c.val_fraction, c.text_field) for c in configs}
+    if len(specs) != 1 or not configs[0].tokenizer.startswith("bpe:"):
+        return
+    import data as data_lib
+
+    print(f"training the shared {configs[0].tokenizer} tokenizer in {sweep_dir}", flush=True)
+    data_lib.load(configs[0], sweep_dir)
+    for d in dirs:
+        if not (d / "tokenizer.json").exists():
+            shutil.copyfile(sweep_dir / "tokenizer.json", d / "tokenizer.json")
+
+
 def _local(run_dir: pathlib.Path) -> int:
     """One run in its own process, as a cluster job would be; its output goes to run_dir/log.txt."""
     with open(run_dir / "log.txt", "a") as log:
@@ -187,6 +204,7 @@ def run(sweep_dir: pathlib.Path, executor: str = "local", parallel: int = 1, slu
         flush=True,
     )
     outcome = {"done": [], "failed": [], "skipped": skipped}
+    share_tokenizer(sweep_dir, todo)
     start = time.perf_counter()
 
     def finished(run_dir: pathlib.Path, ok: bool) -> None:

@@ -145,3 +145,15 @@ def test_bad_sweep_inputs_are_one_line_errors(tmp_path):
         and done.stderr.strip()
         == "error: override 'model.width': not a config field (use group.field, e.g. model.d_model)"
     )
+
+
+def test_runs_of_a_sweep_share_one_trained_bpe_tokenizer(tmp_path, text_corpus):
+    grid = {"model.num_kv_heads": [4, 2]}
+    overrides = {**TINY, "data.corpus": str(text_corpus), "data.tokenizer": "bpe:300", "data.val_fraction": 0.2}
+    file = write_sweep(tmp_path / "s.py", {"config": "configs/tiny.py", "overrides": overrides, "grid": grid})
+    out = tmp_path / "s"
+    sweep_lib.plan(file, out)
+    dirs = sweep_lib.run_dirs(out)
+    sweep_lib.share_tokenizer(out, dirs)
+    trained = (out / "tokenizer.json").read_text()
+    assert all((d / "tokenizer.json").read_text() == trained for d in dirs) and len(dirs) == 2

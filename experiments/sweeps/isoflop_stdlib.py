@@ -1,5 +1,6 @@
-"""The CPU isoFLOP sweep: byte-level BPE on the stdlib corpus, 3 budgets x 5 model sizes. At the ~30 GFLOP/s
-these small models reach on 2 CPU cores, the 7e13 FLOPs of the whole sweep take about 40 minutes.
+"""The CPU isoFLOP sweep: byte-level BPE on the stdlib corpus, 3 budgets x 5 model sizes. Models this small
+reach only ~10 GFLOP/s on 2 CPU cores (two runs at a time), so the 2.2e13 FLOPs of the sweep take about
+40 minutes.
 
     python -m experiments.sweep plan experiments/sweeps/isoflop_stdlib.py --out sweeps/isoflop_stdlib
     python -m experiments.sweep run sweeps/isoflop_stdlib
@@ -23,7 +24,7 @@ def get_sweep():
             "checkpoint.every": 200,
         },
         "isoflop": {
-            "budgets": [1e12, 3e12, 1e13],
+            "budgets": [3e11, 1e12, 3e12],
             "sizes": 5,
             "spread": 4.0,  # sizes span N*/4 .. 4 N* around N* = sqrt(C / (6 * 20))
             "tokens_per_param": 20.0,
