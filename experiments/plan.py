@@ -86,6 +86,47 @@ def expected_optimum(base: ModelConfig, family: Family, budget: float, tokens_pe
     return n
 
 
+def plan_one(
+    base: ModelConfig, family: Family, budget: float, target: float, *, seq_len: int, batch_size: int
+) -> Planned:
+    """The family member nearest `target` params, trained for the steps that spend `budget` (within 2%)."""
+    cfg = sized(base, family, target)
+    counts = param_counts(cfg)
+    per_step = flops_per_token(cfg, seq_len) * batch_size * seq_len
+    steps = round(budget / per_step)
+    flops = steps * per_step
+    if steps < 1 or abs(flops - budget) / budget > MAX_BUDGET_ERROR:
+        raise PlanError(
+            f"budget {budget:.3g}: a {counts.non_embedding:,}-param model takes {per_step:.3g} FLOPs per step, "
+            f"so {max(steps, 1)} steps spend {max(steps, 1) * per_step:.3g} (more than 2% off); "
+            "use a smaller train.batch_size or a larger budget"
+        )
+    shape = {k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff")}
+    name = f"C{budget:.0e}_N{counts.non_embedding}".replace("+", "")
+    return Planned(name, budget, shape, counts.non_embedding, counts.total, steps * batch_size * seq_len, steps, flops)
+
+
+def plan_optimal(
+    base: ModelConfig, family: Family, budget: float, law: dict, *, seq_len: int, batch_size: int
+) -> tuple[Planned, float]:
+    """The family member a fitted L(N, D) = E + A/N^alpha + B/D^beta (approach 3's `law`, N non-embedding)
+    predicts best at `budget`, with D from the model's real FLOPs per token; returns it and its predicted loss."""
+
+    def predicted(p: Planned) -> float:
+        return law["E"] + law["A"] / p.params ** law["alpha"] + law["B"] / p.tokens ** law["beta"]
+
+    expected = expected_optimum(base, family, budget, 20.0, seq_len)
+    candidates = {}
+    for target in np.geomspace(expected / 30, expected * 30, 120):
+        try:
+            planned = plan_one(base, family, budget, float(target), seq_len=seq_len, batch_size=batch_size)
+        except PlanError:
+            continue  # too large a model for the budget to be spent within 2%
+        candidates.setdefault(planned.params, planned)
+    best = min(candidates.values(), key=predicted)
+    return best, predicted(best)
+
+
 def plan_budget(
     base: ModelConfig,
     family: Family,
@@ -102,24 +143,8 @@ def plan_budget(
     expected = expected_optimum(base, family, budget, tokens_per_param, seq_len)
     runs: dict[int, Planned] = {}
     for target in np.geomspace(expected / spread, expected * spread, sizes):
-        cfg = sized(base, family, float(target))
-        counts = param_counts(cfg)
-        if counts.non_embedding in runs:
-            continue
-        per_step = flops_per_token(cfg, seq_len) * batch_size * seq_len
-        steps = round(budget / per_step)
-        flops = steps * per_step
-        if steps < 1 or abs(flops - budget) / budget > MAX_BUDGET_ERROR:
-            raise PlanError(
-                f"budget {budget:.3g}: a {counts.non_embedding:,}-param model takes {per_step:.3g} FLOPs per step, "
-                f"so {max(steps, 1)} steps spend {max(steps, 1) * per_step:.3g} (more than 2% off); "
-                "use a smaller train.batch_size or a larger budget"
-            )
-        shape = {k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff")}
-        name = f"C{budget:.0e}_N{counts.non_embedding}".replace("+", "")
-        runs[counts.non_embedding] = Planned(
-            name, budget, shape, counts.non_embedding, counts.total, steps * batch_size * seq_len, steps, flops
-        )
+        planned = plan_one(base, family, budget, float(target), seq_len=seq_len, batch_size=batch_size)
+        runs.setdefault(planned.params, planned)
     if len(runs) < sizes:
         raise PlanError(
             f"budget {budget:.3g}: only {len(runs)} distinct model sizes between {expected / spread:,.0f} and "

@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from data.tokenizer import planned_vocab_size
-from experiments.plan import Family, PlanError, plan_budget, table
+from experiments.plan import Family, PlanError, plan_budget, plan_optimal, table
 from model import flops_per_token, param_counts
 from training.config import ConfigError, RunConfig, from_dict, resolve, with_vocab
 
@@ -122,6 +122,39 @@ def plan_grid(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
                 (f"{label},seed={seed}".replace("/", "_"), run, {"variant": variant, "label": label, "seed": seed})
             )
     return planned
+
+
+def plan_verification(sweep_file: str, fit_json: str, budget: float, out: pathlib.Path) -> dict:
+    """Predict-then-verify: plans the one run of an isoFLOP sweep's family that the fitted law (approach 3 of
+    `fit_json`) predicts is compute-optimal at `budget`, with the predicted eval loss in its planned.json."""
+    sweep = load_sweep(sweep_file)
+    if "isoflop" not in sweep:
+        raise SweepError(f"{sweep_file}: not an isoFLOP sweep")
+    try:
+        law = json.loads(pathlib.Path(fit_json).read_text())["approach3"]
+    except (OSError, KeyError) as e:
+        raise SweepError(f"{fit_json}: no approach3 fit ({e})") from None
+    run = resolve(base_config(sweep))
+    run = with_vocab(run, planned_vocab_size(run.data.tokenizer))
+    family = Family(**sweep["isoflop"].get("family", {}))
+    best, loss = plan_optimal(run.model, family, budget, law, seq_len=run.data.seq_len, batch_size=run.train.batch_size)
+    sized = dataclasses.replace(
+        run,
+        model=dataclasses.replace(run.model, **best.model),
+        train=dataclasses.replace(
+            run.train, steps=best.steps, warmup_steps=min(run.train.warmup_steps, best.steps // 10)
+        ),
+    )
+    info = {"budget": best.budget, **dataclasses.asdict(best), "predicted_loss": loss, "fit": str(fit_json)}
+    run_dir = out / "runs" / best.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(
+        json.dumps({"file": sweep_file, "sweep": sweep, "verify": info}, indent=2, default=str) + "\n"
+    )
+    (run_dir / "planned.json").write_text(
+        json.dumps({"name": best.name, "config": sized.to_dict(), **info}, indent=2) + "\n"
+    )
+    return {"name": best.name, **info}
 
 
 def plan(sweep_file: str, out: pathlib.Path) -> list[dict]:
@@ -282,6 +315,8 @@ def collect(sweep_dir: pathlib.Path) -> list[dict]:
             "loss": evals[-1]["eval/loss"],
             "bpb": evals[-1]["eval/bpb"],
         }
+        if "predicted_loss" in planned:
+            row["predicted_loss"] = planned["predicted_loss"]
         if "variant" in planned:
             row.update({"label": planned["label"], "seed": planned["seed"]})
         rows.append(row)
@@ -354,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plan", help="write one resolved config per run and print the plan")
     p.add_argument("sweep_file")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("plan-optimal", help="plan the run a fit predicts is compute-optimal at --budget")
+    p.add_argument("sweep_file")
+    p.add_argument("--fit", required=True, help="fit.json of `python -m experiments.scaling fit`")
+    p.add_argument("--budget", type=float, required=True)
+    p.add_argument("--out", required=True)
     p = sub.add_parser("run", help="run every planned run not yet done")
     p.add_argument("sweep_dir")
     p.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"))
@@ -371,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
             rows = plan(args.sweep_file, pathlib.Path(args.out))
             print(_plan_table(rows))
             print(f"{len(rows)} runs planned in {args.out}")
+        elif args.command == "plan-optimal":
+            info = plan_verification(args.sweep_file, args.fit, args.budget, pathlib.Path(args.out))
+            print(_plan_table([info]))
+            print(
+                f"predicted eval/loss {info['predicted_loss']:.4f}; run it with: python -m experiments.sweep run {args.out}"
+            )
         elif args.command == "run":
             if args.parallel < 1:
                 raise SweepError(f"--parallel={args.parallel}: must be >= 1")

@@ -157,3 +157,35 @@ def test_runs_of_a_sweep_share_one_trained_bpe_tokenizer(tmp_path, text_corpus):
     sweep_lib.share_tokenizer(out, dirs)
     trained = (out / "tokenizer.json").read_text()
     assert all((d / "tokenizer.json").read_text() == trained for d in dirs) and len(dirs) == 2
+
+
+def test_plan_optimal_picks_the_family_member_the_law_predicts_best(tmp_path):
+    """Against a brute-force search over the same family with the law written out here."""
+    from experiments.plan import Family, PlanError, plan_one
+    from model import ModelConfig
+
+    law = {"E": 1.5, "A": 80.0, "B": 900.0, "alpha": 0.35, "beta": 0.3}
+    file = write_sweep(
+        tmp_path / "iso.py",
+        {"config": "configs/tiny.py", "isoflop": {"budgets": [1e12], "family": {"head_dim": 16, "ffn_multiple": 16}}},
+    )
+    (tmp_path / "fit.json").write_text(json.dumps({"approach3": law}))
+    done = cli(
+        "plan-optimal", file, "--fit", str(tmp_path / "fit.json"), "--budget", "4e12", "--out", str(tmp_path / "v")
+    )
+    assert done.returncode == 0, done.stderr
+    (planned,) = [json.loads(p.read_text()) for p in (tmp_path / "v" / "runs").glob("*/planned.json")]
+
+    base = ModelConfig(vocab_size=257, max_seq_len=256)
+    family = Family(head_dim=16, ffn_multiple=16)
+    losses = {}
+    for target in np.geomspace(1e3, 1e8, 400):
+        try:
+            p = plan_one(base, family, 4e12, float(target), seq_len=256, batch_size=16)
+        except PlanError:
+            continue
+        losses[p.params] = law["E"] + law["A"] / p.params ** law["alpha"] + law["B"] / p.tokens ** law["beta"]
+    best = min(losses, key=losses.get)
+    assert planned["params"] == best and planned["predicted_loss"] == pytest.approx(losses[best])
+    assert abs(planned["flops"] - 4e12) / 4e12 <= 0.02
+    assert from_dict(planned["config"]).train.steps == planned["steps"]
