@@ -426,9 +426,16 @@ def fit_runs(runs: Runs, curves: Curves | None = None, samples: int = 100, seed:
     two = fit_approach2(runs)
     three = fit_approach3(runs)
     budgets = frontier_budgets(np.array([b["flops"] for b in two["budgets"]]))
+    one, skipped = None, None
+    if curves is not None:
+        try:
+            one = fit_approach1(curves)
+        except ScalingError as e:  # optional: the curves may not cross enough FLOP levels with an interior winner
+            skipped = str(e)
     return {
         "runs": len(runs),
-        "approach1": fit_approach1(curves) if curves is not None else None,
+        "approach1": one,
+        "approach1_skipped": skipped,
         "approach2": two,
         "approach3": three,
         "bootstrap": bootstrap(runs, three, samples, seed) if samples > 0 else None,
@@ -545,6 +552,8 @@ def summary(result: dict, rows: int = 5) -> str:
         lines = [f"{result['runs']} runs; intervals: [{lo:g}%, {hi:g}%] over {boot['ok']} bootstrap resamples"]
     else:
         lines = [f"{result['runs']} runs; no bootstrap"]
+    if one is None and result.get("approach1_skipped"):
+        lines.append(f"approach 1 skipped: {result['approach1_skipped']}")
     if one is not None:
         lines.append(
             f"approach 1 ({len(one['levels'])} FLOP levels): N_opt ~ C^{one['a']:.3f}, D_opt ~ C^{one['b']:.3f}"
