@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from data.tokenizer import planned_vocab_size
-from experiments.plan import Family, PlanError, plan_budget, plan_optimal, table
+from experiments.plan import Family, PlanError, Planned, plan_budget, plan_optimal, table
 from model import flops_per_token, param_counts
 from training.config import ConfigError, RunConfig, from_dict, resolve, with_vocab
 
@@ -82,11 +82,23 @@ def base_config(sweep: dict, overrides: dict | None = None):
     return config
 
 
+def isoflop_base(sweep: dict) -> tuple[RunConfig, Family]:
+    """An isoFLOP sweep's base run (vocabulary size from its tokenizer spec) and its shape family."""
+    run = resolve(base_config(sweep))
+    return with_vocab(run, planned_vocab_size(run.data.tokenizer)), Family(**sweep["isoflop"].get("family", {}))
+
+
+def sized_run(run: RunConfig, planned: Planned) -> RunConfig:
+    """`run` with the planned model shape and step count (warmup capped at a tenth of the steps)."""
+    train = dataclasses.replace(
+        run.train, steps=planned.steps, warmup_steps=min(run.train.warmup_steps, planned.steps // 10)
+    )
+    return dataclasses.replace(run, model=dataclasses.replace(run.model, **planned.model), train=train)
+
+
 def plan_isoflop(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
     iso = sweep["isoflop"]
-    run = resolve(base_config(sweep))
-    run = with_vocab(run, planned_vocab_size(run.data.tokenizer))
-    family = Family(**iso.get("family", {}))
+    run, family = isoflop_base(sweep)
     planned = []
     for budget in iso["budgets"]:
         for p in plan_budget(
@@ -99,14 +111,7 @@ def plan_isoflop(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
             seq_len=run.data.seq_len,
             batch_size=run.train.batch_size,
         ):
-            sized = dataclasses.replace(
-                run,
-                model=dataclasses.replace(run.model, **p.model),
-                train=dataclasses.replace(
-                    run.train, steps=p.steps, warmup_steps=min(run.train.warmup_steps, p.steps // 10)
-                ),
-            )
-            planned.append((p.name, sized, {"budget": p.budget, **dataclasses.asdict(p)}))
+            planned.append((p.name, sized_run(run, p), {"budget": p.budget, **dataclasses.asdict(p)}))
     return planned
 
 
@@ -134,17 +139,9 @@ def plan_verification(sweep_file: str, fit_json: str, budget: float, out: pathli
         law = json.loads(pathlib.Path(fit_json).read_text())["approach3"]
     except (OSError, KeyError) as e:
         raise SweepError(f"{fit_json}: no approach3 fit ({e})") from None
-    run = resolve(base_config(sweep))
-    run = with_vocab(run, planned_vocab_size(run.data.tokenizer))
-    family = Family(**sweep["isoflop"].get("family", {}))
+    run, family = isoflop_base(sweep)
     best, loss = plan_optimal(run.model, family, budget, law, seq_len=run.data.seq_len, batch_size=run.train.batch_size)
-    sized = dataclasses.replace(
-        run,
-        model=dataclasses.replace(run.model, **best.model),
-        train=dataclasses.replace(
-            run.train, steps=best.steps, warmup_steps=min(run.train.warmup_steps, best.steps // 10)
-        ),
-    )
+    sized = sized_run(run, best)
     info = {"budget": best.budget, **dataclasses.asdict(best), "predicted_loss": loss, "fit": str(fit_json)}
     run_dir = out / "runs" / best.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -440,8 +437,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _plan_table(rows: list[dict]) -> str:
     if "params" in rows[0]:
-        from experiments.plan import Planned
-
         return table([Planned(**{f.name: r[f.name] for f in dataclasses.fields(Planned)}) for r in rows])
     lines = ["| run | variant | seed |", "| --- | --- | --- |"]
     lines += [f"| {r['name']} | {r['label']} | {r['seed']} |" for r in rows]
