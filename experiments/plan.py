@@ -102,7 +102,7 @@ def plan_one(
             "use a smaller train.batch_size or a larger budget"
         )
     shape = {k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff")}
-    name = f"C{budget:.0e}_N{counts.non_embedding}".replace("+", "")
+    name = f"C{budget:.3g}_N{counts.non_embedding}".replace("+", "")  # C1e12_N..., C2.5e12_N...
     return Planned(name, budget, shape, counts.non_embedding, counts.total, steps * batch_size * seq_len, steps, flops)
 
 

@@ -54,7 +54,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_isoflop_plan_spends_each_budget_on_log_spaced_sizes(tmp_path):
-    budgets = [3e12, 1e13, 3e13]
+    budgets = [3e12, 1e13, 2.5e13]
     file = write_sweep(
         tmp_path / "iso.py",
         {
@@ -70,6 +70,7 @@ def test_isoflop_plan_spends_each_budget_on_log_spaced_sizes(tmp_path):
         planned = [json.loads(p.read_text()) for p in (tmp_path / "iso" / "runs").glob("*/planned.json")]
         planned = [p for p in planned if p["budget"] == budget]
         assert len(planned) == 5
+        assert all(p["name"].startswith(f"C{budget:.3g}_N".replace("+", "")) for p in planned)  # C2.5e13_N...
         sizes = []
         for p in planned:
             run = from_dict(p["config"])
