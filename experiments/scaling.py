@@ -4,8 +4,12 @@ Owns the three estimates of Hoffmann et al. 2022 ("Training Compute-Optimal Larg
 compute budget C should be split between parameters N and training tokens D, and how they are reported:
   approach 1: the lower envelope of the training curves -> power laws N_opt = k_N C^a, D_opt = k_D C^b;
   approach 2: a parabola in log N through each isoFLOP group of runs -> its minimum -> the same power laws;
-  approach 3: L(N, D) = E + A/N^alpha + B/D^beta by Huber regression on log-loss, and its closed-form frontier;
+  approach 3: L(N, D) = E + A/N^alpha + B/D^beta by Huber regression on log-loss, and its frontier;
 bootstrap intervals for the exponents, fit.json, the plots and a printed summary.
+
+Compute is what the runs say they spent: when runs.csv has the model's own FLOPs (attention and the output head on
+top of 6N, which dominate at small N), FLOPs per token are fitted as 6N + c N^q and every optimum spends its budget
+by that count; without a `flops` column it is C = 6ND, as in Hoffmann et al.
 
 Inputs are CSVs: runs.csv needs `params, tokens, loss` (optional `name`, `flops` = 6*params*tokens by default,
 `budget` labelling isoFLOP groups); curves.csv needs `name, tokens, loss` (optional `step`, `flops`). Every
@@ -31,7 +35,7 @@ import pathlib  # noqa: E402
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from scipy.optimize import minimize  # noqa: E402
+from scipy.optimize import minimize, minimize_scalar  # noqa: E402
 
 from training.cli import fail  # noqa: E402
 
@@ -162,6 +166,34 @@ def load_curves(path: str | pathlib.Path, runs: Runs) -> Curves:
     return Curves(names, params, tokens, flops, _positive_column(path, rows, "loss"))
 
 
+# --- FLOPs per token -------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PerToken:
+    """Training FLOPs per token as a function of params N: 6N + c N^q (c = 0: Chinchilla's C = 6ND)."""
+
+    c: float = 0.0
+    q: float = 1.0
+
+    def __call__(self, params):
+        params = np.asarray(params, dtype=float)
+        return 6.0 * params + self.c * np.power(params, self.q)
+
+
+def fit_per_token(runs: Runs) -> PerToken:
+    """Least squares in log-log through each run's FLOPs per token beyond 6N; 6N itself when the runs add nothing.
+    Runs that count less than 6N somewhere (another accounting) get one constant multiple of N instead."""
+    per_token = runs.flops / runs.tokens
+    extra = per_token - 6.0 * runs.params
+    if np.all(np.abs(extra) <= 1e-6 * per_token):
+        return PerToken()
+    if np.all(extra > 0) and len(np.unique(runs.params)) > 1:
+        q, log_c = np.polyfit(np.log(runs.params), np.log(extra), 1)
+        return PerToken(float(np.exp(log_c)), float(q))
+    return PerToken(float(np.median(per_token / runs.params)) - 6.0, 1.0)
+
+
 # --- approach 2: isoFLOP parabolas ----------------------------------------------------------------------------------
 
 
@@ -192,11 +224,10 @@ def fit_power_laws(flops: np.ndarray, params: np.ndarray, tokens: np.ndarray) ->
     return {"a": float(a), "k_N": float(np.exp(log_k_n)), "b": float(b), "k_D": float(np.exp(log_k_d))}
 
 
-def fit_isoflop(label: str, runs: Runs) -> dict:
+def fit_isoflop(label: str, runs: Runs, per_token: PerToken = PerToken()) -> dict:
     """The minimum of the parabola loss = c2 x^2 + c1 x + c0 in x = ln(params) through runs sharing a budget.
 
-    Tokens at the minimum come from the budget, C / (k N_opt), with k the group's FLOPs per param-token (6 unless
-    the runs say otherwise).
+    Tokens at the minimum are what the budget buys there: C / per_token(N_opt).
     """
     if len(np.unique(runs.params)) < 3:
         raise ScalingError(f"budget {label}: {len(np.unique(runs.params))} distinct params; a parabola needs 3")
@@ -207,12 +238,11 @@ def fit_isoflop(label: str, runs: Runs) -> dict:
     x_opt = -c1 / (2 * c2)
     flops = _geomean(runs.flops)
     params = math.exp(x_opt)
-    flops_per_param_token = float(np.median(runs.flops / (runs.params * runs.tokens)))
     return {
         "budget": label,
         "flops": flops,
         "params": params,
-        "tokens": flops / (flops_per_param_token * params),
+        "tokens": float(flops / per_token(params)),
         "loss": float(c0 + c1 * x_opt + c2 * x_opt**2),
         "runs": len(runs),
         "interior": bool(x.min() <= x_opt <= x.max()),
@@ -222,7 +252,8 @@ def fit_isoflop(label: str, runs: Runs) -> dict:
 
 def fit_approach2(runs: Runs) -> dict:
     """Per-budget parabola minima, then power laws through them."""
-    budgets = [fit_isoflop(label, runs.take(idx)) for label, idx in isoflop_groups(runs)]
+    per_token = fit_per_token(runs)
+    budgets = [fit_isoflop(label, runs.take(idx), per_token) for label, idx in isoflop_groups(runs)]
     if len(budgets) < 2:
         raise ScalingError(f"approach 2 needs runs at 2 or more budgets; found {len(budgets)}")
     column = lambda key: np.array([b[key] for b in budgets])
@@ -323,18 +354,32 @@ def parametric_loss(law: dict, params, tokens):
     return law["E"] + law["A"] / np.power(params, law["alpha"]) + law["B"] / np.power(tokens, law["beta"])
 
 
-def optimal_frontier(law: dict, budgets) -> list[dict]:
-    """Compute-optimal N, D and loss per budget from approach 3's closed form, with C = 6ND.
+def optimal_frontier(law: dict, budgets, per_token: PerToken = PerToken()) -> list[dict]:
+    """Compute-optimal N, D and loss per budget under approach 3's law, each spending its budget: C = per_token(N) D.
 
-    N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = G^-1 (C/6)^(alpha/(alpha+beta)).
+    With C = 6ND this is the closed form N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = G^-1 (C/6)^(alpha/(alpha+beta));
+    otherwise the minimum over N of L(N, C / per_token(N)), searched on a grid of ln N and then refined.
     """
     rows = []
     for flops in np.asarray(budgets, dtype=float).ravel():
-        params = law["G"] * (flops / 6) ** law["a"]
-        tokens = (flops / 6) ** law["b"] / law["G"]
+        if per_token.c == 0.0:
+            params = law["G"] * (flops / 6) ** law["a"]
+            tokens = (flops / 6) ** law["b"] / law["G"]
+        else:
+            params = _optimal_params(law, flops, per_token)
+            tokens = float(flops / per_token(params))
         loss = parametric_loss(law, params, tokens)
         rows.append({"flops": float(flops), "params": float(params), "tokens": float(tokens), "loss": float(loss)})
     return rows
+
+
+def _optimal_params(law: dict, flops: float, per_token: PerToken) -> float:
+    """argmin over N of L(N, C / per_token(N)), N from 1 up to the size whose one token costs C / 6."""
+    loss = lambda x: parametric_loss(law, np.exp(x), flops / per_token(np.exp(x)))
+    xs = np.linspace(0.0, math.log(flops / 6.0), 4001)
+    i = int(np.argmin(loss(xs)))
+    bounds = (xs[max(i - 1, 0)], xs[min(i + 1, len(xs) - 1)])
+    return float(np.exp(minimize_scalar(loss, bounds=bounds, method="bounded", options={"xatol": 1e-9}).x))
 
 
 def frontier_budgets(flops: np.ndarray, beyond: float = 1000.0, per_decade: int = 2) -> np.ndarray:
@@ -425,6 +470,7 @@ def fit_runs(runs: Runs, curves: Curves | None = None, samples: int = 100, seed:
     """Every approach on runs held in memory: the dict that fit.json holds."""
     two = fit_approach2(runs)
     three = fit_approach3(runs)
+    per_token = fit_per_token(runs)
     budgets = frontier_budgets(np.array([b["flops"] for b in two["budgets"]]))
     one, skipped = None, None
     if curves is not None:
@@ -439,7 +485,8 @@ def fit_runs(runs: Runs, curves: Curves | None = None, samples: int = 100, seed:
         "approach2": two,
         "approach3": three,
         "bootstrap": bootstrap(runs, three, samples, seed) if samples > 0 else None,
-        "optimal": optimal_frontier(three, budgets),
+        "flops_per_token": {"formula": "6N + c N^q", **dataclasses.asdict(per_token)},
+        "optimal": optimal_frontier(three, budgets, per_token),
     }
 
 
@@ -460,7 +507,7 @@ def fit(
     (out_dir / "fit.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     plot_isoflops(runs, result["approach2"], out_dir / "isoflops.png")
     plot_frontier(result, out_dir / "frontier.png")
-    plot_contours(runs, result["approach3"], out_dir / "contours.png")
+    plot_contours(runs, result["approach3"], out_dir / "contours.png", fit_per_token(runs))
     return result
 
 
@@ -504,14 +551,15 @@ def plot_frontier(result: dict, path: str | pathlib.Path) -> None:
             ax.scatter(xs, ys, color=color, s=14)
             law = approach[coefficient] * flops ** approach[exponent]
             ax.plot(flops, law, color=color, label=f"{label}: C^{approach[exponent]:.3f}")
-        three = result["approach3"]
-        ax.plot(flops, [row[quantity] for row in optimal], "k--", label=f"approach 3: C^{three[exponent]:.3f}")
+        three, measured = result["approach3"], (result.get("flops_per_token") or {}).get("c")
+        label = "approach 3 (FLOPs per token of the runs)" if measured else f"approach 3: C^{three[exponent]:.3f}"
+        ax.plot(flops, [row[quantity] for row in optimal], "k--", label=label)
         ax.set(xscale="log", yscale="log", xlabel="FLOPs C", ylabel=f"optimal {quantity}")
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def plot_contours(runs: Runs, law: dict, path: str | pathlib.Path) -> None:
+def plot_contours(runs: Runs, law: dict, path: str | pathlib.Path, per_token: PerToken = PerToken()) -> None:
     """Loss contours of the parametric fit over (N, D), with the runs, their isoFLOP lines and the frontier."""
     fig = Figure(figsize=(7, 5.5))
     ax = fig.subplots()
@@ -523,10 +571,11 @@ def plot_contours(runs: Runs, law: dict, path: str | pathlib.Path) -> None:
     ax.clabel(contours, fontsize="x-small", fmt="%.2f")
     groups = isoflop_groups(runs)
     for (_, idx), color in zip(groups, _colors(len(groups))):
-        ax.plot(n_grid, _geomean(runs.flops[idx]) / (6 * n_grid), color=color, lw=0.6, ls=":")
+        ax.plot(n_grid, _geomean(runs.flops[idx]) / per_token(n_grid), color=color, lw=0.6, ls=":")
     shade = {"cmap": "viridis_r", "vmin": levels[0], "vmax": levels[-1]}
     ax.scatter(runs.params, runs.tokens, c=runs.loss, **shade, edgecolor="black", s=18, zorder=3)
-    frontier = optimal_frontier(law, np.geomspace(6 * n_grid[0] * d_grid[0], 6 * n_grid[-1] * d_grid[-1], 50))
+    corners = per_token(n_grid[[0, -1]]) * d_grid[[0, -1]]
+    frontier = optimal_frontier(law, np.geomspace(corners[0], corners[1], 50), per_token)
     frontier_n, frontier_d = [r["params"] for r in frontier], [r["tokens"] for r in frontier]
     ax.plot(frontier_n, frontier_d, "r-", label="compute-optimal (approach 3)")
     ax.set(xscale="log", yscale="log", xlim=(n_grid[0], n_grid[-1]), ylim=(d_grid[0], d_grid[-1]))
@@ -563,7 +612,10 @@ def summary(result: dict, rows: int = 5) -> str:
     alpha = _exponent(three["alpha"], interval("approach3", "alpha"))
     beta = _exponent(three["beta"], interval("approach3", "beta"))
     lines.append(f"approach 3: L = {three['E']:.3f} + {three['A']:.4g}/N^{alpha} + {three['B']:.4g}/D^{beta}")
-    lines.append(f"            N_opt ~ C^{three['a']:.3f}, D_opt ~ C^{three['b']:.3f}")
+    lines.append(f"            N_opt ~ C^{three['a']:.3f}, D_opt ~ C^{three['b']:.3f} as C = 6ND")
+    per_token = result.get("flops_per_token") or {}
+    if per_token.get("c"):
+        lines.append(f"FLOPs per token from the runs: 6N + {per_token['c']:.4g} N^{per_token['q']:.3f} (the optima below)")
     lines.append(f"{'FLOPs':>10} {'params':>10} {'tokens':>10} {'tokens/param':>12} {'loss':>7}")
     optimal = result["optimal"]
     for i in np.unique(np.linspace(0, len(optimal) - 1, rows).round().astype(int)):

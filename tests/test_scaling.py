@@ -74,6 +74,27 @@ def test_optimal_frontier_spends_the_budget_and_beats_its_neighbours(law):
         assert scaling.parametric_loss(law, n, 1e21 / (6 * n)) > row["loss"]
 
 
+def test_flops_per_token_come_from_the_runs_and_the_frontier_spends_them(law):
+    """Runs that report the model's own FLOPs (6N plus a head and attention term) move every optimum; it must still
+    be the best N on the budget line, as a brute-force scan of L(N, C / F(N)) over a dense grid of N finds it."""
+    c, q = 6 * 4096.0, 0.4  # e.g. an output head's 6 * vocab * d_model with d_model ~ N^0.4
+    n = np.geomspace(1e5, 1e8, 12)
+    tokens = np.geomspace(1e9, 1e7, 12)
+    runs = scaling.Runs(params=n, tokens=tokens, loss=np.ones(12), flops=(6 * n + c * n**q) * tokens)
+    per_token = scaling.fit_per_token(runs)
+    assert per_token.c == pytest.approx(c, rel=1e-6) and per_token.q == pytest.approx(q, rel=1e-6)
+    assert scaling.fit_per_token(scaling.Runs(params=n, tokens=tokens, loss=np.ones(12))) == scaling.PerToken()
+
+    for flops in (1e16, 1e19):
+        (row,) = scaling.optimal_frontier(law, [flops], per_token)
+        assert (6 * row["params"] + c * row["params"] ** q) * row["tokens"] == pytest.approx(flops)
+        grid = np.geomspace(1e3, 1e10, 400_001)
+        brute = grid[np.argmin(scaling.parametric_loss(law, grid, flops / (6 * grid + c * grid**q)))]
+        assert row["params"] == pytest.approx(brute, rel=1e-3)
+        (closed,) = scaling.optimal_frontier(law, [flops])  # C = 6ND: the same budget buys more tokens there
+        assert row["loss"] > closed["loss"] and row["tokens"] < closed["tokens"]
+
+
 def test_approach2_exponents_match_the_law(runs):
     two = scaling.fit_approach2(runs)
     assert two["a"] == pytest.approx(true_law()["a"], abs=0.03)
