@@ -3,7 +3,8 @@
 Owns the three estimates of Hoffmann et al. 2022 ("Training Compute-Optimal Large Language Models") of how a
 compute budget C should be split between parameters N and training tokens D, and how they are reported:
   approach 1: the lower envelope of the training curves -> power laws N_opt = k_N C^a, D_opt = k_D C^b;
-  approach 2: a parabola in log N through each isoFLOP group of runs -> its minimum -> the same power laws;
+  approach 2: a parabola in log N through each isoFLOP group of runs -> its minimum -> the same power laws, and
+              one for the minima's loss, L_opt = k_L C^loss_exponent (Kaplan et al.'s L(C));
   approach 3: L(N, D) = E + A/N^alpha + B/D^beta by Huber regression on log-loss, and its frontier;
 bootstrap intervals for the exponents, fit.json, the plots and a printed summary.
 
@@ -251,13 +252,24 @@ def fit_isoflop(label: str, runs: Runs, per_token: PerToken = PerToken()) -> dic
 
 
 def fit_approach2(runs: Runs) -> dict:
-    """Per-budget parabola minima, then power laws through them."""
+    """Per-budget parabola minima, then power laws through them: N_opt, D_opt and the loss at the optimum."""
     per_token = fit_per_token(runs)
     budgets = [fit_isoflop(label, runs.take(idx), per_token) for label, idx in isoflop_groups(runs)]
     if len(budgets) < 2:
         raise ScalingError(f"approach 2 needs runs at 2 or more budgets; found {len(budgets)}")
     column = lambda key: np.array([b[key] for b in budgets])
-    return {**fit_power_laws(column("flops"), column("params"), column("tokens")), "budgets": budgets}
+    loss_exponent, log_k_l = np.polyfit(np.log(column("flops")), np.log(column("loss")), 1)
+    return {
+        **fit_power_laws(column("flops"), column("params"), column("tokens")),
+        "loss_exponent": float(loss_exponent),
+        "k_L": float(np.exp(log_k_l)),
+        "budgets": budgets,
+    }
+
+
+def optimal_loss(approach2: dict, flops):
+    """Approach 2's loss at the compute-optimal point of budget `flops`: k_L C^loss_exponent."""
+    return approach2["k_L"] * np.power(flops, approach2["loss_exponent"])
 
 
 # --- approach 3: parametric fit -------------------------------------------------------------------------------------
@@ -608,7 +620,7 @@ def summary(result: dict, rows: int = 5) -> str:
             f"approach 1 ({len(one['levels'])} FLOP levels): N_opt ~ C^{one['a']:.3f}, D_opt ~ C^{one['b']:.3f}"
         )
     a, b = _exponent(two["a"], interval("approach2", "a")), _exponent(two["b"], interval("approach2", "b"))
-    lines.append(f"approach 2 ({len(two['budgets'])} budgets): N_opt ~ C^{a}, D_opt ~ C^{b}")
+    lines.append(f"approach 2 ({len(two['budgets'])} budgets): N_opt ~ C^{a}, D_opt ~ C^{b}, L_opt ~ C^{two['loss_exponent']:.4f}")
     alpha = _exponent(three["alpha"], interval("approach3", "alpha"))
     beta = _exponent(three["beta"], interval("approach3", "beta"))
     lines.append(f"approach 3: L = {three['E']:.3f} + {three['A']:.4g}/N^{alpha} + {three['B']:.4g}/D^{beta}")

@@ -131,18 +131,24 @@ def plan_grid(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
 
 def plan_verification(sweep_file: str, fit_json: str, budget: float, out: pathlib.Path) -> dict:
     """Predict-then-verify: plans the one run of an isoFLOP sweep's family that the fitted law (approach 3 of
-    `fit_json`) predicts is compute-optimal at `budget`, with the predicted eval loss in its planned.json."""
+    `fit_json`) predicts is compute-optimal at `budget`, with the predicted eval loss in its planned.json: approach
+    3's L(N, D) of that run (`predicted_loss`) and approach 2's loss power law at the budget, when the fit has it."""
     sweep = load_sweep(sweep_file)
     if "isoflop" not in sweep:
         raise SweepError(f"{sweep_file}: not an isoFLOP sweep")
     try:
-        law = json.loads(pathlib.Path(fit_json).read_text())["approach3"]
+        fitted = json.loads(pathlib.Path(fit_json).read_text())
+        law = fitted["approach3"]
     except (OSError, KeyError) as e:
         raise SweepError(f"{fit_json}: no approach3 fit ({e})") from None
     run, family = isoflop_base(sweep)
     best, loss = plan_optimal(run.model, family, budget, law, seq_len=run.data.seq_len, batch_size=run.train.batch_size)
     sized = sized_run(run, best)
     info = {"budget": best.budget, **dataclasses.asdict(best), "predicted_loss": loss, "fit": str(fit_json)}
+    if "k_L" in (fitted.get("approach2") or {}):
+        from experiments.scaling import optimal_loss
+
+        info["predicted_loss_approach2"] = float(optimal_loss(fitted["approach2"], budget))
     run_dir = out / "runs" / best.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(
@@ -312,8 +318,7 @@ def collect(sweep_dir: pathlib.Path) -> list[dict]:
             "loss": evals[-1]["eval/loss"],
             "bpb": evals[-1]["eval/bpb"],
         }
-        if "predicted_loss" in planned:
-            row["predicted_loss"] = planned["predicted_loss"]
+        row.update({k: v for k, v in planned.items() if k.startswith("predicted_loss")})
         if "variant" in planned:
             row.update({"label": planned["label"], "seed": planned["seed"]})
         rows.append(row)
@@ -411,8 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan-optimal":
             info = plan_verification(args.sweep_file, args.fit, args.budget, pathlib.Path(args.out))
             print(_plan_table([info]))
+            also = info.get("predicted_loss_approach2")
+            also = f" (approach 2's L_opt(C): {also:.4f})" if also is not None else ""
             print(
-                f"predicted eval/loss {info['predicted_loss']:.4f}; run it with: python -m experiments.sweep run {args.out}"
+                f"predicted eval/loss {info['predicted_loss']:.4f}{also}; "
+                f"run it with: python -m experiments.sweep run {args.out}"
             )
         elif args.command == "run":
             if args.parallel < 1:

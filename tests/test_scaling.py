@@ -103,6 +103,16 @@ def test_approach2_exponents_match_the_law(runs):
     assert all(b["interior"] for b in two["budgets"])
 
 
+def test_approach2_loss_law_follows_the_true_optimal_losses(runs):
+    """L_opt = k_L C^c through the parabola minima, against the slope of the true law's optimal losses."""
+    two = scaling.fit_approach2(runs)
+    truth = [row["loss"] for row in scaling.optimal_frontier(true_law(), BUDGETS[[0, -1]])]
+    slope = np.log(truth[1] / truth[0]) / np.log(BUDGETS[-1] / BUDGETS[0])
+    assert two["loss_exponent"] == pytest.approx(slope, rel=0.05)
+    # A parabola through sizes a decade either side of the optimum dips ~2% below the true (non-parabolic) minimum.
+    assert scaling.optimal_loss(two, BUDGETS[-1]) == pytest.approx(truth[1], rel=0.03)
+
+
 def test_approach2_groups_by_flops_without_a_budget_column(runs):
     unlabelled = scaling.Runs(params=runs.params, tokens=np.round(runs.tokens), loss=runs.loss)
     assert scaling.fit_approach2(unlabelled)["a"] == pytest.approx(scaling.fit_approach2(runs)["a"], abs=1e-4)
