@@ -620,14 +620,18 @@ def summary(result: dict, rows: int = 5) -> str:
             f"approach 1 ({len(one['levels'])} FLOP levels): N_opt ~ C^{one['a']:.3f}, D_opt ~ C^{one['b']:.3f}"
         )
     a, b = _exponent(two["a"], interval("approach2", "a")), _exponent(two["b"], interval("approach2", "b"))
-    lines.append(f"approach 2 ({len(two['budgets'])} budgets): N_opt ~ C^{a}, D_opt ~ C^{b}, L_opt ~ C^{two['loss_exponent']:.4f}")
+    lines.append(
+        f"approach 2 ({len(two['budgets'])} budgets): N_opt ~ C^{a}, D_opt ~ C^{b}, L_opt ~ C^{two['loss_exponent']:.4f}"
+    )
     alpha = _exponent(three["alpha"], interval("approach3", "alpha"))
     beta = _exponent(three["beta"], interval("approach3", "beta"))
     lines.append(f"approach 3: L = {three['E']:.3f} + {three['A']:.4g}/N^{alpha} + {three['B']:.4g}/D^{beta}")
     lines.append(f"            N_opt ~ C^{three['a']:.3f}, D_opt ~ C^{three['b']:.3f} as C = 6ND")
     per_token = result.get("flops_per_token") or {}
     if per_token.get("c"):
-        lines.append(f"FLOPs per token from the runs: 6N + {per_token['c']:.4g} N^{per_token['q']:.3f} (the optima below)")
+        lines.append(
+            f"FLOPs per token from the runs: 6N + {per_token['c']:.4g} N^{per_token['q']:.3f} (the optima below)"
+        )
     lines.append(f"{'FLOPs':>10} {'params':>10} {'tokens':>10} {'tokens/param':>12} {'loss':>7}")
     optimal = result["optimal"]
     for i in np.unique(np.linspace(0, len(optimal) - 1, rows).round().astype(int)):
