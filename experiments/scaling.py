@@ -4,7 +4,9 @@ Owns the three estimates of Hoffmann et al. 2022 ("Training Compute-Optimal Larg
 compute budget C should be split between parameters N and training tokens D, and how they are reported:
   approach 1: the lower envelope of the training curves -> power laws N_opt = k_N C^a, D_opt = k_D C^b;
   approach 2: a parabola in log N through each isoFLOP group of runs -> its minimum -> the same power laws, and
-              one for the minima's loss, L_opt = k_L C^loss_exponent (Kaplan et al.'s L(C));
+              one for the minima's loss, L_opt = k_L C^loss_exponent (Kaplan et al.'s L(C)), and a line in ln C
+              through the same minima, L_opt = loss_ln_intercept + loss_ln_slope ln C (far above the irreducible
+              loss, where small runs sit, the minima fall by a near-constant amount per e-fold of compute);
   approach 3: L(N, D) = E + A/N^alpha + B/D^beta by Huber regression on log-loss, and its frontier;
 bootstrap intervals for the exponents, fit.json, the plots and a printed summary.
 
@@ -259,10 +261,13 @@ def fit_approach2(runs: Runs) -> dict:
         raise ScalingError(f"approach 2 needs runs at 2 or more budgets; found {len(budgets)}")
     column = lambda key: np.array([b[key] for b in budgets])
     loss_exponent, log_k_l = np.polyfit(np.log(column("flops")), np.log(column("loss")), 1)
+    ln_slope, ln_intercept = np.polyfit(np.log(column("flops")), column("loss"), 1)
     return {
         **fit_power_laws(column("flops"), column("params"), column("tokens")),
         "loss_exponent": float(loss_exponent),
         "k_L": float(np.exp(log_k_l)),
+        "loss_ln_slope": float(ln_slope),
+        "loss_ln_intercept": float(ln_intercept),
         "budgets": budgets,
     }
 
@@ -270,6 +275,11 @@ def fit_approach2(runs: Runs) -> dict:
 def optimal_loss(approach2: dict, flops):
     """Approach 2's loss at the compute-optimal point of budget `flops`: k_L C^loss_exponent."""
     return approach2["k_L"] * np.power(flops, approach2["loss_exponent"])
+
+
+def optimal_loss_ln(approach2: dict, flops):
+    """Approach 2's loss at the compute-optimal point of budget `flops` on the line in ln C through the minima."""
+    return approach2["loss_ln_intercept"] + approach2["loss_ln_slope"] * np.log(flops)
 
 
 # --- approach 3: parametric fit -------------------------------------------------------------------------------------
@@ -623,6 +633,8 @@ def summary(result: dict, rows: int = 5) -> str:
     lines.append(
         f"approach 2 ({len(two['budgets'])} budgets): N_opt ~ C^{a}, D_opt ~ C^{b}, L_opt ~ C^{two['loss_exponent']:.4f}"
     )
+    if "loss_ln_slope" in two:
+        lines.append(f"            or L_opt = {two['loss_ln_intercept']:.4g} {two['loss_ln_slope']:+.4f} ln C")
     alpha = _exponent(three["alpha"], interval("approach3", "alpha"))
     beta = _exponent(three["beta"], interval("approach3", "beta"))
     lines.append(f"approach 3: L = {three['E']:.3f} + {three['A']:.4g}/N^{alpha} + {three['B']:.4g}/D^{beta}")

@@ -132,7 +132,8 @@ def plan_grid(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
 def plan_verification(sweep_file: str, fit_json: str, budget: float, out: pathlib.Path) -> dict:
     """Predict-then-verify: plans the one run of an isoFLOP sweep's family that the fitted law (approach 3 of
     `fit_json`) predicts is compute-optimal at `budget`, with the predicted eval loss in its planned.json: approach
-    3's L(N, D) of that run (`predicted_loss`) and approach 2's loss power law at the budget, when the fit has it."""
+    3's L(N, D) of that run (`predicted_loss`) and, when the fit has them, approach 2's loss at the budget as a power
+    law (`predicted_loss_approach2`) and as a line in ln C (`predicted_loss_approach2_ln`)."""
     sweep = load_sweep(sweep_file)
     if "isoflop" not in sweep:
         raise SweepError(f"{sweep_file}: not an isoFLOP sweep")
@@ -145,10 +146,15 @@ def plan_verification(sweep_file: str, fit_json: str, budget: float, out: pathli
     best, loss = plan_optimal(run.model, family, budget, law, seq_len=run.data.seq_len, batch_size=run.train.batch_size)
     sized = sized_run(run, best)
     info = {"budget": best.budget, **dataclasses.asdict(best), "predicted_loss": loss, "fit": str(fit_json)}
-    if "k_L" in (fitted.get("approach2") or {}):
+    two = fitted.get("approach2") or {}
+    if "k_L" in two:
         from experiments.scaling import optimal_loss
 
-        info["predicted_loss_approach2"] = float(optimal_loss(fitted["approach2"], budget))
+        info["predicted_loss_approach2"] = float(optimal_loss(two, budget))
+    if "loss_ln_slope" in two:
+        from experiments.scaling import optimal_loss_ln
+
+        info["predicted_loss_approach2_ln"] = float(optimal_loss_ln(two, budget))
     run_dir = out / "runs" / best.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(
@@ -416,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan-optimal":
             info = plan_verification(args.sweep_file, args.fit, args.budget, pathlib.Path(args.out))
             print(_plan_table([info]))
-            also = info.get("predicted_loss_approach2")
-            also = f" (approach 2's L_opt(C): {also:.4f})" if also is not None else ""
+            others = {"predicted_loss_approach2": "C^c", "predicted_loss_approach2_ln": "ln C"}
+            also = [f"{info[key]:.4f} as {form}" for key, form in others.items() if key in info]
+            also = f" (approach 2's L_opt: {', '.join(also)})" if also else ""
             print(
                 f"predicted eval/loss {info['predicted_loss']:.4f}{also}; "
                 f"run it with: python -m experiments.sweep run {args.out}"

@@ -113,6 +113,24 @@ def test_approach2_loss_law_follows_the_true_optimal_losses(runs):
     assert scaling.optimal_loss(two, BUDGETS[-1]) == pytest.approx(truth[1], rel=0.03)
 
 
+def test_approach2_line_in_ln_flops_through_minima_that_fall_linearly():
+    """Minima placed exactly on L = 12 - 0.3 ln C (a per-budget parabola in ln N around a known N_opt): the line
+    through the fitted minima recovers the slope and intercept, and extrapolates 4x beyond the largest budget."""
+    budgets = np.array([1e12, 3e12, 1e13])
+    x = np.linspace(-1.5, 1.5, 7)
+    rows = [
+        (c, 1e4 * (c / 1e12) ** 0.6 * np.exp(xi), 12.0 - 0.3 * np.log(c) + 0.1 * xi**2) for c in budgets for xi in x
+    ]
+    flops, params, loss = (np.array(col) for col in zip(*rows))
+    runs = scaling.Runs(params=params, tokens=flops / (6 * params), loss=loss, flops=flops, budget=flops)
+    two = scaling.fit_approach2(runs)
+    assert two["loss_ln_slope"] == pytest.approx(-0.3, rel=1e-6)
+    assert two["loss_ln_intercept"] == pytest.approx(12.0, rel=1e-6)
+    assert scaling.optimal_loss_ln(two, 4e13) == pytest.approx(12.0 - 0.3 * np.log(4e13), rel=1e-6)
+    # The power law through the same minima bends away from the line: it is the wrong form for such data.
+    assert scaling.optimal_loss(two, 4e13) > scaling.optimal_loss_ln(two, 4e13) + 0.01
+
+
 def test_approach2_groups_by_flops_without_a_budget_column(runs):
     unlabelled = scaling.Runs(params=runs.params, tokens=np.round(runs.tokens), loss=runs.loss)
     assert scaling.fit_approach2(unlabelled)["a"] == pytest.approx(scaling.fit_approach2(runs)["a"], abs=1e-4)

@@ -170,7 +170,7 @@ def test_plan_optimal_picks_the_family_member_the_law_predicts_best(tmp_path):
         tmp_path / "iso.py",
         {"config": "configs/tiny.py", "isoflop": {"budgets": [1e12], "family": {"head_dim": 16, "ffn_multiple": 16}}},
     )
-    loss_law = {"k_L": 40.0, "loss_exponent": -0.08}
+    loss_law = {"k_L": 40.0, "loss_exponent": -0.08, "loss_ln_slope": -0.3, "loss_ln_intercept": 12.0}
     (tmp_path / "fit.json").write_text(json.dumps({"approach3": law, "approach2": loss_law}))
     done = cli(
         "plan-optimal", file, "--fit", str(tmp_path / "fit.json"), "--budget", "4e12", "--out", str(tmp_path / "v")
@@ -190,5 +190,6 @@ def test_plan_optimal_picks_the_family_member_the_law_predicts_best(tmp_path):
     best = min(losses, key=losses.get)
     assert planned["params"] == best and planned["predicted_loss"] == pytest.approx(losses[best])
     assert planned["predicted_loss_approach2"] == pytest.approx(40.0 * 4e12**-0.08)
+    assert planned["predicted_loss_approach2_ln"] == pytest.approx(12.0 - 0.3 * np.log(4e12))
     assert abs(planned["flops"] - 4e12) / 4e12 <= 0.02
     assert from_dict(planned["config"]).train.steps == planned["steps"]

@@ -30,7 +30,7 @@ def get_sweep():
             "checkpoint.every": 500,
         },
         "isoflop": {
-            "budgets": [1e12, 2e12, 5e12],
+            "budgets": [1e12, 2e12, 5e12, 1e13],
             "sizes": 7,
             "spread": 3.0,
             "tokens_per_param": 25.0,
