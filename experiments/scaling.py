@@ -1,4 +1,5 @@
-"""Chinchilla scaling-law fits over finished runs: `python -m experiments.scaling fit runs.csv --out FIT_DIR`.
+"""Chinchilla scaling-law fits over finished runs: `python -m experiments.scaling fit runs.csv --out FIT_DIR`, and
+`python -m experiments.scaling backtest runs.csv`: how well fits on the smaller budgets predict the larger ones.
 
 Owns the three estimates of Hoffmann et al. 2022 ("Training Compute-Optimal Large Language Models") of how a
 compute budget C should be split between parameters N and training tokens D, and how they are reported:
@@ -533,6 +534,66 @@ def fit(
     return result
 
 
+# --- backtest: would the fit have predicted the larger budgets? ------------------------------------------------------
+
+
+def backtest(runs: Runs) -> list[dict]:
+    """Fits on the k smallest isoFLOP budgets (k = 2 .. all but one) and predicts the loss at the optimum of every
+    larger one, as a predict-then-verify run would: approach 3's frontier, approach 2's power law and its line in
+    ln C. The target is that budget's own parabola minimum. One row per (k, held-out budget), with relative errors."""
+    groups = isoflop_groups(runs)
+    if len(groups) < 3:
+        raise ScalingError(f"a backtest needs runs at 3 or more budgets; found {len(groups)}")
+    per_token = fit_per_token(runs)
+    targets = [fit_isoflop(label, runs.take(idx), per_token) for label, idx in groups]
+    rows = []
+    for k in range(2, len(groups)):
+        seen = runs.take(np.concatenate([idx for _, idx in groups[:k]]))
+        two, three = fit_approach2(seen), fit_approach3(seen)
+        for target in targets[k:]:
+            (frontier,) = optimal_frontier(three, [target["flops"]], fit_per_token(seen))
+            predicted = {
+                "approach3": frontier["loss"],
+                "approach2": float(optimal_loss(two, target["flops"])),
+                "approach2_ln": float(optimal_loss_ln(two, target["flops"])),
+            }
+            rows.append(
+                {
+                    "fitted_on": [str(label) for label, _ in groups[:k]],
+                    "budget": str(target["budget"]),
+                    "flops": target["flops"],
+                    "loss": target["loss"],
+                    "predicted": predicted,
+                    "error": {key: value / target["loss"] - 1.0 for key, value in predicted.items()},
+                }
+            )
+    return rows
+
+
+def backtest_table(rows: list[dict]) -> str:
+    """Markdown: one line per held-out budget, the three predictions with their errors against its minimum."""
+    lines = [
+        "| fitted on | predicts | observed minimum | approach 3 | approach 2, C^c | approach 2, ln C |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        cells = [
+            f"{row['predicted'][k]:.4f} ({row['error'][k]:+.1%})" for k in ("approach3", "approach2", "approach2_ln")
+        ]
+        fitted = ", ".join(f"{float(label):.3g}" if _is_number(label) else label for label in row["fitted_on"])
+        budget = f"{float(row['budget']):.3g}" if _is_number(row["budget"]) else row["budget"]
+        lines.append(f"| {fitted} | {budget} | {row['loss']:.4f} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 # --- plots (matplotlib's Figure renders PNGs with Agg, without pyplot or a display) --------------------------------
 
 
@@ -654,7 +715,9 @@ def summary(result: dict, rows: int = 5) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.scaling", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.scaling", description="Chinchilla scaling-law fits over finished runs"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     fit_cmd = commands.add_parser("fit", help="fit runs.csv; write fit.json and plots to --out")
     fit_cmd.add_argument("runs_csv", help="runs with columns params, tokens, loss [, name, flops, budget]")
@@ -664,11 +727,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     fit_cmd.add_argument("--bootstrap", type=int, default=100, help="resamples for the exponents' intervals (0: none)")
     fit_cmd.add_argument("--seed", type=int, default=0)
+    back_cmd = commands.add_parser(
+        "backtest", help="fit on the smaller budgets, predict the larger ones' optimal loss; print a markdown table"
+    )
+    back_cmd.add_argument("runs_csv", help="isoFLOP runs at 3 or more budgets")
+    back_cmd.add_argument("--out", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     try:
-        result = fit(args.runs_csv, args.out, args.curves, args.bootstrap, args.seed)
+        if args.command == "backtest":
+            rows = backtest(load_runs(args.runs_csv))
+        else:
+            result = fit(args.runs_csv, args.out, args.curves, args.bootstrap, args.seed)
     except ScalingError as e:
         fail(str(e))
+    if args.command == "backtest":
+        print(backtest_table(rows))
+        if args.out:
+            pathlib.Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+            print(f"wrote {args.out}")
+        return
     print(summary(result))
     print(f"wrote {pathlib.Path(args.out) / 'fit.json'}, {', '.join(PLOTS)}")
 

@@ -182,6 +182,38 @@ def test_cli_writes_fit_json_and_plots(tmp_path, runs):
         assert (out / plot).stat().st_size > 0
 
 
+def test_backtest_predicts_each_larger_budget_from_the_smaller_ones(tmp_path, runs):
+    """Runs drawn from a known law with a floor E: approach 3 fitted on the smaller budgets lands near the true law's
+    optimal loss at the larger ones (an independent reference), closer than approach 2's floorless forms, which
+    extrapolate the not-yet-flattening minima; each row's target is that budget's own parabola minimum."""
+    rows = scaling.backtest(runs)
+    labels = [f"{c:.3g}" for c in BUDGETS]
+    assert [(row["fitted_on"], row["budget"]) for row in rows] == [
+        (labels[:2], labels[2]),
+        (labels[:2], labels[3]),
+        (labels[:3], labels[3]),
+    ]
+    for row in rows:
+        (truth,) = scaling.optimal_frontier(true_law(), [row["flops"]])
+        assert row["predicted"]["approach3"] == pytest.approx(truth["loss"], rel=0.015)
+        assert abs(row["error"]["approach3"]) < min(abs(row["error"]["approach2"]), abs(row["error"]["approach2_ln"]))
+        assert row["error"]["approach2_ln"] == pytest.approx(row["predicted"]["approach2_ln"] / row["loss"] - 1)
+    (truth,) = scaling.optimal_frontier(true_law(), [BUDGETS[3]])  # from three budgets: within 0.5%
+    assert rows[-1]["predicted"]["approach3"] == pytest.approx(truth["loss"], rel=0.005)
+    held_out = runs.take(np.flatnonzero(runs.budget == labels[3]))
+    assert rows[-1]["loss"] == pytest.approx(scaling.fit_isoflop(labels[3], held_out)["loss"])
+
+    write_runs_csv(tmp_path / "runs.csv", runs, columns=("params", "tokens", "loss", "budget"))
+    done = run_cli("backtest", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "backtest.json"))
+    assert done.returncode == 0, done.stderr
+    assert "| 1e+17, 1e+18 | 1e+19 |" in done.stdout
+    assert len(json.loads((tmp_path / "backtest.json").read_text())) == 3
+
+    two_budgets = runs.take(np.flatnonzero(np.isin(runs.budget, labels[:2])))
+    with pytest.raises(scaling.ScalingError, match="3 or more budgets; found 2"):
+        scaling.backtest(two_budgets)
+
+
 def test_curves_csv_beside_runs_csv_gives_approach1(tmp_path, runs):
     """Each isoFLOP run's own training curve, as a sweep writes them: evals from 1% of its tokens to the end."""
     named = dataclasses.replace(runs, name=[f"run{i}" for i in range(len(runs))])
