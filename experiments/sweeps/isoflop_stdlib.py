@@ -1,5 +1,5 @@
 """The CPU isoFLOP sweep behind experiments/RESULTS.md: byte-level BPE (1024) on the stdlib corpus,
-budgets 1e12, 2e12 and 5e12 FLOPs x 7 model sizes, about an hour on 2 CPU cores (two runs at a time).
+budgets 1e12, 2e12, 5e12 and 1e13 FLOPs x 7 model sizes, about 85 minutes on 2 CPU cores (two runs at a time).
 
     python -m experiments.sweep plan experiments/sweeps/isoflop_stdlib.py --out sweeps/iso
     python -m experiments.sweep run sweeps/iso --parallel 2
