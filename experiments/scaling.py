@@ -540,7 +540,8 @@ def fit(
 def backtest(runs: Runs) -> list[dict]:
     """Fits on the k smallest isoFLOP budgets (k = 2 .. all but one) and predicts the loss at the optimum of every
     larger one, as a predict-then-verify run would: approach 3's frontier, approach 2's power law and its line in
-    ln C. The target is that budget's own parabola minimum. One row per (k, held-out budget), with relative errors."""
+    ln C. The target is that budget's own parabola minimum. One row per (k, held-out budget), with relative errors;
+    budgets are named by their FLOPs (`fitted_on`, `flops`) and by their label (`budget`)."""
     groups = isoflop_groups(runs)
     if len(groups) < 3:
         raise ScalingError(f"a backtest needs runs at 3 or more budgets; found {len(groups)}")
@@ -559,7 +560,7 @@ def backtest(runs: Runs) -> list[dict]:
             }
             rows.append(
                 {
-                    "fitted_on": [str(label) for label, _ in groups[:k]],
+                    "fitted_on": [t["flops"] for t in targets[:k]],
                     "budget": str(target["budget"]),
                     "flops": target["flops"],
                     "loss": target["loss"],
@@ -580,18 +581,9 @@ def backtest_table(rows: list[dict]) -> str:
         cells = [
             f"{row['predicted'][k]:.4f} ({row['error'][k]:+.1%})" for k in ("approach3", "approach2", "approach2_ln")
         ]
-        fitted = ", ".join(f"{float(label):.3g}" if _is_number(label) else label for label in row["fitted_on"])
-        budget = f"{float(row['budget']):.3g}" if _is_number(row["budget"]) else row["budget"]
-        lines.append(f"| {fitted} | {budget} | {row['loss']:.4f} | {' | '.join(cells)} |")
+        fitted = ", ".join(f"{flops:.3g}" for flops in row["fitted_on"])
+        lines.append(f"| {fitted} | {row['flops']:.3g} | {row['loss']:.4f} | {' | '.join(cells)} |")
     return "\n".join(lines)
-
-
-def _is_number(text) -> bool:
-    try:
-        float(text)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 # --- plots (matplotlib's Figure renders PNGs with Agg, without pyplot or a display) --------------------------------

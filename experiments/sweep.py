@@ -147,13 +147,11 @@ def plan_verification(sweep_file: str, fit_json: str, budget: float, out: pathli
     sized = sized_run(run, best)
     info = {"budget": best.budget, **dataclasses.asdict(best), "predicted_loss": loss, "fit": str(fit_json)}
     two = fitted.get("approach2") or {}
-    if "k_L" in two:
-        from experiments.scaling import optimal_loss
+    from experiments.scaling import optimal_loss, optimal_loss_ln
 
+    if "k_L" in two:
         info["predicted_loss_approach2"] = float(optimal_loss(two, budget))
     if "loss_ln_slope" in two:
-        from experiments.scaling import optimal_loss_ln
-
         info["predicted_loss_approach2_ln"] = float(optimal_loss_ln(two, budget))
     run_dir = out / "runs" / best.name
     run_dir.mkdir(parents=True, exist_ok=True)
