@@ -89,6 +89,29 @@ def attend_kv_major(
     return out_BKMH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def attend_in_blocks(
+    q_BTNH: jax.Array,
+    k_BKSH: jax.Array,
+    v_BKSH: jax.Array,
+    positions_BT: jax.Array,
+    bias_fn: Callable | None,
+    num_blocks: int,
+) -> jax.Array:
+    """Causal `attend_kv_major` when keys are the queries' own tokens in order (positions 0..T-1): the queries
+    are cut into `num_blocks` blocks and block i reads only the keys up to its last query, skipping the
+    fully masked rest. Same result; 4 blocks skip 3/8 of the attention matmuls and softmax."""
+    T = q_BTNH.shape[1]
+    ends = [round(T * (i + 1) / num_blocks) for i in range(min(num_blocks, T))]
+    outs, start = [], 0
+    for end in ends:
+        q_positions, k_positions = positions_BT[:, start:end], positions_BT[:, :end]
+        bias = bias_fn(q_positions, k_positions) if bias_fn is not None else None
+        mask = causal_mask(q_positions, k_positions)
+        outs.append(attend_kv_major(q_BTNH[:, start:end], k_BKSH[:, :, :end], v_BKSH[:, :, :end], mask, bias))
+        start = end
+    return jnp.concatenate(outs, axis=1)
+
+
 def causal_mask(q_positions_BT: jax.Array, k_positions_BS: jax.Array) -> jax.Array:
     """True where the key is a real token (position >= 0; padding and empty cache slots are -1) at or
     before the query's position."""
@@ -106,11 +129,13 @@ class Attention(nn.Module):
     """Causal self-attention. With `decode=True` it keeps a static K/V cache in the "cache" collection:
     `model.init` sizes it from its input ([B, max_len]); each later call writes its keys and values
     at the next free slots and attends over the whole cache. `attention`, if given, replaces the
-    attention math of the (non-decoding) forward pass."""
+    attention math of the (non-decoding) forward pass. `in_order` says positions are 0..T-1 in every row,
+    so the causal mask is by index and fully masked key blocks can be skipped (`cfg.causal_blocks`)."""
 
     cfg: ModelConfig
     decode: bool = False
     attention: AttentionFn | None = None
+    in_order: bool = False
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
@@ -136,8 +161,11 @@ class Attention(nn.Module):
             else:
                 k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
                 k_positions_BS = positions_BT
-            bias = bias_fn(positions_BT, k_positions_BS) if bias_fn is not None else None
-            out_BTNH = attend_kv_major(q_BTNH, k_BKSH, v_BKSH, causal_mask(positions_BT, k_positions_BS), bias)
+            if self.in_order and not self.decode and cfg.causal_blocks > 1:
+                out_BTNH = attend_in_blocks(q_BTNH, k_BKSH, v_BKSH, positions_BT, bias_fn, cfg.causal_blocks)
+            else:
+                bias = bias_fn(positions_BT, k_positions_BS) if bias_fn is not None else None
+                out_BTNH = attend_kv_major(q_BTNH, k_BKSH, v_BKSH, causal_mask(positions_BT, k_positions_BS), bias)
         out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
         proj = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "out", num_in=2, std=output_std(cfg))
         return proj(out_BTNH)

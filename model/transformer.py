@@ -24,11 +24,12 @@ class Block(nn.Module):
     cfg: ModelConfig
     decode: bool = False
     attention: AttentionFn | None = None
+    in_order: bool = False  # positions are 0..T-1 in every row (see Attention)
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array):
         cfg, norm = self.cfg, NORMS[self.cfg.norm]
-        attn = Attention(cfg, self.decode, self.attention, name="attn")
+        attn = Attention(cfg, self.decode, self.attention, self.in_order, name="attn")
         x_BTD = x_BTD + attn(norm(cfg, name="attn_norm")(x_BTD), positions_BT)
         x_BTD = x_BTD + MLPS[cfg.mlp](cfg, name="mlp")(norm(cfg, name="mlp_norm")(x_BTD))
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
@@ -63,7 +64,8 @@ class Transformer(nn.Module):
         """Returns float32 logits [B, T, vocab]. Positions default to 0..T-1; -1 marks padding, which no
         token attends to."""
         cfg = self.cfg
-        if positions_BT is None:
+        in_order = positions_BT is None
+        if in_order:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         embedding = nn.Embed(
             cfg.vocab_size,
@@ -89,10 +91,10 @@ class Transformer(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, _ = stack(cfg, self.decode, self.attention, name="layers")(x_BTD, positions_BT)
+            x_BTD, _ = stack(cfg, self.decode, self.attention, in_order, name="layers")(x_BTD, positions_BT)
         else:
             for i in range(cfg.num_layers):
-                x_BTD, _ = block(cfg, self.decode, self.attention, name=f"layer_{i}")(x_BTD, positions_BT)
+                x_BTD, _ = block(cfg, self.decode, self.attention, in_order, name=f"layer_{i}")(x_BTD, positions_BT)
 
         x_BTD = NORMS[cfg.norm](cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:

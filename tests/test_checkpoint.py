@@ -3,6 +3,7 @@ divergence, init_from, restoring onto another device layout, and loading for inf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -242,6 +243,9 @@ def test_init_from_takes_another_runs_params_and_load_for_inference_finds_steps(
 
     train(b, tmp_path / "b")
     assert f"train.init_from={str(a)!r} ignored" in capsys.readouterr().out
+    regrouped = dataclasses.replace(b, model=dataclasses.replace(b.model, causal_blocks=1))  # same params
+    train(regrouped, tmp_path / "b")
+    assert "resuming from" in capsys.readouterr().out
     wider = tiny_run(data=data, model={"d_ff": 128}, train={"init_from": str(a)})
     with pytest.raises(CheckpointError, match=r"model\.d_ff=64 in the checkpoint but 128"):
         train(wider, tmp_path / "c", quiet=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer, flops_per_token, param_counts, unstack_layers
-from model.attention import attend, causal_mask
+from model.attention import attend, attend_in_blocks, causal_mask
 from model.positions import POSITIONS, alibi_bias, alibi_slopes, apply_rope
 
 CFG = ModelConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_seq_len=16)
@@ -191,6 +191,41 @@ def test_attention_gradients_match_autodiff_of_a_plain_reference(num_kv_heads, u
     want = jax.grad(reference, (0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_blocks", [2, 4, 9])  # uneven (9 = 2+2+3+2 rows), even, one query per block
+def test_causal_query_blocks_match_the_plain_reference_and_its_gradients(num_blocks):
+    B, T, N, K, H = 2, 9, 4, 2, 8
+    keys = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(keys[0], (B, T, N, H))
+    k, v = (jax.random.normal(key, (B, T, K, H)) for key in keys[1:3])
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    weights = jax.random.normal(keys[3], (B, T, N, H))
+    bias_fn = lambda q_pos, k_pos: alibi_bias(N, q_pos, k_pos)  # noqa: E731
+
+    def ours(q, k, v):
+        out = attend_in_blocks(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos, bias_fn, num_blocks)
+        return jnp.sum(weights * out)
+
+    def reference(q, k, v):
+        return jnp.sum(weights * reference_attention(q, k, v, causal_mask(pos, pos), bias_fn(pos, pos)))
+
+    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5)
+    for g, w in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(reference, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_model_logits_do_not_depend_on_causal_blocks_or_on_passing_positions_in_order():
+    tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, CFG.vocab_size)
+    params = init(CFG)
+    one = Transformer(dataclasses.replace(CFG, causal_blocks=1)).apply({"params": params}, tokens)
+    for blocks in (3, 16):
+        got = Transformer(dataclasses.replace(CFG, causal_blocks=blocks)).apply({"params": params}, tokens)
+        np.testing.assert_allclose(got, one, rtol=1e-5, atol=1e-6)
+    # Explicit positions take the unblocked path (they need not be in order), with the same result.
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    explicit = Transformer(CFG).apply({"params": params}, tokens, positions)
+    np.testing.assert_allclose(explicit, one, rtol=1e-5, atol=1e-6)
 
 
 def test_dense_matmul_gradients_match_autodiff():

@@ -153,6 +153,7 @@ def _rules(
             "norm_eps",
             "rope_theta",
             "init_std",
+            "causal_blocks",
         ),
         (m.head_dim >= 0, "model.head_dim", m.head_dim, "must be >= 0 (0: d_model // num_heads)"),
         one_of("model.mlp", m.mlp, MLPS),
