@@ -9,7 +9,8 @@ compute budget C should be split between parameters N and training tokens D, and
               through the same minima, L_opt = loss_ln_intercept + loss_ln_slope ln C (far above the irreducible
               loss, where small runs sit, the minima fall by a near-constant amount per e-fold of compute);
   approach 3: L(N, D) = E + A/N^alpha + B/D^beta by Huber regression on log-loss, and its frontier;
-bootstrap intervals for the exponents, fit.json, the plots and a printed summary.
+bootstrap intervals for the exponents, fit.json, the plots and a printed summary. Runs of one model with several seeds
+(the same budget, params and tokens) are averaged into one point before any of it.
 
 Compute is what the runs say they spent: when runs.csv has the model's own FLOPs (attention and the output head on
 top of 6N, which dominate at small N), FLOPs per token are fitted as 6N + c N^q and every optimum spends its budget
@@ -35,6 +36,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
+import re  # noqa: E402
 
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -168,6 +170,76 @@ def load_curves(path: str | pathlib.Path, runs: Runs) -> Curves:
     tokens = _positive_column(path, rows, "tokens")
     flops = _positive_column(path, rows, "flops") if "flops" in header else 6.0 * params * tokens
     return Curves(names, params, tokens, flops, _positive_column(path, rows, "loss"))
+
+
+# --- seeds: repeats of one model are averaged into one point --------------------------------------------------------
+
+
+def _point_keys(runs: Runs) -> list[tuple]:
+    budget = runs.budget if runs.budget is not None else [""] * len(runs)
+    return list(zip(budget, runs.params.tolist(), runs.tokens.tolist()))
+
+
+def _point_name(names: list[str]) -> str:
+    """The runs' common name once a trailing ',seed=S' is dropped (as experiments.sweep names seeds), else the first."""
+    stems = {re.sub(r",seed=[^,]*$", "", name) for name in names}
+    return stems.pop() if len(stems) == 1 else names[0]
+
+
+def average_repeats(runs: Runs) -> Runs:
+    """Runs sharing budget, params and tokens are one model trained with several seeds: one point for each, with
+    their mean loss, so that every parabola, bootstrap resample and parametric fit counts each model once, however
+    many seeds it had. Runs without repeats come back unchanged."""
+    keys = _point_keys(runs)
+    if len(set(keys)) == len(keys):
+        return runs
+    groups = {key: [] for key in keys}
+    for i, key in enumerate(keys):
+        groups[key].append(i)
+    members = list(groups.values())
+    mean = lambda values: np.array([np.mean(values[idx]) for idx in members])
+    first = lambda values: None if values is None else values[[idx[0] for idx in members]]
+    names = None if runs.name is None else np.array([_point_name(runs.name[idx].tolist()) for idx in members])
+    return Runs(mean(runs.params), mean(runs.tokens), mean(runs.loss), mean(runs.flops), first(runs.budget), names)
+
+
+def seed_spread(runs: Runs) -> dict | None:
+    """How much seeds of one model scatter: the pooled standard deviation of their final losses (None without
+    repeats)."""
+    keys = _point_keys(runs)
+    groups = {}
+    for key, loss in zip(keys, runs.loss.tolist()):
+        groups.setdefault(key, []).append(loss)
+    repeated = [np.array(v) for v in groups.values() if len(v) > 1]
+    if not repeated:
+        return None
+    squares = sum(float(np.sum((v - v.mean()) ** 2)) for v in repeated)
+    counts = [len(v) for v in groups.values()]
+    return {
+        "runs": len(runs),
+        "points": len(groups),
+        "seeds_per_point": [min(counts), max(counts)],
+        "loss_std": math.sqrt(squares / sum(len(v) - 1 for v in repeated)),
+    }
+
+
+def average_curves(curves: Curves, runs: Runs) -> Curves:
+    """The training curves of each point of `average_repeats(runs)`: at every token count, the mean loss over the
+    seeds that evaluated there, under the point's name."""
+    keys = _point_keys(runs)
+    if runs.name is None or len(set(keys)) == len(keys):
+        return curves
+    point_of = {}
+    for key, name in zip(keys, runs.name.tolist()):
+        point_of.setdefault(key, []).append(name)
+    renamed = {name: _point_name(names) for names in point_of.values() for name in names}
+    sums = {}
+    for name, params, tokens, flops, loss in zip(curves.name, curves.params, curves.tokens, curves.flops, curves.loss):
+        entry = sums.setdefault((renamed[str(name)], float(tokens)), [params, flops, 0.0, 0])
+        entry[2] += loss
+        entry[3] += 1
+    rows = [(name, p, t, f, total / n) for (name, t), (p, f, total, n) in sums.items()]
+    return Curves(*(np.array(column) for column in zip(*rows)))
 
 
 # --- FLOPs per token -------------------------------------------------------------------------------------------------
@@ -490,7 +562,12 @@ def bootstrap(runs: Runs, law: dict, samples: int = 100, seed: int = 0, percenti
 
 
 def fit_runs(runs: Runs, curves: Curves | None = None, samples: int = 100, seed: int = 0) -> dict:
-    """Every approach on runs held in memory: the dict that fit.json holds."""
+    """Every approach on runs held in memory: the dict that fit.json holds. Seeds of one model are averaged first
+    (`average_repeats`); `seeds` reports how much they scatter."""
+    spread = seed_spread(runs)
+    if curves is not None:
+        curves = average_curves(curves, runs)
+    runs, count = average_repeats(runs), len(runs)
     two = fit_approach2(runs)
     three = fit_approach3(runs)
     per_token = fit_per_token(runs)
@@ -502,7 +579,9 @@ def fit_runs(runs: Runs, curves: Curves | None = None, samples: int = 100, seed:
         except ScalingError as e:  # optional: the curves may not cross enough FLOP levels with an interior winner
             skipped = str(e)
     return {
-        "runs": len(runs),
+        "runs": count,
+        "points": len(runs),
+        "seeds": spread,
         "approach1": one,
         "approach1_skipped": skipped,
         "approach2": two,
@@ -526,6 +605,7 @@ def fit(
     if curves is None and (runs_csv.parent / "curves.csv").is_file():
         curves = runs_csv.parent / "curves.csv"
     result = fit_runs(runs, load_curves(curves, runs) if curves is not None else None, samples, seed)
+    runs = average_repeats(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fit.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     plot_isoflops(runs, result["approach2"], out_dir / "isoflops.png")
@@ -542,6 +622,7 @@ def backtest(runs: Runs) -> list[dict]:
     larger one, as a predict-then-verify run would: approach 3's frontier, approach 2's power law and its line in
     ln C. The target is that budget's own parabola minimum. One row per (k, held-out budget), with relative errors;
     budgets are named by their FLOPs (`fitted_on`, `flops`) and by their label (`budget`)."""
+    runs = average_repeats(runs)
     groups = isoflop_groups(runs)
     if len(groups) < 3:
         raise ScalingError(f"a backtest needs runs at 3 or more budgets; found {len(groups)}")
@@ -676,6 +757,14 @@ def summary(result: dict, rows: int = 5) -> str:
         lines = [f"{result['runs']} runs; intervals: [{lo:g}%, {hi:g}%] over {boot['ok']} bootstrap resamples"]
     else:
         lines = [f"{result['runs']} runs; no bootstrap"]
+    if result.get("seeds"):
+        seeds = result["seeds"]
+        low, high = seeds["seeds_per_point"]
+        per = f"{low}" if low == high else f"{low}-{high}"
+        lines.append(
+            f"seeds averaged: {seeds['runs']} runs -> {seeds['points']} models ({per} seeds each); "
+            f"seeds of one model scatter by {seeds['loss_std']:.4f} (pooled std of the final loss)"
+        )
     if one is None and result.get("approach1_skipped"):
         lines.append(f"approach 1 skipped: {result['approach1_skipped']}")
     if one is not None:

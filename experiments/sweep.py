@@ -7,7 +7,8 @@
 
 A sweep file's `get_sweep()` returns a dict: `config` (a config file, optionally `path:arg`), `overrides`
 ({"group.field": value} for every run), and either `isoflop` (budgets, sizes, spread, tokens_per_param,
-family: see experiments/plan.py) or `grid` ({"group.field": [values]}) with `seeds` (an ablation).
+family, and optionally seeds: see experiments/plan.py) or `grid` ({"group.field": [values]}) with `seeds` (an
+ablation). Several seeds of an isoFLOP sweep make runs NAME,seed=S; the fit averages them into one point per model.
 
 Each run is a directory SWEEP_DIR/runs/NAME holding `planned.json` (its resolved config and what the
 plan says about it); running it trains into that directory with the same code as train.py, so an
@@ -96,9 +97,28 @@ def sized_run(run: RunConfig, planned: Planned) -> RunConfig:
     return dataclasses.replace(run, model=dataclasses.replace(run.model, **planned.model), train=train)
 
 
+def seeded(name: str, run: RunConfig, seed: int | None) -> tuple[str, RunConfig]:
+    """A run repeated with another `train.seed` (new initialisation, new data order) is named NAME,seed=S;
+    `seed=None` keeps the run and its name as they are."""
+    if seed is None:
+        return name, run
+    return f"{name},seed={seed}", dataclasses.replace(run, train=dataclasses.replace(run.train, seed=int(seed)))
+
+
+def _seeds(value, where: str) -> list[int | None]:
+    if value is None:
+        return [None]
+    if not (isinstance(value, (list, tuple)) and value and all(isinstance(s, int) for s in value)):
+        raise SweepError(f"{where}={value!r}: must be a non-empty list of integer seeds, e.g. [0, 1, 2]")
+    if len(set(value)) != len(value):
+        raise SweepError(f"{where}={value!r}: a seed is repeated")
+    return list(value)
+
+
 def plan_isoflop(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
     iso = sweep["isoflop"]
     run, family = isoflop_base(sweep)
+    seeds = _seeds(iso.get("seeds"), "isoflop.seeds")
     planned = []
     for budget in iso["budgets"]:
         for p in plan_budget(
@@ -111,12 +131,14 @@ def plan_isoflop(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
             seq_len=run.data.seq_len,
             batch_size=run.train.batch_size,
         ):
-            planned.append((p.name, sized_run(run, p), {"budget": p.budget, **dataclasses.asdict(p)}))
+            for seed in seeds:
+                name, sized = seeded(p.name, sized_run(run, p), seed)
+                planned.append((name, sized, {"budget": p.budget, **dataclasses.asdict(p), "seed": sized.train.seed}))
     return planned
 
 
 def plan_grid(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
-    grid, seeds = sweep["grid"], sweep.get("seeds", [0])
+    grid, seeds = sweep["grid"], _seeds(sweep.get("seeds", [0]), "seeds")
     planned = []
     for values in itertools.product(*grid.values()):
         variant = dict(zip(grid, values))
@@ -129,11 +151,16 @@ def plan_grid(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
     return planned
 
 
-def plan_verification(sweep_file: str, fit_json: str, budget: float, out: pathlib.Path) -> dict:
+def plan_verification(
+    sweep_file: str, fit_json: str, budget: float, out: pathlib.Path, seeds: list[int] | None = None
+) -> dict:
     """Predict-then-verify: plans the one run of an isoFLOP sweep's family that the fitted law (approach 3 of
     `fit_json`) predicts is compute-optimal at `budget`, with the predicted eval loss in its planned.json: approach
     3's L(N, D) of that run (`predicted_loss`) and, when the fit has them, approach 2's loss at the budget as a power
-    law (`predicted_loss_approach2`) and as a line in ln C (`predicted_loss_approach2_ln`)."""
+    law (`predicted_loss_approach2`) and as a line in ln C (`predicted_loss_approach2_ln`).
+
+    `seeds` (default: the sweep's isoflop.seeds, if any) plans that run once per seed, to be compared as a mean:
+    `report` prints the predictions against it."""
     sweep = load_sweep(sweep_file)
     if "isoflop" not in sweep:
         raise SweepError(f"{sweep_file}: not an isoFLOP sweep")
@@ -142,6 +169,7 @@ def plan_verification(sweep_file: str, fit_json: str, budget: float, out: pathli
         law = fitted["approach3"]
     except (OSError, KeyError) as e:
         raise SweepError(f"{fit_json}: no approach3 fit ({e})") from None
+    seeds = _seeds(seeds if seeds is not None else sweep["isoflop"].get("seeds"), "seeds")
     run, family = isoflop_base(sweep)
     best, loss = plan_optimal(run.model, family, budget, law, seq_len=run.data.seq_len, batch_size=run.train.batch_size)
     sized = sized_run(run, best)
@@ -153,36 +181,41 @@ def plan_verification(sweep_file: str, fit_json: str, budget: float, out: pathli
         info["predicted_loss_approach2"] = float(optimal_loss(two, budget))
     if "loss_ln_slope" in two:
         info["predicted_loss_approach2_ln"] = float(optimal_loss_ln(two, budget))
-    run_dir = out / "runs" / best.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    runs = [seeded(best.name, sized, seed) for seed in seeds]
+    _check_replanned(out, runs)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(
         json.dumps({"file": sweep_file, "sweep": sweep, "verify": info}, indent=2, default=str) + "\n"
     )
-    (run_dir / "planned.json").write_text(
-        json.dumps({"name": best.name, "config": sized.to_dict(), **info}, indent=2) + "\n"
-    )
-    return {"name": best.name, **info}
+    for name, seeded_run in runs:
+        _write_planned(out, name, seeded_run, {**info, "seed": seeded_run.train.seed})
+    return {"name": best.name, **info, "runs": [name for name, _ in runs]}
+
+
+def _check_replanned(out: pathlib.Path, runs) -> None:
+    for name, run, *_ in runs:
+        existing = out / "runs" / name / "planned.json"
+        if existing.exists() and json.loads(existing.read_text())["config"] != run.to_dict():
+            raise SweepError(f"{existing}: already planned with another config; use a new --out")
+
+
+def _write_planned(out: pathlib.Path, name: str, run: RunConfig, info: dict) -> None:
+    run_dir = out / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    entry = {**info, "name": name, "config": run.to_dict()}  # a seeded run is named NAME,seed=S, its model NAME
+    (run_dir / "planned.json").write_text(json.dumps(entry, indent=2) + "\n")
 
 
 def plan(sweep_file: str, out: pathlib.Path) -> list[dict]:
     """Writes SWEEP_DIR/sweep.json and one runs/NAME/planned.json per run; returns the rows planned."""
     sweep = load_sweep(sweep_file)
     planned = plan_isoflop(sweep) if "isoflop" in sweep else plan_grid(sweep)
-    for name, run, _ in planned:
-        existing = out / "runs" / name / "planned.json"
-        if existing.exists() and json.loads(existing.read_text())["config"] != run.to_dict():
-            raise SweepError(f"{existing}: already planned with another config; use a new --out")
+    _check_replanned(out, planned)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"file": sweep_file, "sweep": sweep}, indent=2, default=str) + "\n")
-    rows = []
     for name, run, info in planned:
-        run_dir = out / "runs" / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "planned.json").write_text(
-            json.dumps({"name": name, "config": run.to_dict(), **info}, indent=2) + "\n"
-        )
-        rows.append({"name": name, **info})
-    return rows
+        _write_planned(out, name, run, info)
+    return [{**info, "name": name} for name, _, info in planned]
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -321,10 +354,11 @@ def collect(sweep_dir: pathlib.Path) -> list[dict]:
             "budget": planned.get("budget", ""),
             "loss": evals[-1]["eval/loss"],
             "bpb": evals[-1]["eval/bpb"],
+            "seed": run.train.seed,
         }
         row.update({k: v for k, v in planned.items() if k.startswith("predicted_loss")})
         if "variant" in planned:
-            row.update({"label": planned["label"], "seed": planned["seed"]})
+            row["label"] = planned["label"]
         rows.append(row)
     if not rows:
         raise SweepError(f"{sweep_dir}: no finished runs to collect")
@@ -345,9 +379,13 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def report(sweep_dir: pathlib.Path) -> str:
-    """An ablation's eval/bpb mean +- std (over seeds) per variant as a markdown table; also writes
-    report.md and report.png (a bar plot) into the sweep dir."""
+    """An ablation's eval/bpb mean +- std (over seeds) per variant as a markdown table, with a bar plot
+    (report.png); or, for a `plan-optimal` sweep, its predictions against the observed eval loss (report.md)."""
     rows = collect(sweep_dir)
+    if any(key.startswith("predicted_loss") for key in rows[0]):
+        text = verification_report(rows)
+        (sweep_dir / "report.md").write_text(text + "\n")
+        return text
     if "label" not in rows[0]:
         raise SweepError(f"{sweep_dir}: not an ablation (a grid sweep); fit an isoFLOP sweep with experiments.scaling")
     by_label: dict[str, list[float]] = {}
@@ -364,6 +402,37 @@ def report(sweep_dir: pathlib.Path) -> str:
     (sweep_dir / "report.md").write_text(text + "\n")
     _bar_plot(stats, sweep_dir / "report.png")
     return text
+
+
+PREDICTORS = {
+    "predicted_loss": "approach 3, L(N, D) of the planned run",
+    "predicted_loss_approach2": "approach 2, L_opt as a power law in C",
+    "predicted_loss_approach2_ln": "approach 2, L_opt as a line in ln C",
+}
+
+
+def verification_report(rows: list[dict]) -> str:
+    """Each prediction of a predict-then-verify sweep against the observed final eval loss: the one run's, or
+    the mean over its seeds with the standard error of that mean (the sample std / sqrt(seeds))."""
+    losses = np.array([float(r["loss"]) for r in sorted(rows, key=lambda r: int(r["seed"]))])
+    mean = float(np.mean(losses))
+    sem = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else math.nan
+    seeds = ", ".join(
+        f"{loss:.4f} (seed {r['seed']})" for loss, r in zip(losses, sorted(rows, key=lambda r: int(r["seed"])))
+    )
+    observed = f"{mean:.4f}" + (f" +- {sem:.4f}" if len(losses) > 1 else "")
+    lines = [
+        f"observed eval/loss: {observed} over {len(losses)} run(s): {seeds}",
+        "",
+        "| predictor | predicted | vs observed | in standard errors |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, what in PREDICTORS.items():
+        if key in rows[0]:
+            predicted = float(rows[0][key])
+            z = f"{(predicted - mean) / sem:+.1f}" if len(losses) > 1 and sem > 0 else "n/a"
+            lines.append(f"| {what} | {predicted:.4f} | {(predicted - mean) / mean:+.1%} | {z} |")
+    return "\n".join(lines)
 
 
 def _bar_plot(stats: dict, path: pathlib.Path) -> None:
@@ -400,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit", required=True, help="fit.json of `python -m experiments.scaling fit`")
     p.add_argument("--budget", type=float, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--seeds", help="comma-separated train.seed values, one run each (default: the sweep's seeds)")
     p = sub.add_parser("run", help="run every planned run not yet done")
     p.add_argument("sweep_dir")
     p.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"))
@@ -418,14 +488,15 @@ def main(argv: list[str] | None = None) -> int:
             print(_plan_table(rows))
             print(f"{len(rows)} runs planned in {args.out}")
         elif args.command == "plan-optimal":
-            info = plan_verification(args.sweep_file, args.fit, args.budget, pathlib.Path(args.out))
+            seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
+            info = plan_verification(args.sweep_file, args.fit, args.budget, pathlib.Path(args.out), seeds)
             print(_plan_table([info]))
             others = {"predicted_loss_approach2": "C^c", "predicted_loss_approach2_ln": "ln C"}
             also = [f"{info[key]:.4f} as {form}" for key, form in others.items() if key in info]
             also = f" (approach 2's L_opt: {', '.join(also)})" if also else ""
             print(
                 f"predicted eval/loss {info['predicted_loss']:.4f}{also}; "
-                f"run it with: python -m experiments.sweep run {args.out}"
+                f"{len(info['runs'])} run(s); run with: python -m experiments.sweep run {args.out}"
             )
         elif args.command == "run":
             if args.parallel < 1:
@@ -446,6 +517,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise SweepError(f"--seeds={text!r}: must be comma-separated integers, e.g. 0,1,2") from None
 
 
 def _plan_table(rows: list[dict]) -> str:

@@ -229,6 +229,61 @@ def test_curves_csv_beside_runs_csv_gives_approach1(tmp_path, runs):
     assert result["bootstrap"] is None
 
 
+def test_seeds_of_one_model_are_averaged_into_one_point(tmp_path, runs):
+    """Three seeds per model (names NAME,seed=S as sweeps write them): the fit sees each model once, at the mean of
+    its seeds' losses (computed here with NumPy), so it equals the fit of those means; the seeds' scatter is their
+    pooled standard deviation; the curves are averaged per model at each token count."""
+    rng = np.random.default_rng(3)
+    seeds, n = 3, len(runs)
+    noise = rng.normal(0, 0.02, (seeds, n))
+    names = [f"run{i},seed={s}" for s in range(seeds) for i in range(n)]
+    repeated = scaling.Runs(
+        params=np.tile(runs.params, seeds),
+        tokens=np.tile(runs.tokens, seeds),
+        loss=(runs.loss * (1 + noise)).ravel(),
+        budget=np.tile(runs.budget, seeds),
+        name=names,
+    )
+    means = dataclasses.replace(runs, loss=(runs.loss * (1 + noise)).mean(axis=0), name=[f"run{i}" for i in range(n)])
+    points = scaling.average_repeats(repeated)
+    assert len(points) == n and points.name.tolist() == means.name.tolist()
+    np.testing.assert_allclose(points.loss, means.loss, rtol=1e-12)
+    np.testing.assert_allclose(points.params, means.params, rtol=1e-12)
+    assert scaling.average_repeats(means) is means  # nothing to average
+
+    fitted, reference = scaling.fit_runs(repeated, samples=0), scaling.fit_runs(means, samples=0)
+    assert fitted["runs"] == seeds * n and fitted["points"] == n and reference["seeds"] is None
+    assert fitted["approach2"]["a"] == pytest.approx(reference["approach2"]["a"], rel=1e-9)
+    assert fitted["approach3"]["alpha"] == pytest.approx(reference["approach3"]["alpha"], rel=1e-6)
+    pooled = np.sqrt(np.mean(np.var((runs.loss * (1 + noise)), axis=0, ddof=1)))
+    assert fitted["seeds"] == {
+        "runs": seeds * n,
+        "points": n,
+        "seeds_per_point": [3, 3],
+        "loss_std": pytest.approx(pooled),
+    }
+    backtest = scaling.backtest(repeated)
+    assert [row["loss"] for row in backtest] == pytest.approx([row["loss"] for row in scaling.backtest(means)])
+
+    steps = np.array([0.25, 0.5, 1.0])
+    curves = scaling.Curves(
+        name=np.repeat(names, len(steps)),
+        params=np.repeat(repeated.params, len(steps)),
+        tokens=np.outer(repeated.tokens, steps).ravel(),
+        flops=np.outer(6 * repeated.params * repeated.tokens, steps).ravel(),
+        loss=np.outer(repeated.loss, 1 / steps).ravel(),
+    )
+    averaged = scaling.average_curves(curves, repeated)
+    assert len(averaged.loss) == n * len(steps)
+    at = (averaged.name == "run5") & (averaged.tokens == runs.tokens[5] * 0.5)
+    assert averaged.loss[at] == pytest.approx(2 * means.loss[5])
+
+    write_runs_csv(tmp_path / "runs.csv", repeated)
+    done = run_cli("fit", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "fit"), "--bootstrap", "0")
+    assert done.returncode == 0, done.stderr
+    assert f"seeds averaged: {seeds * n} runs -> {n} models (3 seeds each)" in done.stdout
+
+
 @pytest.mark.parametrize(
     "header, row, message",
     [

@@ -193,3 +193,45 @@ def test_plan_optimal_picks_the_family_member_the_law_predicts_best(tmp_path):
     assert planned["predicted_loss_approach2_ln"] == pytest.approx(12.0 - 0.3 * np.log(4e12))
     assert abs(planned["flops"] - 4e12) / 4e12 <= 0.02
     assert from_dict(planned["config"]).train.steps == planned["steps"]
+
+
+def test_isoflop_seeds_repeat_each_model_and_verification_reports_their_mean(tmp_path):
+    """`isoflop.seeds` plans every model once per seed (NAME,seed=S, the same model and steps, train.seed = S);
+    plan-optimal repeats its run over the seeds; the report compares each prediction with the seeds' mean."""
+    iso = {"budgets": [1e12], "sizes": 5, "seeds": [0, 3], "family": {"head_dim": 16, "ffn_multiple": 16}}
+    file = write_sweep(tmp_path / "iso.py", {"config": "configs/tiny.py", "isoflop": iso})
+    rows = sweep_lib.plan(file, tmp_path / "iso")
+    assert len(rows) == 10
+    planned = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "iso" / "runs").glob("*/planned.json")}
+    for name, p in planned.items():
+        stem, _, seed = name.partition(",seed=")
+        twin = planned[f"{stem},seed={3 if seed == '0' else 0}"]
+        assert from_dict(p["config"]).train.seed == int(seed) == p["seed"]
+        assert p["config"]["model"] == twin["config"]["model"] and p["steps"] == twin["steps"]
+        assert p["name"] == name
+    assert sorted(r["name"] for r in rows) == sorted(planned) and f"| {name} |" in sweep_lib._plan_table(rows)
+
+    with pytest.raises(sweep_lib.SweepError, match=r"isoflop.seeds=\[1, 1\]: a seed is repeated"):
+        sweep_lib.plan(
+            write_sweep(tmp_path / "bad.py", {"config": "configs/tiny.py", "isoflop": {**iso, "seeds": [1, 1]}}),
+            tmp_path / "b",
+        )
+
+    (tmp_path / "fit.json").write_text(
+        json.dumps({"approach3": {"E": 1.5, "A": 80.0, "B": 900.0, "alpha": 0.35, "beta": 0.3}})
+    )
+    info = sweep_lib.plan_verification(file, str(tmp_path / "fit.json"), 4e12, tmp_path / "v", seeds=[0, 1, 2])
+    assert info["runs"] == [f"{info['name']},seed={s}" for s in (0, 1, 2)]
+    for s in (0, 1, 2):
+        p = json.loads((tmp_path / "v" / "runs" / f"{info['name']},seed={s}" / "planned.json").read_text())
+        assert from_dict(p["config"]).train.seed == s and p["predicted_loss"] == info["predicted_loss"]
+
+    observed = [2.60, 2.47, 2.50]  # mean 2.5233, std 0.06807, standard error 0.03930
+    rows = [
+        {"loss": loss, "seed": s, "predicted_loss": 2.46, "predicted_loss_approach2": 2.557}
+        for s, loss in enumerate(observed)
+    ]
+    text = sweep_lib.verification_report(rows)
+    assert text.startswith("observed eval/loss: 2.5233 +- 0.0393 over 3 run(s): 2.6000 (seed 0)")
+    assert "| approach 3, L(N, D) of the planned run | 2.4600 | -2.5% | -1.6 |" in text
+    assert "| approach 2, L_opt as a power law in C | 2.5570 | +1.3% | +0.9 |" in text
