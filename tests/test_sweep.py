@@ -235,3 +235,17 @@ def test_isoflop_seeds_repeat_each_model_and_verification_reports_their_mean(tmp
     assert text.startswith("observed eval/loss: 2.5233 +- 0.0393 over 3 run(s): 2.6000 (seed 0)")
     assert "| approach 3, L(N, D) of the planned run | 2.4600 | -2.5% | -1.6 |" in text
     assert "| approach 2, L_opt as a power law in C | 2.5570 | +1.3% | +0.9 |" in text
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "experiments" / "sweeps").glob("*.py")))
+def test_every_committed_sweep_file_plans(tmp_path, name):
+    """The sweep files behind RESULTS.md, and the GPU one not yet run, plan without error: every run resolves to a
+    valid config, and every isoFLOP run spends its budget within 2% by the model's own accounting."""
+    rows = sweep_lib.plan(str(REPO / "experiments" / "sweeps" / f"{name}.py"), tmp_path / name)
+    assert rows
+    for row in rows:
+        planned = json.loads((tmp_path / name / "runs" / row["name"] / "planned.json").read_text())
+        run = from_dict(planned["config"])
+        if "budget" in planned:
+            per_step = run.train.batch_size * run.data.seq_len * flops_per_token(run.model, run.data.seq_len)
+            assert abs(per_step * run.train.steps - planned["budget"]) <= 0.02 * planned["budget"]
