@@ -312,6 +312,8 @@ def fit_isoflop(label: str, runs: Runs, per_token: PerToken = PerToken()) -> dic
     if c2 <= 0:
         raise ScalingError(f"budget {label}: loss vs log params curves down (x^2 coefficient {c2:.3g}), no minimum")
     x_opt = -c1 / (2 * c2)
+    if c0 + c1 * x_opt + c2 * x_opt**2 <= 0:  # a vertex far outside the runs, as a bootstrap resample can give
+        raise ScalingError(f"budget {label}: the parabola's minimum is at loss <= 0 (params {math.exp(x_opt):.3g})")
     flops = _geomean(runs.flops)
     params = math.exp(x_opt)
     return {

@@ -302,3 +302,13 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, header, row, message):
 def test_missing_file_is_a_scaling_error(tmp_path):
     with pytest.raises(scaling.ScalingError, match="no such file"):
         scaling.load_runs(tmp_path / "nope.csv")
+
+
+def test_a_parabola_whose_minimum_is_below_zero_loss_is_rejected():
+    """Three runs (N = 1, e, e^2) on loss = 0.01 (ln N - 20)^2 - 2: all positive, but the vertex (N = e^20) sits at loss -2, where
+    no power law can go; the fit refuses it (a bootstrap resample then drops it) instead of taking log(-2)."""
+    x = np.array([0.0, 1.0, 2.0])
+    runs = scaling.Runs(params=np.exp(x), tokens=np.full(3, 1e9), loss=0.01 * (x - 20) ** 2 - 2)
+    assert np.all(runs.loss > 0)
+    with pytest.raises(scaling.ScalingError, match="minimum is at loss <= 0"):
+        scaling.fit_isoflop("1e18", runs)
