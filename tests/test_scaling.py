@@ -305,8 +305,9 @@ def test_missing_file_is_a_scaling_error(tmp_path):
 
 
 def test_a_parabola_whose_minimum_is_below_zero_loss_is_rejected():
-    """Three runs (N = 1, e, e^2) on loss = 0.01 (ln N - 20)^2 - 2: all positive, but the vertex (N = e^20) sits at loss -2, where
-    no power law can go; the fit refuses it (a bootstrap resample then drops it) instead of taking log(-2)."""
+    """Three runs (N = 1, e, e^2) on loss = 0.01 (ln N - 20)^2 - 2: all positive, but the vertex (N = e^20) sits at
+    loss -2, where no power law can go; the fit refuses it (a bootstrap resample then drops it) instead of taking
+    log(-2)."""
     x = np.array([0.0, 1.0, 2.0])
     runs = scaling.Runs(params=np.exp(x), tokens=np.full(3, 1e9), loss=0.01 * (x - 20) ** 2 - 2)
     assert np.all(runs.loss > 0)
