@@ -607,10 +607,10 @@ def fit(
     if curves is None and (runs_csv.parent / "curves.csv").is_file():
         curves = runs_csv.parent / "curves.csv"
     result = fit_runs(runs, load_curves(curves, runs) if curves is not None else None, samples, seed)
-    runs = average_repeats(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "fit.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     plot_isoflops(runs, result["approach2"], out_dir / "isoflops.png")
+    runs = average_repeats(runs)
     plot_frontier(result, out_dir / "frontier.png")
     plot_contours(runs, result["approach3"], out_dir / "contours.png", fit_per_token(runs))
     return result
@@ -677,9 +677,15 @@ def _colors(n: int) -> list:
 
 
 def plot_isoflops(runs: Runs, approach2: dict, path: str | pathlib.Path) -> None:
-    """Loss vs params per budget, with each fitted parabola and its minimum."""
+    """Loss vs params per budget, with each fitted parabola and its minimum; with several seeds per model, their
+    mean (the point the fit uses) and each seed's own loss as a small open circle."""
     fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
+    points = average_repeats(runs)
+    if points is not runs:
+        for (_, idx), color in zip(isoflop_groups(runs), _colors(len(approach2["budgets"]))):
+            ax.scatter(runs.params[idx], runs.loss[idx], s=10, facecolors="none", edgecolors=color, linewidths=0.6)
+    runs = points
     groups = isoflop_groups(runs)
     for (_, idx), budget, color in zip(groups, approach2["budgets"], _colors(len(groups))):
         x = np.linspace(np.log(runs.params[idx]).min(), np.log(runs.params[idx]).max(), 100)
