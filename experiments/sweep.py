@@ -143,11 +143,10 @@ def plan_grid(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
     for values in itertools.product(*grid.values()):
         variant = dict(zip(grid, values))
         label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items())
+        run = resolve(base_config(sweep, variant))
         for seed in seeds:
-            run = resolve(base_config(sweep, {**variant, "train.seed": seed}))
-            planned.append(
-                (f"{label},seed={seed}".replace("/", "_"), run, {"variant": variant, "label": label, "seed": seed})
-            )
+            name, seeded_run = seeded(label.replace("/", "_"), run, seed)
+            planned.append((name, seeded_run, {"variant": variant, "label": label, "seed": seed}))
     return planned
 
 
@@ -414,12 +413,11 @@ PREDICTORS = {
 def verification_report(rows: list[dict]) -> str:
     """Each prediction of a predict-then-verify sweep against the observed final eval loss: the one run's, or
     the mean over its seeds with the standard error of that mean (the sample std / sqrt(seeds))."""
-    losses = np.array([float(r["loss"]) for r in sorted(rows, key=lambda r: int(r["seed"]))])
+    rows = sorted(rows, key=lambda r: int(r["seed"]))
+    losses = np.array([float(r["loss"]) for r in rows])
     mean = float(np.mean(losses))
     sem = float(np.std(losses, ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else math.nan
-    seeds = ", ".join(
-        f"{loss:.4f} (seed {r['seed']})" for loss, r in zip(losses, sorted(rows, key=lambda r: int(r["seed"])))
-    )
+    seeds = ", ".join(f"{loss:.4f} (seed {r['seed']})" for loss, r in zip(losses, rows))
     observed = f"{mean:.4f}" + (f" +- {sem:.4f}" if len(losses) > 1 else "")
     lines = [
         f"observed eval/loss: {observed} over {len(losses)} run(s): {seeds}",
