@@ -229,6 +229,17 @@ def run_dirs(sweep_dir: pathlib.Path) -> list[pathlib.Path]:
     return dirs
 
 
+def longest_first(dirs: list[pathlib.Path]) -> list[pathlib.Path]:
+    """Runs ordered by budget (planned FLOPs where there is none), then steps, largest first: with fewer slots than
+    runs (`--parallel`), the long runs start at once instead of trailing behind the short ones at the end."""
+
+    def size(d: pathlib.Path) -> tuple[float, int]:
+        info = json.loads((d / "planned.json").read_text())
+        return info.get("budget") or info.get("flops") or 0.0, info.get("steps") or 0
+
+    return sorted(dirs, key=size, reverse=True)
+
+
 def run_one(run_dir: str | pathlib.Path) -> dict:
     """Trains (or resumes) one planned run in its directory, then marks it done; what each executor runs."""
     from training.loop import train
@@ -269,7 +280,7 @@ def _local(run_dir: pathlib.Path) -> int:
 def run(sweep_dir: pathlib.Path, executor: str = "local", parallel: int = 1, slurm: dict | None = None) -> dict:
     """Runs every planned run that is not done; returns {"done": [...], "failed": [...], "skipped": [...]}."""
     dirs = run_dirs(sweep_dir)
-    todo = [d for d in dirs if not (d / "done.json").exists()]
+    todo = longest_first([d for d in dirs if not (d / "done.json").exists()])
     skipped = [d.name for d in dirs if d not in todo]
     print(
         f"{len(dirs)} runs: {len(skipped)} done already, {len(todo)} to run ({executor}, {parallel} at a time)",

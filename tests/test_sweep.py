@@ -88,6 +88,11 @@ def test_isoflop_plan_spends_each_budget_on_log_spaced_sizes(tmp_path):
         ratios = sizes[1:] / sizes[:-1]
         assert np.all(ratios > 1.3) and np.all(ratios < 3.5)  # roughly even steps in log N
 
+    # `run` starts the largest budgets first and, within one, the runs with the most steps (the longest).
+    order = sweep_lib.longest_first(sweep_lib.run_dirs(tmp_path / "iso"))
+    keys = [(p["budget"], p["steps"]) for p in (json.loads((d / "planned.json").read_text()) for d in order)]
+    assert keys == sorted(keys, reverse=True) and keys[0][0] == 2.5e13 and keys[-1][0] == 3e12
+
 
 def test_plan_rejects_a_budget_too_small_to_spend_within_2_percent(tmp_path):
     file = write_sweep(tmp_path / "iso.py", {"config": "configs/tiny.py", "isoflop": {"budgets": [1e9], "sizes": 5}})
