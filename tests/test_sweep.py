@@ -244,7 +244,7 @@ def test_isoflop_seeds_repeat_each_model_and_verification_reports_their_mean(tmp
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "experiments" / "sweeps").glob("*.py")))
 def test_every_committed_sweep_file_plans(tmp_path, name):
-    """The sweep files behind RESULTS.md, and the GPU one not yet run, plan without error: every run resolves to a
+    """The sweep files behind RESULTS.md (the GPU one included) plan without error: every run resolves to a
     valid config, and every isoFLOP run spends its budget within 2% by the model's own accounting."""
     rows = sweep_lib.plan(str(REPO / "experiments" / "sweeps" / f"{name}.py"), tmp_path / name)
     assert rows
