@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.kernels import cpu_attention
 from model.layers import dense, output_std
-from model.positions import POSITIONS
+from model.positions import POSITIONS, alibi_slopes
 
 NEG_INF = -1e30
 
@@ -119,6 +120,33 @@ def causal_mask(q_positions_BT: jax.Array, k_positions_BS: jax.Array) -> jax.Arr
     return (k_positions_B1S <= q_positions_BT[:, :, None]) & (k_positions_B1S >= 0)
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cpu_kernel")
+
+
+def cpu_kernel_blocker(cfg: ModelConfig) -> str | None:
+    """Why the C++ CPU kernel (model/kernels/cpu_attention) cannot run this model's training attention here,
+    or None when it can: one CPU device (the kernel does not shard), float32, ALiBi or no bias, and a head_dim
+    that fits the CPU's vector width."""
+    if jax.default_backend() != "cpu":
+        return f"backend is {jax.default_backend()}, not cpu"
+    if jax.device_count() != 1:
+        return f"{jax.device_count()} devices (the kernel runs on one)"
+    if POSITIONS[cfg.position].bias is not None and cfg.position != "alibi":
+        return f"position {cfg.position!r} adds a bias other than ALiBi's"
+    return cpu_attention.supports(cfg.resolved_head_dim, cfg.dtype)
+
+
+def use_cpu_kernel(cfg: ModelConfig) -> bool:
+    """`model.attention_impl`: 'xla' never, 'auto' where `cpu_kernel_blocker` finds nothing, 'cpu_kernel' always
+    (an error naming the blocker where it cannot)."""
+    if cfg.attention_impl == "xla":
+        return False
+    blocker = cpu_kernel_blocker(cfg)
+    if cfg.attention_impl == "cpu_kernel" and blocker is not None:
+        raise ValueError(f"model.attention_impl='cpu_kernel' cannot run here: {blocker}")
+    return blocker is None
+
+
 # softmax(q k^T / sqrt(H) + bias, causally masked by position) v computed some other way, e.g. parallel/'s ring
 # attention over a sequence-sharded mesh: (q_BTNH, k_BTKH, v_BTKH, positions_BT, bias_fn) -> out_BTNH, where
 # bias_fn(q_positions_BT, k_positions_BS) gives the [B, N, T, S] additive bias or is None.
@@ -130,7 +158,8 @@ class Attention(nn.Module):
     `model.init` sizes it from its input ([B, max_len]); each later call writes its keys and values
     at the next free slots and attends over the whole cache. `attention`, if given, replaces the
     attention math of the (non-decoding) forward pass. `in_order` says positions are 0..T-1 in every row,
-    so the causal mask is by index and fully masked key blocks can be skipped (`cfg.causal_blocks`)."""
+    so the causal mask is by index: the C++ CPU kernel can run it (`cfg.attention_impl`), or XLA skipping the
+    fully masked key blocks (`cfg.causal_blocks`)."""
 
     cfg: ModelConfig
     decode: bool = False
@@ -161,7 +190,10 @@ class Attention(nn.Module):
             else:
                 k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
                 k_positions_BS = positions_BT
-            if self.in_order and not self.decode and cfg.causal_blocks > 1:
+            if self.in_order and not self.decode and use_cpu_kernel(cfg):
+                slopes = alibi_slopes(N) if cfg.position == "alibi" else [0.0] * N
+                out_BTNH = cpu_attention.causal_attention(q_BTNH, k_BTKH, v_BTKH, jnp.asarray(slopes, jnp.float32))
+            elif self.in_order and not self.decode and cfg.causal_blocks > 1:
                 out_BTNH = attend_in_blocks(q_BTNH, k_BKSH, v_BKSH, positions_BT, bias_fn, cfg.causal_blocks)
             else:
                 bias = bias_fn(positions_BT, k_positions_BS) if bias_fn is not None else None

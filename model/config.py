@@ -29,6 +29,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True  # nn.scan over layers (fast compile) or an unrolled Python loop
     remat: str = "none"  # a key of model.transformer.REMAT_POLICIES
+    attention_impl: str = "auto"  # a key of model.attention.ATTENTION_IMPLS
     causal_blocks: int = 4  # query blocks of causal attention over positions 0..T-1; block i skips later keys
     parametrization: str = "sp"  # 'sp' (standard) or 'mup' (maximal update parametrization)
     mup_base_width: int = 256  # d_model at which muP and SP coincide (where the learning rate was tuned)

@@ -8,15 +8,20 @@ import jax.numpy as jnp
 
 from model.attention import Attention, AttentionFn
 from model.config import ModelConfig
+from model.kernels import cpu_attention
 from model.layers import MLPS, NORMS, dense
 from model.positions import POSITIONS
 
-# What a rematerialised block keeps for the backward pass (None: remat off).
+# What a rematerialised block keeps for the backward pass (None: remat off). Bar 'full', each also keeps the C++ CPU
+# attention kernel's output and log-sum-exp (O(T) per row; rerunning the kernel would cost a whole forward).
+_keep_kernel = jax.checkpoint_policies.save_only_these_names(cpu_attention.REMAT_NAME)
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots, _keep_kernel),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _keep_kernel
+    ),
 }
 
 

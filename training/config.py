@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from data.config import DataConfig
+from model.attention import ATTENTION_IMPLS
 from model.config import ModelConfig
 from model.layers import MLPS, NORMS
 from model.positions import POSITIONS
@@ -160,6 +161,7 @@ def _rules(
         one_of("model.norm", m.norm, NORMS),
         one_of("model.position", m.position, POSITIONS),
         one_of("model.remat", m.remat, REMAT_POLICIES),
+        one_of("model.attention_impl", m.attention_impl, ATTENTION_IMPLS),
         one_of("model.parametrization", m.parametrization, ("sp", "mup")),
         (m.mup_base_width > 0, "model.mup_base_width", m.mup_base_width, "must be > 0"),
         one_of("model.dtype", m.dtype, DTYPES),

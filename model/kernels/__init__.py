@@ -1,0 +1,1 @@
+"""Hand-written kernels: attention for XLA:CPU in C++ (cpu_attention)."""

@@ -1,0 +1,153 @@
+"""Causal attention on XLA:CPU as a C++ kernel (cpu_attention.cc), called through XLA's FFI.
+
+XLA:CPU runs attention's batched small matmuls one at a time at about a third of its matmul speed
+(BENCHMARKS.md); the kernel spreads (batch row, K/V head) items over XLA's thread pool and keeps the
+softmax in cache. The forward saves only the output and each row's log-sum-exp, the backward recomputes
+the probabilities (FlashAttention's scheme).
+
+The source is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) for this CPU
+(`-march=native`) and cached under `$XDG_CACHE_HOME/jax-lm/kernels`, keyed by the source, jaxlib's FFI
+headers and the CPU. Where no compiler is found, `available()` is False and the model uses XLA's attention.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
+FORWARD, BACKWARD = "jax_lm_cpu_attention_fwd", "jax_lm_cpu_attention_bwd"
+REMAT_NAME = "cpu_attention"  # the forward's outputs, which remat policies should save (not rerun the kernel)
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel could not be built or loaded here (no compiler, not x86/ARM Linux or macOS, ...)."""
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def cache_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "jax-lm" / "kernels"
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise KernelUnavailable("no C++ compiler found (set $CXX or install g++/clang++)")
+    return cxx
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """Builds (once per source/CPU/compiler) and loads the kernel's shared library."""
+    cxx = _compiler()
+    include = jax.ffi.include_dir()
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), cxx, " ".join(flags), jax.__version__, _cpu_fingerprint()]).encode()
+    ).hexdigest()[:16]
+    path = cache_dir() / f"cpu_attention-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            built = pathlib.Path(tmp) / path.name
+            proc = subprocess.run(
+                [cxx, *flags, "-I", include, str(SOURCE), "-o", str(built)], capture_output=True, text=True
+            )
+            if proc.returncode != 0:
+                first = (proc.stderr.strip().splitlines() or ["(no output)"])[0]
+                raise KernelUnavailable(f"compiling {SOURCE.name} with {cxx} failed: {first}")
+            os.replace(built, path)  # atomic: concurrent builders each install a complete file
+    lib = ctypes.CDLL(str(path))
+    jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.JaxLmCpuAttentionForward), platform="cpu")
+    jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(lib.JaxLmCpuAttentionBackward), platform="cpu")
+    return lib
+
+
+@functools.cache
+def vector_width() -> int:
+    """Floats per SIMD register the kernel was built for; head_dim must be a multiple of it."""
+    fn = _library().JaxLmCpuAttentionVectorWidth
+    fn.restype = ctypes.c_int
+    return fn()
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when the kernel builds and loads here, else why not (logged once)."""
+    try:
+        vector_width()
+    except (KernelUnavailable, OSError, AttributeError) as e:
+        logging.warning("C++ CPU attention kernel unavailable, using XLA's attention: %s", e)
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def supports(head_dim: int, dtype: str) -> str | None:
+    """None when the kernel can run this attention, else why not."""
+    if (reason := unavailable_reason()) is not None:
+        return reason
+    if dtype != "float32":
+        return f"compute dtype {dtype} (the kernel is float32)"
+    if head_dim % vector_width():
+        return f"head_dim {head_dim} is not a multiple of this CPU's vector width {vector_width()}"
+    return None
+
+
+def _forward(q_BTNH, k_BTKH, v_BTKH, slopes_N):
+    _library()  # registers the FFI targets
+    B, T, N, H = q_BTNH.shape
+    shapes = (jax.ShapeDtypeStruct((B, T, N, H), jnp.float32), jax.ShapeDtypeStruct((B, N, T), jnp.float32))
+    call = jax.ffi.ffi_call(FORWARD, shapes, vmap_method="sequential")
+    return call(q_BTNH, k_BTKH, v_BTKH, slopes_N, scale=np.float32(H**-0.5))
+
+
+@jax.custom_vjp
+def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, slopes_N: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(H) - slope_n (i - j)) v over keys j <= i (positions 0..T-1 in every row), float32.
+
+    Query head n reads K/V head n // (N / K); `slopes_N` are ALiBi's slopes, zeros for no bias (no gradient)."""
+    return _forward(q_BTNH, k_BTKH, v_BTKH, slopes_N)[0]
+
+
+def _fwd(q_BTNH, k_BTKH, v_BTKH, slopes_N):
+    out_BTNH, lse_BNT = _forward(q_BTNH, k_BTKH, v_BTKH, slopes_N)
+    out_BTNH, lse_BNT = checkpoint_name(out_BTNH, REMAT_NAME), checkpoint_name(lse_BNT, REMAT_NAME)
+    return out_BTNH, (q_BTNH, k_BTKH, v_BTKH, slopes_N, lse_BNT)
+
+
+def _bwd(residuals, dout_BTNH):
+    q_BTNH, k_BTKH, v_BTKH, slopes_N, lse_BNT = residuals
+    H = q_BTNH.shape[-1]
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q_BTNH, k_BTKH, v_BTKH))
+    call = jax.ffi.ffi_call(BACKWARD, shapes, vmap_method="sequential")
+    dq, dk, dv = call(q_BTNH, k_BTKH, v_BTKH, slopes_N, lse_BNT, dout_BTNH, scale=np.float32(H**-0.5))
+    return dq, dk, dv, jnp.zeros_like(slopes_N)
+
+
+causal_attention.defvjp(_fwd, _bwd)
