@@ -144,3 +144,15 @@ print("ok")
     env = {**os.environ, "CXX": "false", "XDG_CACHE_HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@needs_kernel
+def test_training_with_cpu_kernel_where_it_cannot_run_is_a_config_error_before_any_output(tmp_path):
+    from tests.conftest import tiny_run
+    from training.config import ConfigError
+    from training.loop import train
+
+    run = tiny_run(model={"attention_impl": "cpu_kernel", "dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="model.attention_impl='cpu_kernel' cannot run here: compute dtype bfloat16"):
+        train(run, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

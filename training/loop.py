@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import data as data_lib
 from model import Transformer, flops_per_token, param_counts
+from model.attention import cpu_kernel_blocker
 from parallel.sharding import global_batch, process_rows, replicated_batch
 from sampling import generate, prompt_ids
 from training.checkpoint import (
@@ -37,7 +38,7 @@ from training.checkpoint import (
     meta_for,
     restore_params,
 )
-from training.config import RunConfig, TrainConfig, with_vocab
+from training.config import ConfigError, RunConfig, TrainConfig, with_vocab
 from training.layout import (
     Layout,
     TrainState,
@@ -340,6 +341,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
     workdir = pathlib.Path(workdir)
     t, c = run.train, run.checkpoint
     layout = plan(run, devices)  # a mesh that does not fit fails here, before anything is read or written
+    if run.model.attention_impl == "cpu_kernel" and (blocker := cpu_kernel_blocker(run.model)) is not None:
+        raise ConfigError(f"model.attention_impl='cpu_kernel' cannot run here: {blocker} (allowed here: auto, xla)")
     lead = jax.process_index() == 0
     quiet = quiet or not lead
     log = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
