@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from data import DataError
 from parallel.distributed import DistributedError, initialize
 from parallel.mesh import MeshError
+from training.allocator import reuse_freed_memory
 from training.checkpoint import CheckpointError
 from training.cli import fail
 from training.cli import parse_flags as parse_any_flags
@@ -58,6 +59,7 @@ def use_fake_devices(count: int) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    reuse_freed_memory()  # before JAX starts its CPU client (training/allocator.py)
     if _FAKE_DEVICES.value is not None:
         if not _DRY_RUN.value:
             fail("--fake_devices only plans (with --dry_run); real runs use the devices they find")

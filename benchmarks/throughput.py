@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from configs.base import apply_arg
 from model import Transformer, flops_per_token, param_counts
+from training.allocator import reuse_freed_memory
 from training.config import RunConfig, resolve, with_vocab
 from training.loop import init_state, make_train_step
 from training.metrics import peak_flops_per_device
@@ -61,6 +62,7 @@ def time_steps(variants: list, warmup: int, steps: int) -> list[list[float]]:
 
 
 def main() -> None:
+    reuse_freed_memory()  # as train.py and infer.py do (training/allocator.py); JAX_LM_MALLOC=system: glibc's defaults
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/bench_10m.py")
     parser.add_argument("--vocab", type=int, default=8192, help="vocab size (no tokenizer is built)")

@@ -242,6 +242,9 @@ def longest_first(dirs: list[pathlib.Path]) -> list[pathlib.Path]:
 
 def run_one(run_dir: str | pathlib.Path) -> dict:
     """Trains (or resumes) one planned run in its directory, then marks it done; what each executor runs."""
+    from training.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # before JAX starts, in the executors' fresh processes (training/allocator.py)
     from training.loop import train
 
     run_dir = pathlib.Path(run_dir)
