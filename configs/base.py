@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype: float32 on CPU, bfloat16 on accelerators
         param_dtype="float32",
         scan_layers=True,
+        scan_unroll=1,  # layers per trip of the scanned layer loop (>= num_layers: fully unrolled, no stacked buffers)
         remat="none",  # none | full | dots | dots_no_batch
         attention_impl="auto",  # auto | xla | cpu_kernel (C++ attention on one CPU device; auto: where it can run)
         causal_blocks=4,  # attention query blocks; each skips the keys after its last query (1: one T x T block)

@@ -28,6 +28,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"
     scan_layers: bool = True  # nn.scan over layers (fast compile) or an unrolled Python loop
+    scan_unroll: int = 1  # layers per trip of the scanned stack's loop; >= num_layers: none (see Transformer)
     remat: str = "none"  # a key of model.transformer.REMAT_POLICIES
     attention_impl: str = "auto"  # a key of model.attention.ATTENTION_IMPLS
     causal_blocks: int = 4  # query blocks of causal attention over positions 0..T-1; block i skips later keys

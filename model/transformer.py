@@ -58,7 +58,13 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
 
 class Transformer(nn.Module):
     """`decode=True` adds a K/V cache (see `Attention`) for incremental sampling; params are the same.
-    `attention` swaps in another implementation of the attention math (e.g. ring attention)."""
+    `attention` swaps in another implementation of the attention math (e.g. ring attention).
+
+    With `scan_layers`, the layers are one `nn.scan` whose loop runs `scan_unroll` layers per trip. The loop
+    keeps what each layer saves for the backward pass in stacked [layers, ...] buffers, which XLA fills with
+    zeros and copies into and out of every step; fully unrolled (scan_unroll >= num_layers), XLA keeps no such
+    buffers but compiles one copy of the layer per layer (BENCHMARKS.md: 1.07-1.09x on configs/tiny.py's
+    training step on a CPU, no gain on configs/bench_10m.py)."""
 
     cfg: ModelConfig
     decode: bool = False
@@ -95,6 +101,7 @@ class Transformer(nn.Module):
                 in_axes=nn.broadcast,
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
+                unroll=min(cfg.scan_unroll, cfg.num_layers),
             )
             x_BTD, _ = stack(cfg, self.decode, self.attention, in_order, name="layers")(x_BTD, positions_BT)
         else:

@@ -243,7 +243,9 @@ def test_init_from_takes_another_runs_params_and_load_for_inference_finds_steps(
 
     train(b, tmp_path / "b")
     assert f"train.init_from={str(a)!r} ignored" in capsys.readouterr().out
-    regrouped = dataclasses.replace(b, model=dataclasses.replace(b.model, causal_blocks=1))  # same params
+    regrouped = dataclasses.replace(
+        b, model=dataclasses.replace(b.model, causal_blocks=1, scan_unroll=2)
+    )  # same params
     train(regrouped, tmp_path / "b")
     assert "resuming from" in capsys.readouterr().out
     wider = tiny_run(data=data, model={"d_ff": 128}, train={"init_from": str(a)})

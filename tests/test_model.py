@@ -216,6 +216,26 @@ def test_causal_query_blocks_match_the_plain_reference_and_its_gradients(num_blo
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+def test_scan_unroll_changes_nothing_but_the_compiled_loop():
+    tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, CFG.vocab_size)
+    targets = jnp.roll(tokens, -1, axis=1)
+    cfg = dataclasses.replace(CFG, remat="dots", num_layers=3)
+    params = init(cfg)
+
+    def loss(params, unroll):
+        logits = Transformer(dataclasses.replace(cfg, scan_unroll=unroll)).apply({"params": params}, tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
+
+    want_loss, want_grads = jax.value_and_grad(loss)(params, 1)
+    for unroll in (2, 3, 64):
+        got_loss, got_grads = jax.value_and_grad(loss)(params, unroll)
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+        for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert "while" in jax.jit(loss, static_argnums=1).lower(params, 1).as_text()
+    assert "while" not in jax.jit(loss, static_argnums=1).lower(params, cfg.num_layers).as_text()
+
+
 def test_model_logits_do_not_depend_on_causal_blocks_or_on_passing_positions_in_order():
     tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, CFG.vocab_size)
     params = init(CFG)

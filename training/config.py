@@ -155,6 +155,7 @@ def _rules(
             "rope_theta",
             "init_std",
             "causal_blocks",
+            "scan_unroll",
         ),
         (m.head_dim >= 0, "model.head_dim", m.head_dim, "must be >= 0 (0: d_model // num_heads)"),
         one_of("model.mlp", m.mlp, MLPS),

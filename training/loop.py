@@ -192,14 +192,15 @@ def describe(run: RunConfig) -> str:
 
 # Keys a resumed run may not change without a CheckpointError, but for these: the vocabulary size is checked
 # against the tokenizer once it is loaded, max_seq_len is data.seq_len, cache_dir only says where token
-# stores are cached, and causal_blocks and attention_impl only change how the attention math is computed
-# (same params, same function).
+# stores are cached, causal_blocks and attention_impl only change how the attention math is computed and
+# scan_unroll how the layer loop is compiled (same params, same function).
 RESUME_IGNORES = {
     "model.vocab_size",
     "model.max_seq_len",
     "data.cache_dir",
     "model.causal_blocks",
     "model.attention_impl",
+    "model.scan_unroll",
 }
 
 
@@ -218,7 +219,7 @@ def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig, l
 
 def init_from_check(run: RunConfig, path: str, stored: RunConfig) -> None:
     """Another run's params fit this one if the model configs agree (max_seq_len only sizes learned positions)."""
-    ignore = {"model.vocab_size", "model.causal_blocks", "model.attention_impl"} | (
+    ignore = {"model.vocab_size", "model.causal_blocks", "model.attention_impl", "model.scan_unroll"} | (
         {"model.max_seq_len"} if run.model.position != "learned" else set()
     )
     check_same(stored, run, pathlib.Path(path), ("model",), ignore)
