@@ -6,12 +6,17 @@
 Alternates the two benchmarks `--rounds` times (so machine noise hits both alike) and prints
 the median tokens/s of each, their ratio, and our MFU against the measured matmul peak.
 The torch side needs its own environment: `pip install torch==2.13.0 transformers`.
+
+Our side sets glibc's allocator up as train.py does (training/allocator.py); PyTorch runs with glibc's defaults,
+as its users get it. `--torch_same_malloc` adds a third arm each round: PyTorch with our allocator settings (as
+environment variables), so the ratio can be read both ways.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -31,10 +36,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--torch_python", default=".venv-torch/bin/python")
+    parser.add_argument("--torch_same_malloc", action="store_true", help="also time PyTorch with our malloc settings")
     args = parser.parse_args()
 
     sys.path.insert(0, str(HERE.parent))
     from benchmarks.throughput import load_config  # the config both sides build from
+    from training.allocator import environment
 
     run = load_config(args.config, args.vocab)
     m, d, t = run.model, run.data, run.train
@@ -55,27 +62,28 @@ def main() -> None:
         "--steps",
         str(args.steps),
     ]
-    results: dict[str, list[dict]] = {"jax": [], "torch": []}
+    arms = {"jax": (ours_cmd, None), "torch": (torch_cmd, None)}
+    if args.torch_same_malloc:
+        arms["torch_same_malloc"] = (torch_cmd, {**os.environ, **environment()})
+    results: dict[str, list[dict]] = {name: [] for name in arms}
     for r in range(args.rounds):
-        for name, cmd in (("jax", ours_cmd), ("torch", torch_cmd)):
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=HERE.parent)
+        for name, (cmd, env) in arms.items():
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=HERE.parent, env=env)
             results[name].append(last_json(proc.stdout))
             print(f"round {r + 1} {name}: {results[name][-1]['tokens_per_sec']:,.0f} tokens/s", flush=True)
 
-    jax_tps = statistics.median(x["tokens_per_sec"] for x in results["jax"])
-    torch_tps = statistics.median(x["tokens_per_sec"] for x in results["torch"])
+    tokens_per_sec = {name: statistics.median(x["tokens_per_sec"] for x in rows) for name, rows in results.items()}
+    peak = statistics.median(x["matmul_peak_gflops"] for x in results["jax"]) * 1e9
     summary = {
         "config": args.config,
-        "jax_tokens_per_sec": jax_tps,
-        "torch_tokens_per_sec": torch_tps,
-        "ratio_jax_over_torch": jax_tps / torch_tps,
+        **{f"{name}_tokens_per_sec": tps for name, tps in tokens_per_sec.items()},
+        "ratio_jax_over_torch": tokens_per_sec["jax"] / tokens_per_sec["torch"],
         "jax_mfu": statistics.median(x["mfu"] for x in results["jax"]),
-        "matmul_peak_gflops": statistics.median(x["matmul_peak_gflops"] for x in results["jax"]),
-        "torch_mfu": statistics.median(
-            x["tokens_per_sec"] * results["jax"][0]["flops_per_token"] / (j["matmul_peak_gflops"] * 1e9)
-            for x, j in zip(results["torch"], results["jax"])
-        ),
+        "matmul_peak_gflops": peak / 1e9,
+        "torch_mfu": tokens_per_sec["torch"] * results["jax"][0]["flops_per_token"] / peak,
     }
+    if args.torch_same_malloc:
+        summary["ratio_jax_over_torch_same_malloc"] = tokens_per_sec["jax"] / tokens_per_sec["torch_same_malloc"]
     print(json.dumps(summary))
 
 

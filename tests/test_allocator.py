@@ -33,9 +33,9 @@ print(json.dumps({"why": why, "faults_per_call": statistics.median(faults[5:])})
 """
 
 
-def probe(mode: str) -> dict:
+def probe(mode: str, **extra_env: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "JAX_LM_MALLOC"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env.update(JAX_PLATFORMS="cpu", **extra_env)
     done = subprocess.run(
         [sys.executable, "-c", PROBE, mode], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
@@ -53,6 +53,8 @@ def test_policy_stops_per_step_page_faults():
     # 64 MiB is 16,384 pages of 4 KiB: without the policy each call faults most of them in again.
     assert off["faults_per_call"] > 4000, off
     assert on["faults_per_call"] < 200, on
+    # The same policy as environment variables (how benchmarks/vs_torch.py gives it to PyTorch).
+    assert probe("off", **allocator.environment())["faults_per_call"] < 200
 
 
 def test_blocker(monkeypatch):

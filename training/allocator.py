@@ -33,6 +33,19 @@ POLICY = {
 }
 
 
+# The same policy as glibc's environment variables, for processes that are not ours (e.g. benchmarks' peers).
+ENVIRONMENT = {
+    "MALLOC_ARENA_MAX": M_ARENA_MAX,
+    "MALLOC_MMAP_MAX_": M_MMAP_MAX,
+    "MALLOC_TRIM_THRESHOLD_": M_TRIM_THRESHOLD,
+}
+
+
+def environment() -> dict[str, str]:
+    """`POLICY` as environment variables that glibc reads when a process starts."""
+    return {name: str(POLICY[param]) for name, param in ENVIRONMENT.items()}
+
+
 def accelerator_plugins() -> list[str]:
     """Accelerator back ends JAX could start here (PJRT plugins it discovers, libtpu), without starting any."""
     names = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
