@@ -1,4 +1,4 @@
-"""The default: a small byte-level model on the Python standard library, ~6 minutes on 2 CPU cores.
+"""The default: a small byte-level model on the Python standard library, 2-3 minutes on 2 CPU cores.
 
     python train.py --config configs/tiny.py --workdir runs/tiny
 
