@@ -9,9 +9,14 @@ python -m experiments.sweep report sweeps/positions
 def get_sweep():
     return {
         "config": "configs/tiny.py",
-        # The committed results predate attention's causal query blocks and tiny.py's remat="dots"; the last
-        # two overrides reproduce them bit for bit.
-        "overrides": {"train.sample_tokens": 0, "model.causal_blocks": 1, "model.remat": "dots_no_batch"},
+        # The committed results predate attention's causal query blocks and tiny.py's remat and unrolled layer
+        # loop; the last three overrides keep those settings.
+        "overrides": {
+            "train.sample_tokens": 0,
+            "model.causal_blocks": 1,
+            "model.remat": "dots_no_batch",
+            "model.scan_unroll": 1,
+        },
         "grid": {"model.position": ["rope", "alibi", "none"]},
         "seeds": [0, 1, 2],
     }
