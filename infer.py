@@ -18,7 +18,6 @@ import sys
 
 from absl import app, flags, logging
 
-from training.allocator import reuse_freed_memory
 from training.cli import fail, parse_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or a checkpoint directory) to load.")
@@ -92,7 +91,6 @@ def main(argv: list[str]) -> None:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     check_flags()
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-    reuse_freed_memory()  # before JAX starts its CPU client (training/allocator.py)
 
     # Imported after the flags are checked: a bad flag answers at once, without starting JAX.
     from sampling.runner import Request, report_speed, run_request, score_file

@@ -22,7 +22,6 @@ import numpy as np
 from benchmarks.throughput import load_config
 from model import Transformer, param_counts
 from sampling import Rules, generate_batch
-from training.allocator import reuse_freed_memory
 
 
 def decode_rate(
@@ -42,7 +41,6 @@ def decode_rate(
 
 
 def main() -> None:
-    reuse_freed_memory()  # as train.py and infer.py do (training/allocator.py); JAX_LM_MALLOC=system: glibc's defaults
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/tiny.py")
     parser.add_argument("--vocab", type=int, default=257)

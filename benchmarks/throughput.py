@@ -62,7 +62,7 @@ def time_steps(variants: list, warmup: int, steps: int) -> list[list[float]]:
 
 
 def main() -> None:
-    reuse_freed_memory()  # as train.py and infer.py do (training/allocator.py); JAX_LM_MALLOC=system: glibc's defaults
+    reuse_freed_memory()  # as train.py does (training/allocator.py); JAX_LM_MALLOC=system: glibc's defaults
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/bench_10m.py")
     parser.add_argument("--vocab", type=int, default=8192, help="vocab size (no tokenizer is built)")
