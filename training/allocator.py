@@ -5,7 +5,7 @@ with malloc and frees them when the step ends. By default glibc serves blocks th
 worker thread's own arena, which falls back to mmap) and returns them to the kernel when they are freed, so every
 step faults the same memory in again, one zeroed page at a time: about 100k page faults a step for
 configs/bench_10m.py, 8% of the CPU's time. One arena, no mmap'd blocks and no trimming keep freed blocks in the
-heap for the next step (BENCHMARKS.md: 1.06-1.11x faster steps on a 2-core CPU). The heap then stays at its
+heap for the next step (BENCHMARKS.md: 1.075x faster steps for bench_10m, 1.19x for tiny, on a 2-core CPU). The heap then stays at its
 peak size, which is what a training process needs again next step anyway. It is for training processes only:
 decoding runs many small steps whose allocations then contend for the one arena (benchmarks/decode.py: batch-32
 decoding ~9% slower), so infer.py keeps glibc's defaults.

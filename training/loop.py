@@ -190,18 +190,14 @@ def describe(run: RunConfig) -> str:
     )
 
 
+# Model keys that change only how the same function of the same params is computed: causal_blocks and
+# attention_impl the attention math, scan_unroll how the layer loop is compiled.
+COMPUTE_ONLY = {"model.causal_blocks", "model.attention_impl", "model.scan_unroll"}
+
 # Keys a resumed run may not change without a CheckpointError, but for these: the vocabulary size is checked
 # against the tokenizer once it is loaded, max_seq_len is data.seq_len, cache_dir only says where token
-# stores are cached, causal_blocks and attention_impl only change how the attention math is computed and
-# scan_unroll how the layer loop is compiled (same params, same function).
-RESUME_IGNORES = {
-    "model.vocab_size",
-    "model.max_seq_len",
-    "data.cache_dir",
-    "model.causal_blocks",
-    "model.attention_impl",
-    "model.scan_unroll",
-}
+# stores are cached, and the COMPUTE_ONLY keys.
+RESUME_IGNORES = {"model.vocab_size", "model.max_seq_len", "data.cache_dir"} | COMPUTE_ONLY
 
 
 def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig, layout: Layout | None = None) -> dict:
@@ -219,9 +215,7 @@ def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig, l
 
 def init_from_check(run: RunConfig, path: str, stored: RunConfig) -> None:
     """Another run's params fit this one if the model configs agree (max_seq_len only sizes learned positions)."""
-    ignore = {"model.vocab_size", "model.causal_blocks", "model.attention_impl", "model.scan_unroll"} | (
-        {"model.max_seq_len"} if run.model.position != "learned" else set()
-    )
+    ignore = {"model.vocab_size"} | COMPUTE_ONLY | ({"model.max_seq_len"} if run.model.position != "learned" else set())
     check_same(stored, run, pathlib.Path(path), ("model",), ignore)
 
 
