@@ -1,0 +1,100 @@
+"""Recorded 20-step train/loss values of configs/tiny.py's model (on a small generated corpus) for each way the
+layers can run: the model refactors keep them bit-identical.
+
+    python tests/golden.py               # prints the one-device paths' losses of this checkout
+    python tests/golden.py --devices 8   # the 8-device mesh path
+    add --record to write them into tests/fixtures/golden_losses.json (only when the math changes on purpose)
+
+The values are exact on the machine and jax version that recorded them (the fixture names both); elsewhere XLA
+may fuse differently and the tests compare within float32 rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "golden_losses.json"
+
+# path name -> (model overrides, mesh overrides); "mesh8" runs with 8 devices, the others with one (where
+# configs/tiny.py's attention runs as the C++ CPU kernel).
+PATHS = {
+    "unrolled": ({}, {}),  # configs/tiny.py as it is: scan with every layer unrolled
+    "scanned": ({"scan_unroll": 1}, {}),
+    "loop": ({"scan_layers": False}, {}),
+    "mesh8": ({}, {"data": 2, "fsdp": 2, "tensor": 2}),
+}
+EIGHT_DEVICES = ("mesh8",)
+
+
+def machine() -> dict:
+    import jax
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"jax": jax.__version__, "cpu": cpu}
+
+
+def write_corpus(root: pathlib.Path) -> pathlib.Path:
+    """A deterministic corpus of Python-like documents (no dependence on the interpreter's stdlib)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(16):
+        body = "".join(f"def f{i}_{j}(x, y={j}):\n    return x * {j} + y - {i}\n\n" for j in range(60))
+        (root / f"mod{i:02d}.py").write_text(body)
+    return root
+
+
+def golden_config(path: str):
+    from configs import tiny
+
+    model, mesh = PATHS[path]
+    c = tiny.get_config()
+    c.model.update(model)
+    c.data.update(seq_len=64, val_fraction=0.1)
+    c.train.update(steps=20, batch_size=8, warmup_steps=5, log_every=1, eval_every=1000, eval_batches=1)
+    c.train.update(sample_tokens=0, peak_flops=1e12)
+    c.checkpoint.every = 1000
+    c.mesh.update({"data": 1, **mesh})
+    return c
+
+
+def losses(path: str, workdir: pathlib.Path) -> list[float]:
+    from training.config import resolve
+    from training.loop import train
+
+    c = golden_config(path)
+    c.data.corpus = str(write_corpus(workdir / "corpus"))
+    train(resolve(c), workdir / "run", quiet=True)
+    rows = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [row["train/loss"] for row in rows if "train/loss" in row]
+
+
+def expected(path: str) -> tuple[list[float], bool]:
+    """(recorded losses, whether they must match exactly: same machine and jax)."""
+    recorded = json.loads(FIXTURE.read_text())
+    return recorded["losses"][path], recorded["machine"] == machine()
+
+
+if __name__ == "__main__":
+    devices = int(sys.argv[sys.argv.index("--devices") + 1]) if "--devices" in sys.argv else 1
+    os.environ["XLA_FLAGS"] = f"--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    names = [n for n in PATHS if (n in EIGHT_DEVICES) == (devices == 8)]
+    recorded = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {"machine": machine(), "losses": {}}
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["XDG_CACHE_HOME"] = tmp
+            recorded["losses"][name] = losses(name, pathlib.Path(tmp))
+        print(name, recorded["losses"][name], flush=True)
+    if "--record" in sys.argv:
+        recorded["machine"] = machine()
+        FIXTURE.write_text(json.dumps(recorded, indent=1) + "\n")
+        print(f"wrote {FIXTURE}")
