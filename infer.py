@@ -93,8 +93,9 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
 
     # Imported after the flags are checked: a bad flag answers at once, without starting JAX.
-    from sampling.runner import Request, report_speed, run_request, score_file
+    from sampling.runner import Request, report_speed, run_request
     from training.checkpoint import CheckpointError, load_for_inference
+    from training.evaluation import score_file
 
     try:
         run, params, tokenizer, step = load_for_inference(_WORKDIR.value, _STEP.value)
@@ -126,7 +127,7 @@ def main(argv: list[str]) -> None:
         batch_size=_BATCH_SIZE.value,
     )
     try:
-        speeds = run_request(run, params, tokenizer, request, out=sys.stdout)
+        speeds = run_request(run.model, params, tokenizer, request, out=sys.stdout)
     except ValueError as e:  # a request the model cannot serve (prompt too long, cache too large)
         fail(str(e))
     report_speed(speeds, file=sys.stderr)

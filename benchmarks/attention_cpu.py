@@ -3,7 +3,7 @@
     python benchmarks/attention_cpu.py [--rounds 20]
 
 Shapes of configs/bench_10m.py (batch 8, 6 heads of 64) and configs/tiny.py (batch 16, 6 heads of 32), seq 256,
-float32. XLA's side is what the model runs without the kernel (`attend_in_blocks`, 4 causal blocks). The two
+float32. XLA's side is what the model runs without the kernel (`reference_attention`, 4 causal blocks). The two
 take turns call by call, so the machine's drift hits both; prints medians in ms and their ratio.
 """
 
@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.attention import attend_in_blocks
+from model import ModelConfig
+from model.attention import reference_attention
 from model.kernels import cpu_attention
+from model.mask import Mask
 
 SHAPES = {"bench_10m": (8, 256, 6, 64), "tiny": (16, 256, 6, 32)}  # B, T, N (= K), H
 
@@ -35,7 +37,8 @@ def main() -> None:
         q, k, v, w = (jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32) for _ in range(4))
         positions, slopes = jnp.broadcast_to(jnp.arange(T), (B, T)), jnp.zeros(N, jnp.float32)
         kernel = lambda q, k, v: cpu_attention.causal_attention(q, k, v, slopes)
-        xla = lambda q, k, v: attend_in_blocks(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions, None, 4)
+        mask = Mask.self_attention(positions, in_order=True)
+        xla = lambda q, k, v: reference_attention(ModelConfig(causal_blocks=4), q, k, v, mask)
         grads = lambda f: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))
         fns = {
             ("forward", "kernel"): jax.jit(kernel),

@@ -28,6 +28,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         norm_eps=1e-6,
         position="rope",  # rope | alibi | learned | sinusoidal | none
         rope_theta=10_000.0,
+        attention="gqa",  # gqa (MHA/GQA/MQA by num_kv_heads)
+        sliding_window=0,  # keys at query pos - key pos >= window are masked (Mistral); 0: off
+        global_every=0,  # with a window: layer i is global when (i + 1) % global_every == 0; 0: all local
+        qk_norm=False,  # per-head RMSNorm of q and k before RoPE (Qwen3, OLMo 2)
+        attn_logit_softcap=0.0,  # cap * tanh(logits / cap) on attention logits (Gemma 2); 0: off
+        final_logit_softcap=0.0,  # the same on the output logits; 0: off
         tie_embeddings=True,
         init_std=0.02,
         dtype="float32",  # compute dtype: float32 on CPU, bfloat16 on accelerators
@@ -46,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seq_len=256,
         val_fraction=0.02,
         text_field="text",
+        document_mask=False,  # attention never crosses a document; positions restart at each (Llama 3)
         cache_dir="",
     )
     c.train = dict(

@@ -12,4 +12,5 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.02  # share of documents held out, chosen by a hash of their name
     text_field: str = "text"  # JSONL field holding the text
+    document_mask: bool = False  # attention stays inside documents; positions restart at each document start
     cache_dir: str = ""  # token store cache; '' = $XDG_CACHE_HOME/jax-lm/tokens

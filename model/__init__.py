@@ -1,7 +1,18 @@
 """The network's math: a pure-functional Flax Linen decoder-only transformer."""
 
 from model.accounting import ParamCounts, flops_per_token, param_counts
-from model.config import ModelConfig
-from model.transformer import Transformer, unstack_layers
+from model.config import LayerSpec, ModelConfig
+from model.transformer import Output, Transformer, init_variables, layer_groups, unstack_layers
 
-__all__ = ["ModelConfig", "ParamCounts", "Transformer", "flops_per_token", "param_counts", "unstack_layers"]
+__all__ = [
+    "LayerSpec",
+    "ModelConfig",
+    "Output",
+    "ParamCounts",
+    "Transformer",
+    "flops_per_token",
+    "init_variables",
+    "layer_groups",
+    "param_counts",
+    "unstack_layers",
+]

@@ -1,7 +1,7 @@
-"""Parameter and FLOPs accounting: the one count that MFU, sweep planning and scaling fits use.
+"""Parameter and FLOPs accounting: the one count that MFU, the dry run, sweep planning and scaling fits use.
 
-Counts are analytic (from the config), so they are available before anything is built; a test
-checks them against the initialised parameters and against XLA's own FLOP count.
+Counts are analytic (from the config and each layer's kinds, which own their own counts), so they are available
+before anything is built; tests check them against the initialised parameters and against XLA's own FLOP count.
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 
 from model.config import ModelConfig
-from model.layers import MLP_MATRICES
+from model.kinds import ATTENTION_KINDS, MLP_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamCounts:
     total: int
+    active: int  # used by each token (below total where only some experts run)
     embedding: int  # token embedding, untied head and learned positions
 
     @property
@@ -23,31 +24,38 @@ class ParamCounts:
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
-    D, H, L = cfg.d_model, cfg.resolved_head_dim, cfg.num_layers
-    norm_params = D * (2 if cfg.norm == "layernorm" else 1)
-    attention = D * H * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    mlp = MLP_MATRICES[cfg.mlp] * D * cfg.d_ff
-    per_layer = attention + mlp + 2 * norm_params
-    embedding = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
+    norm_params = cfg.d_model * (2 if cfg.norm == "layernorm" else 1)
+    total = active = norm_params  # the final norm
+    for spec in cfg.layer_specs():
+        attention, mlp = ATTENTION_KINDS[spec.attention], MLP_KINDS[spec.mlp]
+        shared = attention.param_count(cfg) + 2 * norm_params
+        total += shared + mlp.param_count(cfg)
+        active += shared + mlp.matmul_params(cfg)
+    embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     if cfg.position == "learned":
-        embedding += cfg.max_seq_len * D
-    return ParamCounts(total=L * per_layer + norm_params + embedding, embedding=embedding)
+        embedding += cfg.max_seq_len * cfg.d_model
+    return ParamCounts(total=total + embedding, active=active + embedding, embedding=embedding)
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights each token is multiplied by in the forward pass (all layers plus the output head)."""
-    D, H = cfg.d_model, cfg.resolved_head_dim
-    attention = D * H * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    mlp = MLP_MATRICES[cfg.mlp] * D * cfg.d_ff
-    return cfg.num_layers * (attention + mlp) + D * cfg.vocab_size
+    """Weights each token is multiplied by in the forward pass (all layers' active weights plus the output head)."""
+    per_layer = sum(
+        ATTENTION_KINDS[s.attention].matmul_params(cfg) + MLP_KINDS[s.mlp].matmul_params(cfg) for s in cfg.layer_specs()
+    )
+    return per_layer + cfg.d_model * cfg.vocab_size
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Forward FLOPs of q.k^T and probs.v per token, over the full (unmasked) T x T square."""
-    return cfg.num_layers * 4 * seq_len * cfg.num_heads * cfg.resolved_head_dim
+    """Forward FLOPs of q.k^T and probs.v per token, over the full (unmasked) T x T square, or T x window for
+    sliding-window layers (the keys a query can see at most)."""
+    return sum(
+        ATTENTION_KINDS[s.attention].attention_flops(cfg, min(seq_len, s.window) if s.window else seq_len)
+        for s in cfg.layer_specs()
+    )
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> int:
-    """Matmul FLOPs per token: 2N forward (6N training, Kaplan et al.) plus the attention term."""
+    """Matmul FLOPs per token: 2N forward with N the active parameters (6N training, Kaplan et al.) plus the
+    attention term."""
     forward = 2 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
     return 3 * forward if training else forward

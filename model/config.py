@@ -17,11 +17,17 @@ class ModelConfig:
     num_kv_heads: int = 4
     head_dim: int = 0  # 0: d_model // num_heads
     d_ff: int = 1024
-    mlp: str = "swiglu"  # a key of model.layers.MLPS
+    attention: str = "gqa"  # a key of model.kinds.ATTENTION_KINDS
+    mlp: str = "swiglu"  # a key of model.kinds.MLP_KINDS
     norm: str = "rmsnorm"  # a key of model.layers.NORMS
     norm_eps: float = 1e-6
     position: str = "rope"  # a key of model.positions.POSITIONS
     rope_theta: float = 10_000.0
+    sliding_window: int = 0  # keys at query position - key position >= window are masked (0: no window)
+    global_every: int = 0  # with a window: layer i attends globally when (i + 1) % global_every == 0 (0: none)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3, OLMo 2)
+    attn_logit_softcap: float = 0.0  # attention logits -> cap * tanh(logits / cap) (Gemma 2; 0: off)
+    final_logit_softcap: float = 0.0  # output logits -> cap * tanh(logits / cap) (0: off)
     max_seq_len: int = 256  # table size of learned positions; longest sequence of the model
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -30,7 +36,7 @@ class ModelConfig:
     scan_layers: bool = True  # nn.scan over layers (fast compile) or an unrolled Python loop
     scan_unroll: int = 1  # layers per trip of the scanned stack's loop; >= num_layers: none (see Transformer)
     remat: str = "none"  # a key of model.transformer.REMAT_POLICIES
-    attention_impl: str = "auto"  # a key of model.attention.ATTENTION_IMPLS
+    attention_impl: str = "auto"  # 'auto' or a key of model.attention.IMPLEMENTATIONS
     causal_blocks: int = 4  # query blocks of causal attention over positions 0..T-1; block i skips later keys
     parametrization: str = "sp"  # 'sp' (standard) or 'mup' (maximal update parametrization)
     mup_base_width: int = 256  # d_model at which muP and SP coincide (where the learning rate was tuned)
@@ -48,3 +54,23 @@ class ModelConfig:
     def group_size(self) -> int:
         """Query heads sharing one K/V head (1: MHA, num_heads: MQA)."""
         return self.num_heads // self.num_kv_heads
+
+    def layer_specs(self) -> tuple[LayerSpec, ...]:
+        """What each layer is: the per-layer pattern the transformer groups into scanned runs."""
+        return tuple(LayerSpec(self.attention, self.window_of(i), self.mlp) for i in range(self.num_layers))
+
+    def window_of(self, layer: int) -> int:
+        """Layer `layer`'s sliding window (0: global): every layer is local when a window is set, but for every
+        `global_every`-th one."""
+        if self.sliding_window == 0 or (self.global_every and (layer + 1) % self.global_every == 0):
+            return 0
+        return self.sliding_window
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One layer's kinds: layers with equal specs have the same parameters' shapes and run the same code."""
+
+    attention: str  # a key of model.kinds.ATTENTION_KINDS
+    window: int  # sliding window of its attention (0: global)
+    mlp: str  # a key of model.kinds.MLP_KINDS

@@ -1,4 +1,7 @@
-"""Norms, MLPs and the projection helper, each variant one entry in a table.
+"""Norms, dense MLP kinds and the projection helper, each variant one entry in a table.
+
+An MLP kind is a module `(cfg) -> x_BTD -> (y_BTD, aux)` (aux: named auxiliary terms, see model.aux) with static
+`param_count(cfg)` and `matmul_params(cfg)` (the weights each token is multiplied by) for the accounting.
 
 Every parameter carries logical axis names; parallel/ maps them onto mesh axes.
 """
@@ -103,31 +106,39 @@ class SwiGLU(nn.Module):
     """Shazeer (2020): down(silu(gate(x)) * up(x))."""
 
     cfg: ModelConfig
+    matrices = 3
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict]:
         cfg = self.cfg
         gate_BTF = dense(cfg, cfg.d_ff, ("embed", "mlp"), "gate")(x_BTD)
         up_BTF = dense(cfg, cfg.d_ff, ("embed", "mlp"), "up")(x_BTD)
         h_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
-        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down", std=output_std(cfg))(h_BTF)
+        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down", std=output_std(cfg))(h_BTF), {}
+
+    @classmethod
+    def param_count(cls, cfg: ModelConfig) -> int:
+        return cls.matrices * cfg.d_model * cfg.d_ff
+
+    matmul_params = param_count  # every weight is used by every token
 
 
 class GeluMLP(nn.Module):
     cfg: ModelConfig
+    matrices = 2
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict]:
         cfg = self.cfg
         h_BTF = nn.gelu(dense(cfg, cfg.d_ff, ("embed", "mlp"), "up")(x_BTD))
         h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
-        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down", std=output_std(cfg))(h_BTF)
+        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down", std=output_std(cfg))(h_BTF), {}
+
+    param_count = classmethod(SwiGLU.param_count.__func__)
+    matmul_params = param_count
 
 
 MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "gelu": GeluMLP}
-
-# Weight matrices per MLP kind, for parameter and FLOPs accounting.
-MLP_MATRICES: dict[str, int] = {"swiglu": 3, "gelu": 2}
 
 
 def hidden_std(cfg: ModelConfig) -> float:

@@ -1,7 +1,8 @@
 """Position encodings, one small function or module each, selected by name in `POSITIONS`.
 
 A scheme acts at one of three places: it adds a vector to the token embeddings (`embed`), rotates
-queries and keys (`rotate`), or adds a bias to the attention logits (`bias`).
+queries and keys (`rotate(cfg, x_BTNH, positions_BT)`), or adds a bias to the attention logits (`bias(num_heads)`
+gives a function of the query and key positions).
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     """Rotates pairs (x[i], x[i + H/2]) by angle pos * freq[i] (the half-split layout of Llama)."""
-    head_dim = x_BTNH.shape[-1]
-    angles_BTF = positions_BT[..., None].astype(jnp.float32) * rope_frequencies(head_dim, theta)
+    return rotate_pairs(x_BTNH, positions_BT, rope_frequencies(x_BTNH.shape[-1], theta))
+
+
+def rotate_pairs(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq_F, factor: float = 1.0) -> jax.Array:
+    """Rotates pairs (x[i], x[i + H/2]) by angle pos * inv_freq[i], cos and sin scaled by `factor` (YaRN)."""
+    angles_BTF = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_F, jnp.float32)
     sin_BT1F = jnp.sin(angles_BTF)[:, :, None, :]
     cos_BT1F = jnp.cos(angles_BTF)[:, :, None, :]
+    if factor != 1.0:
+        sin_BT1F, cos_BT1F = factor * sin_BT1F, factor * cos_BT1F
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], axis=-1)
     return rotated.astype(x_BTNH.dtype)
@@ -50,6 +57,26 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     lower = 2 ** math.floor(math.log2(num_heads))
     extra = power_of_two(2 * lower)[0::2][: num_heads - lower]
     return np.asarray(power_of_two(lower) + extra, np.float32)
+
+
+def rope(cfg: ModelConfig, x_BTNH: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    """RoPE as `cfg` sets it (theta; padding's position -1 rotates as 0, which no query reads)."""
+    return apply_rope(x_BTNH, jnp.maximum(positions_BT, 0), cfg.rope_theta)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlibiBias:
+    """ALiBi's bias for `num_heads` heads as a function of query and key positions; `slopes` for kernels that
+    add it themselves."""
+
+    num_heads: int
+
+    @property
+    def slopes(self) -> np.ndarray:
+        return alibi_slopes(self.num_heads)
+
+    def __call__(self, q_positions_BT: jax.Array, k_positions_BS: jax.Array) -> jax.Array:
+        return alibi_bias(self.num_heads, q_positions_BT, k_positions_BS)
 
 
 def alibi_bias(num_heads: int, q_positions_BT: jax.Array, k_positions_BS: jax.Array) -> jax.Array:
@@ -90,13 +117,13 @@ class LearnedPositions(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class Position:
     embed: type[nn.Module] | None = None  # module (cfg) -> positions_BT -> [B, T, D]
-    rotate: Callable[[jax.Array, jax.Array, float], jax.Array] | None = None
-    bias: Callable[[int, jax.Array, jax.Array], jax.Array] | None = None
+    rotate: Callable[[ModelConfig, jax.Array, jax.Array], jax.Array] | None = None
+    bias: Callable[[int], Callable[[jax.Array, jax.Array], jax.Array]] | None = None
 
 
 POSITIONS: dict[str, Position] = {
-    "rope": Position(rotate=apply_rope),
-    "alibi": Position(bias=alibi_bias),
+    "rope": Position(rotate=rope),
+    "alibi": Position(bias=AlibiBias),
     "learned": Position(embed=LearnedPositions),
     "sinusoidal": Position(embed=SinusoidalPositions),
     "none": Position(),

@@ -1,15 +1,28 @@
-"""The decoder-only transformer: embed -> N pre-norm blocks -> final norm -> float32 logits."""
+"""The decoder-only transformer: embed -> layer groups -> final norm -> float32 logits (+ aux terms, hidden states).
+
+Each layer is an attention kind plus an MLP kind from model/kinds.py, as `cfg.layer_specs()` says. The layers
+are grouped (`layer_groups`) into scanned runs of a repeating unit: a uniform stack is one group of one layer
+(the parameter tree of every earlier version: "layers", stacked on axis 0), a stack with a global layer every n
+is one group whose unit is n layers, k dense layers before MoE ones are two groups. Each group compiles its unit
+once, however many times it repeats.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from model.attention import Attention, AttentionFn
-from model.config import ModelConfig
+from model import attention as attention_lib
+from model.aux import Aux, mean_over_layers
+from model.config import LayerSpec, ModelConfig
 from model.kernels import cpu_attention
-from model.layers import MLPS, NORMS, dense
+from model.kinds import ATTENTION_KINDS, MLP_KINDS
+from model.layers import NORMS, dense
+from model.mask import Mask
 from model.positions import POSITIONS
 
 # What a rematerialised block keeps for the backward pass (None: remat off). Bar 'full', each also keeps the C++ CPU
@@ -25,45 +38,111 @@ REMAT_POLICIES = {
 }
 
 
+@flax.struct.dataclass
+class Output:
+    logits_BTV: jax.Array  # float32
+    hidden_BTD: jax.Array  # the last layer's output, before the final norm (for extra heads)
+    aux: dict[str, Aux]  # named auxiliary terms, averaged over the layers that produce them
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """`repeats` copies of a `unit` of consecutive layers, the first at layer index `first`; params under `name`."""
+
+    unit: tuple[LayerSpec, ...]
+    repeats: int
+    first: int
+    name: str
+
+
+def layer_groups(cfg: ModelConfig) -> tuple[Group, ...]:
+    """Cuts the layer pattern greedily into runs of a repeating unit: at each layer, the unit (of any length) whose
+    repeats cover the most layers, the shortest on ties; a layer that starts no repeat is a group of its own."""
+    specs, runs, i = cfg.layer_specs(), [], 0
+    while i < len(specs):
+        best = (1, 1)  # (unit length, repeats)
+        for p in range(1, (len(specs) - i) // 2 + 1):
+            r = 1
+            while specs[i + r * p : i + (r + 1) * p] == specs[i : i + p]:
+                r += 1
+            if r >= 2 and p * r > best[0] * best[1]:
+                best = (p, r)
+        runs.append((specs[i : i + best[0]], best[1], i))
+        i += best[0] * best[1]
+    if len(runs) == 1:
+        return (Group(*runs[0], "layers"),)
+    return tuple(Group(*run, f"layers_{g}") for g, run in enumerate(runs))
+
+
 class Block(nn.Module):
     cfg: ModelConfig
+    spec: LayerSpec
     decode: bool = False
-    attention: AttentionFn | None = None
-    in_order: bool = False  # positions are 0..T-1 in every row (see Attention)
+    impl: attention_lib.Implementation | None = None
+    max_rewind: int = 0
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array):
-        cfg, norm = self.cfg, NORMS[self.cfg.norm]
-        attn = Attention(cfg, self.decode, self.attention, self.in_order, name="attn")
-        x_BTD = x_BTD + attn(norm(cfg, name="attn_norm")(x_BTD), positions_BT)
-        x_BTD = x_BTD + MLPS[cfg.mlp](cfg, name="mlp")(norm(cfg, name="mlp_norm")(x_BTD))
+    def __call__(self, x_BTD: jax.Array, mask: Mask):
+        cfg, spec, norm = self.cfg, self.spec, NORMS[self.cfg.norm]
+        attn = ATTENTION_KINDS[spec.attention](cfg, spec.window, self.decode, self.impl, self.max_rewind, name="attn")
+        h_BTD, attn_aux = attn(norm(cfg, name="attn_norm")(x_BTD), mask)
+        x_BTD = x_BTD + h_BTD
+        h_BTD, mlp_aux = MLP_KINDS[spec.mlp](cfg, name="mlp")(norm(cfg, name="mlp_norm")(x_BTD))
+        x_BTD = x_BTD + h_BTD
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
-        return x_BTD, None  # (carry, output) so the same module runs under nn.scan
+        return x_BTD, {**attn_aux, **mlp_aux}  # (carry, output) so the same module runs under nn.scan
 
 
-def block_stack(cfg: ModelConfig, decode: bool) -> type[nn.Module]:
-    block = Block
-    if REMAT_POLICIES[cfg.remat] is not None and not decode:
-        # Inside a loop XLA cannot merge a layer's recomputation with its forward pass, but once the layers are
-        # unrolled (a Python loop, or scan_unroll > 1) it would, undoing remat, unless CSE is prevented.
-        prevent_cse = not cfg.scan_layers or cfg.scan_unroll > 1
-        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=prevent_cse)
-    return block
+def _block_class(cfg: ModelConfig, decode: bool, unrolled: bool) -> type[nn.Module]:
+    if REMAT_POLICIES[cfg.remat] is None or decode:
+        return Block
+    # Inside a loop XLA cannot merge a layer's recomputation with its forward pass, but once layers are unrolled
+    # (a Python loop, scan_unroll > 1, several layers per unit) it would, undoing remat, unless CSE is prevented.
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=unrolled)
 
 
-def unstack_layers(params: dict, num_layers: int) -> dict:
-    """Params of a scanned stack ("layers", stacked on axis 0) as the unrolled stack names them (layer_i)."""
-    if "layers" not in params:
-        return params
-    per_layer = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(num_layers)}
-    return {**{k: v for k, v in params.items() if k != "layers"}, **per_layer}
+class Unit(nn.Module):
+    """Several consecutive layers scanned as one step of a group (e.g. three local layers and a global one)."""
+
+    cfg: ModelConfig
+    unit: tuple[LayerSpec, ...]
+    decode: bool = False
+    impl: attention_lib.Implementation | None = None
+    max_rewind: int = 0
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, mask: Mask):
+        block, aux = _block_class(self.cfg, self.decode, unrolled=True), []
+        for j, spec in enumerate(self.unit):
+            x_BTD, terms = block(self.cfg, spec, self.decode, self.impl, self.max_rewind, name=f"block_{j}")(
+                x_BTD, mask
+            )
+            aux.append(terms)
+        return x_BTD, aux
+
+
+def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
+    """Params of scanned groups as the unrolled stack (scan_layers=False) names them: layer_i."""
+    groups = layer_groups(cfg)
+    if not any(g.name in params for g in groups):
+        return params  # already unrolled
+    flat = {k: v for k, v in params.items() if not any(k == g.name for g in groups)}
+    for g in groups:
+        for r in range(g.repeats):
+            for j in range(len(g.unit)):
+                tree = params[g.name] if len(g.unit) == 1 else params[g.name][f"block_{j}"]
+                flat[f"layer_{g.first + r * len(g.unit) + j}"] = jax.tree.map(lambda x, r=r: x[r], tree)
+    return flat
 
 
 class Transformer(nn.Module):
-    """`decode=True` adds a K/V cache (see `Attention`) for incremental sampling; params are the same.
-    `attention` swaps in another implementation of the attention math (e.g. ring attention).
+    """`decode=True` adds each layer's decode cache (see its attention kind) for incremental sampling; params are
+    the same. `attention` replaces the implementation `cfg.attention_impl` chooses (e.g. ring attention).
+    `max_rewind` is how far decoding may rewind a row (speculative decoding), which sliding-window layers' rolling
+    caches keep room for. Non-trained state (the "state" collection) changes only where the caller makes it
+    mutable: the train step does, evaluation and decoding do not.
 
-    With `scan_layers`, the layers are one `nn.scan` whose loop runs `scan_unroll` layers per trip. The loop
+    With `scan_layers`, each layer group is one `nn.scan` whose loop runs `scan_unroll` layers per trip. The loop
     keeps what each layer saves for the backward pass in stacked [layers, ...] buffers, which XLA fills with
     zeros and copies into and out of every step; fully unrolled (scan_unroll >= num_layers), XLA keeps no such
     buffers but compiles one copy of the layer per layer (BENCHMARKS.md: with remat off, 1.07x on
@@ -71,15 +150,28 @@ class Transformer(nn.Module):
 
     cfg: ModelConfig
     decode: bool = False
-    attention: AttentionFn | None = None
+    attention: attention_lib.Implementation | None = None
+    max_rewind: int = 0
+
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, segments_BT=None) -> jax.Array:
+        """Float32 logits [B, T, vocab] (see `forward`)."""
+        return self.forward(tokens_BT, positions_BT, segments_BT).logits_BTV
 
     @nn.compact
-    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
-        """Returns float32 logits [B, T, vocab]. Positions default to 0..T-1; -1 marks padding, which no
-        token attends to."""
+    def forward(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        segments_BT: jax.Array | None = None,
+        *,
+        in_order: bool | None = None,
+    ) -> Output:
+        """Positions default to 0..T-1; -1 marks padding, which no token attends to. `segments_BT` (document ids,
+        with positions restarting at each document) keeps attention inside documents. `in_order`: the tokens are
+        in sequence order, so no key after its query is ever visible (default: positions were not given)."""
         cfg = self.cfg
-        in_order = positions_BT is None
-        if in_order:
+        in_order = positions_BT is None if in_order is None else in_order
+        if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         embedding = nn.Embed(
             cfg.vocab_size,
@@ -95,22 +187,34 @@ class Transformer(nn.Module):
             x_BTD = x_BTD + scheme.embed(cfg, name="pos_embed")(jnp.maximum(positions_BT, 0)).astype(x_BTD.dtype)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
 
-        block = block_stack(cfg, self.decode)
+        mask = Mask.self_attention(positions_BT, segments_BT, in_order=in_order)
+        args = (self.decode, self.attention, self.max_rewind)
+        aux: list[dict[str, Aux]] = []
         if cfg.scan_layers:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True},
-                in_axes=nn.broadcast,
-                length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-                unroll=min(cfg.scan_unroll, cfg.num_layers),
-            )
-            x_BTD, _ = stack(cfg, self.decode, self.attention, in_order, name="layers")(x_BTD, positions_BT)
+            for g in layer_groups(cfg):
+                p = len(g.unit)
+                if p == 1:
+                    body, extra = _block_class(cfg, self.decode, unrolled=cfg.scan_unroll > 1), (g.unit[0],)
+                else:
+                    body, extra = Unit, (g.unit,)
+                stack = nn.scan(
+                    body,
+                    variable_axes={"params": 0, "cache": 0, "state": 0},
+                    split_rngs={"params": True},
+                    in_axes=nn.broadcast,
+                    length=g.repeats,
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                    unroll=min(g.repeats, max(1, cfg.scan_unroll // p)),
+                )
+                x_BTD, terms = stack(cfg, *extra, *args, name=g.name)(x_BTD, mask)
+                aux.extend(terms if p > 1 else [terms])
         else:
-            for i in range(cfg.num_layers):
-                x_BTD, _ = block(cfg, self.decode, self.attention, in_order, name=f"layer_{i}")(x_BTD, positions_BT)
+            block = _block_class(cfg, self.decode, unrolled=True)
+            for i, spec in enumerate(cfg.layer_specs()):
+                x_BTD, terms = block(cfg, spec, *args, name=f"layer_{i}")(x_BTD, mask)
+                aux.append(terms)
 
+        hidden_BTD = x_BTD
         x_BTD = NORMS[cfg.norm](cfg, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:
             logits_BTV = embedding.attend(x_BTD)
@@ -118,5 +222,17 @@ class Transformer(nn.Module):
             logits_BTV = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "head", std=cfg.init_std)(x_BTD)
         if cfg.width_mult != 1.0:  # muP's output multiplier keeps logits O(1) as the width grows
             logits_BTV = logits_BTV / cfg.width_mult
-        logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
-        return logits_BTV
+        logits_BTV = logits_BTV.astype(jnp.float32)
+        if cfg.final_logit_softcap > 0:
+            logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
+        logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
+        return Output(logits_BTV, hidden_BTD, mean_over_layers(aux))
+
+
+def init_variables(model: Transformer, rng: jax.Array) -> dict:
+    """The model's initial variables ({"params": ...} plus {"state": ...} where a layer keeps non-trained state),
+    boxed with their logical axis names. Plain attention: variables do not depend on how attention is computed (ring
+    attention splits the batch, which a 1-row dummy cannot be)."""
+    dummy_BT = jnp.zeros((1, model.cfg.max_seq_len), jnp.int32)
+    variables = model.clone(attention=None, decode=False).init(rng, dummy_BT)
+    return {k: v for k, v in variables.items() if k in ("params", "state")}

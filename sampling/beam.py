@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import Transformer
-from sampling.decode import for_inference, init_cache, select_rows, unrolled
+from model.cache import init_cache, select_rows
+from sampling.decode import for_inference, unrolled
 
 
 @dataclasses.dataclass

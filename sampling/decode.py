@@ -19,6 +19,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from model import Transformer, unstack_layers
+from model.cache import init_cache
 from sampling.rules import Rules, pick
 
 # on_token(tokens_B, step) -> stop_B: called on the host with each new token of every row while
@@ -43,20 +44,7 @@ def for_inference(model: Transformer, decode: bool = True) -> Transformer:
 
 
 def unrolled(params, model: Transformer) -> dict:
-    return unstack_layers(params, model.cfg.num_layers)
-
-
-def init_cache(model: Transformer, batch: int, max_len: int) -> dict:
-    """An empty cache of `max_len` slots per row: zero keys/values, positions -1, write index 0."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, max_len), jnp.int32))["cache"])
-    fill = lambda path, s: jnp.full(s.shape, -1 if path[-1].key == "pos" else 0, s.dtype)
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def select_rows(cache: dict, rows_B: jax.Array) -> dict:
-    """The cache of rows `rows_B` of an unrolled stack (beam search reorders beams this way)."""
-    take = lambda path, x: x if path[-1].key == "index" else jnp.take(x, rows_B, axis=0)
-    return jax.tree_util.tree_map_with_path(take, cache)
+    return unstack_layers(params, model.cfg)
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:

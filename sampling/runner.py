@@ -1,5 +1,5 @@
 """What infer.py does with a loaded checkpoint: turn prompts into samples (streamed, stopped at stop
-strings, batched) or beams, and score a text file."""
+strings, batched) or beams. (Scoring a text file is training.evaluation.score_file.)"""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ from typing import TextIO
 import numpy as np
 
 from data.tokenizer import Tokenizer
-from model import Transformer
+from model import ModelConfig, Transformer
 from sampling.beam import beam_search
 from sampling.decode import DONE, generate_batch, prompt_ids
 from sampling.rules import Rules
-from training.config import RunConfig
-from training.loop import score_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +80,8 @@ class Watcher:
             self.printed = len(text)
 
 
-def check_fits(run: RunConfig, request: Request, longest_prompt: int) -> None:
+def check_fits(m: ModelConfig, request: Request, longest_prompt: int) -> None:
     """ValueError (shown to the user as one line) for a request the model cannot serve."""
-    m = run.model
     if m.position == "learned" and request.max_len > m.max_seq_len:
         raise ValueError(
             f"--max_len={request.max_len}: a model with learned positions reaches only its seq_len={m.max_seq_len}"
@@ -96,11 +93,11 @@ def check_fits(run: RunConfig, request: Request, longest_prompt: int) -> None:
         )
 
 
-def run_request(run: RunConfig, params, tokenizer: Tokenizer, request: Request, out: TextIO) -> Speeds:
+def run_request(cfg: ModelConfig, params, tokenizer: Tokenizer, request: Request, out: TextIO) -> Speeds:
     """Writes every prompt's samples (or best beams) to `out`; returns the measured speeds."""
-    model = Transformer(run.model)
+    model = Transformer(cfg)
     encoded = [prompt_ids(tokenizer, p) for p in request.prompts]
-    check_fits(run, request, max(len(ids) for ids in encoded))
+    check_fits(cfg, request, max(len(ids) for ids in encoded))
     eos_id = tokenizer.eod_id if request.eos else -1
     speeds = Speeds()
     if request.beam_size > 1:
@@ -170,10 +167,3 @@ def report_speed(speeds: Speeds, file: TextIO) -> None:
         f"decode: {rate(speeds.decode_tokens, speeds.decode_seconds)}",
         file=file,
     )
-
-
-def score_file(run: RunConfig, params, tokenizer: Tokenizer, text: str) -> dict:
-    """eval/loss, eval/ppl, eval/bpb of `text` under the model, plus how many tokens were scored."""
-    model = Transformer(run.model)
-    scores = score_text(model, params, tokenizer, text, run.data.seq_len, run.train.batch_size)
-    return {**scores, "tokens": len(tokenizer.encode(text)) + 1}

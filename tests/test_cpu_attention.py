@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer
-from model.attention import cpu_kernel_blocker, use_cpu_kernel
+from model.attention import IMPLEMENTATIONS, choose, cpu_kernel_blocker
 from model.kernels import cpu_attention
 from model.positions import alibi_slopes
 from tests.conftest import REPO
@@ -113,6 +113,10 @@ def test_remat_policies_keep_the_kernels_output_instead_of_rerunning_it(remat, c
     assert text.count(cpu_attention.BACKWARD) == 1
 
 
+def use_cpu_kernel(cfg: ModelConfig) -> bool:
+    return choose(cfg) is IMPLEMENTATIONS["cpu_kernel"]
+
+
 @needs_kernel
 def test_auto_uses_the_kernel_only_where_it_can_run():
     assert use_cpu_kernel(CFG)  # head_dim 16, float32, one CPU device
@@ -129,11 +133,11 @@ def test_without_a_compiler_auto_falls_back_to_xla(tmp_path):
     script = f"""
 import dataclasses, jax, jax.numpy as jnp, numpy as np
 from model import ModelConfig, Transformer
-from model.attention import use_cpu_kernel
+from model.attention import IMPLEMENTATIONS, choose
 from model.kernels import cpu_attention
 cfg = ModelConfig(**{dataclasses.asdict(CFG)!r})
 assert not cpu_attention.available() and "compiling" in cpu_attention.unavailable_reason()
-assert not use_cpu_kernel(cfg)
+assert choose(cfg) is IMPLEMENTATIONS["xla"]
 tokens = jnp.zeros((1, 8), jnp.int32)
 params = Transformer(cfg).init(jax.random.key(0), tokens)
 a = Transformer(cfg).apply(params, tokens)

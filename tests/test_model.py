@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer, flops_per_token, param_counts, unstack_layers
-from model.attention import attend, attend_in_blocks, causal_mask
+from model.attention import attend_kv_major
+from model.attention import reference_attention as blocked_attention
+from model.mask import Mask
+from model.mask import visible as causal_mask
 from model.positions import POSITIONS, alibi_bias, alibi_slopes, apply_rope
 
 CFG = ModelConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_seq_len=16)
@@ -48,6 +51,10 @@ def numpy_attention(q, k, v, head_to_kv):
             p /= p.sum(-1, keepdims=True)
             out[b, :, h] = p @ v[b, :, kh]
     return out
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None):
+    return attend_kv_major(q_BTNH, k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3), mask_BTS, bias_BNTS)
 
 
 @pytest.mark.parametrize("num_kv_heads", [8, 4, 2, 1])  # MHA, GQA, GQA, MQA
@@ -205,7 +212,8 @@ def test_causal_query_blocks_match_the_plain_reference_and_its_gradients(num_blo
     bias_fn = lambda q_pos, k_pos: alibi_bias(N, q_pos, k_pos)  # noqa: E731
 
     def ours(q, k, v):
-        out = attend_in_blocks(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), pos, bias_fn, num_blocks)
+        cfg = ModelConfig(causal_blocks=num_blocks)
+        out = blocked_attention(cfg, q, k, v, Mask.self_attention(pos, in_order=True), bias_fn=bias_fn)
         return jnp.sum(weights * out)
 
     def reference(q, k, v):
@@ -289,7 +297,7 @@ def test_remat_and_unrolled_layers_compute_the_same_loss_and_gradients(remat):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
     # The unrolled stack names layers layer_i; with the same weights it computes the same logits.
     unrolled = dataclasses.replace(CFG, scan_layers=False)
-    flat = unstack_layers(params, CFG.num_layers)
+    flat = unstack_layers(params, CFG)
     np.testing.assert_allclose(
         Transformer(unrolled).apply({"params": flat}, tokens),
         Transformer(CFG).apply({"params": params}, tokens),

@@ -1,8 +1,9 @@
 """Checkpoints of a run: orbax step directories under `WORKDIR/checkpoints`, restoring them onto any device
 layout, and loading one for inference.
 
-Each step directory holds four items:
+Each step directory holds these items:
 - `params`, `opt_state`: the arrays (orbax StandardSave), restored onto the shardings the caller asks for;
+- `model_state`: the model's non-trained variables (e.g. a router's bias), only for models that keep any;
 - `train`: JSON with the step, the RNG key data, the grain iterator state and the per-step metrics of the
   current log interval, so a resumed run logs exactly what an uninterrupted one would;
 - `meta`: JSON with the format version, the resolved config and the tokenizer, so a step directory alone
@@ -22,16 +23,15 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from data.tokenizer import Tokenizer, tokenizer_from_dict, tokenizer_to_dict
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, init_variables
 from training.config import CheckpointConfig, RunConfig, from_dict
 
 FORMAT_VERSION = 1
-ITEMS = ("params", "opt_state", "train", "meta")
+ITEMS = ("params", "opt_state", "model_state", "train", "meta")
 
 # Where restored arrays go: one jax.sharding.Sharding for all, a pytree of Shardings matching the targets (a dict
 # by item name), or a function from each abstract leaf to its Sharding. None: the first device.
@@ -213,9 +213,7 @@ def with_shardings(targets: Any, shardings: Shardings = None) -> Any:
 
 def abstract_params(cfg: ModelConfig) -> Any:
     """The shapes and dtypes of a model's params, without allocating them."""
-    model = Transformer(cfg)
-    dummy_BT = jnp.zeros((1, cfg.max_seq_len), jnp.int32)
-    return jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), dummy_BT)["params"]))
+    return jax.eval_shape(lambda: nn.unbox(init_variables(Transformer(cfg), jax.random.key(0))["params"]))
 
 
 def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:

@@ -15,7 +15,8 @@ import ml_collections
 from data.config import DataConfig
 from model.attention import ATTENTION_IMPLS
 from model.config import ModelConfig
-from model.layers import MLPS, NORMS
+from model.kinds import ATTENTION_KINDS, MLP_KINDS
+from model.layers import NORMS
 from model.positions import POSITIONS
 from model.transformer import REMAT_POLICIES
 from parallel.config import DEFAULT_RULES, MESH_AXES, MeshConfig
@@ -158,7 +159,18 @@ def _rules(
             "scan_unroll",
         ),
         (m.head_dim >= 0, "model.head_dim", m.head_dim, "must be >= 0 (0: d_model // num_heads)"),
-        one_of("model.mlp", m.mlp, MLPS),
+        one_of("model.attention", m.attention, ATTENTION_KINDS),
+        one_of("model.mlp", m.mlp, MLP_KINDS),
+        (m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0 (0: no window)"),
+        (m.global_every >= 0, "model.global_every", m.global_every, "must be >= 0 (0: every layer local)"),
+        (
+            m.global_every == 0 or m.sliding_window > 0,
+            "model.global_every",
+            m.global_every,
+            "needs model.sliding_window > 0 (global layers between local ones)",
+        ),
+        (m.attn_logit_softcap >= 0, "model.attn_logit_softcap", m.attn_logit_softcap, "must be >= 0 (0: off)"),
+        (m.final_logit_softcap >= 0, "model.final_logit_softcap", m.final_logit_softcap, "must be >= 0 (0: off)"),
         one_of("model.norm", m.norm, NORMS),
         one_of("model.position", m.position, POSITIONS),
         one_of("model.remat", m.remat, REMAT_POLICIES),

@@ -19,11 +19,12 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, init_variables
+from model.attention import Implementation, choose
 from parallel import sharding
 from parallel.mesh import MeshError, check_divisible, make_mesh, mesh_axes, resolve_sizes
 from parallel.ring import ring_attention, zigzag_order
-from training.config import RunConfig
+from training.config import ConfigError, RunConfig
 
 
 @flax.struct.dataclass
@@ -32,6 +33,7 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+    model_state: Any = flax.struct.field(default_factory=dict)  # non-trained variables, e.g. a router's bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,22 +87,45 @@ def plan(run: RunConfig, devices: list | None = None) -> Layout:
             )
     else:
         check_divisible({"length": ("data.seq_len", run.data.seq_len)}, sizes, rules)
-    return Layout(make_mesh(run.mesh, devices), dict(rules))
+    layout = Layout(make_mesh(run.mesh, devices), dict(rules))
+    check_attention(run, layout)
+    return layout
+
+
+def ring_implementation(layout: Layout) -> Implementation:
+    """Ring attention over the layout's sequence axis, as an attention implementation (parallel/ring.py)."""
+    ring = functools.partial(
+        ring_attention,
+        mesh=layout.mesh,
+        axis="sequence",
+        batch_axes=mesh_axes(layout.rules["batch"]),
+        head_axes=mesh_axes(layout.rules["heads"]),
+    )
+    return Implementation(blocker=lambda cfg, documents=False: None, attend=lambda cfg, *args, **kw: ring(*args, **kw))
+
+
+def attention_for(layout: Layout) -> Implementation | None:
+    """The attention implementation the layout imposes (None: the one the model config chooses)."""
+    return ring_implementation(layout) if layout.sequence_shards > 1 else None
+
+
+def check_attention(run: RunConfig, layout: Layout) -> None:
+    """ConfigError (one line) when the run's attention cannot run on this layout and backend."""
+    documents = run.data.document_mask
+    imposed = attention_for(layout)
+    if imposed is not None:
+        if (reason := imposed.blocker(run.model, documents)) is not None:
+            raise ConfigError(f"mesh.sequence={layout.sequence_shards}: ring attention cannot run this model: {reason}")
+        return
+    try:
+        choose(run.model, documents)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def model_for(cfg: ModelConfig, layout: Layout) -> Transformer:
     """The model as this layout runs it: with ring attention when the sequence is split over devices."""
-    if layout.sequence_shards == 1:
-        return Transformer(cfg)
-    rules = layout.rules
-    attention = functools.partial(
-        ring_attention,
-        mesh=layout.mesh,
-        axis="sequence",
-        batch_axes=mesh_axes(rules["batch"]),
-        head_axes=mesh_axes(rules["heads"]),
-    )
-    return Transformer(cfg, attention=attention)
+    return Transformer(cfg, attention=attention_for(layout))
 
 
 def sequence_order(seq_len: int, layout: Layout) -> np.ndarray | None:
@@ -114,18 +139,24 @@ def _unboxed(tree: Any) -> Any:
     )
 
 
-def abstract_params(model: Transformer, layout: Layout) -> Any:
-    """ShapeDtypeStructs of the params, each with the sharding its logical axis names get on this layout."""
-    dummy_BT = jax.ShapeDtypeStruct((1, model.cfg.max_seq_len), jnp.int32)
-    boxed = jax.eval_shape(lambda x: model.clone(attention=None).init(jax.random.key(0), x)["params"], dummy_BT)
+def abstract_variables(model: Transformer, layout: Layout) -> dict:
+    """ShapeDtypeStructs of the model's variables ({"params", "state"}), each with the sharding its logical axis
+    names get on this layout."""
+    boxed = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    boxed = {"params": boxed["params"], "state": boxed.get("state", {})}
     placed = sharding.shardings(boxed, layout.mesh, layout.rules)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), _unboxed(boxed), placed)
+
+
+def abstract_params(model: Transformer, layout: Layout) -> Any:
+    return abstract_variables(model, layout)["params"]
 
 
 def abstract_state(model: Transformer, tx: optax.GradientTransformation, layout: Layout) -> TrainState:
     """The train state's shapes, dtypes and shardings; allocates nothing. The optimizer's moments take
     their params' shardings (FSDP shards them with the params: ZeRO-3); counters and the RNG key are replicated."""
-    params = abstract_params(model, layout)
+    variables = abstract_variables(model, layout)
+    params = variables["params"]
     opt_state = jax.eval_shape(tx.init, params)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     opt_shardings = optax.tree_map_params(
@@ -138,6 +169,7 @@ def abstract_state(model: Transformer, tx: optax.GradientTransformation, layout:
         params=params,
         opt_state=jax.tree.map(place, opt_state, opt_shardings),
         rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
+        model_state=variables["state"],
     )
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import pathlib
 import signal
 import sys
@@ -24,8 +23,8 @@ import optax
 from tqdm import tqdm
 
 import data as data_lib
-from model import Transformer, flops_per_token, param_counts
-from model.attention import cpu_kernel_blocker
+from model import Transformer, flops_per_token, init_variables, param_counts
+from model.aux import weighted_sum
 from parallel.sharding import global_batch, process_rows, replicated_batch
 from sampling import generate, prompt_ids
 from training.checkpoint import (
@@ -38,7 +37,8 @@ from training.checkpoint import (
     meta_for,
     restore_params,
 )
-from training.config import ConfigError, RunConfig, TrainConfig, with_vocab
+from training.config import RunConfig, TrainConfig, with_vocab
+from training.evaluation import Inputs, cross_entropy, evaluate, make_eval_step, variables_of
 from training.layout import (
     Layout,
     TrainState,
@@ -54,129 +54,83 @@ from training.metrics import MetricsWriter, peak_flops
 from training.optim import make_optimizer
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float = 0.0, label_smoothing: float = 0.0):
-    """Per-token training loss and plain negative log-likelihood, both float32 [B, T]."""
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    nll_BT = log_z_BT - target_logit_BT
-    loss_BT = nll_BT
-    if label_smoothing > 0:
-        uniform_BT = log_z_BT - jnp.mean(logits_BTV, axis=-1)  # cross-entropy against the uniform distribution
-        loss_BT = (1 - label_smoothing) * nll_BT + label_smoothing * uniform_BT
-    if z_loss > 0:
-        loss_BT = loss_BT + z_loss * jnp.square(log_z_BT)
-    return loss_BT, nll_BT
-
-
-def model_inputs(tokens_BT1: jax.Array, order_T: np.ndarray | None = None):
-    """(inputs, targets, positions or None) of a batch of windows; with `order_T` (ring attention's zig-zag
-    layout) the tokens are permuted along the sequence and the positions say where each one really is."""
-    inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-    if order_T is None:
-        return inputs_BT, targets_BT, None
-    return inputs_BT[:, order_T], targets_BT[:, order_T], jnp.broadcast_to(jnp.asarray(order_T), inputs_BT.shape)
-
-
 def make_train_step(
-    model: Transformer, tx: optax.GradientTransformation, schedule, t: TrainConfig, order_T: np.ndarray | None = None
+    model: Transformer, tx: optax.GradientTransformation, schedule, t: TrainConfig, inputs: Inputs | None = None
 ):
-    def loss_fn(params, tokens_BT1):
-        inputs_BT, targets_BT, positions_BT = model_inputs(tokens_BT1, order_T)
-        logits_BTV = model.apply({"params": params}, inputs_BT, positions_BT)
-        loss_BT, _ = cross_entropy(logits_BTV, targets_BT, t.z_loss, t.label_smoothing)
-        return jnp.mean(loss_BT)
+    """One optimizer step. The loss is the main head's cross-entropy (logged as train/loss, so runs with and
+    without auxiliary terms compare) plus each auxiliary term times its weight (each logged as train/<name>).
+    Non-trained model state (e.g. a router's bias) comes back from the forward pass updated by its rule; with
+    gradient accumulation every micro-batch starts from the step's state and their updates are averaged."""
+    inputs = inputs or Inputs()
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    def loss_fn(params, model_state, tokens_BT1):
+        out, targets_BT = inputs(tokens_BT1, model, variables_of(params, model_state), mutable=["state"])
+        out, updated = out
+        loss_BT, _ = cross_entropy(out.logits_BTV, targets_BT, t.z_loss, t.label_smoothing)
+        loss = jnp.mean(loss_BT)
+        total = loss + weighted_sum(out.aux) if any(a.weight for a in out.aux.values()) else loss
+        aux = {f"train/{name}": a.value for name, a in out.aux.items()}
+        return total, (loss, aux, updated.get("state", model_state))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         tokens_BT1 = batch["tokens"]
         if t.grad_accum == 1:
-            loss, grads = grad_fn(state.params, tokens_BT1)
+            (_, (loss, aux, model_state)), grads = grad_fn(state.params, state.model_state, tokens_BT1)
         else:
             # Micro-batch a takes rows a, a + A, a + 2A, ...: every batch shard holds 1/A of each one.
             micro_ABT1 = tokens_BT1.reshape(-1, t.grad_accum, tokens_BT1.shape[-1]).swapaxes(0, 1)
 
             def accumulate(carry, micro_BT1):
-                loss, grads = grad_fn(state.params, micro_BT1)
-                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+                (_, (loss, aux, model_state)), grads = grad_fn(state.params, state.model_state, micro_BT1)
+                return jax.tree.map(jnp.add, carry, (loss, aux, model_state, grads)), None
 
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro_ABT1)
-            loss, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, grads))
+            shapes = jax.eval_shape(lambda: grad_fn(state.params, state.model_state, micro_ABT1[0]))
+            (_, (loss, aux, model_state)), grads = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+            zeros = (loss, aux, model_state, grads)
+            (loss, aux, model_state, grads), _ = jax.lax.scan(accumulate, zeros, micro_ABT1)
+            loss, aux, model_state, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, aux, model_state, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+        return new, {**metrics, **aux}
 
     return train_step
 
 
-def jit_train_step(model: Transformer, tx, schedule, run: RunConfig, layout: Layout, state_shardings: TrainState):
+def inputs_for(run: RunConfig, layout: Layout, eod_id: int) -> Inputs:
+    """How this run's batches become model inputs on `layout`."""
+    return Inputs(sequence_order(run.data.seq_len, layout), eod_id if run.data.document_mask else None)
+
+
+def jit_train_step(
+    model: Transformer, tx, schedule, run: RunConfig, layout: Layout, state_shardings: TrainState, eod_id: int
+):
     """The train step jitted for `layout`: state and batches sharded as it says, the state donated."""
     return jax.jit(
-        make_train_step(model, tx, schedule, run.train, sequence_order(run.data.seq_len, layout)),
+        make_train_step(model, tx, schedule, run.train, inputs_for(run, layout, eod_id)),
         in_shardings=(state_shardings, layout.batch),
         out_shardings=(state_shardings, layout.replicated),
         donate_argnums=0,
     )
 
 
-def make_eval_step(model: Transformer, token_bytes: np.ndarray, order_T: np.ndarray | None = None):
-    bytes_V = jnp.asarray(token_bytes, jnp.float32)
-
-    def eval_step(params, batch: dict) -> dict:
-        inputs_BT, targets_BT, positions_BT = model_inputs(batch["tokens"], order_T)
-        mask_BT = batch["mask"] if order_T is None else batch["mask"][:, order_T]
-        logits_BTV = model.apply({"params": params}, inputs_BT, positions_BT)
-        _, nll_BT = cross_entropy(logits_BTV, targets_BT)
-        return {
-            "nll": jnp.sum(nll_BT * mask_BT),
-            "tokens": jnp.sum(mask_BT),
-            "bytes": jnp.sum(bytes_V[targets_BT] * mask_BT),
-        }
-
-    return eval_step
-
-
-def evaluate(eval_step, params, batches: list[dict]) -> dict:
-    """Mean loss (nats/token), perplexity and bits per UTF-8 byte over `batches` ({'tokens', 'mask'})."""
-    totals = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
-    for batch in batches:
-        out = jax.device_get(eval_step(params, batch))
-        totals = {k: totals[k] + float(out[k]) for k in totals}
-    loss = totals["nll"] / max(totals["tokens"], 1.0)
-    return {
-        "eval/loss": loss,
-        "eval/ppl": math.exp(min(loss, 700.0)),
-        "eval/bpb": totals["nll"] / math.log(2) / max(totals["bytes"], 1.0),
-    }
-
-
-def score_text(model: Transformer, params, tokenizer, text: str, seq_len: int, batch_size: int) -> dict:
-    """eval/loss, eval/ppl and eval/bpb of `text` as one document (end-of-document appended, as the
-    token store does), every token scored once: what train.py's eval reports for the same text."""
-    tokens = np.asarray(tokenizer.encode(text) + [tokenizer.eod_id], np.int32)
-    eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes))
-    return evaluate(eval_step, params, data_lib.scoring_batches(tokens, seq_len, batch_size))
-
-
 def init_state(
     model: Transformer, tx: optax.GradientTransformation, seed: int, params: Any = None, shardings: Any = None
 ) -> TrainState:
-    """Step 0: the model's initial params (or the given ones, e.g. another run's), fresh optimizer state and RNG,
-    created directly in place when `shardings` (a TrainState of shardings) says where: the whole model is
-    never built on one device."""
+    """Step 0: the model's initial params (or the given ones, e.g. another run's), its initial non-trained state,
+    fresh optimizer state and RNG, created directly in place when `shardings` (a TrainState of shardings) says
+    where: the whole model is never built on one device."""
     init_rng, state_rng = jax.random.split(jax.random.key(seed))
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init(params):
-        if params is None:
-            dummy_BT = jnp.zeros((1, model.cfg.max_seq_len), jnp.int32)
-            # Plain attention: parameters do not depend on how attention is computed (ring attention splits
-            # the batch, which a 1-row dummy cannot be).
-            params = nn.unbox(model.clone(attention=None).init(init_rng, dummy_BT)["params"])
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_rng)
+        variables = nn.unbox(init_variables(model, init_rng))
+        params = variables["params"] if params is None else params
+        model_state = variables.get("state", {})
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_rng, model_state)
 
     return init(params)
 
@@ -210,7 +164,13 @@ def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig, l
         abstract = jax.eval_shape(lambda: init_state(model, tx, run.train.seed))
     else:
         abstract = abstract_state(model, tx, layout)
-    return {"params": abstract.params, "opt_state": abstract.opt_state}
+    return arrays_of(abstract)
+
+
+def arrays_of(state: TrainState) -> dict:
+    """The array items of a checkpoint (model_state only where the model keeps any, as older checkpoints lack it)."""
+    arrays = {"params": state.params, "opt_state": state.opt_state}
+    return arrays | ({"model_state": state.model_state} if jax.tree.leaves(state.model_state) else {})
 
 
 def init_from_check(run: RunConfig, path: str, stored: RunConfig) -> None:
@@ -262,7 +222,8 @@ def restored_state(restored: Restored, layout: Layout) -> TrainState:
     )
     step = jax.device_put(np.int32(restored.step), layout.replicated)
     params, opt_state = restored.arrays["params"], restored.arrays["opt_state"]
-    return TrainState(step, params, opt_state, jax.device_put(rng, layout.replicated))
+    model_state = restored.arrays.get("model_state", {})
+    return TrainState(step, params, opt_state, jax.device_put(rng, layout.replicated), model_state)
 
 
 def train_record(state: TrainState, data_state: dict, pending_host: list[dict]) -> dict:
@@ -335,9 +296,9 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
     """
     workdir = pathlib.Path(workdir)
     t, c = run.train, run.checkpoint
-    layout = plan(run, devices)  # a mesh that does not fit fails here, before anything is read or written
-    if run.model.attention_impl == "cpu_kernel" and (blocker := cpu_kernel_blocker(run.model)) is not None:
-        raise ConfigError(f"model.attention_impl='cpu_kernel' cannot run here: {blocker} (allowed here: auto, xla)")
+    # A mesh that does not fit, or an attention implementation that cannot run here, fails before anything is read
+    # or written.
+    layout = plan(run, devices)
     lead = jax.process_index() == 0
     quiet = quiet or not lead
     log = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
@@ -350,7 +311,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             if source is not None:
                 check_vocab(source, data.tokenizer.vocab_size, run.data.tokenizer)
             model = model_for(run.model, layout)
-            order_T = sequence_order(run.data.seq_len, layout)
+            inputs = inputs_for(run, layout, data.tokenizer.eod_id)
             tx, schedule = make_optimizer(t, run.model)
             state_shardings = shardings_of(abstract_state(model, tx, layout))
             if restored is not None:
@@ -385,10 +346,11 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
 
             compile_start = time.perf_counter()
             batch = global_batch(next(train_iter), layout.batch)
-            step_fn = jit_train_step(model, tx, schedule, run, layout, state_shardings).lower(state, batch).compile()
+            step_fn = jit_train_step(model, tx, schedule, run, layout, state_shardings, data.tokenizer.eod_id)
+            step_fn = step_fn.lower(state, batch).compile()
             eval_fn = jax.jit(
-                make_eval_step(model, data.tokenizer.token_bytes, order_T),
-                in_shardings=(state_shardings.params, layout.batch),
+                make_eval_step(model, data.tokenizer.token_bytes, inputs),
+                in_shardings=(state_shardings.params, layout.batch, state_shardings.model_state),
                 out_shardings=layout.replicated,
             )
             log(describe(run))
@@ -433,7 +395,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                     interval_start = time.perf_counter()
                 if step % t.eval_every == 0 or step == t.steps:
                     eval_start = time.perf_counter()
-                    evaluated = evaluate(eval_fn, state.params, val_batches)
+                    evaluated = evaluate(eval_fn, state.params, val_batches, state.model_state)
                     writer.write(step, evaluated)
                     last.update(evaluated)
                     if not quiet:
@@ -446,8 +408,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                     save_start = time.perf_counter()
                     host = jax.device_get(pending)
                     check_finite(host, step, saved)  # never checkpoint a diverged state
-                    arrays = {"params": state.params, "opt_state": state.opt_state}
-                    checkpointer.save(step, arrays, train_record(state, data_state, host), meta)
+                    checkpointer.save(step, arrays_of(state), train_record(state, data_state, host), meta)
                     saved = step
                     interval_start += time.perf_counter() - save_start
                 if stopped:

@@ -1,0 +1,116 @@
+"""The loss and its evaluation: cross-entropy, a batch's model inputs, held-out loss / perplexity / bits per byte,
+and scoring a text. The training loop and infer.py's --score both use it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import data as data_lib
+from model import Output, Transformer
+from model.mask import documents
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float = 0.0, label_smoothing: float = 0.0):
+    """Per-token training loss and plain negative log-likelihood, both float32 [B, T]."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    nll_BT = log_z_BT - target_logit_BT
+    loss_BT = nll_BT
+    if label_smoothing > 0:
+        uniform_BT = log_z_BT - jnp.mean(logits_BTV, axis=-1)  # cross-entropy against the uniform distribution
+        loss_BT = (1 - label_smoothing) * nll_BT + label_smoothing * uniform_BT
+    if z_loss > 0:
+        loss_BT = loss_BT + z_loss * jnp.square(log_z_BT)
+    return loss_BT, nll_BT
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Inputs:
+    """How a batch of windows [B, T+1] becomes the model's inputs: `order_T` is ring attention's zig-zag layout
+    (None: in order), `eod_id` the end-of-document token when attention stays inside documents (None: it doesn't)."""
+
+    order_T: np.ndarray | None = None
+    eod_id: int | None = None
+
+    def __call__(self, tokens_BT1: jax.Array, model: Transformer, variables: dict, **kw) -> tuple[Output, jax.Array]:
+        """(the model's output, targets), permuted alike when the layout is."""
+        inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+        positions_BT = segments_BT = None
+        if self.eod_id is not None:
+            segments_BT, positions_BT = documents(inputs_BT, self.eod_id)
+        if self.order_T is not None:
+            if positions_BT is None:
+                positions_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1]), inputs_BT.shape)
+            inputs_BT, targets_BT, positions_BT = (x[:, self.order_T] for x in (inputs_BT, targets_BT, positions_BT))
+            segments_BT = None if segments_BT is None else segments_BT[:, self.order_T]
+        out = model.apply(
+            variables,
+            inputs_BT,
+            positions_BT,
+            segments_BT,
+            in_order=self.order_T is None,
+            method=Transformer.forward,
+            **kw,
+        )
+        return out, targets_BT
+
+    def permute(self, x_BT: jax.Array) -> jax.Array:
+        return x_BT if self.order_T is None else x_BT[:, self.order_T]
+
+
+def variables_of(params, model_state=None) -> dict:
+    return {"params": params, **({"state": model_state} if model_state else {})}
+
+
+def make_eval_step(model: Transformer, token_bytes: np.ndarray, inputs: Inputs | None = None):
+    inputs = inputs or Inputs()
+    bytes_V = jnp.asarray(token_bytes, jnp.float32)
+
+    def eval_step(params, batch: dict, model_state=None) -> dict:
+        out, targets_BT = inputs(batch["tokens"], model, variables_of(params, model_state))
+        mask_BT = inputs.permute(batch["mask"])
+        _, nll_BT = cross_entropy(out.logits_BTV, targets_BT)
+        return {
+            "nll": jnp.sum(nll_BT * mask_BT),
+            "tokens": jnp.sum(mask_BT),
+            "bytes": jnp.sum(bytes_V[targets_BT] * mask_BT),
+        }
+
+    return eval_step
+
+
+def evaluate(eval_step, params, batches: list[dict], model_state=None) -> dict:
+    """Mean loss (nats/token), perplexity and bits per UTF-8 byte over `batches` ({'tokens', 'mask'})."""
+    totals = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+    for batch in batches:
+        out = jax.device_get(eval_step(params, batch, model_state))
+        totals = {k: totals[k] + float(out[k]) for k in totals}
+    loss = totals["nll"] / max(totals["tokens"], 1.0)
+    return {
+        "eval/loss": loss,
+        "eval/ppl": math.exp(min(loss, 700.0)),
+        "eval/bpb": totals["nll"] / math.log(2) / max(totals["bytes"], 1.0),
+    }
+
+
+def score_text(
+    model: Transformer, params, tokenizer, text: str, seq_len: int, batch_size: int, inputs: Inputs | None = None
+) -> dict:
+    """eval/loss, eval/ppl and eval/bpb of `text` as one document (end-of-document appended, as the
+    token store does), every token scored once: what train.py's eval reports for the same text."""
+    tokens = np.asarray(tokenizer.encode(text) + [tokenizer.eod_id], np.int32)
+    eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes, inputs))
+    return evaluate(eval_step, params, data_lib.scoring_batches(tokens, seq_len, batch_size))
+
+
+def score_file(run, params, tokenizer, text: str) -> dict:
+    """eval/loss, eval/ppl, eval/bpb of `text` under a run's model, plus how many tokens were scored."""
+    inputs = Inputs(eod_id=tokenizer.eod_id if run.data.document_mask else None)
+    scores = score_text(Transformer(run.model), params, tokenizer, text, run.data.seq_len, run.train.batch_size, inputs)
+    return {**scores, "tokens": len(tokenizer.encode(text)) + 1}
