@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 from model.kernels import cpu_attention
 from model.layers import dense, output_std
+from model.mask import Mask
 from model.positions import POSITIONS, alibi_slopes
 
 NEG_INF = -1e30
@@ -147,8 +148,8 @@ def use_cpu_kernel(cfg: ModelConfig) -> bool:
     return blocker is None
 
 
-# softmax(q k^T / sqrt(H) + bias, causally masked by position) v computed some other way, e.g. parallel/'s ring
-# attention over a sequence-sharded mesh: (q_BTNH, k_BTKH, v_BTKH, positions_BT, bias_fn) -> out_BTNH, where
+# softmax(q k^T / sqrt(H) + bias, masked by a `Mask`) v computed some other way, e.g. parallel/'s ring
+# attention over a sequence-sharded mesh: (q_BTNH, k_BSKH, v_BSKH, mask, *, bias_fn) -> out_BTNH, where
 # bias_fn(q_positions_BT, k_positions_BS) gives the [B, N, T, S] additive bias or is None.
 AttentionFn = Callable[..., jax.Array]
 
@@ -183,7 +184,7 @@ class Attention(nn.Module):
             k_BTKH = scheme.rotate(k_BTKH, jnp.maximum(positions_BT, 0), cfg.rope_theta)
         bias_fn = functools.partial(scheme.bias, N) if scheme.bias is not None else None
         if self.attention is not None and not self.decode:
-            out_BTNH = self.attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, bias_fn=bias_fn)
+            out_BTNH = self.attention(q_BTNH, k_BTKH, v_BTKH, Mask.self_attention(positions_BT), bias_fn=bias_fn)
         else:
             if self.decode:
                 k_BKSH, v_BKSH, k_positions_BS = self._cached(k_BTKH, v_BTKH, positions_BT)
