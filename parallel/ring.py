@@ -3,8 +3,9 @@
 The sequence is split over the `sequence` mesh axis. Every device keeps its own queries while the
 K/V blocks travel round a ring (`ppermute` to the next device, n steps for n devices); each block
 is folded into an online softmax (running max, denominator and output, all float32), so no device
-ever holds the whole sequence's keys or a [T, T] matrix. Positions travel with the keys and alone
-decide the causal mask, so any token layout is correct.
+ever holds the whole sequence's keys or a [T, T] matrix. The keys' positions and document ids travel
+with them and, through `model.mask.visible`, alone decide what each query sees (causal, padding,
+sliding window, documents), so any token layout is correct.
 
 The backward pass is a second ring: K/V go round again, carrying their gradient accumulators with
 them, and each block's probabilities are recomputed from the saved log-sum-exp. Autodiff through
@@ -13,7 +14,11 @@ the forward ring would instead keep every step's K/V block, i.e. the whole seque
 Causality makes a contiguous layout unbalanced: the device holding the end of the sequence attends
 to everything, the first one to almost nothing. `zigzag_order` gives device d the chunks d and
 2n-1-d of 2n, and every device skips the (query half, K/V half) pairs the mask hides entirely, so
-each computes the same 2n+1 half-block pairs over the ring, forward and backward.
+each computes the same 2n+1 half-block pairs over the ring, forward and backward (fewer with a
+window or documents, which hide more pairs).
+
+Every part of `model.mask.Mask` is supported, and so are GQA, soft-capped logits, a value head dim
+different from the query/key one, and an additive bias.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from model.mask import Mask, visible
+
 NEG_INF = -1e30  # finite, so an empty running state (max = NEG_INF) rescales by exp(0), never NaN
+_FAR = 2**30  # beyond any position or document id, and far enough from int32's ends to subtract safely
 
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array]  # (q_pos_BT, k_pos_BS) -> bias_BNTS, all N heads
 
@@ -37,8 +45,8 @@ def zigzag_order(seq_len: int, num_shards: int) -> np.ndarray:
     """Slot -> original position: `x[:, order]` gives shard d the chunks d and 2n-1-d of 2n.
 
     Split into n contiguous pieces, the permuted sequence pairs an early chunk with a late one on
-    every shard, which evens out causal attention's work. Permute tokens, targets and positions
-    alike (a mean loss does not change) and hand the permuted positions to the model.
+    every shard, which evens out causal attention's work. Permute tokens, targets, positions and
+    document ids alike (a mean loss does not change) and hand the permuted mask to the model.
     """
     n = num_shards
     if seq_len % (2 * n):
@@ -48,12 +56,14 @@ def zigzag_order(seq_len: int, num_shards: int) -> np.ndarray:
 
 
 class _Ring(NamedTuple):
-    """What the per-device code needs to know about the mesh (static, hashable)."""
+    """What the per-device code needs to know about the mesh and the attention (static, hashable)."""
 
     axis: str | None  # None: the sequence is not sharded, the ring has one step
     num_shards: int
     head_axes: tuple[str, ...]
     bias_fn: BiasFn | None
+    window: int
+    softcap: float
 
     def shift(self, tree):
         """Sends `tree` to the next device round the ring."""
@@ -71,69 +81,86 @@ class _Ring(NamedTuple):
         return index * local_heads
 
 
+class _Tokens(NamedTuple):
+    """Where a block of queries or keys sits: positions ([B, L], -1 for padding) and document ids
+    ([B, L]; None: one document)."""
+
+    positions: jax.Array
+    segments: jax.Array | None
+
+
 # ----------------------------------------------------------------------------- one (query, K/V) block
 
 
-def _masked_logits(ring, q_BKGTH, k_BSKH, q_pos_BT, k_pos_BS):
-    """q k^T + bias in float32, NEG_INF where masked; and the mask."""
+def _masked_logits(ring, q_BKGTH, k_BSKH, q_at: _Tokens, k_at: _Tokens):
+    """(cap * tanh(q k^T / cap) or q k^T) + bias in float32, NEG_INF where masked; the mask; and the
+    tanh, whose derivative the backward needs (None without a cap)."""
     B, K, G, T, _ = q_BKGTH.shape
     logits_BKGTS = jnp.einsum("bkgth,bskh->bkgts", q_BKGTH, k_BSKH, preferred_element_type=jnp.float32)
+    tanh_BKGTS = None
+    if ring.softcap > 0:
+        tanh_BKGTS = jnp.tanh(logits_BKGTS / ring.softcap)
+        logits_BKGTS = ring.softcap * tanh_BKGTS
     if ring.bias_fn is not None:
-        bias_BNTS = ring.bias_fn(q_pos_BT, k_pos_BS)
+        bias_BNTS = ring.bias_fn(q_at.positions, k_at.positions)
         bias_BNTS = jax.lax.dynamic_slice_in_dim(bias_BNTS, ring.head_offset(K * G), K * G, axis=1)  # local heads
         logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(B, K, G, T, -1).astype(jnp.float32)
-    k_pos_B1S = k_pos_BS[:, None, :]
-    mask_B11TS = ((k_pos_B1S <= q_pos_BT[:, :, None]) & (k_pos_B1S >= 0))[:, None, None]
-    return jnp.where(mask_B11TS, logits_BKGTS, NEG_INF), mask_B11TS
+    mask_BTS = visible(q_at.positions, k_at.positions, q_at.segments, k_at.segments, ring.window)
+    mask_B11TS = mask_BTS[:, None, None]
+    return jnp.where(mask_B11TS, logits_BKGTS, NEG_INF), mask_B11TS, tanh_BKGTS
 
 
 class _Softmax(NamedTuple):
-    """Online-softmax state of one block of queries, float32."""
+    """Online-softmax state of one block of queries, float32 (V: the value head dim)."""
 
     max_BKGT: jax.Array
     denom_BKGT: jax.Array
-    out_BKGTH: jax.Array
+    out_BKGTV: jax.Array
 
 
-def _empty_softmax(q_BKGTH: jax.Array) -> _Softmax:
+def _empty_softmax(q_BKGTH: jax.Array, value_dim: int) -> _Softmax:
     shape_BKGT = q_BKGTH.shape[:-1]
     zeros_BKGT = jnp.zeros(shape_BKGT, jnp.float32)
-    return _Softmax(jnp.full(shape_BKGT, NEG_INF, jnp.float32), zeros_BKGT, jnp.zeros(q_BKGTH.shape, jnp.float32))
+    out_BKGTV = jnp.zeros((*shape_BKGT, value_dim), jnp.float32)
+    return _Softmax(jnp.full(shape_BKGT, NEG_INF, jnp.float32), zeros_BKGT, out_BKGTV)
 
 
-def _fold_block(ring, state, q_BKGTH, q_pos_BT, k_BSKH, v_BSKH, k_pos_BS):
+def _fold_block(ring, state, q_BKGTH, q_at, k_BSKH, v_BSKV, k_at):
     """Folds one K/V block into the running softmax of one block of queries."""
-    logits_BKGTS, mask_B11TS = _masked_logits(ring, q_BKGTH, k_BSKH, q_pos_BT, k_pos_BS)
+    logits_BKGTS, mask_B11TS, _ = _masked_logits(ring, q_BKGTH, k_BSKH, q_at, k_at)
     max_BKGT = jnp.maximum(state.max_BKGT, logits_BKGTS.max(axis=-1))
     probs_BKGTS = jnp.where(mask_B11TS, jnp.exp(logits_BKGTS - max_BKGT[..., None]), 0.0)
     rescale_BKGT = jnp.exp(state.max_BKGT - max_BKGT)
     denom_BKGT = state.denom_BKGT * rescale_BKGT + probs_BKGTS.sum(axis=-1)
-    pv_BKGTH = jnp.einsum(
-        "bkgts,bskh->bkgth", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32
+    pv_BKGTV = jnp.einsum(
+        "bkgts,bskv->bkgtv", probs_BKGTS.astype(v_BSKV.dtype), v_BSKV, preferred_element_type=jnp.float32
     )
-    return _Softmax(max_BKGT, denom_BKGT, state.out_BKGTH * rescale_BKGT[..., None] + pv_BKGTH)
+    return _Softmax(max_BKGT, denom_BKGT, state.out_BKGTV * rescale_BKGT[..., None] + pv_BKGTV)
 
 
 class _Query(NamedTuple):
     """What the backward pass knows about one block of queries."""
 
     q_BKGTH: jax.Array
-    q_pos_BT: jax.Array
-    dout_BKGTH: jax.Array
+    q_at: _Tokens
+    dout_BKGTV: jax.Array
     lse_BKGT: jax.Array  # log-sum-exp of the forward's masked logits
     delta_BKGT: jax.Array  # rowsum(dout * out), the softmax Jacobian's correction term
 
 
-def _block_grads(ring, query, dq_BKGTH, k_BSKH, v_BSKH, k_pos_BS, dk_BSKH, dv_BSKH):
-    """Adds one block's share to dq, dk and dv (the textbook dS = P * (dP - rowsum(dO * O)))."""
-    logits_BKGTS, mask_B11TS = _masked_logits(ring, query.q_BKGTH, k_BSKH, query.q_pos_BT, k_pos_BS)
+def _block_grads(ring, query, dq_BKGTH, k_BSKH, v_BSKV, k_at, dk_BSKH, dv_BSKV):
+    """Adds one block's share to dq, dk and dv (the textbook dS = P * (dP - rowsum(dO * O)), times
+    the cap's derivative 1 - tanh^2 where the logits are soft-capped)."""
+    logits_BKGTS, mask_B11TS, tanh_BKGTS = _masked_logits(ring, query.q_BKGTH, k_BSKH, query.q_at, k_at)
     probs_BKGTS = jnp.where(mask_B11TS, jnp.exp(logits_BKGTS - query.lse_BKGT[..., None]), 0.0)
-    dout_BKGTH = query.dout_BKGTH
-    dv_BSKH += jnp.einsum(
-        "bkgts,bkgth->bskh", probs_BKGTS.astype(dout_BKGTH.dtype), dout_BKGTH, preferred_element_type=jnp.float32
+    dout_BKGTV = query.dout_BKGTV
+    dv_BSKV += jnp.einsum(
+        "bkgts,bkgtv->bskv", probs_BKGTS.astype(dout_BKGTV.dtype), dout_BKGTV, preferred_element_type=jnp.float32
     )
-    dprobs_BKGTS = jnp.einsum("bkgth,bskh->bkgts", dout_BKGTH, v_BSKH, preferred_element_type=jnp.float32)
+    dprobs_BKGTS = jnp.einsum("bkgtv,bskv->bkgts", dout_BKGTV, v_BSKV, preferred_element_type=jnp.float32)
     dlogits_BKGTS = probs_BKGTS * (dprobs_BKGTS - query.delta_BKGT[..., None])
+    if tanh_BKGTS is not None:
+        dlogits_BKGTS = dlogits_BKGTS * (1.0 - tanh_BKGTS**2)
     dq_BKGTH += jnp.einsum(
         "bkgts,bskh->bkgth", dlogits_BKGTS.astype(k_BSKH.dtype), k_BSKH, preferred_element_type=jnp.float32
     )
@@ -143,16 +170,43 @@ def _block_grads(ring, query, dq_BKGTH, k_BSKH, v_BSKH, k_pos_BS, dk_BSKH, dv_BS
         query.q_BKGTH,
         preferred_element_type=jnp.float32,
     )
-    return dq_BKGTH, dk_BSKH, dv_BSKH
+    return dq_BKGTH, dk_BSKH, dv_BSKV
 
 
 # ----------------------------------------------------------------------------- skipping and the ring
 
 
-def _fully_masked(q_pos_BT: jax.Array, k_pos_BS: jax.Array) -> jax.Array:
-    """True when no query of the block sees any key: every real key comes after the last query."""
-    first_key_B = jnp.min(jnp.where(k_pos_BS >= 0, k_pos_BS, jnp.iinfo(jnp.int32).max), axis=1)
-    return jnp.all(first_key_B > jnp.max(q_pos_BT, axis=1))
+def _fully_masked(q_at: _Tokens, k_at: _Tokens, window: int) -> jax.Array:
+    """True only when `visible` hides every (query, key) pair of the blocks, in every row.
+
+    Each test below is sufficient on its own, over the real tokens (position >= 0; padding sees and is
+    seen by nothing): every key after every query by position; every key outside every query's window;
+    no document id shared; or every key after every query in (document, position) order, which is what
+    skips the future blocks when positions restart at each document. Positions alone stay a safe test
+    with documents (a key later by position is hidden whatever its document), just a weaker one.
+    """
+    q_real_BT, k_real_BS = q_at.positions >= 0, k_at.positions >= 0
+
+    def lowest(x, real):
+        return jnp.min(jnp.where(real, x, _FAR), axis=1)
+
+    def highest(x, real):
+        return jnp.max(jnp.where(real, x, -_FAR), axis=1)
+
+    first_key_B, last_query_B = lowest(k_at.positions, k_real_BS), highest(q_at.positions, q_real_BT)
+    hidden_B = first_key_B > last_query_B  # also true when either block has no real token
+    if window > 0:
+        hidden_B |= lowest(q_at.positions, q_real_BT) - highest(k_at.positions, k_real_BS) >= window
+    if q_at.segments is not None:
+        first_doc_B, last_doc_B = lowest(k_at.segments, k_real_BS), highest(q_at.segments, q_real_BT)
+        hidden_B |= first_doc_B > last_doc_B
+        hidden_B |= highest(k_at.segments, k_real_BS) < lowest(q_at.segments, q_real_BT)
+        # (document, position) order: the earliest key of the first key document against the latest
+        # query of the last query document
+        first_key_B = lowest(k_at.positions, k_real_BS & (k_at.segments == first_doc_B[:, None]))
+        last_query_B = highest(q_at.positions, q_real_BT & (q_at.segments == last_doc_B[:, None]))
+        hidden_B |= (first_doc_B == last_doc_B) & (first_key_B > last_query_B)
+    return jnp.all(hidden_B)
 
 
 def _halves(tree, axis: int) -> list:
@@ -162,13 +216,13 @@ def _halves(tree, axis: int) -> list:
     return [jax.tree.unflatten(treedef, first), jax.tree.unflatten(treedef, second)]
 
 
-def _visit_pairs(update, q_pos_halves, k_pos_halves, q_accs, kv_accs):
+def _visit_pairs(ring, update, q_at_halves, k_at_halves, q_accs, kv_accs):
     """Runs `update(i, j, q_accs[i], kv_accs[j])` on each (query half i, K/V half j) pair the mask
     does not entirely hide; returns the accumulators and how many pairs it computed."""
     q_accs, kv_accs, work = list(q_accs), list(kv_accs), jnp.int32(0)
     for i in range(2):
         for j in range(2):
-            hidden = _fully_masked(q_pos_halves[i], k_pos_halves[j])
+            hidden = _fully_masked(q_at_halves[i], k_at_halves[j], ring.window)
             q_accs[i], kv_accs[j] = jax.lax.cond(
                 hidden, lambda *accs: accs, partial(update, i, j), q_accs[i], kv_accs[j]
             )
@@ -201,9 +255,9 @@ def _around_ring(ring, visit, q_accs, block, kv_accs):
 # ----------------------------------------------------------------------------- forward and backward rings
 
 
-def _ring_forward(ring, q_BKGTH, k_BSKH, v_BSKH, positions_BT):
+def _ring_forward(ring, q_BKGTH, k_BSKH, v_BSKV, q_at, k_at):
     """Returns out (q's dtype), the log-sum-exp of each query's logits, and the pairs computed."""
-    queries = list(zip(_halves(q_BKGTH, 3), _halves(positions_BT, 1)))
+    queries = list(zip(_halves(q_BKGTH, 3), _halves(q_at, 1)))
 
     def visit(states, block, no_kv_accs):
         kv_halves = _halves(block, 1)
@@ -211,13 +265,13 @@ def _ring_forward(ring, q_BKGTH, k_BSKH, v_BSKH, positions_BT):
         def update(i, j, state, _):
             return _fold_block(ring, state, *queries[i], *kv_halves[j]), ()
 
-        return _visit_pairs(update, [p for _, p in queries], [p for *_, p in kv_halves], states, no_kv_accs)
+        return _visit_pairs(ring, update, [a for _, a in queries], [a for *_, a in kv_halves], states, no_kv_accs)
 
-    states = [_empty_softmax(q) for q, _ in queries]
-    states, _, work = _around_ring(ring, visit, states, (k_BSKH, v_BSKH, positions_BT), [(), ()])
+    states = [_empty_softmax(q, v_BSKV.shape[-1]) for q, _ in queries]
+    states, _, work = _around_ring(ring, visit, states, (k_BSKH, v_BSKV, k_at), [(), ()])
     seen_BKGT = [s.denom_BKGT > 0 for s in states]  # a query that sees no key outputs 0
-    out_BKGTH = jnp.concatenate(
-        [s.out_BKGTH / jnp.where(seen, s.denom_BKGT, 1.0)[..., None] for s, seen in zip(states, seen_BKGT)], axis=3
+    out_BKGTV = jnp.concatenate(
+        [s.out_BKGTV / jnp.where(seen, s.denom_BKGT, 1.0)[..., None] for s, seen in zip(states, seen_BKGT)], axis=3
     )
     lse_BKGT = jnp.concatenate(
         [
@@ -226,19 +280,19 @@ def _ring_forward(ring, q_BKGTH, k_BSKH, v_BSKH, positions_BT):
         ],
         axis=3,
     )
-    return out_BKGTH.astype(q_BKGTH.dtype), lse_BKGT, work
+    return out_BKGTV.astype(q_BKGTH.dtype), lse_BKGT, work
 
 
-def _ring_backward(ring, residuals, dout_BKGTH):
+def _ring_backward(ring, residuals, dout_BKGTV):
     """dq stays home; dk and dv ride round the ring with their K/V block and arrive back at its owner."""
-    q_BKGTH, k_BSKH, v_BSKH, positions_BT, out_BKGTH, lse_BKGT = residuals
-    delta_BKGT = jnp.sum(dout_BKGTH.astype(jnp.float32) * out_BKGTH.astype(jnp.float32), axis=-1)
+    q_BKGTH, k_BSKH, v_BSKV, q_at, k_at, out_BKGTV, lse_BKGT = residuals
+    delta_BKGT = jnp.sum(dout_BKGTV.astype(jnp.float32) * out_BKGTV.astype(jnp.float32), axis=-1)
     queries = [
         _Query(*halves)
         for halves in zip(
             _halves(q_BKGTH, 3),
-            _halves(positions_BT, 1),
-            _halves(dout_BKGTH, 3),
+            _halves(q_at, 1),
+            _halves(dout_BKGTV, 3),
             _halves(lse_BKGT, 3),
             _halves(delta_BKGT, 3),
         )
@@ -248,52 +302,52 @@ def _ring_backward(ring, residuals, dout_BKGTH):
         kv_halves = _halves(block, 1)
 
         def update(i, j, dq_BKGTH, kv_grad):
-            dq_BKGTH, dk_BSKH, dv_BSKH = _block_grads(ring, queries[i], dq_BKGTH, *kv_halves[j], *kv_grad)
-            return dq_BKGTH, (dk_BSKH, dv_BSKH)
+            dq_BKGTH, dk_BSKH, dv_BSKV = _block_grads(ring, queries[i], dq_BKGTH, *kv_halves[j], *kv_grad)
+            return dq_BKGTH, (dk_BSKH, dv_BSKV)
 
-        q_pos_halves = [q.q_pos_BT for q in queries]
+        q_at_halves = [q.q_at for q in queries]
         dq_halves, kv_grad_halves, _ = _visit_pairs(
-            update, q_pos_halves, [p for *_, p in kv_halves], dq_halves, _halves(kv_grads, 1)
+            ring, update, q_at_halves, [a for *_, a in kv_halves], dq_halves, _halves(kv_grads, 1)
         )
         return dq_halves, jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), *kv_grad_halves), jnp.int32(0)
 
     dq_halves = [jnp.zeros(q.q_BKGTH.shape, jnp.float32) for q in queries]
-    kv_grads = (jnp.zeros(k_BSKH.shape, jnp.float32), jnp.zeros(v_BSKH.shape, jnp.float32))
-    dq_halves, (dk_BSKH, dv_BSKH), _ = _around_ring(ring, visit, dq_halves, (k_BSKH, v_BSKH, positions_BT), kv_grads)
+    kv_grads = (jnp.zeros(k_BSKH.shape, jnp.float32), jnp.zeros(v_BSKV.shape, jnp.float32))
+    dq_halves, (dk_BSKH, dv_BSKV), _ = _around_ring(ring, visit, dq_halves, (k_BSKH, v_BSKV, k_at), kv_grads)
     dq_BKGTH = jnp.concatenate(dq_halves, axis=3)
-    return dq_BKGTH.astype(q_BKGTH.dtype), dk_BSKH.astype(k_BSKH.dtype), dv_BSKH.astype(v_BSKH.dtype), None
+    return dq_BKGTH.astype(q_BKGTH.dtype), dk_BSKH.astype(k_BSKH.dtype), dv_BSKV.astype(v_BSKV.dtype), None, None
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_core(ring, q_BKGTH, k_BSKH, v_BSKH, positions_BT):
-    """Per-device causal attention over the ring (q already scaled); returns out and the pairs computed."""
-    out_BKGTH, _, work = _ring_forward(ring, q_BKGTH, k_BSKH, v_BSKH, positions_BT)
-    return out_BKGTH, work
+def _ring_core(ring, q_BKGTH, k_BSKH, v_BSKV, q_at, k_at):
+    """Per-device attention over the ring (q already scaled); returns out and the pairs computed."""
+    out_BKGTV, _, work = _ring_forward(ring, q_BKGTH, k_BSKH, v_BSKV, q_at, k_at)
+    return out_BKGTV, work
 
 
-def _ring_core_fwd(ring, q_BKGTH, k_BSKH, v_BSKH, positions_BT):
-    out_BKGTH, lse_BKGT, work = _ring_forward(ring, q_BKGTH, k_BSKH, v_BSKH, positions_BT)
-    return (out_BKGTH, work), (q_BKGTH, k_BSKH, v_BSKH, positions_BT, out_BKGTH, lse_BKGT)
+def _ring_core_fwd(ring, q_BKGTH, k_BSKH, v_BSKV, q_at, k_at):
+    out_BKGTV, lse_BKGT, work = _ring_forward(ring, q_BKGTH, k_BSKH, v_BSKV, q_at, k_at)
+    return (out_BKGTV, work), (q_BKGTH, k_BSKH, v_BSKV, q_at, k_at, out_BKGTV, lse_BKGT)
 
 
 def _ring_core_bwd(ring, residuals, cotangents):
-    dout_BKGTH, _ = cotangents  # the work count has no gradient
-    return _ring_backward(ring, residuals, dout_BKGTH)
+    dout_BKGTV, _ = cotangents  # the work count has no gradient
+    return _ring_backward(ring, residuals, dout_BKGTV)
 
 
 _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
 
 
-def _ring_shard(q_BTNH, k_BTKH, v_BTKH, positions_BT, *, ring, other_axes):
+def _ring_shard(q_BTNH, k_BSKH, v_BSKV, q_at, k_at, *, ring, scale, other_axes):
     """One device's share: queries viewed [B, K, G, T, H] so K/V heads are never repeated."""
     B, T, N, H = q_BTNH.shape
-    K = k_BTKH.shape[2]
-    q_BKGTH = (q_BTNH * H**-0.5).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-    out_BKGTH, work = _ring_core(ring, q_BKGTH, k_BTKH, v_BTKH, positions_BT)
-    out_BTNH = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    K, V = k_BSKH.shape[2], v_BSKV.shape[3]
+    q_BKGTH = (q_BTNH * scale).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    out_BKGTV, work = _ring_core(ring, q_BKGTH, k_BSKH, v_BSKV, q_at, k_at)
+    out_BTNV = out_BKGTV.transpose(0, 3, 1, 2, 4).reshape(B, T, N, V)
     if other_axes:  # devices of one sequence shard may differ only by their batch rows: report the busiest
         work = jax.lax.pmax(jax.lax.stop_gradient(work), other_axes)
-    return out_BTNH, work[None]
+    return out_BTNV, work[None]
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -304,37 +358,49 @@ def _present(mesh: Mesh, axes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in axes if name in mesh.axis_names and mesh.shape[name] > 1)
 
 
-def _check_shapes(q_BTNH, k_BTKH, num_seq_shards, num_head_shards):
-    T, N = q_BTNH.shape[1], q_BTNH.shape[2]
-    K = k_BTKH.shape[2]
-    if T % (2 * num_seq_shards):
-        raise ValueError(f"ring attention needs seq_len ({T}) divisible by 2 * sequence shards ({2 * num_seq_shards})")
+def _check_inputs(q_BTNH, k_BSKH, v_BSKV, mask, num_seq_shards, num_head_shards):
+    (B, T, N, H), (S, K) = q_BTNH.shape, k_BSKH.shape[1:3]
+    for name, length in (("seq_len", T), ("key length", S)):
+        if length % (2 * num_seq_shards):
+            raise ValueError(
+                f"ring attention needs {name} ({length}) divisible by 2 * sequence shards ({2 * num_seq_shards})"
+            )
+    if k_BSKH.shape[:3] != v_BSKV.shape[:3] or k_BSKH.shape[0] != B or k_BSKH.shape[3] != H:
+        raise ValueError(f"k {k_BSKH.shape} and v {v_BSKV.shape} do not fit q {q_BTNH.shape}")
     if N % K:
         raise ValueError(f"query heads ({N}) must be a multiple of K/V heads ({K})")
     if K % num_head_shards:
         raise ValueError(f"K/V heads ({K}) must be divisible by the head shards ({num_head_shards})")
+    if (mask.q_segments_BT is None) != (mask.k_segments_BS is None):
+        raise ValueError("the mask needs document ids for both queries and keys, or for neither")
+    if mask.window < 0:
+        raise ValueError(f"sliding window must be >= 0 (0: off), got {mask.window}")
 
 
 def ring_attention(
     q_BTNH: jax.Array,
-    k_BTKH: jax.Array,
-    v_BTKH: jax.Array,
-    positions_BT: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKV: jax.Array,
+    mask: Mask,
     *,
+    bias_fn: BiasFn | None = None,
+    softcap: float = 0.0,
+    scale: float | None = None,
     mesh: Mesh,
     axis: str = "sequence",
     batch_axes: tuple[str, ...] = ("data", "fsdp", "expert"),
     head_axes: tuple[str, ...] = ("tensor",),
-    bias_fn: BiasFn | None = None,
     return_work: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Causal softmax(q k^T / sqrt(H) + bias, masked) v with the sequence sharded over `axis`.
+    """softmax(cap(scale * q k^T) + bias, masked by `mask`) v with the sequence sharded over `axis`.
 
-    The mask is (k_pos <= q_pos) & (k_pos >= 0), taken from `positions_BT` (so any layout works;
-    use `zigzag_order` for balanced work). Query head h reads K/V head h // (N / K). `bias_fn` maps
-    (q_pos_BT, k_pos_BS) to a [B, N, T, S] bias over all N heads; it is called per block (forward
-    and backward), each device keeps its own heads, and it gets no gradient (close over constants
-    only). A query that sees no key at all gets a zero output.
+    Every part of `mask` is honoured (positions, padding, window, document ids; `in_order` is not
+    needed, any layout works: use `zigzag_order` for balanced work). Query head h reads K/V head
+    h // (N / K); v's head dim V may differ from q's and k's H; `scale` defaults to H ** -0.5;
+    `softcap` > 0 caps the scaled logits to softcap * tanh(logits / softcap) before the bias (Gemma 2).
+    `bias_fn` maps (q_pos_BT, k_pos_BS) to a [B, N, T, S] bias over all N heads; it is called per
+    block (forward and backward), each device keeps its own heads, and it gets no gradient (close
+    over constants only). A query that sees no key at all gets a zero output.
 
     With `return_work`, also returns an int32 [num_sequence_shards] count of the (query half,
     K/V half) pairs each sequence shard computed rather than skipped in the forward ring (its
@@ -344,20 +410,28 @@ def ring_attention(
     batch = _present(mesh, tuple(batch_axes))
     heads = _present(mesh, tuple(head_axes))
     num_seq_shards = mesh.shape[axis] if seq else 1
-    _check_shapes(q_BTNH, k_BTKH, num_seq_shards, int(np.prod([mesh.shape[a] for a in heads])))
+    head_shards = int(np.prod([mesh.shape[a] for a in heads]))
+    _check_inputs(q_BTNH, k_BSKH, v_BSKV, mask, num_seq_shards, head_shards)
+    scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
 
     def spec(*dims):
         return P(*(d if d else None for d in dims))
 
     x_spec = spec(batch, seq, heads, None)
-    ring = _Ring(seq[0] if seq else None, num_seq_shards, heads, bias_fn)
+
+    def tokens(positions, segments):
+        return _Tokens(positions.astype(jnp.int32), None if segments is None else segments.astype(jnp.int32))
+
+    q_at = tokens(mask.q_positions_BT, mask.q_segments_BT)
+    k_at = tokens(mask.k_positions_BS, mask.k_segments_BS)
+    ring = _Ring(seq[0] if seq else None, num_seq_shards, heads, bias_fn, int(mask.window), float(softcap))
     # check_vma is off: the softmax state starts replicated and turns device-varying inside scan and
     # cond, and the call that would mark it varying up front (pvary, then pcast) moved between JAX versions.
-    out_BTNH, work = jax.shard_map(
-        partial(_ring_shard, ring=ring, other_axes=batch + heads),
+    out_BTNV, work = jax.shard_map(
+        partial(_ring_shard, ring=ring, scale=scale, other_axes=batch + heads),
         mesh=mesh,
-        in_specs=(x_spec, x_spec, x_spec, spec(batch, seq)),
+        in_specs=(x_spec, x_spec, x_spec, spec(batch, seq), spec(batch, seq)),
         out_specs=(x_spec, spec(seq)),
         check_vma=False,
-    )(q_BTNH, k_BTKH, v_BTKH, positions_BT.astype(jnp.int32))
-    return (out_BTNH, work) if return_work else out_BTNH
+    )(q_BTNH, k_BSKH, v_BSKV, q_at, k_at)
+    return (out_BTNV, work) if return_work else out_BTNV

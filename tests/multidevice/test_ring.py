@@ -1,4 +1,6 @@
-"""Ring attention against a plain causal attention written here, on 8 fake CPU devices."""
+"""Ring attention against a brute-force attention written here (its mask built by explicit loops), on 8 fake CPU
+devices: causal, sliding window, documents with restarting positions, padding, soft-capping, GQA/MQA, a value
+head dim of its own, and the block skipping."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +10,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from parallel.ring import ring_attention, zigzag_order
+from model.mask import Mask
+from parallel.ring import _fully_masked, _Tokens, ring_attention, zigzag_order
 
 B, T, N, K, H = 2, 32, 4, 2, 8
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -18,16 +21,35 @@ def make_mesh(**sizes):
     return jax.make_mesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Auto,) * len(sizes))
 
 
-def reference_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, k_pos_BS, bias_BNTS=None):
-    """Textbook causal attention with K/V repeated per query head."""
+def reference_mask(q_pos_BT, k_pos_BS, q_seg_BT=None, k_seg_BS=None, window=0) -> np.ndarray:
+    """[B, T, S] bool, one pair at a time: a real key, not after the query, inside the window, same document."""
+    q_pos_BT, k_pos_BS = np.asarray(q_pos_BT), np.asarray(k_pos_BS)
+    allowed = np.zeros((q_pos_BT.shape[0], q_pos_BT.shape[1], k_pos_BS.shape[1]), bool)
+    for b in range(allowed.shape[0]):
+        for t in range(allowed.shape[1]):
+            for s in range(allowed.shape[2]):
+                qp, kp = q_pos_BT[b, t], k_pos_BS[b, s]
+                ok = 0 <= kp <= qp and (window == 0 or qp - kp < window)
+                if q_seg_BT is not None:
+                    ok = ok and q_seg_BT[b, t] == k_seg_BS[b, s]
+                allowed[b, t, s] = ok
+    return allowed
+
+
+def reference_attention(q_BTNH, k_BSKH, v_BSKV, allowed_BTS, bias_BNTS=None, softcap=0.0, scale=None):
+    """Textbook attention with K/V repeated per query head; a query that sees nothing outputs 0."""
     G = q_BTNH.shape[2] // k_BSKH.shape[2]
-    k_BSNH, v_BSNH = jnp.repeat(k_BSKH, G, axis=2), jnp.repeat(v_BSKH, G, axis=2)
-    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH) / np.sqrt(q_BTNH.shape[-1])
+    k_BSNH, v_BSNV = jnp.repeat(k_BSKH, G, axis=2), jnp.repeat(v_BSKV, G, axis=2)
+    scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
+    logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH) * scale
+    if softcap:
+        logits_BNTS = softcap * jnp.tanh(logits_BNTS / softcap)
     if bias_BNTS is not None:
         logits_BNTS = logits_BNTS + bias_BNTS
-    mask_BTS = (k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]) & (k_pos_BS[:, None, :] >= 0)
-    probs_BNTS = jax.nn.softmax(jnp.where(mask_BTS[:, None], logits_BNTS, -1e30), axis=-1)
-    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
+    allowed_B1TS = jnp.asarray(allowed_BTS)[:, None]
+    probs_BNTS = jax.nn.softmax(jnp.where(allowed_B1TS, logits_BNTS, -1e30), axis=-1)
+    probs_BNTS = jnp.where(allowed_B1TS.any(axis=-1, keepdims=True), probs_BNTS, 0.0)
+    return jnp.einsum("bnts,bsnv->btnv", probs_BNTS, v_BSNV)
 
 
 def alibi_like(q_pos_BT, k_pos_BS):
@@ -36,32 +58,79 @@ def alibi_like(q_pos_BT, k_pos_BS):
     return slopes_N[None, :, None, None] * distance_BTS[:, None]
 
 
-def random_qkv(seed=0):
+def random_qkv(seed=0, num_kv_heads=K, value_dim=H):
     keys = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(keys[0], (B, T, N, H))
-    k = jax.random.normal(keys[1], (B, T, K, H))
-    v = jax.random.normal(keys[2], (B, T, K, H))
-    cotangent = jax.random.normal(keys[3], (B, T, N, H))
+    k = jax.random.normal(keys[1], (B, T, num_kv_heads, H))
+    v = jax.random.normal(keys[2], (B, T, num_kv_heads, value_dim))
+    cotangent = jax.random.normal(keys[3], (B, T, N, value_dim))
     return q, k, v, cotangent
 
 
+def documents(seed, shuffled_ids=False, pad_last=0):
+    """(positions, segment ids) [B, T] in natural order: random document lengths, positions restarting at 0 at
+    each document; `shuffled_ids` labels documents in no particular order; the last `pad_last` tokens of row 1
+    are padding (position -1)."""
+    rng = np.random.default_rng(seed)
+    positions, segments = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
+    for b in range(B):
+        starts = np.sort(rng.choice(np.arange(1, T), size=4, replace=False))
+        labels = rng.permutation(10)[:5] if shuffled_ids else np.arange(5)
+        doc = np.searchsorted(starts, np.arange(T), side="right")
+        segments[b] = labels[doc]
+        positions[b] = np.arange(T) - np.concatenate([[0], starts])[doc]
+    if pad_last:
+        positions[1, -pad_last:] = -1
+    return positions, segments
+
+
+def natural_positions():
+    return np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+
+
 def layout(name, num_shards):
-    """Slot -> original position for a layout; positions are these indices."""
+    """Slot -> original position for a layout."""
     return zigzag_order(T, num_shards) if name == "zigzag" else np.arange(T, dtype=np.int32)
 
 
-def run_ring(mesh, order, q, k, v, **kwargs):
-    """Ring attention on the permuted sequence, output returned in the original order."""
-    positions_BT = jnp.broadcast_to(jnp.asarray(order), (B, T))
-    fn = jax.jit(
-        lambda q, k, v: ring_attention(q[:, order], k[:, order], v[:, order], positions_BT, mesh=mesh, **kwargs)
-    )
-    return fn(q, k, v)[:, np.argsort(order)]
+def ring_fn(mesh, order, positions_BT, segments_BT=None, window=0, **kwargs):
+    """q, k, v (natural order) -> ring attention's output in natural order, computed on the permuted sequence."""
+    pos_BT = jnp.asarray(positions_BT)[:, order]
+    seg_BT = None if segments_BT is None else jnp.asarray(segments_BT)[:, order]
+    mask = Mask.self_attention(pos_BT, seg_BT, window=window)
+    inverse = np.argsort(order)
+    return lambda q, k, v: ring_attention(q[:, order], k[:, order], v[:, order], mask, mesh=mesh, **kwargs)[:, inverse]
+
+
+def run_ring(mesh, order, q, k, v, positions_BT=None, **kwargs):
+    positions_BT = natural_positions() if positions_BT is None else positions_BT
+    return jax.jit(ring_fn(mesh, order, positions_BT, **kwargs))(q, k, v)
+
+
+def reference_fn(positions_BT, segments_BT=None, window=0, bias_fn=None, **kwargs):
+    allowed_BTS = reference_mask(positions_BT, positions_BT, segments_BT, segments_BT, window)
+    bias = None if bias_fn is None else bias_fn(jnp.asarray(positions_BT), jnp.asarray(positions_BT))
+    return lambda q, k, v: reference_attention(q, k, v, allowed_BTS, bias, **kwargs)
 
 
 def natural_reference(q, k, v, bias_fn=None):
-    pos_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    return reference_attention(q, k, v, pos_BT, pos_BT, None if bias_fn is None else bias_fn(pos_BT, pos_BT))
+    return reference_fn(natural_positions(), bias_fn=bias_fn)(q, k, v)
+
+
+def output_and_grads(fn, qkv, cotangent):
+    out, vjp = jax.vjp(fn, *qkv)
+    return out, vjp(cotangent)
+
+
+def assert_matches(mesh, order, seed, positions_BT, segments_BT=None, window=0, num_kv_heads=K, value_dim=H, **kw):
+    """Output and the gradients of q, k and v against the reference, for one mask and attention variant."""
+    q, k, v, cotangent = random_qkv(seed, num_kv_heads, value_dim)
+    ring = ring_fn(mesh, order, positions_BT, segments_BT, window, **kw)
+    ring_out, ring_grads = jax.jit(lambda *qkv: output_and_grads(ring, qkv, cotangent))(q, k, v)
+    ref_out, ref_grads = output_and_grads(reference_fn(positions_BT, segments_BT, window, **kw), (q, k, v), cotangent)
+    np.testing.assert_allclose(ring_out, ref_out, **TOL)
+    for ring_grad, ref_grad in zip(ring_grads, ref_grads):
+        np.testing.assert_allclose(ring_grad, ref_grad, **TOL)
 
 
 MESHES = {"seq4_data2": dict(data=2, sequence=4), "seq8": dict(sequence=8)}
@@ -76,19 +145,46 @@ def test_forward_matches_reference(mesh_name, layout_name):
     np.testing.assert_allclose(out, natural_reference(q, k, v), **TOL)
 
 
-def assert_grads_match(mesh, order, seed, bias_fn=None):
-    q, k, v, cotangent = random_qkv(seed)
-    ring_loss = lambda *qkv: jnp.sum(run_ring(mesh, order, *qkv, bias_fn=bias_fn) * cotangent)
-    ref_loss = lambda *qkv: jnp.sum(natural_reference(*qkv, bias_fn) * cotangent)
-    ring_grads = jax.jit(jax.grad(ring_loss, argnums=(0, 1, 2)))(q, k, v)
-    ref_grads = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
-    for ring_grad, ref_grad in zip(ring_grads, ref_grads):
-        np.testing.assert_allclose(ring_grad, ref_grad, **TOL)
-
-
 @pytest.mark.parametrize("layout_name", ["zigzag", "contiguous"])
 def test_gradients_match_reference(layout_name):
-    assert_grads_match(make_mesh(data=2, sequence=4), layout(layout_name, 4), seed=1)
+    assert_matches(make_mesh(data=2, sequence=4), layout(layout_name, 4), 1, natural_positions())
+
+
+@pytest.mark.parametrize("window", [3, 12])
+def test_sliding_window(window):
+    """3 is under the 4-token chunk (most pairs are skipped), 12 spans several chunks."""
+    assert_matches(make_mesh(data=2, sequence=4), zigzag_order(T, 4), 6, natural_positions(), window=window)
+
+
+@pytest.mark.parametrize("shuffled_ids", [False, True], ids=["ordered_ids", "shuffled_ids"])
+def test_documents_with_restarting_positions_and_padding(shuffled_ids):
+    positions_BT, segments_BT = documents(7, shuffled_ids, pad_last=3)
+    assert_matches(make_mesh(data=2, sequence=4), zigzag_order(T, 4), 7, positions_BT, segments_BT)
+
+
+def test_window_and_documents():
+    positions_BT, segments_BT = documents(8)
+    assert_matches(make_mesh(sequence=8), zigzag_order(T, 8), 8, positions_BT, segments_BT, window=5)
+
+
+def test_softcap_then_bias_with_own_scale():
+    """The cap acts on the scaled logits, the bias is added after it (Gemma 2's order)."""
+    mesh = make_mesh(data=2, sequence=4)
+    assert_matches(mesh, zigzag_order(T, 4), 9, natural_positions(), softcap=1.5, scale=0.7, bias_fn=alibi_like)
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 4], ids=["mqa", "mha"])
+def test_kv_head_counts(num_kv_heads):
+    """K = 2 (GQA) runs in every other test."""
+    assert_matches(
+        make_mesh(data=2, sequence=4), zigzag_order(T, 4), 10, natural_positions(), num_kv_heads=num_kv_heads
+    )
+
+
+def test_value_head_dim_differs_with_heads_sharded():
+    mesh = make_mesh(sequence=4, tensor=2)
+    positions_BT, segments_BT = documents(11)
+    assert_matches(mesh, zigzag_order(T, 4), 11, positions_BT, segments_BT, window=6, value_dim=6, softcap=3.0)
 
 
 def test_bias_fn_matches_reference():
@@ -104,7 +200,7 @@ def test_heads_sharded_over_tensor_axis():
     q, k, v, _ = random_qkv(3)
     out = run_ring(mesh, zigzag_order(T, 2), q, k, v, bias_fn=alibi_like)
     np.testing.assert_allclose(out, natural_reference(q, k, v, alibi_like), **TOL)
-    assert_grads_match(mesh, zigzag_order(T, 2), seed=3, bias_fn=alibi_like)
+    assert_matches(mesh, zigzag_order(T, 2), 3, natural_positions(), bias_fn=alibi_like)
 
 
 def test_under_set_mesh_in_scanned_remat_flax_layers():
@@ -118,7 +214,7 @@ def test_under_set_mesh_in_scanned_remat_flax_layers():
             q_BTNH = nn.DenseGeneral((N, H), name="q")(x_BTD)
             k_BTKH = nn.DenseGeneral((K, H), name="k")(x_BTD)
             v_BTKH = nn.DenseGeneral((K, H), name="v")(x_BTD)
-            out_BTNH = ring_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, mesh=mesh)
+            out_BTNH = ring_attention(q_BTNH, k_BTKH, v_BTKH, Mask.self_attention(positions_BT), mesh=mesh)
             return x_BTD + nn.DenseGeneral(x_BTD.shape[-1], axis=(-2, -1), name="o")(out_BTNH), None
 
     Stack = nn.scan(
@@ -139,12 +235,27 @@ def test_under_set_mesh_in_scanned_remat_flax_layers():
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
-def work_counts(order, num_shards):
+# ----------------------------------------------------------------------------- block skipping
+
+
+def work_counts(order, num_shards, positions_BT=None, segments_BT=None, window=0):
+    """Pairs each shard computed, for a mask given in natural order and laid out by `order`."""
     mesh = make_mesh(sequence=num_shards)
     q, k, v, _ = random_qkv()
-    positions_BT = jnp.broadcast_to(jnp.asarray(order), (B, T))
-    _, work = jax.jit(lambda *a: ring_attention(*a, mesh=mesh, return_work=True))(q, k, v, positions_BT)
+    positions_BT = natural_positions() if positions_BT is None else positions_BT
+    pos_BT = jnp.asarray(positions_BT)[:, order]
+    seg_BT = None if segments_BT is None else jnp.asarray(segments_BT)[:, order]
+    mask = Mask.self_attention(pos_BT, seg_BT, window=window)
+    attend = jax.jit(lambda q, k, v, mask: ring_attention(q, k, v, mask, mesh=mesh, return_work=True))
+    _, work = attend(q[:, order], k[:, order], v[:, order], mask)
     return np.asarray(work)
+
+
+def needed_pairs(num_shards, allowed_BTS):
+    """Per zig-zag shard: the (query chunk, key chunk) pairs in which some row sees some key."""
+    n, chunk = num_shards, T // (2 * num_shards)
+    seen_CC = allowed_BTS.reshape(B, 2 * n, chunk, 2 * n, chunk).any(axis=(0, 2, 4))
+    return np.asarray([seen_CC[[d, 2 * n - 1 - d]].sum() for d in range(n)])
 
 
 def test_zigzag_balances_work():
@@ -159,6 +270,45 @@ def test_contiguous_layout_overloads_last_shard():
     assert work.sum() == n * (2 * n + 1)  # the same total work, badly spread
 
 
+def test_window_skips_exactly_the_hidden_pairs():
+    n, window = 8, 5
+    allowed_BTS = reference_mask(natural_positions(), natural_positions(), window=window)
+    work = work_counts(zigzag_order(T, n), n, window=window)
+    np.testing.assert_array_equal(work, needed_pairs(n, allowed_BTS))
+    assert work.sum() < n * (2 * n + 1)
+
+
+def test_ordered_documents_skip_exactly_the_hidden_pairs():
+    """With restarting positions, position alone would skip little; (document, position) order skips the rest."""
+    n = 8
+    positions_BT, segments_BT = documents(12)
+    allowed_BTS = reference_mask(positions_BT, positions_BT, segments_BT, segments_BT)
+    work = work_counts(zigzag_order(T, n), n, positions_BT, segments_BT)
+    np.testing.assert_array_equal(work, needed_pairs(n, allowed_BTS))
+    assert work.sum() < n * (2 * n + 1)
+
+
+def test_skipping_never_hides_a_visible_pair():
+    """`_fully_masked` on many random small blocks (padding, arbitrary positions and document ids, windows): when
+    it skips a block, the brute-force mask hides every pair of it; and each of its rules does skip some blocks."""
+    rng = np.random.default_rng(13)
+    cases, L = 400, 4
+    for window in [0, 2, 5]:
+        q_pos_CBL = rng.integers(-1, 12, (cases, 1, L)).astype(np.int32)
+        k_pos_CBL = rng.integers(-1, 12, (cases, 1, L)).astype(np.int32)
+        for segments in [False, True]:
+            q_seg_CBL = rng.integers(0, 3, (cases, 1, L)).astype(np.int32) if segments else None
+            k_seg_CBL = rng.integers(0, 3, (cases, 1, L)).astype(np.int32) if segments else None
+            hidden_C = jax.jit(
+                jax.vmap(lambda qp, kp, qs, ks: _fully_masked(_Tokens(qp, qs), _Tokens(kp, ks), window))
+            )(q_pos_CBL, k_pos_CBL, q_seg_CBL, k_seg_CBL)
+            hidden_C = np.asarray(hidden_C)
+            for c in np.flatnonzero(hidden_C):
+                q_seg, k_seg = (q_seg_CBL[c], k_seg_CBL[c]) if segments else (None, None)
+                assert not reference_mask(q_pos_CBL[c], k_pos_CBL[c], q_seg, k_seg, window).any(), c
+            assert 0 < hidden_C.sum() < cases
+
+
 def test_zigzag_order_pairs_early_and_late_chunks():
     n, chunk = 4, 3
     order = zigzag_order(2 * n * chunk, n)
@@ -171,3 +321,11 @@ def test_zigzag_order_pairs_early_and_late_chunks():
 def test_zigzag_order_rejects_bad_length():
     with pytest.raises(ValueError, match=r"30.*8"):
         zigzag_order(30, 4)
+
+
+def test_rejects_document_ids_on_one_side_only():
+    positions_BT = jnp.asarray(natural_positions())
+    mask = Mask(positions_BT, positions_BT, q_segments_BT=jnp.zeros((B, T), jnp.int32))
+    q, k, v, _ = random_qkv()
+    with pytest.raises(ValueError, match="document ids"):
+        ring_attention(q, k, v, mask, mesh=make_mesh(sequence=8))
