@@ -28,6 +28,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         norm_eps=1e-6,
         position="rope",  # rope | alibi | learned | sinusoidal | none
         rope_theta=10_000.0,
+        # Context extension (transformers' rope utilities): none | linear | llama3 | yarn, with the fields each uses.
+        rope_scaling=dict(
+            type="none",
+            factor=1.0,  # how many times longer the context gets
+            original_max_len=0,  # llama3, yarn: the context the model was pretrained on
+            low_freq_factor=1.0,  # llama3
+            high_freq_factor=4.0,  # llama3
+            beta_fast=32.0,  # yarn
+            beta_slow=1.0,  # yarn
+            mscale=1.0,  # yarn
+            mscale_all_dim=0.0,  # yarn (DeepSeek)
+        ),
         attention="gqa",  # gqa (MHA/GQA/MQA by num_kv_heads)
         sliding_window=0,  # keys at query pos - key pos >= window are masked (Mistral); 0: off
         global_every=0,  # with a window: layer i is global when (i + 1) % global_every == 0; 0: all local

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from model.rope import RopeScaling
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -23,6 +25,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     position: str = "rope"  # a key of model.positions.POSITIONS
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling = RopeScaling()  # context extension: linear, llama3 or yarn (model/rope.py)
     sliding_window: int = 0  # keys at query position - key position >= window are masked (0: no window)
     global_every: int = 0  # with a window: layer i attends globally when (i + 1) % global_every == 0 (0: none)
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3, OLMo 2)

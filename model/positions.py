@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import rope as rope_lib
 from model.config import ModelConfig
 
 
@@ -60,8 +61,11 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 
 
 def rope(cfg: ModelConfig, x_BTNH: jax.Array, positions_BT: jax.Array) -> jax.Array:
-    """RoPE as `cfg` sets it (theta; padding's position -1 rotates as 0, which no query reads)."""
-    return apply_rope(x_BTNH, jnp.maximum(positions_BT, 0), cfg.rope_theta)
+    """RoPE as `cfg` sets it: theta and the scaling's inverse frequencies and attention factor (model/rope.py).
+    Padding's position -1 rotates as 0, which no query reads."""
+    inv_freq_F = rope_lib.inverse_frequencies(x_BTNH.shape[-1], cfg.rope_theta, cfg.rope_scaling)
+    factor = rope_lib.attention_factor(cfg.rope_scaling)
+    return rotate_pairs(x_BTNH, jnp.maximum(positions_BT, 0), inv_freq_F, factor)
 
 
 @dataclasses.dataclass(frozen=True)

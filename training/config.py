@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from data.config import DataConfig
+from model import rope as rope_lib
 from model.attention import ATTENTION_IMPLS
 from model.config import ModelConfig
 from model.kinds import ATTENTION_KINDS, MLP_KINDS
@@ -95,6 +96,9 @@ def _typed(group: str, cls, values: dict) -> Any:
         if key not in allowed:
             raise ConfigError(f"{group}.{key}: unknown key (allowed: {', '.join(allowed)})")
         want = typing.get_origin(hints[key]) or hints[key]
+        if dataclasses.is_dataclass(want) and isinstance(value, dict):  # a nested group, e.g. model.rope_scaling
+            kwargs[key] = _typed(f"{group}.{key}", want, value)
+            continue
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if want is int and isinstance(value, float) and value.is_integer():
@@ -159,6 +163,7 @@ def _rules(
             "scan_unroll",
         ),
         (m.head_dim >= 0, "model.head_dim", m.head_dim, "must be >= 0 (0: d_model // num_heads)"),
+        *rope_lib.scaling_errors(m.rope_scaling),
         one_of("model.attention", m.attention, ATTENTION_KINDS),
         one_of("model.mlp", m.mlp, MLP_KINDS),
         (m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0 (0: no window)"),
@@ -253,5 +258,12 @@ def with_vocab(run: RunConfig, vocab_size: int) -> RunConfig:
 
 
 def from_dict(d: dict) -> RunConfig:
-    """Rebuilds a RunConfig from `to_dict()` output (the config.json of a workdir; older ones lack `mesh`)."""
-    return RunConfig(**{group: cls(**d.get(group, {})) for group, cls in GROUPS.items()})
+    """Rebuilds a RunConfig from `to_dict()` output (the config.json of a workdir; older ones lack `mesh` and
+    newer keys, which take their defaults)."""
+    return RunConfig(**{group: _rebuilt(cls, d.get(group, {})) for group, cls in GROUPS.items()})
+
+
+def _rebuilt(cls, values: dict):
+    hints = typing.get_type_hints(cls)
+    nested = {k: _rebuilt(hints[k], v) for k, v in values.items() if dataclasses.is_dataclass(hints.get(k))}
+    return cls(**{**values, **nested})

@@ -101,6 +101,7 @@ def ring_implementation(layout: Layout) -> Implementation:
         batch_axes=mesh_axes(layout.rules["batch"]),
         head_axes=mesh_axes(layout.rules["heads"]),
     )
+    # The ring runs every part of the mask (window, documents, padding), soft-caps, biases and its own scale.
     return Implementation(blocker=lambda cfg, documents=False: None, attend=lambda cfg, *args, **kw: ring(*args, **kw))
 
 
