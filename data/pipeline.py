@@ -32,7 +32,9 @@ class Data:
     store: TokenStore
     cfg: DataConfig
 
-    def train_iterator(self, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1, start_window: int = 0):  # fmt: skip
+    def train_iterator(
+        self, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1, start_window: int = 0
+    ):
         """A checkpointable grain iterator of {'tokens': int32 [batch_size // shard_count, seq_len + 1]}.
 
         The stream is one fixed sequence of windows per seed (shuffled, reshuffled every epoch); the iterator
