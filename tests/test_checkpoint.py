@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -430,3 +431,9 @@ def test_a_checkpoint_restores_onto_another_device_layout(tmp_path):
     for name, leaf in restored.arrays["params"].items():
         assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
         np.testing.assert_array_equal(np.asarray(leaf), params[name])
+
+
+def test_a_checkpoint_from_before_window_positions_resumes_at_its_batch_count_times_its_batch_size():
+    old = types.SimpleNamespace(train={"data": {"next_index": 5}}, run=tiny_run(train={"batch_size": 4}))
+    new = types.SimpleNamespace(train={"data": {"windows": 20}}, run=tiny_run(train={"batch_size": 8}))
+    assert loop.stream_position(old) == loop.stream_position(new) == 20
