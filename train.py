@@ -3,7 +3,8 @@
     python train.py --config configs/tiny.py --workdir runs/tiny --config.train.steps=500
 
 Re-running the same command with the same workdir resumes from its latest complete checkpoint. SIGTERM
-(preemption) finishes the current step, writes a checkpoint and exits with code 0.
+(preemption) or Ctrl-C finishes the current step, writes a checkpoint and exits with code 0 (a second Ctrl-C
+abandons that checkpoint). A workdir holds one run at a time: a second run there exits with code 2.
 
 The mesh comes from `config.mesh` (e.g. --config.mesh.fsdp=8). On several hosts, start one process per host
 with --coordinator_address, --num_processes and --process_id (or let SLURM / Cloud TPU set them).
@@ -32,6 +33,7 @@ from training.cli import parse_flags as parse_any_flags
 from training.config import ConfigError, resolve
 from training.dry_run import dry_run, report
 from training.loop import run_summary, train
+from training.workdir import WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (a get_config(arg) module).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and the resolved config.")
@@ -74,7 +76,7 @@ def main(argv: list[str]) -> None:
             return
         initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         result = train(run, _WORKDIR.value)
-    except (ConfigError, DataError, CheckpointError, MeshError, DistributedError) as e:
+    except (ConfigError, DataError, CheckpointError, MeshError, DistributedError, WorkdirError) as e:
         fail(str(e))
     except FloatingPointError as e:  # a diverged run: one line, not a traceback
         fail(str(e), code=1)

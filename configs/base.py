@@ -86,14 +86,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seed=0,
         log_every=50,
         eval_every=250,
-        eval_batches=8,
+        eval_batches=8,  # eval set: 16 windows per eval batch (128 here), whatever batch_size is (data/pipeline.py)
         sample_tokens=200,  # printed at the end of training (0: no sample)
         sample_prompt="def ",
         init_from="",  # a workdir or checkpoint dir: start from its params (not its optimizer state)
         peak_flops=0.0,  # per-device peak FLOP/s for perf/mfu; 0: known accelerators' table, measured on CPU
     )
     c.checkpoint = dict(
-        every=500,  # save every N steps (and always at the end and on SIGTERM)
+        every=500,  # save every N steps (and always at the end and on SIGTERM or Ctrl-C)
         keep=3,  # how many of the latest checkpoints to keep
         keep_every=0,  # also keep every checkpoint whose step is a multiple of this (0: none)
         async_save=True,  # write in a background thread while training continues

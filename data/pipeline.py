@@ -2,8 +2,8 @@
 
 Training draws fixed-length windows of `seq_len + 1` tokens (inputs plus shifted targets) from the
 concatenated token stream, shuffled by seed and reshuffled every epoch, through a grain iterator
-whose state can be checkpointed. Validation batches are a fixed set of windows spread evenly over
-the validation split.
+whose position (in windows) is checkpointed. Validation batches are a fixed set of windows spread evenly
+over the validation split, the same for any batch size.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from data.errors import DataError
 from data.store import TokenStore, build_token_store, default_cache_dir, store_key
 from data.tokenizer import Tokenizer, build_tokenizer
 
+# Windows per `train.eval_batches`: the eval set's size is fixed by the config, not by train.batch_size
+# (16 is the default batch size, so default runs keep the eval set they always had).
+EVAL_ROWS = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class Data:
@@ -28,30 +32,40 @@ class Data:
     store: TokenStore
     cfg: DataConfig
 
-    def train_iterator(self, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1):
+    def train_iterator(
+        self, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1, start_window: int = 0
+    ):
         """A checkpointable grain iterator of {'tokens': int32 [batch_size // shard_count, seq_len + 1]}.
 
+        The stream is one fixed sequence of windows per seed (shuffled, reshuffled every epoch); the iterator
+        starts at its window `start_window` and cuts it into global batches of `batch_size`, so a run resumed
+        with another batch size continues exactly where it was (a position counts windows, not batches).
         The global batches are the same for any shard_count: shard i (a process) reads only rows
         [i * rows, (i + 1) * rows) of each, rows = batch_size // shard_count, so a run gives the same
-        losses on one host or several, and its iterator state (the step) resumes on any number of hosts.
+        losses on one host or several, and resumes on any number of hosts.
         """
         windows = Windows(self.store.train, self.cfg.seq_len)
         ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
+        if start_window:
+            ds = ds[start_window:]
         # Global batch k is local batches k * shard_count .. k * shard_count + shard_count - 1, in shard order.
         ds = ds.batch(batch_size // shard_count, batch_fn=stack_windows)[shard_index::shard_count]
         return iter(ds)
 
     def validation_batches(self, batch_size: int, num_batches: int) -> list[dict]:
-        """Fixed batches of {'tokens', 'mask'}: every target of the split exactly once when that fits in
-        `num_batches` batches (the numbers `infer.py --score` gives for the same text), else
-        `num_batches` full batches of windows spread evenly over the split."""
-        tokens, seq_len = self.store.val, self.cfg.seq_len
-        if len(covering_starts(len(tokens), seq_len)) <= batch_size * num_batches:
+        """The fixed eval set, cut into batches of {'tokens', 'mask'} of `batch_size` rows (the last one padded
+        with mask 0), so it does not depend on the batch size: every target of the split exactly once when
+        that takes at most `num_batches * EVAL_ROWS` windows (the numbers `infer.py --score` gives for the
+        same text), else that many windows spread evenly over the split."""
+        tokens, seq_len, count = self.store.val, self.cfg.seq_len, num_batches * EVAL_ROWS
+        if len(covering_starts(len(tokens), seq_len)) <= count:
             return scoring_batches(tokens, seq_len, batch_size)
-        starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * num_batches).round().astype(np.int64)
-        rows = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int32)
-        mask = np.ones((len(rows), seq_len), np.float32)
-        return [_rows(rows, mask, i * batch_size, batch_size) for i in range(num_batches)]
+        starts = np.linspace(0, len(tokens) - seq_len - 1, count).round().astype(np.int64)
+        rows = np.zeros((-(-count // batch_size) * batch_size, seq_len + 1), np.int32)
+        rows[:count] = np.stack([tokens[s : s + seq_len + 1] for s in starts])
+        mask = np.zeros((len(rows), seq_len), np.float32)
+        mask[:count] = 1.0
+        return [_rows(rows, mask, i, batch_size) for i in range(0, len(rows), batch_size)]
 
 
 class Windows:

@@ -6,16 +6,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import data as data_lib
 from data.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_from_dict, tokenizer_to_dict, train_bpe
 from tests.conftest import REPO, tiny_run
 from training import loop
@@ -41,7 +45,7 @@ from training import checkpoint, loop
 
 mode, at = sys.argv[1], int(sys.argv[2])
 loop.peak_flops = lambda *args: (1e12, "not measured")
-save, write = checkpoint.Checkpointer.save, loop.MetricsWriter.write
+save, write, wait = checkpoint.Checkpointer.save, loop.MetricsWriter.write, checkpoint.Checkpointer.wait
 
 def save_then_kill(self, step, *args, **kwargs):
     save(self, step, *args, **kwargs)  # returns once the arrays are on the host; the files come after
@@ -54,8 +58,17 @@ def write_then(self, step, metrics):
         time.sleep(0.2)
     if mode == "sigterm" and step == at and "train/loss" in metrics:
         os.kill(os.getpid(), signal.SIGTERM)
+    if mode == "sigint-twice" and step == at and "train/loss" in metrics:
+        os.kill(os.getpid(), signal.SIGINT)
+    while mode == "hold" and step == at and not os.path.exists(os.environ["RELEASE"]):
+        time.sleep(0.05)
 
-checkpoint.Checkpointer.save, loop.MetricsWriter.write = save_then_kill, write_then
+def wait_then(self):
+    if mode == "sigint-twice":  # Ctrl-C again while the checkpoint of the stop is being written
+        os.kill(os.getpid(), signal.SIGINT)
+    wait(self)
+
+checkpoint.Checkpointer.save, loop.MetricsWriter.write, checkpoint.Checkpointer.wait = save_then_kill, write_then, wait_then
 sys.argv = ["train.py", *sys.argv[3:]]
 app.run(train.main, flags_parser=train.parse_flags)
 """
@@ -132,6 +145,73 @@ def test_runs_killed_or_preempted_anywhere_resume_bit_identically(tmp_path, text
     assert curve(workdir, "eval/loss") == curve(tmp_path / "reference", "eval/loss")
 
 
+def test_one_run_per_workdir_and_ctrl_c_saves_once_and_aborts_twice(tmp_path, text_corpus):
+    groups = {
+        "data": {"corpus": str(text_corpus), "val_fraction": 0.2},
+        "train": {"steps": 8, "log_every": 1, "eval_every": 100},
+        "checkpoint": {"every": 100},
+    }
+    config = tmp_path / "config.py"
+    config.write_text(f"from tests.conftest import tiny_config\n\n\ndef get_config(arg=None):\n    return tiny_config(**{groups!r})\n")  # fmt: skip
+    release, workdir = tmp_path / "release", tmp_path / "run"
+    env = subprocess_env(RELEASE=str(release), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
+
+    def start(mode: str, at: int = 0) -> subprocess.Popen:
+        command = [sys.executable, "-c", DRIVER, mode, str(at), f"--config={config}", f"--workdir={workdir}"]
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # A run that sits after logging step 2 until `release` exists.
+    holder = start("hold", 2)
+    try:
+        lock_and_ctrl_c(holder, start, release, workdir)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def lock_and_ctrl_c(holder, start, release, workdir) -> None:
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and '{"step": 2,' in metrics.read_text()) and holder.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    written = metrics.read_bytes()
+
+    # A second run on the same workdir refuses before compiling or writing anything.
+    second = start("run")
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 2, err[-3000:]
+    holder_is = f"pid {holder.pid} on host {socket.gethostname()} since [0-9-]+ [0-9:]+"
+    assert re.fullmatch(
+        f"error: {re.escape(str(workdir))}: in use by {holder_is}; wait for that run or use another workdir\n", err
+    )
+    assert "compiled" not in out and metrics.read_bytes() == written
+
+    # Ctrl-C: the step finishes, its checkpoint is written, exit code 0.
+    holder.send_signal(signal.SIGINT)
+    release.touch()
+    out, err = holder.communicate(timeout=300)
+    assert holder.returncode == 0, err[-3000:]
+    assert "SIGINT: stopped after step 2 and wrote a checkpoint" in out and "preempted at step 2" in out
+    assert "Traceback" not in err and list_steps(workdir) == [2] and not (workdir / "train.lock").exists()
+
+    # Ctrl-C twice: the second one, during the checkpoint of step 4, kills the run before that step is complete.
+    twice = start("sigint-twice", 4)
+    out, err = twice.communicate(timeout=300)
+    assert twice.returncode == -signal.SIGINT, err[-3000:]
+    assert err.strip().splitlines()[-1] == "SIGINT then SIGINT: aborting without finishing the checkpoint"
+    assert list_steps(workdir) == [2] and list(checkpoints_dir(workdir).glob("4.orbax-checkpoint-tmp*"))
+    assert (workdir / "train.lock").read_text().startswith(f"pid {twice.pid} on host ")  # left by the dead run
+
+    # The dead run's lock does not block the re-run, which resumes from step 2 and writes each row once.
+    again = start("run")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert f"resuming from {checkpoints_dir(workdir) / '2'}" in out and list_steps(workdir) == [2, 8]
+    assert not list(checkpoints_dir(workdir).glob("*tmp*")) and not (workdir / "train.lock").exists()
+    assert [step for step, _ in curve(workdir)] == list(range(1, 9))
+
+
 def test_resuming_checks_the_config_and_skips_a_damaged_latest_checkpoint(tmp_path, text_corpus, capsys):
     groups = {
         "data": {"corpus": str(text_corpus), "val_fraction": 0.2},
@@ -173,6 +253,40 @@ def test_resuming_checks_the_config_and_skips_a_damaged_latest_checkpoint(tmp_pa
     with pytest.raises(CheckpointError, match=f"^{where}: no checkpoint reads back completely"):
         train(tiny_run(**groups), tmp_path, quiet=True)
     assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_resuming_with_another_batch_size_continues_the_stream_and_a_rewarm_is_logged(tmp_path, text_corpus, capsys, monkeypatch):  # fmt: skip
+    seen, plain = [], data_lib.Data.train_iterator
+
+    class Recorded:  # the loop's iterator, keeping every batch it gives
+        def __init__(self, data, *args, **kwargs):
+            self.it = plain(data, *args, **kwargs)
+            self.get_state, self.set_state = self.it.get_state, self.it.set_state
+
+        def __next__(self):
+            seen.append(next(self.it)["tokens"])
+            return {"tokens": seen[-1]}
+
+    monkeypatch.setattr(data_lib.Data, "train_iterator", lambda data, *a, **k: Recorded(data, *a, **k))
+    groups = {"data": {"corpus": str(text_corpus), "val_fraction": 0.2}, "checkpoint": {"every": 100}}
+    train(tiny_run(**groups, train={"steps": 4, "batch_size": 4, "eval_every": 100}), tmp_path)
+    first = capsys.readouterr().out
+    assert "re-warms" not in first and len(seen) == 4
+    train(tiny_run(**groups, train={"steps": 4, "batch_size": 8, "eval_every": 100}), tmp_path)
+    assert "nothing to train" in capsys.readouterr().out  # a schedule that did not change says nothing
+    result = train(tiny_run(**groups, train={"steps": 7, "batch_size": 8, "eval_every": 100}), tmp_path)
+    out = capsys.readouterr().out
+    assert result["step"] == 7 and list_steps(tmp_path) == [4, 7]
+    assert "train.batch_size: 4 in the checkpoint, 8 now" in out and "continuing at window 16 of the training" in out
+    # Cosine over 7 steps instead of 4 (warmup 2, min_lr_ratio 0.1): lr * (0.1 + 0.9 * (1 + cos(pi * s)) / 2).
+    lr, s_old, s_new = 1e-3, (4 - 2) / (4 - 2), (4 - 2) / (7 - 2)
+    old, new = (lr * (0.1 + 0.45 * (1 + np.cos(np.pi * s))) for s in (s_old, s_new))
+    assert f"the learning rate re-warms at step 4: {old:.3g} on the checkpoint's schedule, {new:.3g} on this run's" in out  # fmt: skip
+    # 4 batches of 4 then 3 of 8: the first 40 windows of the stream, none read twice, none skipped.
+    monkeypatch.setattr(data_lib.Data, "train_iterator", plain)
+    stream = data_lib.load(tiny_run(**groups).data, tmp_path).train_iterator(2, seed=0)
+    want = np.concatenate([next(stream)["tokens"] for _ in range(20)])
+    np.testing.assert_array_equal(np.concatenate(seen), want)
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, text_corpus, monkeypatch):  # fmt: skip
@@ -317,3 +431,9 @@ def test_a_checkpoint_restores_onto_another_device_layout(tmp_path):
     for name, leaf in restored.arrays["params"].items():
         assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
         np.testing.assert_array_equal(np.asarray(leaf), params[name])
+
+
+def test_a_checkpoint_from_before_window_positions_resumes_at_its_batch_count_times_its_batch_size():
+    old = types.SimpleNamespace(train={"data": {"next_index": 5}}, run=tiny_run(train={"batch_size": 4}))
+    new = types.SimpleNamespace(train={"data": {"windows": 20}}, run=tiny_run(train={"batch_size": 8}))
+    assert loop.stream_position(old) == loop.stream_position(new) == 20

@@ -86,12 +86,33 @@ def test_iterator_state_restores_the_exact_continuation(text_corpus, tmp_path):
         np.testing.assert_array_equal(next(fresh)["tokens"], want)
 
 
-def test_validation_batches_are_fixed(text_corpus, tmp_path):
+def test_validation_batches_are_fixed_and_do_not_depend_on_the_batch_size(text_corpus, tmp_path):
     data = load(DataConfig(corpus=str(text_corpus), seq_len=16, val_fraction=0.2, cache_dir=str(tmp_path)), tmp_path)
-    a, b = data.validation_batches(4, 3), data.validation_batches(4, 3)
-    assert len(a) == 3
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    val = np.asarray(data.store.val)
+    eval_sets = []
+    for batch_size in (4, 8, 5, 4):
+        batches = data.validation_batches(batch_size, 3)
+        assert all(b["tokens"].shape == (batch_size, 17) for b in batches)
+        tokens = np.concatenate([b["tokens"] for b in batches])
+        mask = np.concatenate([b["mask"] for b in batches])
+        assert set(mask.sum(1)) <= {0.0, 16.0}  # whole windows, padding rows fully masked out
+        eval_sets.append(tokens[mask.sum(1) > 0])
+    # 3 eval batches are 3 * 16 windows, whatever the batch size: the same windows in the same order.
+    assert len(eval_sets[0]) == 48 and len(val) > 48 * 16
+    for rows in eval_sets[1:]:
+        np.testing.assert_array_equal(rows, eval_sets[0])
+    for row in eval_sets[0]:  # each a contiguous slice of the validation stream
+        assert any(np.array_equal(val[s : s + 17], row) for s in range(len(val) - 16))
+
+
+def test_a_stream_position_counts_windows_not_batches(text_corpus, tmp_path):
+    data = load(DataConfig(corpus=str(text_corpus), seq_len=16, val_fraction=0.2, cache_dir=str(tmp_path)), tmp_path)
+    pairs = data.train_iterator(2, seed=3)
+    stream = np.concatenate([next(pairs)["tokens"] for _ in range(20)])  # the stream, two windows at a time
+    for batch_size, start in [(4, 0), (8, 12), (3, 13), (6, 0)]:
+        it = data.train_iterator(batch_size, seed=3, start_window=start)
+        got = np.concatenate([next(it)["tokens"] for _ in range(3)])
+        np.testing.assert_array_equal(got, stream[start : start + 3 * batch_size])
 
 
 def test_jsonl_and_glob_corpora(tmp_path):
@@ -150,6 +171,38 @@ def test_bad_data_input_gives_a_one_line_error_naming_it(tmp_path, text_corpus, 
     message = str(err.value)
     assert "\n" not in message and any(str(v).format(p=tmp_path) in message for v in fields.values())
     assert not list(pathlib.Path(tmp_path / "cache").glob(".*"))  # no half-written store left behind
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: (p / "train.bin").write_bytes((p / "train.bin").read_bytes()[:1000]),  # truncated
+        lambda p: (p / "val.bin").write_bytes(b""),  # emptied
+        lambda p: (p / "val.bin").unlink(),
+        lambda p: (p / "meta.json").write_text((p / "meta.json").read_text().replace('"tokens": ', '"tokens": 1')),
+        lambda p: (p / "meta.json").write_text("{"),
+    ],
+)
+def test_a_damaged_token_store_is_rebuilt_never_used(text_corpus, tmp_path, capsys, damage):
+    cfg = DataConfig(corpus=str(text_corpus), seq_len=16, val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    store = load(cfg, tmp_path / "wd").store
+    train, val, meta = np.array(store.train), np.array(store.val), dict(store.meta)
+    # The stream is the training documents, each followed by the end-of-document id (256), as bytes.
+    docs, _ = split_documents(str(text_corpus), "text", 0.2)
+    expected = np.concatenate([np.frombuffer(d.text.encode() + b"\0", np.uint8).astype(np.int64) for d in docs])
+    expected[np.cumsum([len(d.text.encode()) + 1 for d in docs]) - 1] = 256
+    np.testing.assert_array_equal(train, expected)
+    assert capsys.readouterr().err == ""
+    damage(store.path)
+    again = load(cfg, tmp_path / "wd").store
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: token store {store.path} is damaged (") and err.count("\n") == 1
+    assert again.path == store.path and again.meta == meta
+    np.testing.assert_array_equal(again.train, train)
+    np.testing.assert_array_equal(again.val, val)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [store.path.name]  # nothing left aside
+    load(cfg, tmp_path / "wd")
+    assert capsys.readouterr().err == ""  # the rebuilt store is used as it is
 
 
 @pytest.mark.parametrize("num_tokens", [5, 17, 33, 40])

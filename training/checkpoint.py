@@ -4,8 +4,9 @@ layout, and loading one for inference.
 Each step directory holds these items:
 - `params`, `opt_state`: the arrays (orbax StandardSave), restored onto the shardings the caller asks for;
 - `model_state`: the model's non-trained variables (e.g. a router's bias), only for models that keep any;
-- `train`: JSON with the step, the RNG key data, the grain iterator state and the per-step metrics of the
-  current log interval, so a resumed run logs exactly what an uninterrupted one would;
+- `train`: JSON with the step, the RNG key data, the position in the training stream ({"windows": consumed})
+  and the per-step metrics of the current log interval, so a resumed run logs exactly what an uninterrupted
+  one would;
 - `meta`: JSON with the format version, the resolved config and the tokenizer, so a step directory alone
   is enough to sample from.
 
@@ -46,7 +47,7 @@ class CheckpointError(ValueError):
 class Restored:
     step: int
     arrays: dict[str, Any]  # item name -> pytree of jax.Array
-    train: dict  # step, rng, data iterator state, pending per-step metrics
+    train: dict  # step, rng, stream position, pending per-step metrics
     meta: dict  # format_version, config, tokenizer
     run: RunConfig  # the config the checkpoint was written with
     path: pathlib.Path  # the step directory

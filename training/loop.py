@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -51,7 +52,8 @@ from training.layout import (
     shardings_of,
 )
 from training.metrics import MetricsWriter, peak_flops
-from training.optim import make_optimizer
+from training.optim import SCHEDULES, make_optimizer
+from training.workdir import hold_workdir
 
 
 def make_train_step(
@@ -194,6 +196,14 @@ def find_start(
         log(f"resuming from {restored.path}")
         for key, old, new in differences(restored.run, run, ("train",)):
             log(f"{key}: {old!r} in the checkpoint, {new!r} now")
+        if restored.run.train.batch_size != t.batch_size:
+            log(f"continuing at window {stream_position(restored)} of the training stream, {t.batch_size} per step")
+        old_lr, new_lr = (float(SCHEDULES[r.train.schedule](r.train)(restored.step)) for r in (restored.run, run))
+        if new_lr > old_lr * (1 + 1e-6):
+            log(
+                f"the learning rate re-warms at step {restored.step}: {old_lr:.3g} on the checkpoint's schedule, "
+                f"{new_lr:.3g} on this run's ({t.schedule} over train.steps={t.steps})"
+            )
         if t.init_from:
             log(f"train.init_from={t.init_from!r} ignored: the workdir has checkpoints, resuming instead")
         return restored, restored
@@ -206,6 +216,15 @@ def find_start(
         log(f"initialising params from {source.path} (fresh optimizer state)")
         return None, source
     return None, None
+
+
+def stream_position(restored: Restored) -> int:
+    """How many windows of the training stream the checkpointed run had consumed. (Older checkpoints hold grain's
+    iterator state, a count of batches of the batch size they were written with.)"""
+    data = restored.train["data"]
+    if "windows" in data:
+        return int(data["windows"])
+    return int(data["next_index"]) * restored.run.train.batch_size
 
 
 def check_vocab(source: Restored, vocab_size: int, tokenizer_spec: str) -> None:
@@ -268,21 +287,38 @@ def trim_metrics(path: pathlib.Path, step: int) -> tuple[dict, int]:
     return last, len(lines) - len(kept)
 
 
-@contextlib.contextmanager
-def sigterm_flag():
-    """Yields a function telling whether SIGTERM arrived; the previous handler comes back on exit.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    Only the main thread can install signal handlers; in other threads SIGTERM keeps its usual meaning.
+
+@contextlib.contextmanager
+def stop_flag():
+    """Yields a function giving the name of the first stop signal (SIGTERM, SIGINT) that arrived, or None; the
+    previous handlers come back on exit.
+
+    A SIGINT after the first stop signal (a second Ctrl-C during the final save) kills the process with SIGINT
+    at once: orbax writes a step into a temporary directory and renames it only when complete, so the abandoned
+    save never reads as a checkpoint and the re-run resumes from the last complete one. Only the main thread
+    can install signal handlers; in other threads both signals keep their usual meaning.
     """
-    received = threading.Event()
+    received: list[str] = []
     if threading.current_thread() is not threading.main_thread():
-        yield received.is_set
+        yield lambda: None
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+
+    def handler(signum, frame):
+        if received and signum == signal.SIGINT:
+            print(f"{received[0]} then SIGINT: aborting without finishing the checkpoint", file=sys.stderr, flush=True)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        if not received:
+            received.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield received.is_set
+        yield lambda: received[0] if received else None
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, p in previous.items():
+            signal.signal(s, p if p is not None else signal.SIG_DFL)
 
 
 def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, devices: list | None = None) -> dict:
@@ -291,8 +327,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
     Runs on a mesh over `devices` (default: all global devices) shaped by `run.mesh`; on several processes
     each loads its rows of every batch, all take part in checkpoints and only process 0 writes logs,
     metrics and samples.
-    Returns the last logged train and eval metrics, the step reached, and `preempted`: True when SIGTERM
-    stopped the run early (after finishing the step and writing a checkpoint).
+    Returns the last logged train and eval metrics, the step reached, and `preempted`: True when SIGTERM or
+    SIGINT stopped the run early (after finishing the step and writing a checkpoint).
     """
     workdir = pathlib.Path(workdir)
     t, c = run.train, run.checkpoint
@@ -302,9 +338,10 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
     lead = jax.process_index() == 0
     quiet = quiet or not lead
     log = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
+    lock = hold_workdir(workdir)  # before anything in the workdir is read or written; held until the last save
     checkpointer = Checkpointer(checkpoints_dir(workdir), c)
     try:
-        with sigterm_flag() as preempted, layout.activate():
+        with stop_flag() as preempted, layout.activate():
             restored, source = find_start(run, checkpointer, layout, log)
             data = data_lib.load(run.data, workdir)
             run = with_vocab(run, data.tokenizer.vocab_size)
@@ -335,10 +372,12 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             meta = meta_for(run, data.tokenizer)
 
             first_row, rows = process_rows(layout.batch, t.batch_size)
-            train_iter = data.train_iterator(t.batch_size, t.seed, first_row // rows, t.batch_size // rows)
+            start_window = stream_position(restored) if restored is not None else 0
+            train_iter = data.train_iterator(
+                t.batch_size, t.seed, first_row // rows, t.batch_size // rows, start_window
+            )
             pending: list[dict] = []  # per-step metrics of the current log interval
             if restored is not None:
-                train_iter.set_state(restored.train["data"])
                 pending = [{k: np.asarray(v, np.float32) for k, v in m.items()} for m in restored.train["pending"]]
             val_batches = [
                 replicated_batch(b, layout.batch) for b in data.validation_batches(t.batch_size, t.eval_batches)
@@ -373,7 +412,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             for step in range(start + 1, t.steps + 1):
                 state, metrics = step_fn(state, batch)
                 pending.append(metrics)
-                data_state = train_iter.get_state()  # this step's batch consumed, the next one not yet fetched
+                data_state = {"windows": start_window + (step - start) * t.batch_size}  # consumed through this step
                 if step < t.steps:
                     batch = global_batch(next(train_iter), layout.batch)  # overlaps with the running step
                 progress.update(1)
@@ -403,7 +442,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                             f"step {step}: eval/loss {evaluated['eval/loss']:.4f}  eval/bpb {evaluated['eval/bpb']:.4f}"
                         )
                     interval_start += time.perf_counter() - eval_start  # evaluation time is not training time
-                stopped = preempted() and step < t.steps
+                stopped = preempted() is not None and step < t.steps
                 if step % c.every == 0 or step == t.steps or stopped:
                     save_start = time.perf_counter()
                     host = jax.device_get(pending)
@@ -415,9 +454,11 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                     break
             progress.close()
             writer.close()
+            if stopped:
+                checkpointer.wait()  # with the stop handlers still installed: a second Ctrl-C abandons this save
             sample_params = host_copy(state.params) if t.sample_tokens > 0 and not stopped else None
         if stopped:
-            log(f"SIGTERM: stopped after step {step} and wrote a checkpoint; re-run the same command to resume")
+            log(f"{preempted()}: stopped after step {step} and wrote a checkpoint; re-run the same command to resume")
         elif sample_params is not None and lead:
             prompt = prompt_ids(data.tokenizer, t.sample_prompt)
             sampler = Transformer(run.model)
@@ -427,6 +468,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
         return {"step": step, **last, "preempted": stopped}
     finally:
         checkpointer.close()  # waits for a pending save
+        if lock is not None:
+            lock.release()
 
 
 def mesh_summary(layout: Layout) -> str:
