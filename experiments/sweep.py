@@ -138,12 +138,16 @@ def plan_isoflop(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
 
 
 def plan_grid(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
+    """The grid's product of values; the key "config" varies the config file itself (labelled by its name)."""
     grid, seeds = sweep["grid"], _seeds(sweep.get("seeds", [0]), "seeds")
     planned = []
     for values in itertools.product(*grid.values()):
         variant = dict(zip(grid, values))
-        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items())
-        run = resolve(base_config(sweep, variant))
+        label = ",".join(
+            f"config={pathlib.Path(v).stem}" if k == "config" else f"{k.split('.')[-1]}={v}" for k, v in variant.items()
+        )
+        fields = {k: v for k, v in variant.items() if k != "config"}
+        run = resolve(base_config({**sweep, "config": variant.get("config", sweep["config"])}, fields))
         for seed in seeds:
             name, seeded_run = seeded(label.replace("/", "_"), run, seed)
             planned.append((name, seeded_run, {"variant": variant, "label": label, "seed": seed}))

@@ -63,7 +63,13 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 def rope(cfg: ModelConfig, x_BTNH: jax.Array, positions_BT: jax.Array) -> jax.Array:
     """RoPE as `cfg` sets it: theta and the scaling's inverse frequencies and attention factor (model/rope.py).
     Padding's position -1 rotates as 0, which no query reads."""
-    inv_freq_F = rope_lib.inverse_frequencies(x_BTNH.shape[-1], cfg.rope_theta, cfg.rope_scaling)
+    head_dim = x_BTNH.shape[-1]
+    if cfg.rope_scaling == rope_lib.RopeScaling():
+        # Unscaled: the in-graph formula runs trained with (XLA folds it to constants that can differ from NumPy's
+        # in the last bit, and the same config must train bit-identically across versions).
+        inv_freq_F = rope_frequencies(head_dim, cfg.rope_theta)
+    else:
+        inv_freq_F = rope_lib.inverse_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling)
     factor = rope_lib.attention_factor(cfg.rope_scaling)
     return rotate_pairs(x_BTNH, jnp.maximum(positions_BT, 0), inv_freq_F, factor)
 
