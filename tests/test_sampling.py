@@ -364,3 +364,75 @@ def test_infer_beam_search_prints_the_best_beams(trained):
         for j in range(2)
     ]
     assert out.stdout == as_read("".join(want)) and beams.scores[0] >= beams.scores[1]
+
+
+NUMPY_STEPS = {  # each on a row of float64 logits with -inf for removed tokens
+    "temperature": lambda z, r: z / r.temperature,
+    "top_k": lambda z, r: np.where(z >= np.sort(z)[-r.top_k], z, -np.inf),
+    "top_p": lambda z, r: np.where(nucleus(z, r.top_p), z, -np.inf),
+    "min_p": lambda z, r: np.where(np.exp(z - z.max()) >= r.min_p, z, -np.inf),
+}
+
+
+def nucleus(z: np.ndarray, p: float) -> np.ndarray:
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    keep = np.zeros(len(z), bool)
+    keep[order[np.cumsum(probs[order]) - probs[order] < p]] = True
+    return keep
+
+
+def numpy_kept(logits: np.ndarray, rules: Rules, order) -> np.ndarray:
+    z = logits.astype(np.float64)
+    for step in order:
+        z = NUMPY_STEPS[step](z, rules)
+    return np.isfinite(z)
+
+
+def test_rules_apply_temperature_then_top_k_then_top_p_then_min_p():
+    """Two cases that together tell every order of the four steps apart, but for top-k before temperature (the
+    same thing: temperature keeps the ranking): the order README states is the one applied."""
+    logits = np.log(np.array([0.3, 0.25, 0.2, 0.12, 0.08, 0.05]))
+    cases = [
+        Rules(temperature=0.5, top_k=2, top_p=0.5, min_p=0.3),
+        Rules(temperature=2.0, top_k=4, top_p=0.3, min_p=0.7),
+    ]
+    stated = ("temperature", "top_k", "top_p", "min_p")
+    for rules in cases:
+        got = kept(filtered(jnp.asarray(logits[None], jnp.float32), rules))[0]
+        np.testing.assert_array_equal(got, numpy_kept(logits, rules, stated), err_msg=str(rules))
+    for order in itertools.permutations(stated):
+        same = all(np.array_equal(numpy_kept(logits, r, order), numpy_kept(logits, r, stated)) for r in cases)
+        assert same == (order in (stated, ("top_k", "temperature", "top_p", "min_p"))), order
+
+
+def test_decoding_feeds_the_model_each_tokens_absolute_position(monkeypatch):
+    """RoPE (and ALiBi) cannot see a shift of every position, so the positions the decoder hands the model are
+    checked directly: padding -1 and 0..len-1 at prefill, then len, len + 1, ... per step; and each step's cached
+    logits are those of a full forward pass over the unpadded sequence at its true positions."""
+    import sampling.decode as decode
+
+    seen = []
+
+    class Spy(Transformer):
+        def __call__(self, tokens_BT, positions_BT=None):
+            logits_BTV = super().__call__(tokens_BT, positions_BT)
+            jax.debug.callback(lambda *a: seen.append([np.asarray(x) for x in a]), positions_BT, logits_BTV)  # fmt: skip
+            return logits_BTV
+
+    monkeypatch.setattr(decode, "Transformer", Spy)
+    model, params = random_model("rope")
+    prompts, steps = [[5, 6, 7, 8], [9, 3]], 5
+    out = generate_batch(model, params, prompts, steps, Rules(temperature=0), max_len=16)
+    (prefill_pos, _), *decoded = seen
+    np.testing.assert_array_equal(prefill_pos, [[0, 1, 2, 3], [-1, -1, 0, 1]])
+    assert len(decoded) == steps  # the last step's forward pass runs too; its token is never drawn
+    full = np.zeros((2, 9), np.int32)  # each row unpadded, from position 0 (zeros after it: causal, unread)
+    for b, prompt in enumerate(prompts):
+        full[b, : len(prompt) + steps] = prompt + out.tokens[b]
+    full_logits = jax.jit(model.apply)({"params": params}, full)
+    for s, (positions, logits) in enumerate(decoded):
+        np.testing.assert_array_equal(positions[:, 0], [len(p) + s for p in prompts])
+        for b, prompt in enumerate(prompts):
+            np.testing.assert_allclose(logits[b, 0], full_logits[b, len(prompt) + s], rtol=1e-4, atol=1e-4)
