@@ -96,3 +96,13 @@ def test_readme_example_config_arguments_resolve():
     for path, arg in examples:
         module = __import__(f"configs.{path[len('configs/') : -3]}", fromlist=["get_config"])
         resolve(module.get_config(arg))  # raises ConfigError for an example that cannot run
+
+
+def test_what_readme_tells_users_to_run_is_installed_with_the_package():
+    """README: `tensorboard --logdir runs` after `pip install -e .` (tensorboardX only writes the event files)."""
+    import importlib.util
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.match(r"tensorboard\b(?!X)", d) for d in deps), deps
+    assert importlib.util.find_spec("tensorboard") is not None
