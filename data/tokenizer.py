@@ -118,7 +118,7 @@ def _counted(texts: Iterable[str], vocab_size: int) -> Iterator[str]:
             progress.update(1)
             progress.set_postfix_str(f"{chars:,} characters", refresh=False)
             yield text
-        progress.set_postfix_str(f"{chars:,} characters read; computing merges")
+        progress.set_postfix_str(f"{chars:,} characters read; computing merges", refresh=False)
 
 
 def load_file(path: pathlib.Path, name: str) -> HFTokenizer:
