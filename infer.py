@@ -33,7 +33,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens 
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set whose probability reaches p (1: all).")
 _MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens less likely than min_p times the most likely (0: none).")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 1, "Beam search with this many beams (1: sample).")
-_STOP = flags.DEFINE_multi_string("stop", [], "Stop a sample when its text contains this string (repeatable).")
+_STOP = flags.DEFINE_multi_string(
+    "stop", [], r"Stop a sample when its text contains this string (repeatable; \n is a newline, \t a tab)."
+)
 _EOS = flags.DEFINE_boolean("eos", True, "Stop a sample at the end-of-document token (--noeos: keep going).")
 _KV_CACHE = flags.DEFINE_boolean("kv_cache", True, "Decode with the K/V cache (--kv_cache=false: recompute).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows decoded together for many prompts or samples.")
@@ -53,6 +55,7 @@ def check_flags() -> None:
         (_MAX_NEW.value >= 1, f"--max_new_tokens={_MAX_NEW.value}: must be >= 1"),
         (_MAX_LEN.value >= 0, f"--max_len={_MAX_LEN.value}: must be >= 0 (0: the model's seq_len)"),
         (_BATCH_SIZE.value >= 1, f"--batch_size={_BATCH_SIZE.value}: must be >= 1"),
+        (all(_STOP.value), "--stop='': a stop string must not be empty (it would stop every sample at once)"),
         (
             _BEAM_SIZE.value == 1 or _NUM_SAMPLES.value <= _BEAM_SIZE.value,
             f"--num_samples={_NUM_SAMPLES.value}: with beam search it must be <= --beam_size={_BEAM_SIZE.value}",
@@ -93,7 +96,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
 
     # Imported after the flags are checked: a bad flag answers at once, without starting JAX.
-    from sampling.runner import Request, report_speed, run_request
+    from sampling.runner import Request, report_speed, run_request, unescape
     from training.checkpoint import CheckpointError, load_for_inference
     from training.evaluation import score_file
 
@@ -121,7 +124,7 @@ def main(argv: list[str]) -> None:
         top_p=_TOP_P.value,
         min_p=_MIN_P.value,
         beam_size=_BEAM_SIZE.value,
-        stop=tuple(_STOP.value),
+        stop=tuple(unescape(s) for s in _STOP.value),
         eos=_EOS.value,
         kv_cache=_KV_CACHE.value,
         batch_size=_BATCH_SIZE.value,

@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 import numpy as np
+from tqdm import tqdm
 
 from data.corpus import Document
 from data.errors import DataError
@@ -43,7 +44,9 @@ def store_key(corpus_fingerprint: str, tokenizer: Tokenizer, val_fraction: float
 def _tokenize(docs: list[Document], tokenizer: Tokenizer, out: pathlib.Path, dtype) -> tuple[int, int]:
     """Writes ids of docs (each followed by EOD) to `out`; returns (tokens, utf-8 bytes)."""
     n_tokens = n_bytes = 0
-    with out.open("wb") as f:
+    # Shown only when tokenizing takes long (a big corpus, a BPE tokenizer): documents and tokens so far.
+    progress = tqdm(total=len(docs), desc=f"tokenizing {out.stem}", unit=" docs", delay=2, file=sys.stderr)
+    with out.open("wb") as f, progress:
         for start in range(0, len(docs), 256):
             chunk = docs[start : start + 256]
             for ids in tokenizer.encode_batch([d.text for d in chunk]):
@@ -51,6 +54,8 @@ def _tokenize(docs: list[Document], tokenizer: Tokenizer, out: pathlib.Path, dty
                 f.write(arr.tobytes())
                 n_tokens += arr.size
             n_bytes += sum(len(d.text.encode("utf-8")) for d in chunk)
+            progress.update(len(chunk))
+            progress.set_postfix_str(f"{n_tokens:,} tokens", refresh=False)
     return n_tokens, n_bytes
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import numpy as np
 import tokenizers
+from tqdm import tqdm
 
 from data.errors import DataError
 
@@ -103,8 +105,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(_counted(texts, vocab_size), trainer=trainer)
     return tok
+
+
+def _counted(texts: Iterable[str], vocab_size: int) -> Iterator[str]:
+    """`texts`, with a progress line (documents and characters read, then the merges) when training takes long."""
+    with tqdm(desc=f"training bpe:{vocab_size}", unit=" docs", delay=2, file=sys.stderr) as progress:
+        chars = 0
+        for text in texts:
+            chars += len(text)
+            progress.update(1)
+            progress.set_postfix_str(f"{chars:,} characters", refresh=False)
+            yield text
+        progress.set_postfix_str(f"{chars:,} characters read; computing merges", refresh=False)
 
 
 def load_file(path: pathlib.Path, name: str) -> HFTokenizer:

@@ -17,7 +17,8 @@ top of 6N, which dominate at small N), FLOPs per token are fitted as 6N + c N^q 
 by that count; without a `flops` column it is C = 6ND, as in Hoffmann et al.
 
 Inputs are CSVs: runs.csv needs `params, tokens, loss` (optional `name`, `flops` = 6*params*tokens by default,
-`budget` labelling isoFLOP groups); curves.csv needs `name, tokens, loss` (optional `step`, `flops`). Every
+`budget` labelling isoFLOP groups; approach 2 groups by `flops` without it, which only works where each group's
+FLOPs agree within GROUP_GAP_DECADES); curves.csv needs `name, tokens, loss` (optional `step`, `flops`). Every
 function takes plain arrays, so sweeps can fit runs they hold in memory (`Runs(...)` then `fit_runs`).
 """
 
@@ -143,7 +144,8 @@ def _label_column(path: pathlib.Path, rows: list[tuple[int, dict]], column: str)
 
 
 def load_runs(path: str | pathlib.Path) -> Runs:
-    """runs.csv -> Runs; only `params, tokens, loss` are required."""
+    """runs.csv -> Runs; only `params, tokens, loss` are required (approach 2 also needs `budget` or `flops`
+    to group the runs by budget, unless their budgets were counted as 6ND)."""
     path = pathlib.Path(path)
     header, rows = _read_rows(path, ("params", "tokens", "loss"))
     numbers = {c: _positive_column(path, rows, c) for c in ("params", "tokens", "loss", "flops") if c in header}
@@ -331,7 +333,15 @@ def fit_isoflop(label: str, runs: Runs, per_token: PerToken = PerToken()) -> dic
 def fit_approach2(runs: Runs) -> dict:
     """Per-budget parabola minima, then power laws through them: N_opt, D_opt and the loss at the optimum."""
     per_token = fit_per_token(runs)
-    budgets = [fit_isoflop(label, runs.take(idx), per_token) for label, idx in isoflop_groups(runs)]
+    try:
+        budgets = [fit_isoflop(label, runs.take(idx), per_token) for label, idx in isoflop_groups(runs)]
+    except ScalingError as e:
+        if runs.budget is not None:
+            raise
+        raise ScalingError(
+            f"{e} (with no `budget` column, runs are grouped by FLOPs, 6*params*tokens where there is no `flops` "
+            "column: give runs.csv the `budget` each run was planned for, or the FLOPs it spent)"
+        ) from None
     if len(budgets) < 2:
         raise ScalingError(f"approach 2 needs runs at 2 or more budgets; found {len(budgets)}")
     column = lambda key: np.array([b[key] for b in budgets])

@@ -150,8 +150,20 @@ def plan_grid(sweep: dict) -> list[tuple[str, RunConfig, dict]]:
         run = resolve(base_config({**sweep, "config": variant.get("config", sweep["config"])}, fields))
         for seed in seeds:
             name, seeded_run = seeded(label.replace("/", "_"), run, seed)
-            planned.append((name, seeded_run, {"variant": variant, "label": label, "seed": seed}))
+            info = {"variant": variant, "label": label, "seed": seed, **cost(seeded_run)}
+            planned.append((name, seeded_run, info))
     return planned
+
+
+def cost(run: RunConfig) -> dict:
+    """Steps, training tokens and FLOPs (the model's own count) of a run, as planned."""
+    run = with_vocab(run, planned_vocab_size(run.data.tokenizer))
+    tokens = run.train.steps * run.train.batch_size * run.data.seq_len
+    return {
+        "steps": run.train.steps,
+        "tokens": tokens,
+        "flops": float(tokens * flops_per_token(run.model, run.data.seq_len)),
+    }
 
 
 def plan_verification(
@@ -502,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             rows = plan(args.sweep_file, pathlib.Path(args.out))
             print(_plan_table(rows))
-            print(f"{len(rows)} runs planned in {args.out}")
+            total = sum(r["flops"] for r in rows)
+            print(f"{len(rows)} runs planned in {args.out}: {total:.3e} training FLOPs in all")
         elif args.command == "plan-optimal":
             seeds = _parse_seeds(args.seeds) if args.seeds is not None else None
             info = plan_verification(args.sweep_file, args.fit, args.budget, pathlib.Path(args.out), seeds)
@@ -545,8 +558,11 @@ def _parse_seeds(text: str) -> list[int]:
 def _plan_table(rows: list[dict]) -> str:
     if "params" in rows[0]:
         return table([Planned(**{f.name: r[f.name] for f in dataclasses.fields(Planned)}) for r in rows])
-    lines = ["| run | variant | seed |", "| --- | --- | --- |"]
-    lines += [f"| {r['name']} | {r['label']} | {r['seed']} |" for r in rows]
+    lines = ["| run | variant | seed | steps | tokens | FLOPs |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        f"| {r['name']} | {r['label']} | {r['seed']} | {r['steps']:,} | {r['tokens']:,} | {r['flops']:.3e} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ strings, batched) or beams. (Scoring a text file is training.evaluation.score_fi
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import TextIO
 
 import numpy as np
@@ -39,6 +40,15 @@ class Speeds:
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+
+
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""A `--stop` string as typed in a shell, where "\n" reaches the program as a backslash and an n: `\n` is a
+    newline, `\t` a tab and `\\` one backslash; any other backslash stays as it is."""
+    return re.sub(r"\\([nt\\])", lambda m: ESCAPES[m.group(1)], text)
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:

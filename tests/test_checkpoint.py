@@ -437,3 +437,25 @@ def test_a_checkpoint_from_before_window_positions_resumes_at_its_batch_count_ti
     old = types.SimpleNamespace(train={"data": {"next_index": 5}}, run=tiny_run(train={"batch_size": 4}))
     new = types.SimpleNamespace(train={"data": {"windows": 20}}, run=tiny_run(train={"batch_size": 8}))
     assert loop.stream_position(old) == loop.stream_position(new) == 20
+
+
+def test_a_run_killed_mid_log_interval_resumes_that_intervals_metrics(tmp_path, text_corpus):
+    """checkpoint.every=3 with log_every=2: the checkpoint at step 3 holds step 3's metrics, which the resumed run
+    must average into the row it logs at step 4. SIGKILLed while saving step 6, the run resumes from step 3 and
+    writes the rows of an uninterrupted run."""
+    groups = {
+        "data": {"corpus": str(text_corpus), "val_fraction": 0.2},
+        "train": {"steps": 8, "log_every": 2, "eval_every": 100},
+        "checkpoint": {"every": 3},
+    }
+    config = tmp_path / "config.py"
+    config.write_text(f"from tests.conftest import tiny_config\n\n\ndef get_config(arg=None):\n    return tiny_config(**{groups!r})\n")  # fmt: skip
+    train(tiny_run(**groups), tmp_path / "reference", quiet=True)
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-c", DRIVER, "kill-mid-save", "6", f"--config={config}", f"--workdir={workdir}"]
+    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert list_steps(workdir) == [3]
+    train(tiny_run(**groups), workdir, quiet=True)
+    assert [step for step, _ in curve(workdir)] == [2, 4, 6, 8]
+    assert curve(workdir) == curve(tmp_path / "reference")

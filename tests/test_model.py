@@ -166,7 +166,9 @@ def test_training_flops_match_xla_cost_analysis(changes):
     cost = compiled.cost_analysis()
     xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
     ours = flops_per_token(cfg, T) * B * T
-    assert abs(ours - xla_flops) / xla_flops < 0.05, (ours, xla_flops)
+    # The count takes the whole T x T square; causal_blocks=4 skips 3/8 of it, leaving the count 2.7-3.5% above
+    # XLA's (tests/test_accounting.py checks each term with the whole square computed).
+    assert 0.0 < (ours - xla_flops) / xla_flops < 0.04, (ours, xla_flops)
 
 
 def reference_attention(q, k, v, mask, bias):

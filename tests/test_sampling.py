@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ from model import ModelConfig, Transformer
 from sampling import Rules, generate_batch
 from sampling.beam import beam_search
 from sampling.rules import filtered, min_p_filter, pick, top_k_filter, top_p_filter
-from sampling.runner import Watcher, cut_at_stop, prompt_ids
+from sampling.runner import Watcher, cut_at_stop, prompt_ids, unescape
 from tests.conftest import REPO, tiny_run
 from training.checkpoint import load_for_inference
 from training.loop import train
@@ -159,6 +160,12 @@ def test_beam_search_finds_the_brute_force_best_sequence():
         assert beam_search(model, params, [1, 3], steps, 1, max_len=16, eos_id=eos_id).tokens[0] == greedy.tokens[0]
 
 
+def test_stop_strings_typed_in_a_shell_read_backslash_n_and_t_as_newline_and_tab():
+    # What bash passes for --stop "\n\n", --stop 'a\tb', --stop '\\n' and --stop 'C:\x'.
+    assert unescape("\\n\\n") == "\n\n" and unescape("a\\tb") == "a\tb"
+    assert unescape("\\\\n") == "\\n" and unescape("C:\\x") == "C:\\x" and unescape("\n") == "\n"
+
+
 def test_stop_strings_cut_and_stop_rows():
     assert cut_at_stop("abc\ndef", ("\n",)) == "abc"
     assert cut_at_stop("abcdef", ("ef", "cd")) == "ab"
@@ -177,11 +184,18 @@ def test_stop_strings_cut_and_stop_rows():
 # ---------------------------------------------------------------- a trained checkpoint and infer.py
 
 
+def session_dir(tmp_path_factory) -> pathlib.Path:
+    """The temp directory pytest made for this session, shared by its pytest-xdist workers (each worker's own is a
+    folder popen-gwN in it); unlike its parent, no later session sees it."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A tiny run trained on two documents; the second is the whole validation split. Trained once
-    per test session: pytest-xdist workers share it through a lock in their common temp dir."""
-    root = tmp_path_factory.getbasetemp().parent / "trained_checkpoint"
+    """A tiny run trained on two documents; the second is the whole validation split. Checkpoints at steps 30
+    and 60. Trained once per test session: pytest-xdist workers share it through a lock in the session's temp dir."""
+    root = session_dir(tmp_path_factory) / "trained_checkpoint"
     root.mkdir(exist_ok=True)
     with (root / "lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -199,8 +213,20 @@ def _train_checkpoint(root):
     run = tiny_run(
         data={"corpus": str(docs), "val_fraction": 0.001},
         train={"steps": 60, "lr": 3e-3, "eval_every": 60, "log_every": 20, "eval_batches": 16},
+        checkpoint={"every": 30},
     )
     train(run, root / "run", quiet=True)
+
+
+def test_the_trained_checkpoint_belongs_to_this_session(trained, tmp_path_factory):
+    """A checkpoint an earlier session trained (with older code) is never reused: it lives in this session's temp
+    directory, which pytest makes afresh (under xdist, the one holding the workers' popen-gwN folders)."""
+    workdir, _ = trained
+    base = tmp_path_factory.getbasetemp()
+    if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+        assert base.name == f"popen-{worker}"
+        base = base.parent
+    assert workdir.is_relative_to(base), (workdir, base)
 
 
 def test_cache_and_recompute_agree_on_a_trained_checkpoint(trained):
@@ -267,3 +293,146 @@ def test_infer_bad_input_is_one_line_and_exit_code_2(trained, args, match):
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and match in lines[-1], out.stderr
+
+
+def as_read(text: str) -> str:
+    """`text` as run_infer reads it back: text mode turns "\\r" and "\\r\\n" (which random bytes can hold) into "\\n"."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def loaded(workdir, step=None):
+    run, params, tokenizer, _ = load_for_inference(workdir, step)
+    return Transformer(run.model), params, tokenizer, run.model.max_seq_len
+
+
+def test_infer_prompt_file_num_samples_batch_size_and_a_stop_typed_in_bash(trained, tmp_path):
+    """Three prompts (a blank line skipped) x 2 samples decoded 4 rows at a time, stopped at --stop "\\n\\n" as
+    bash passes it (a backslash and an n, twice): each sample is its row of one batch of all six, cut before the
+    first blank line."""
+    workdir, _ = trained
+    prompts = ["def f1", "def g", "    return"]
+    (tmp_path / "prompts.txt").write_text(f"{prompts[0]}\n\n{prompts[1]}\n{prompts[2]}\n")
+    flags = [
+        "--num_samples",
+        "2",
+        "--batch_size",
+        "4",
+        "--max_new_tokens",
+        "16",
+        "--temperature",
+        "0.8",
+        "--top_k",
+        "3",
+    ]
+    out = run_infer("--workdir", str(workdir), "--prompt_file", str(tmp_path / "prompts.txt"), *flags, "--seed", "5", "--stop", r"\n\n")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    model, params, tokenizer, max_len = loaded(workdir)
+    rows = [prompt_ids(tokenizer, prompt) for prompt in prompts for _ in range(2)]
+    rules = Rules(temperature=0.8, top_k=3)
+    samples = generate_batch(model, params, rows, 16, rules, max_len=max_len, eos_id=tokenizer.eod_id, seed=5).tokens
+    texts = [tokenizer.decode(tokens) for tokens in samples]
+    want = [f"=== prompt {r // 2 + 1}/3, sample {r % 2 + 1}/2 ===\n{prompts[r // 2]}{text.split(chr(10) * 2)[0]}\n" for r, text in enumerate(texts)]  # fmt: skip
+    assert out.stdout == as_read("".join(want))
+    assert any("\n\n" in text for text in texts)  # the stop string did cut a sample
+
+
+def test_infer_step_noeos_and_recomputing_without_the_cache(trained):
+    """--step 30 samples from the earlier checkpoint; --noeos keeps going past end-of-document tokens (about 1 in
+    200 draws here, so 32 samples draw some); and --kv_cache=false gives what the cached decoder gives."""
+    workdir, _ = trained
+    model, params, tokenizer, max_len = loaded(workdir, 30)
+    rows = [prompt_ids(tokenizer, "def ")] * 32
+    cached = generate_batch(model, params, rows, 24, Rules(temperature=1.0), max_len=max_len).tokens
+    assert any(tokenizer.eod_id in tokens for tokens in cached), "no sample drew an end-of-document token"
+    flags = ["--num_samples", "32", "--max_new_tokens", "24", "--temperature", "1.0", "--noeos", "--kv_cache=false"]
+    out = run_infer("--workdir", str(workdir), "--step", "30", "--prompt", "def ", *flags)
+    assert out.returncode == 0, out.stderr
+    assert f"loaded step 30 from {workdir}" in out.stderr
+    want = [f"=== prompt 1/1, sample {j + 1}/32 ===\ndef {tokenizer.decode(t)}\n" for j, t in enumerate(cached)]
+    assert all(len(t) == 24 for t in cached) and out.stdout == as_read("".join(want))
+
+
+def test_infer_beam_search_prints_the_best_beams(trained):
+    workdir, _ = trained
+    model, params, tokenizer, max_len = loaded(workdir)
+    ids = prompt_ids(tokenizer, "def g")
+    beams = beam_search(model, params, ids, 8, 3, max_len=max_len, eos_id=tokenizer.eod_id)
+    out = run_infer("--workdir", str(workdir), "--prompt", "def g", "--beam_size", "3", "--num_samples", "2", "--max_new_tokens", "8")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    want = [
+        f"=== prompt 1/1, beam {j + 1} (log-prob {beams.scores[j]:.3f}) ===\ndef g{tokenizer.decode(beams.tokens[j])}\n"
+        for j in range(2)
+    ]
+    assert out.stdout == as_read("".join(want)) and beams.scores[0] >= beams.scores[1]
+
+
+NUMPY_STEPS = {  # each on a row of float64 logits with -inf for removed tokens
+    "temperature": lambda z, r: z / r.temperature,
+    "top_k": lambda z, r: np.where(z >= np.sort(z)[-r.top_k], z, -np.inf),
+    "top_p": lambda z, r: np.where(nucleus(z, r.top_p), z, -np.inf),
+    "min_p": lambda z, r: np.where(np.exp(z - z.max()) >= r.min_p, z, -np.inf),
+}
+
+
+def nucleus(z: np.ndarray, p: float) -> np.ndarray:
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    keep = np.zeros(len(z), bool)
+    keep[order[np.cumsum(probs[order]) - probs[order] < p]] = True
+    return keep
+
+
+def numpy_kept(logits: np.ndarray, rules: Rules, order) -> np.ndarray:
+    z = logits.astype(np.float64)
+    for step in order:
+        z = NUMPY_STEPS[step](z, rules)
+    return np.isfinite(z)
+
+
+def test_rules_apply_temperature_then_top_k_then_top_p_then_min_p():
+    """Two cases that together tell every order of the four steps apart, but for top-k before temperature (the
+    same thing: temperature keeps the ranking): the order README states is the one applied."""
+    logits = np.log(np.array([0.3, 0.25, 0.2, 0.12, 0.08, 0.05]))
+    cases = [
+        Rules(temperature=0.5, top_k=2, top_p=0.5, min_p=0.3),
+        Rules(temperature=2.0, top_k=4, top_p=0.3, min_p=0.7),
+    ]
+    stated = ("temperature", "top_k", "top_p", "min_p")
+    for rules in cases:
+        got = kept(filtered(jnp.asarray(logits[None], jnp.float32), rules))[0]
+        np.testing.assert_array_equal(got, numpy_kept(logits, rules, stated), err_msg=str(rules))
+    for order in itertools.permutations(stated):
+        same = all(np.array_equal(numpy_kept(logits, r, order), numpy_kept(logits, r, stated)) for r in cases)
+        assert same == (order in (stated, ("top_k", "temperature", "top_p", "min_p"))), order
+
+
+def test_decoding_feeds_the_model_each_tokens_absolute_position(monkeypatch):
+    """RoPE (and ALiBi) cannot see a shift of every position, so the positions the decoder hands the model are
+    checked directly: padding -1 and 0..len-1 at prefill, then len, len + 1, ... per step; and each step's cached
+    logits are those of a full forward pass over the unpadded sequence at its true positions."""
+    import sampling.decode as decode
+
+    seen = []
+
+    class Spy(Transformer):
+        def __call__(self, tokens_BT, positions_BT=None):
+            logits_BTV = super().__call__(tokens_BT, positions_BT)
+            jax.debug.callback(lambda *a: seen.append([np.asarray(x) for x in a]), positions_BT, logits_BTV)  # fmt: skip
+            return logits_BTV
+
+    monkeypatch.setattr(decode, "Transformer", Spy)
+    model, params = random_model("rope")
+    prompts, steps = [[5, 6, 7, 8], [9, 3]], 5
+    out = generate_batch(model, params, prompts, steps, Rules(temperature=0), max_len=16)
+    (prefill_pos, _), *decoded = seen
+    np.testing.assert_array_equal(prefill_pos, [[0, 1, 2, 3], [-1, -1, 0, 1]])
+    assert len(decoded) == steps  # the last step's forward pass runs too; its token is never drawn
+    full = np.zeros((2, 9), np.int32)  # each row unpadded, from position 0 (zeros after it: causal, unread)
+    for b, prompt in enumerate(prompts):
+        full[b, : len(prompt) + steps] = prompt + out.tokens[b]
+    full_logits = jax.jit(model.apply)({"params": params}, full)
+    for s, (positions, logits) in enumerate(decoded):
+        np.testing.assert_array_equal(positions[:, 0], [len(p) + s for p in prompts])
+        for b, prompt in enumerate(prompts):
+            np.testing.assert_allclose(logits[b, 0], full_logits[b, len(prompt) + s], rtol=1e-4, atol=1e-4)

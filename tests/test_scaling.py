@@ -313,3 +313,15 @@ def test_a_parabola_whose_minimum_is_below_zero_loss_is_rejected():
     assert np.all(runs.loss > 0)
     with pytest.raises(scaling.ScalingError, match="minimum is at loss <= 0"):
         scaling.fit_isoflop("1e18", runs)
+
+
+def test_runs_whose_flops_are_not_6nd_need_their_budget_or_flops_to_be_grouped(runs):
+    """A sweep's runs spend their budget by the model's own count (attention, the output head): 6ND then differs
+    across one budget's runs, so without a `budget` or `flops` column approach 2 cannot tell which runs share one."""
+    flops = np.repeat(BUDGETS, len(runs) // len(BUDGETS))
+    tokens = flops / (6 * runs.params + 3e9)  # a fixed 3 GFLOP per token on top of 6N
+    real = scaling.Runs(params=runs.params, tokens=tokens, loss=runs.loss, flops=flops)
+    labelled = scaling.Runs(params=runs.params, tokens=tokens, loss=runs.loss, flops=flops, budget=runs.budget)
+    assert scaling.fit_approach2(real)["a"] == pytest.approx(scaling.fit_approach2(labelled)["a"], abs=1e-6)
+    with pytest.raises(scaling.ScalingError, match=r"no `budget` column.*give runs.csv the `budget`"):
+        scaling.fit_approach2(scaling.Runs(params=runs.params, tokens=tokens, loss=runs.loss))

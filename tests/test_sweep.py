@@ -113,7 +113,14 @@ def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path):
         },
     )
     out = tmp_path / "ablate"
-    assert cli("plan", file, "--out", str(out)).returncode == 0
+    planned = cli("plan", file, "--out", str(out))
+    assert planned.returncode == 0, planned.stderr
+    # Steps, tokens and FLOPs per run (6 x matmul params + attention, by hand for this model), and their total.
+    d, layers, ff, seq, vocab = 32, 2, 64, 32, 257
+    per_token = 6 * (layers * (4 * d * d + 3 * d * ff) + d * vocab) + 3 * layers * 4 * seq * d
+    flops = 4 * 4 * seq * per_token
+    assert f"| position=rope,seed=0 | position=rope | 0 | 4 | 512 | {flops:.3e} |" in planned.stdout
+    assert f"4 runs planned in {out}: {4 * flops:.3e} training FLOPs in all" in planned.stdout
     done = cli("run", str(out), "--parallel", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 runs: 0 done already, 4 to run" in done.stdout and "[4/4]" in done.stdout
@@ -125,6 +132,18 @@ def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path):
     done = cli("run", str(out), "--executor", "submitit-local")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 runs: 3 done already, 1 to run" in done.stdout and (resumed / "done.json").exists()
+
+    assert sweep_lib.main(["collect", str(out)]) == 0
+    with open(out / "curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    want = []  # every eval of every run: tokens and FLOPs so far
+    for run_dir in sorted((out / "runs").iterdir()):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        for r in (r for r in rows if "eval/loss" in r):
+            want.append((run_dir.name, r["step"], r["step"] * 128, r["step"] * 128 * per_token, r["eval/loss"]))
+    got = [(c["name"], int(c["step"]), int(c["tokens"]), float(c["flops"]), float(c["loss"])) for c in curves]
+    assert [g[:4] for g in sorted(got)] == [w[:4] for w in sorted(want)] and len(got) == 4
+    assert [g[4] for g in sorted(got)] == pytest.approx([w[4] for w in sorted(want)])
 
     done = cli("report", str(out))
     assert done.returncode == 0, done.stderr

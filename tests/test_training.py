@@ -127,3 +127,26 @@ def test_a_tiny_run_on_the_stdlib_lowers_eval_bpb(tmp_path):
     result = train(run, tmp_path, quiet=True)
     assert start["eval/bpb"] > 7.5  # ~log2(257) for an untrained byte model
     assert result["eval/bpb"] < 0.5 * start["eval/bpb"], (start, result)
+
+
+def test_eval_bpb_is_bits_per_utf8_byte_of_the_scored_text_on_a_bpe_run(tmp_path, text_corpus):
+    """Pinned against a byte count of the validation text, on a BPE run where bits per byte and bits per token
+    differ by the bytes-per-token ratio: bpb = (mean nll x scored tokens) / ln 2 / bytes of the scored tokens."""
+    from data.corpus import split_documents
+    from data.pipeline import covering_starts
+
+    run = tiny_run(
+        data={"corpus": str(text_corpus), "val_fraction": 0.2, "tokenizer": "bpe:300"},
+        train={"steps": 2, "eval_every": 2, "eval_batches": 64},
+    )
+    result = train(run, tmp_path, quiet=True)
+    tokenizer = data_lib.load(run.data, tmp_path).tokenizer
+    _, val = split_documents(str(text_corpus), "text", 0.2)
+    stream = [t for doc in val for t in tokenizer.encode(doc.text) + [tokenizer.eod_id]]
+    assert len(covering_starts(len(stream), 32)) <= 4 * 64  # every target of the split is scored once
+    # Every token but the first is a target; end-of-document tokens stand for no bytes.
+    text_bytes = sum(len(doc.text.encode("utf-8")) for doc in val)
+    target_bytes = text_bytes - len(tokenizer.decode(stream[:1]).encode("utf-8"))
+    want = result["eval/loss"] * (len(stream) - 1) / math.log(2) / target_bytes
+    assert result["eval/bpb"] == pytest.approx(want, rel=1e-5)
+    assert text_bytes / len(stream) > 1.5  # per token would be off by this factor
