@@ -102,13 +102,22 @@ def make_train_step(
     return train_step
 
 
-def inputs_for(run: RunConfig, layout: Layout, eod_id: int) -> Inputs:
-    """How this run's batches become model inputs on `layout`."""
+def inputs_for(run: RunConfig, layout: Layout, eod_id: int | None) -> Inputs:
+    """How this run's batches become model inputs on `layout` (`eod_id`: the tokenizer's end-of-document token,
+    which data.document_mask needs)."""
+    if run.data.document_mask and eod_id is None:
+        raise ValueError("data.document_mask needs the tokenizer's end-of-document id")
     return Inputs(sequence_order(run.data.seq_len, layout), eod_id if run.data.document_mask else None)
 
 
 def jit_train_step(
-    model: Transformer, tx, schedule, run: RunConfig, layout: Layout, state_shardings: TrainState, eod_id: int
+    model: Transformer,
+    tx,
+    schedule,
+    run: RunConfig,
+    layout: Layout,
+    state_shardings: TrainState,
+    eod_id: int | None = None,
 ):
     """The train step jitted for `layout`: state and batches sharded as it says, the state donated."""
     return jax.jit(

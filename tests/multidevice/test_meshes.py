@@ -23,6 +23,8 @@ from training.optim import make_optimizer
 MODEL = {"d_model": 32, "num_heads": 8, "num_kv_heads": 4, "d_ff": 64}
 STEPS = {"steps": 10, "batch_size": 8, "log_every": 1, "eval_every": 10, "eval_batches": 1}
 
+EOD = 256  # the byte tokenizer's end-of-document id
+
 MESHES = {
     "8 data": {"data": 8},
     "2 data x 4 fsdp": {"data": 2, "fsdp": 4},
@@ -57,11 +59,15 @@ def gradients(model_, params, tokens_BT1, order_T):
     return jax.jit(jax.grad(loss))(params)
 
 
-def losses(mesh: dict, devices=None, **model) -> tuple[np.ndarray, dict]:
+def losses(mesh: dict, devices=None, data=None, **model) -> tuple[np.ndarray, dict]:
     """train/loss of 10 steps on fixed text batches, and the gradient at the initial params on the first, on
-    `mesh` over `devices` (default: all 8)."""
-    run = with_vocab(tiny_run(model={**MODEL, **model}, train=STEPS, mesh=mesh), 257)
+    `mesh` over `devices` (default: all 8). With data.document_mask the text is cut into documents by
+    end-of-document tokens every 37 bytes."""
+    run = with_vocab(tiny_run(model={**MODEL, **model}, train=STEPS, mesh=mesh, data=data or {}), 257)
     batches = text_batches(run.data.seq_len)
+    if run.data.document_mask:
+        batches = batches.copy()
+        batches.reshape(-1)[::37] = EOD
     layout = plan(run, devices)
     with layout.activate():
         model_, (tx, schedule) = model_for(run.model, layout), make_optimizer(run.train)
@@ -69,7 +75,7 @@ def losses(mesh: dict, devices=None, **model) -> tuple[np.ndarray, dict]:
         state = init_state(model_, tx, run.train.seed, shardings=shardings)
         first = global_batch({"tokens": batches[0]}, layout.batch)["tokens"]
         grads = jax.device_get(gradients(model_, state.params, first, sequence_order(run.data.seq_len, layout)))
-        step = jit_train_step(model_, tx, schedule, run, layout, shardings)
+        step = jit_train_step(model_, tx, schedule, run, layout, shardings, EOD)
         out = []
         for tokens in batches:
             state, metrics = step(state, global_batch({"tokens": tokens}, layout.batch))
@@ -107,3 +113,11 @@ def test_ring_attention_carries_alibi():
     """ALiBi's bias, computed per block from the positions, follows the tokens through the zig-zag order."""
     want = losses({"data": 1}, jax.devices()[:1], position="alibi")
     assert_same_run(losses({"data": 2, "sequence": 4}, position="alibi"), want)
+
+
+def test_ring_attention_keeps_documents_and_sliding_windows_apart():
+    """Document ids and restarting positions travel round the ring with the keys, and windows mask by position:
+    the sequence-sharded run trains as one device does."""
+    options = dict(data={"document_mask": True}, sliding_window=12, global_every=2, attn_logit_softcap=20.0)
+    want = losses({"data": 1}, jax.devices()[:1], **options)
+    assert_same_run(losses({"data": 2, "sequence": 4}, **options), want)
