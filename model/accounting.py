@@ -22,6 +22,10 @@ class ParamCounts:
     def non_embedding(self) -> int:
         return self.total - self.embedding
 
+    @property
+    def active_non_embedding(self) -> int:
+        return self.active - self.embedding
+
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
     norm_params = cfg.d_model * (2 if cfg.norm == "layernorm" else 1)

@@ -74,6 +74,7 @@ def dry_run(run: RunConfig) -> dict:
         "devices": layout.mesh.size,
         "mesh": {axis: size for axis, size in layout.mesh.shape.items()},
         "params": param_counts(run.model).total,
+        "active_params": param_counts(run.model).active,
         "bytes_per_device": {
             "params": per_device_bytes(abstract.params),
             "optimizer_state": per_device_bytes(abstract.opt_state),
@@ -104,13 +105,14 @@ def report(plan: dict) -> str:
     b, f = plan["bytes_per_device"], plan["flops_per_step"]
     mesh = " x ".join(f"{axis}={size}" for axis, size in plan["mesh"].items() if size > 1) or "1 device"
     lines = [
-        f"dry run: {plan['params']:,} params on {plan['devices']} devices, mesh {mesh}",
+        f"dry run: {plan['params']:,} params ({plan['active_params']:,} active per token) on {plan['devices']} "
+        f"devices, mesh {mesh}",
         "per device:",
         f"  params           {_gib(b['params'])}",
         f"  optimizer state  {_gib(b['optimizer_state'])}",
         f"  temporaries      {_gib(b['temporaries'])}  (activations, gradients, workspace; XLA's buffer assignment)",
         f"  peak estimate    {_gib(b['peak_estimate'])}  (arguments + outputs - donated + temporaries)",
-        f"FLOPs per step: {f['model']:.3e} model (6N + attention), {f['compiled_per_device']:.3e} per device "
+        f"FLOPs per step: {f['model']:.3e} model (6N active + attention), {f['compiled_per_device']:.3e} per device "
         "as compiled (XLA counts loop bodies once)",
         "collectives in the compiled step (per device, loop bodies once):",
     ]

@@ -150,7 +150,7 @@ def describe(run: RunConfig) -> str:
     counts = param_counts(run.model)
     fpt = flops_per_token(run.model, run.data.seq_len)
     return (
-        f"params: {counts.total:,} total, {counts.non_embedding:,} non-embedding | "
+        f"params: {counts.total:,} total, {counts.non_embedding:,} non-embedding, {counts.active:,} active per token | "
         f"training FLOPs/token: {fpt:,} ({fpt / 1e6:.1f} MFLOP)"
     )
 
