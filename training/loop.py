@@ -369,7 +369,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                 log(f"dropped {dropped} rows after step {start} from metrics.jsonl")
             if start >= t.steps:
                 log(f"the checkpoint at step {start} completes the run (train.steps={t.steps}); nothing to train")
-                return {"step": start, **last, "preempted": False}
+                return {"step": start, **last, "preempted": False, "loop_seconds": 0.0}
             if lead:
                 (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
             meta = meta_for(run, data.tokenizer)
@@ -436,7 +436,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                     progress.set_postfix(
                         loss=f"{logged['train/loss']:.3f}",
                         tok_s=f"{logged['perf/tokens_per_sec']:,.0f}",
-                        mfu=f"{logged['perf/mfu']:.1%}",
+                        mfu=f"{100 * logged['perf/mfu']:.3g}%",
                     )
                     if lead and not mfu_warned and (warning := mfu_warning(logged["perf/mfu"], peak, peak_source)):
                         progress.write(warning, file=sys.stderr)
