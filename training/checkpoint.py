@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -184,6 +185,7 @@ class WithoutClosedLoopNoise:
 
     def __init__(self, stream):
         self.stream, self.pending, self.header = stream, "", False
+        self.lock = threading.Lock()  # the noise comes from several threads at once
 
     def _line(self, line: str) -> None:
         if line.strip() == TRACEBACK:
@@ -198,6 +200,10 @@ class WithoutClosedLoopNoise:
         self.stream.write(line + "\n")  # other threads' lines may come between a header and its frames
 
     def write(self, text: str) -> int:
+        with self.lock:
+            return self._write(text)
+
+    def _write(self, text: str) -> int:
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
