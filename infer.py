@@ -13,12 +13,13 @@ stderr. Bad input prints one line and exits with code 2.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 
 from absl import app, flags, logging
 
-from training.cli import fail, parse_flags
+from training.cli import fail, parse_flags, read_text, warn
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or a checkpoint directory) to load.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest complete one).")
@@ -79,14 +80,61 @@ def check_flags() -> None:
         fail(f"--workdir={_WORKDIR.value!r}: no such directory")
 
 
-def read_prompts() -> list[str]:
+def read_inputs() -> tuple[list[str], str | None]:
+    """(prompts, text to score), read before the checkpoint is: a file that is not UTF-8 text is refused at once."""
+    if _SCORE.value is not None:
+        text = read_text(_SCORE.value, "--score")
+        if not text:
+            fail(f"--score={_SCORE.value!r}: the file is empty")
+        return [], text
     if _PROMPT.value is not None:
-        return [_PROMPT.value]
-    lines = pathlib.Path(_PROMPT_FILE.value).read_text(encoding="utf-8").splitlines()
+        return [_PROMPT.value], None
+    lines = read_text(_PROMPT_FILE.value, "--prompt_file").splitlines()
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         fail(f"--prompt_file={_PROMPT_FILE.value!r}: has no non-empty lines")
-    return prompts
+    return prompts, None
+
+
+def available_memory(device) -> tuple[int, str]:
+    """(bytes a new buffer may take on `device`, what that is); host memory for CPU devices."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"free on {device.device_kind}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "free host memory"
+
+
+def check_cache(run, tokenizer, prompts: list[str]) -> None:
+    """Before anything compiles: a cache that cannot fit is an error; a cache past the positions the model
+    was trained on, or too short for --max_new_tokens, a warning."""
+    import jax
+
+    from model import Transformer
+    from sampling.decode import for_inference, init_cache, prompt_ids
+
+    max_len = _MAX_LEN.value or run.model.max_seq_len
+    rows = _BEAM_SIZE.value if _BEAM_SIZE.value > 1 else min(_BATCH_SIZE.value, len(prompts) * _NUM_SAMPLES.value)
+    if _KV_CACHE.value:
+        model = for_inference(Transformer(run.model))
+        shapes = jax.eval_shape(lambda: init_cache(model, rows, max_len))
+        need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+        free, what = available_memory(jax.devices()[0])
+        if need > free:
+            fail(
+                f"--max_len={max_len}: the K/V cache of {rows} rows needs {need / 1e9:.1f} GB, "
+                f"more than the {free / 1e9:.1f} GB {what}; lower --max_len or --batch_size"
+            )
+    if run.model.position != "learned" and max_len > run.model.max_seq_len:
+        warn(
+            f"--max_len={max_len} is past the {run.model.max_seq_len} positions the model was trained on: "
+            "text beyond them is extrapolation, and every decode step attends over the whole cache (slower)"
+        )
+    longest = max(len(prompt_ids(tokenizer, p)) for p in prompts)
+    if 0 < max_len - longest < _MAX_NEW.value:
+        warn(
+            f"the longest prompt takes {longest} of the --max_len={max_len} cache slots (with the leading "
+            f"end-of-document token): at most {max_len - longest} of --max_new_tokens={_MAX_NEW.value} new tokens"
+        )
 
 
 def main(argv: list[str]) -> None:
@@ -100,21 +148,21 @@ def main(argv: list[str]) -> None:
     from training.checkpoint import CheckpointError, load_for_inference
     from training.evaluation import score_file
 
+    prompts, text = read_inputs()
     try:
         run, params, tokenizer, step = load_for_inference(_WORKDIR.value, _STEP.value)
     except CheckpointError as e:
         fail(str(e))
+    if text is None:
+        check_cache(run, tokenizer, prompts)
     print(f"loaded step {step} from {_WORKDIR.value}", file=sys.stderr)
 
-    if _SCORE.value is not None:
-        text = pathlib.Path(_SCORE.value).read_text(encoding="utf-8")
-        if not text:
-            fail(f"--score={_SCORE.value!r}: the file is empty")
+    if text is not None:
         print(json.dumps(score_file(run, params, tokenizer, text)))
         return
 
     request = Request(
-        prompts=read_prompts(),
+        prompts=prompts,
         max_new_tokens=_MAX_NEW.value,
         max_len=_MAX_LEN.value or run.model.max_seq_len,
         num_samples=_NUM_SAMPLES.value,

@@ -21,21 +21,20 @@ import functools
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from data import DataError
 from parallel.distributed import DistributedError, initialize
 from parallel.mesh import MeshError
 from training.allocator import reuse_freed_memory
 from training.checkpoint import CheckpointError
-from training.cli import fail
+from training.cli import define_config_file, fail, with_fake_device_flags, writable_dir
 from training.cli import parse_flags as parse_any_flags
 from training.config import ConfigError, resolve
 from training.dry_run import dry_run, report
 from training.loop import run_summary, train
 from training.workdir import WorkdirError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (a get_config(arg) module).")
+_CONFIG = define_config_file("config", "configs/tiny.py", "Config file (a get_config(arg) module).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and the resolved config.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the mesh and print the plan; no training.")
 _FAKE_DEVICES = flags.DEFINE_integer("fake_devices", None, "With --dry_run: plan for this many (fake) CPU devices.")
@@ -53,8 +52,7 @@ def use_fake_devices(count: int) -> None:
     """Makes JAX see `count` CPU devices; must run before JAX starts its backends."""
     if count < 1:
         fail(f"--fake_devices={count}: must be >= 1")
-    flags_ = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join([*flags_, f"--xla_force_host_platform_device_count={count}"])
+    os.environ["XLA_FLAGS"] = with_fake_device_flags(os.environ.get("XLA_FLAGS", ""), count)  # and longer timeouts
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
@@ -74,6 +72,7 @@ def main(argv: list[str]) -> None:
         if _DRY_RUN.value:
             print(report(dry_run(run)))
             return
+        writable_dir(_WORKDIR.value, "--workdir")  # before any data is read or anything compiles
         initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         result = train(run, _WORKDIR.value)
     except (ConfigError, DataError, CheckpointError, MeshError, DistributedError, WorkdirError) as e:

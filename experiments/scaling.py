@@ -613,6 +613,9 @@ def fit(
 ) -> dict:
     """Fits runs.csv (and curves: `curves`, else a curves.csv beside it, if any); writes fit.json and PLOTS."""
     runs_csv, out_dir = pathlib.Path(runs_csv), pathlib.Path(out_dir)
+    blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)  # checked before fitting
+    if blocking is not None and not blocking.is_dir():
+        raise ScalingError(f"--out={str(out_dir)!r}: {blocking} is a file, not a directory; choose another --out")
     runs = load_runs(runs_csv)
     if curves is None and (runs_csv.parent / "curves.csv").is_file():
         curves = runs_csv.parent / "curves.csv"

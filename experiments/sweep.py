@@ -36,6 +36,7 @@ import numpy as np
 from data.tokenizer import planned_vocab_size
 from experiments.plan import Family, PlanError, Planned, plan_budget, plan_optimal, table
 from model import flops_per_token, param_counts
+from training.cli import where
 from training.config import ConfigError, RunConfig, from_dict, resolve, with_vocab
 
 RUNS_CSV = ("name", "params", "params_total", "tokens", "flops", "budget", "loss", "bpb")
@@ -54,10 +55,16 @@ def load_sweep(path: str) -> dict:
     if spec is None or not pathlib.Path(path).is_file():
         raise SweepError(f"{path}: no such sweep file")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a syntax error or anything else the file raises: file:line: message
+        raise SweepError(where(e)) from None
     if not hasattr(module, "get_sweep"):
         raise SweepError(f"{path}: defines no get_sweep()")
-    sweep = module.get_sweep()
+    try:
+        sweep = module.get_sweep()
+    except Exception as e:
+        raise SweepError(where(e)) from None
     kinds = [k for k in ("isoflop", "grid") if k in sweep]
     if len(kinds) != 1:
         raise SweepError(
@@ -73,8 +80,11 @@ def base_config(sweep: dict, overrides: dict | None = None):
     if spec is None or not pathlib.Path(path).is_file():
         raise SweepError(f"config={sweep['config']!r}: no such config file")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config(arg or None)
+    except Exception as e:
+        raise SweepError(f"config={sweep['config']!r}: {where(e)}") from None
     for key, value in {**sweep.get("overrides", {}), **(overrides or {})}.items():
         group, _, field = key.partition(".")
         if group not in config or field not in config[group]:

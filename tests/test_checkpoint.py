@@ -225,6 +225,7 @@ def test_resuming_checks_the_config_and_skips_a_damaged_latest_checkpoint(tmp_pa
 
     again = train(tiny_run(**groups), tmp_path)
     assert "nothing to train" in capsys.readouterr().out
+    assert again.pop("loop_seconds") == 0.0 and first.pop("loop_seconds") > 0
     assert again == first and (tmp_path / "metrics.jsonl").read_bytes() == metrics
 
     where = checkpoints_dir(tmp_path)

@@ -50,6 +50,12 @@ def test_sweep_argument_sets_fields_by_bare_or_dotted_name():
         ("train", {"batch_size": 6, "grad_accum": 4}, r"train.batch_size=6: must be divisible by train.grad_accum=4"),
         ("train", {"schedule": "linear"}, r"train.schedule='linear': allowed: cosine, wsd, constant"),
         ("train", {"warmup_steps": -5}, r"train.warmup_steps=-5: must be >= 0"),
+        ("train", {"warmup_steps": 7, "steps": 6}, r"train.warmup_steps=7: must be <= train.steps=6"),
+        ("train", {"lr": float("inf")}, r"train.lr=inf: must be a finite number"),
+        ("train", {"weight_decay": float("inf")}, r"train.weight_decay=inf: must be a finite number"),
+        ("train", {"peak_flops": float("nan")}, r"train.peak_flops=nan: must be a finite number"),
+        ("model", {"rope_theta": float("inf")}, r"model.rope_theta=inf: must be a finite number"),
+        ("data", {"val_fraction": float("nan")}, r"data.val_fraction=nan: must be a finite number"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(group, fields, match):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -133,6 +134,7 @@ class Checkpointer:
             run = stored_config(meta, path)
             abstract = with_shardings(targets(run), shardings)
             args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
+            hide_closed_loop_noise()  # installed before the read: its threads may start printing at once
             try:
                 items = self._manager.restore(s, args=ocp.args.Composite(**args, train=ocp.args.JsonRestore()))
             except Exception as e:
@@ -157,6 +159,74 @@ class Checkpointer:
         # orbax 0.12 removes half-written steps in a thread that close() does not wait for; one still running
         # at interpreter exit prints a traceback.
         getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+
+
+# What orbax's reads of a damaged step print while and after it gives up: each array read still in flight
+# reports to sys.stderr, from its own thread, that the event loop it would report to is closed (tens to
+# hundreds of lines, no information).
+TRACEBACK = "Traceback (most recent call last):"
+CLOSED_LOOP_NOISE = (
+    'File "',  # the two frames in asyncio/base_events.py
+    "self._check_closed()",
+    "raise RuntimeError('Event loop is closed')",
+    "RuntimeError: Event loop is closed",
+)
+
+
+def closed_loop_noise(line: str) -> bool:
+    stripped = line.strip()
+    return stripped.startswith(CLOSED_LOOP_NOISE) and ("asyncio" in line or not stripped.startswith('File "'))
+
+
+class WithoutClosedLoopNoise:
+    """A text stream that passes everything to `stream` but the lines of 'Event loop is closed' tracebacks
+    (which several threads may interleave). A traceback header is held until a frame outside asyncio shows
+    it is a real one; text that cannot start a noise line goes through at once, so a progress bar's
+    carriage-return updates are not held back."""
+
+    def __init__(self, stream):
+        self.stream, self.pending, self.header = stream, "", False
+        self.lock = threading.Lock()  # the noise comes from several threads at once
+
+    def _line(self, line: str) -> None:
+        if line.strip() == TRACEBACK:
+            self.header = True  # a header before it got no frame of its own: it was noise too
+            return
+        if closed_loop_noise(line):
+            self.header = False
+            return
+        if self.header and line.strip().startswith('File "'):  # a real traceback's first frame
+            self.stream.write(TRACEBACK + "\n")
+            self.header = False
+        self.stream.write(line + "\n")  # other threads' lines may come between a header and its frames
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            return self._write(text)
+
+    def _write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self._line(line)
+        start = self.pending.strip()
+        patterns = (TRACEBACK, *CLOSED_LOOP_NOISE)
+        if start and not any(p.startswith(start) or start.startswith(p) for p in patterns):
+            self.stream.write(self.pending)
+            self.pending = ""
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def hide_closed_loop_noise() -> None:
+    """Filters sys.stderr from now on (the noise keeps coming after the failed restore returns)."""
+    if not isinstance(sys.stderr, WithoutClosedLoopNoise):
+        sys.stderr = WithoutClosedLoopNoise(sys.stderr)
 
 
 def warn_damaged(path: pathlib.Path, error: Exception) -> None:

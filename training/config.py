@@ -7,6 +7,7 @@ allowed; entry points print it and exit with code 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
@@ -105,6 +106,8 @@ def _typed(group: str, cls, values: dict) -> Any:
             value = int(value)
         if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
             raise ConfigError(f"{group}.{key}={value!r}: expected {want.__name__}")
+        if want is float and not math.isfinite(value):  # inf and nan pass every range check below
+            raise ConfigError(f"{group}.{key}={value!r}: must be a finite number")
         kwargs[key] = value
     if cls is MeshConfig and "rules" in kwargs:
         kwargs["rules"] = _mesh_rules(kwargs["rules"])
@@ -215,6 +218,12 @@ def _rules(
         ),
         one_of("train.schedule", t.schedule, SCHEDULES),
         (t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0"),
+        (
+            t.warmup_steps <= t.steps,
+            "train.warmup_steps",
+            t.warmup_steps,
+            f"must be <= train.steps={t.steps} (the learning rate would never reach train.lr)",
+        ),
         (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]"),
         (0 < t.decay_fraction <= 1, "train.decay_fraction", t.decay_fraction, "must be in (0, 1]"),
         (0 <= t.b1 < 1, "train.b1", t.b1, "must be in [0, 1)"),

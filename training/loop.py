@@ -51,7 +51,7 @@ from training.layout import (
     sequence_order,
     shardings_of,
 )
-from training.metrics import MetricsWriter, peak_flops
+from training.metrics import MetricsWriter, StepClock, mfu_warning, peak_flops
 from training.optim import SCHEDULES, make_optimizer
 from training.workdir import hold_workdir
 
@@ -336,8 +336,9 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
     Runs on a mesh over `devices` (default: all global devices) shaped by `run.mesh`; on several processes
     each loads its rows of every batch, all take part in checkpoints and only process 0 writes logs,
     metrics and samples.
-    Returns the last logged train and eval metrics, the step reached, and `preempted`: True when SIGTERM or
-    SIGINT stopped the run early (after finishing the step and writing a checkpoint).
+    Returns the last logged train and eval metrics, the step reached, `preempted`: True when SIGTERM or SIGINT
+    stopped the run early (after finishing the step and writing a checkpoint), and `loop_seconds`: the wall
+    time of the training loop, evaluations and saves included.
     """
     workdir = pathlib.Path(workdir)
     t, c = run.train, run.checkpoint
@@ -375,7 +376,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                 log(f"dropped {dropped} rows after step {start} from metrics.jsonl")
             if start >= t.steps:
                 log(f"the checkpoint at step {start} completes the run (train.steps={t.steps}); nothing to train")
-                return {"step": start, **last, "preempted": False}
+                return {"step": start, **last, "preempted": False, "loop_seconds": 0.0}
             if lead:
                 (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
             meta = meta_for(run, data.tokenizer)
@@ -417,32 +418,43 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             progress = tqdm(
                 total=t.steps, initial=start, disable=quiet, desc="train", dynamic_ncols=True, file=sys.stderr
             )
-            interval_start = time.perf_counter()
+            clock, peak_recorded, mfu_warned = StepClock(), False, False
+            loop_start = time.perf_counter()
             for step in range(start + 1, t.steps + 1):
                 state, metrics = step_fn(state, batch)
+                clock.step()
                 pending.append(metrics)
                 data_state = {"windows": start_window + (step - start) * t.batch_size}  # consumed through this step
                 if step < t.steps:
                     batch = global_batch(next(train_iter), layout.batch)  # overlaps with the running step
                 progress.update(1)
                 if step % t.log_every == 0 or step == t.steps:
+                    # Timed over this process's steps only: `pending` may also hold restored ones.
+                    seconds, steps_timed = clock.interval(metrics)
                     host = jax.device_get(pending)
-                    step_time = (time.perf_counter() - interval_start) / len(pending)
+                    step_time = seconds / steps_timed
                     logged = {name: float(np.mean([m[name] for m in host])) for name in host[0]}
                     logged["train/lr"] = float(host[-1]["train/lr"])
                     logged["perf/step_time"] = step_time
                     logged["perf/tokens_per_sec"] = tokens_per_step / step_time
                     logged["perf/mfu"] = train_flops / step_time / peak
+                    logged["perf/peak_flops"] = peak
+                    if not peak_recorded:  # once per process: a resumed run may measure another peak
+                        logged["perf/peak_source"], peak_recorded = peak_source, True
                     writer.write(step, logged)
                     last.update(logged)
                     progress.set_postfix(
-                        loss=f"{logged['train/loss']:.3f}", tok_s=f"{logged['perf/tokens_per_sec']:,.0f}"
+                        loss=f"{logged['train/loss']:.3f}",
+                        tok_s=f"{logged['perf/tokens_per_sec']:,.0f}",
+                        mfu=f"{100 * logged['perf/mfu']:.3g}%",
                     )
+                    if lead and not mfu_warned and (warning := mfu_warning(logged["perf/mfu"], peak, peak_source)):
+                        progress.write(warning, file=sys.stderr)
+                        mfu_warned = True
                     check_finite(host, step, saved)
                     pending = []
-                    interval_start = time.perf_counter()
                 if step % t.eval_every == 0 or step == t.steps:
-                    eval_start = time.perf_counter()
+                    clock.pause(state)  # evaluation time is not training time; the step's own time is
                     evaluated = evaluate(eval_fn, state.params, val_batches, state.model_state)
                     writer.write(step, evaluated)
                     last.update(evaluated)
@@ -450,17 +462,17 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                         progress.write(
                             f"step {step}: eval/loss {evaluated['eval/loss']:.4f}  eval/bpb {evaluated['eval/bpb']:.4f}"
                         )
-                    interval_start += time.perf_counter() - eval_start  # evaluation time is not training time
                 stopped = preempted() is not None and step < t.steps
                 if step % c.every == 0 or step == t.steps or stopped:
-                    save_start = time.perf_counter()
+                    clock.pause(state)  # nor is saving
                     host = jax.device_get(pending)
                     check_finite(host, step, saved)  # never checkpoint a diverged state
                     checkpointer.save(step, arrays_of(state), train_record(state, data_state, host), meta)
                     saved = step
-                    interval_start += time.perf_counter() - save_start
+                clock.resume()
                 if stopped:
                     break
+            loop_seconds = time.perf_counter() - loop_start
             progress.close()
             writer.close()
             if stopped:
@@ -474,7 +486,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             sample = data.tokenizer.decode(generate(sampler, sample_params, prompt, t.sample_tokens, seed=t.seed))
             (workdir / "samples.txt").write_text(t.sample_prompt + sample + "\n")
             log(f"--- sample ---\n{t.sample_prompt}{sample}\n--------------")
-        return {"step": step, **last, "preempted": stopped}
+        return {"step": step, **last, "preempted": stopped, "loop_seconds": loop_seconds}
     finally:
         checkpointer.close()  # waits for a pending save
         if lock is not None:

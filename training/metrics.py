@@ -1,4 +1,5 @@
-"""Metric sinks (JSON lines and TensorBoard) and the peak FLOP/s that MFU is measured against."""
+"""Metric sinks (JSON lines and TensorBoard), the clock that times training steps, and the peak FLOP/s that
+MFU is measured against."""
 
 from __future__ import annotations
 
@@ -60,6 +61,56 @@ def peak_flops(dtype: str, num_devices: int, per_device: float = 0.0) -> tuple[f
     if jax.devices()[0].platform == "cpu":
         return peak * jax.process_count(), source
     return peak * num_devices, source
+
+
+class StepClock:
+    """Wall time spent in training steps, excluding what the loop does between them (eval, saves, logs).
+
+    Steps are dispatched asynchronously, so a pause first waits for the last dispatched step: the time that
+    step still takes counts as training, not as the eval or save that follows. Every step counted since the
+    last `interval()` shares the interval's time, so (tokens per step x steps) / seconds is what the steps
+    really ran at, and the seconds of all intervals add up to the training wall time.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0  # of the current interval, up to the last pause
+        self.steps = 0  # dispatched in the current interval
+        self.total_seconds = 0.0  # of every interval so far
+        self.running_since: float | None = time.perf_counter()
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def pause(self, result) -> None:
+        """Stops the clock once `result` (the last step's output) is ready; a no-op when already paused."""
+        if self.running_since is None:
+            return
+        jax.block_until_ready(result)
+        elapsed = time.perf_counter() - self.running_since
+        self.seconds += elapsed
+        self.total_seconds += elapsed
+        self.running_since = None
+
+    def resume(self) -> None:
+        if self.running_since is None:
+            self.running_since = time.perf_counter()
+
+    def interval(self, result) -> tuple[float, int]:
+        """(seconds, steps) since the last call, the clock paused on `result`; starts the next interval."""
+        self.pause(result)
+        out = (self.seconds, self.steps)
+        self.seconds, self.steps = 0.0, 0
+        return out
+
+
+def mfu_warning(mfu: float, peak: float, source: str) -> str | None:
+    """The line to print when an MFU above 1 shows that the peak it was divided by is too low."""
+    if mfu <= 1:
+        return None
+    return (
+        f"warning: perf/mfu={mfu:.2f} > 1, so the peak of {peak / 1e9:,.4g} GFLOP/s ({source}) is too low "
+        "(on CPU it is measured under the machine's current load); set train.peak_flops to the real per-device peak"
+    )
 
 
 class MetricsWriter:
