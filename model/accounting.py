@@ -10,6 +10,8 @@ import dataclasses
 
 from model.config import ModelConfig
 from model.kinds import ATTENTION_KINDS, MLP_KINDS
+from model.layers import NORMS
+from model.positions import POSITIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +30,7 @@ class ParamCounts:
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
-    norm_params = cfg.d_model * (2 if cfg.norm == "layernorm" else 1)
+    norm_params = cfg.d_model * NORMS[cfg.norm].vectors
     total = active = norm_params  # the final norm
     for spec in cfg.layer_specs():
         attention, mlp = ATTENTION_KINDS[spec.attention], MLP_KINDS[spec.mlp]
@@ -36,7 +38,7 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
         total += shared + mlp.param_count(cfg)
         active += shared + mlp.matmul_params(cfg)
     embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    if cfg.position == "learned":
+    if POSITIONS[cfg.position].bounded:
         embedding += cfg.max_seq_len * cfg.d_model
     return ParamCounts(total=total + embedding, active=active + embedding, embedding=embedding)
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 from model.kernels import cpu_attention
 from model.mask import Mask
+from model.positions import POSITIONS, AlibiBias
 
 NEG_INF = -1e30
 
@@ -147,13 +148,11 @@ def cpu_kernel_blocker(cfg: ModelConfig, documents: bool = False) -> str | None:
     """Why the C++ CPU kernel (model/kernels/cpu_attention) cannot run this model's training attention here,
     or None when it can: one CPU device (the kernel does not shard), float32, ALiBi or no bias, a plain causal
     mask, and a head_dim that fits the CPU's vector width."""
-    from model.positions import POSITIONS  # positions imports nothing of attention; kept local for clarity
-
     if jax.default_backend() != "cpu":
         return f"backend is {jax.default_backend()}, not cpu"
     if jax.device_count() != 1:
         return f"{jax.device_count()} devices (the kernel runs on one)"
-    if POSITIONS[cfg.position].bias is not None and cfg.position != "alibi":
+    if POSITIONS[cfg.position].bias not in (None, AlibiBias):
         return f"position {cfg.position!r} adds a bias other than ALiBi's"
     if cfg.sliding_window:
         return f"model.sliding_window={cfg.sliding_window} (the kernel masks causally only)"

@@ -71,6 +71,7 @@ def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, *, num_i
 
 class RMSNorm(nn.Module):
     cfg: ModelConfig
+    vectors = 1  # parameters per channel
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
@@ -87,6 +88,7 @@ class RMSNorm(nn.Module):
 
 class LayerNorm(nn.Module):
     cfg: ModelConfig
+    vectors = 2
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:

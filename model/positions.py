@@ -129,12 +129,13 @@ class Position:
     embed: type[nn.Module] | None = None  # module (cfg) -> positions_BT -> [B, T, D]
     rotate: Callable[[ModelConfig, jax.Array, jax.Array], jax.Array] | None = None
     bias: Callable[[int], Callable[[jax.Array, jax.Array], jax.Array]] | None = None
+    bounded: bool = False  # a table of max_seq_len positions: the model reaches no further
 
 
 POSITIONS: dict[str, Position] = {
     "rope": Position(rotate=rope),
     "alibi": Position(bias=AlibiBias),
-    "learned": Position(embed=LearnedPositions),
+    "learned": Position(embed=LearnedPositions, bounded=True),
     "sinusoidal": Position(embed=SinusoidalPositions),
     "none": Position(),
 }

@@ -11,6 +11,7 @@ import numpy as np
 
 from data.tokenizer import Tokenizer
 from model import ModelConfig, Transformer
+from model.positions import POSITIONS
 from sampling.beam import beam_search
 from sampling.decode import DONE, generate_batch, prompt_ids
 from sampling.rules import Rules
@@ -92,7 +93,7 @@ class Watcher:
 
 def check_fits(m: ModelConfig, request: Request, longest_prompt: int) -> None:
     """ValueError (shown to the user as one line) for a request the model cannot serve."""
-    if m.position == "learned" and request.max_len > m.max_seq_len:
+    if POSITIONS[m.position].bounded and request.max_len > m.max_seq_len:
         raise ValueError(
             f"--max_len={request.max_len}: a model with learned positions reaches only its seq_len={m.max_seq_len}"
         )

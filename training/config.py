@@ -200,10 +200,10 @@ def _rules(
             f"must be divisible by model.num_heads={m.num_heads} when model.head_dim is 0 (unset)",
         ),
         (
-            m.position != "rope" or m.resolved_head_dim % 2 == 0,
+            POSITIONS[m.position].rotate is None or m.resolved_head_dim % 2 == 0,
             "model.head_dim",
             m.resolved_head_dim,
-            "must be even for position='rope'",
+            f"must be even for position={m.position!r} (it rotates pairs of channels)",
         ),
         (
             m.position != "sinusoidal" or m.d_model % 2 == 0,

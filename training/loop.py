@@ -26,6 +26,7 @@ from tqdm import tqdm
 import data as data_lib
 from model import Transformer, flops_per_token, init_variables, param_counts
 from model.aux import weighted_sum
+from model.positions import POSITIONS
 from parallel.sharding import global_batch, process_rows, replicated_batch
 from sampling import generate, prompt_ids
 from training.checkpoint import (
@@ -186,7 +187,11 @@ def arrays_of(state: TrainState) -> dict:
 
 def init_from_check(run: RunConfig, path: str, stored: RunConfig) -> None:
     """Another run's params fit this one if the model configs agree (max_seq_len only sizes learned positions)."""
-    ignore = {"model.vocab_size"} | COMPUTE_ONLY | ({"model.max_seq_len"} if run.model.position != "learned" else set())
+    ignore = (
+        {"model.vocab_size"}
+        | COMPUTE_ONLY
+        | (set() if POSITIONS[run.model.position].bounded else {"model.max_seq_len"})
+    )
     check_same(stored, run, pathlib.Path(path), ("model",), ignore)
 
 
