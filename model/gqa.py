@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from model import attention
 from model.cache import DecodeCache
 from model.config import ModelConfig
-from model.layers import dense, output_std
+from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
 from model.positions import POSITIONS
 
@@ -100,8 +100,9 @@ class GQA(nn.Module):
         k_BTKH = nn.with_logical_constraint(k_BTKH, ("batch", "length", "kv_heads", "head_dim"))
         v_BTKH = nn.with_logical_constraint(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
         if cfg.qk_norm:
-            q_BTNH = HeadNorm(cfg, name="q_norm")(q_BTNH)
-            k_BTKH = HeadNorm(cfg, name="k_norm")(k_BTKH)
+            # Per-head RMSNorm, one weight per channel shared by the heads (Qwen3's q_norm / k_norm).
+            q_BTNH = RMSNorm(cfg, "head_dim", name="q_norm")(q_BTNH)
+            k_BTKH = RMSNorm(cfg, "head_dim", name="k_norm")(k_BTKH)
 
         scheme = POSITIONS[cfg.position]
         positions_BT = mask.q_positions_BT
@@ -158,21 +159,3 @@ class GQA(nn.Module):
     def attention_flops(cfg: ModelConfig, context: int) -> int:
         """Forward FLOPs per token of q.k^T and probs.v over `context` keys (per layer)."""
         return 4 * context * cfg.num_heads * cfg.resolved_head_dim
-
-
-class HeadNorm(nn.Module):
-    """RMSNorm over each head's channels, one weight per channel shared by the heads (Qwen3's q_norm/k_norm)."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, x_BTNH: jax.Array) -> jax.Array:
-        scale_H = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("head_dim",)),
-            (x_BTNH.shape[-1],),
-            jnp.dtype(self.cfg.param_dtype),
-        )
-        x = x_BTNH.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.norm_eps)
-        return (x * scale_H).astype(x_BTNH.dtype)

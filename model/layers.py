@@ -70,14 +70,17 @@ def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, *, num_i
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last axis, whose logical name is `axis` (QK-norm normalises each head: "head_dim")."""
+
     cfg: ModelConfig
+    axis: str = "embed"
     vectors = 1  # parameters per channel
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         scale_D = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
             (x_BTD.shape[-1],),
             jnp.dtype(self.cfg.param_dtype),
         )

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import data as data_lib
+import tests.toy_kinds  # noqa: F401  (registers model.mlp='toy')
 from data.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_from_dict, tokenizer_to_dict, train_bpe
 from tests.conftest import REPO, tiny_run
 from training import loop
@@ -440,17 +441,21 @@ def test_a_checkpoint_from_before_window_positions_resumes_at_its_batch_count_ti
     assert loop.stream_position(old) == loop.stream_position(new) == 20
 
 
-def test_a_run_killed_mid_log_interval_resumes_that_intervals_metrics(tmp_path, text_corpus):
+@pytest.mark.parametrize("mlp", ["swiglu", "toy"])
+def test_a_run_killed_mid_log_interval_resumes_that_intervals_metrics(tmp_path, text_corpus, mlp):
     """checkpoint.every=3 with log_every=2: the checkpoint at step 3 holds step 3's metrics, which the resumed run
     must average into the row it logs at step 4. SIGKILLed while saving step 6, the run resumes from step 3 and
-    writes the rows of an uninterrupted run."""
+    writes the rows of an uninterrupted run. With the toy MLP (tests/toy_kinds.py) the model also keeps
+    non-trained state that changes its output: the resumed run's losses are bit-identical only if the state came
+    back exactly."""
     groups = {
+        "model": {"mlp": mlp},
         "data": {"corpus": str(text_corpus), "val_fraction": 0.2},
         "train": {"steps": 8, "log_every": 2, "eval_every": 100},
         "checkpoint": {"every": 3},
     }
     config = tmp_path / "config.py"
-    config.write_text(f"from tests.conftest import tiny_config\n\n\ndef get_config(arg=None):\n    return tiny_config(**{groups!r})\n")  # fmt: skip
+    config.write_text(f"import tests.toy_kinds\nfrom tests.conftest import tiny_config\n\n\ndef get_config(arg=None):\n    return tiny_config(**{groups!r})\n")  # fmt: skip
     train(tiny_run(**groups), tmp_path / "reference", quiet=True)
     workdir = tmp_path / "run"
     command = [sys.executable, "-c", DRIVER, "kill-mid-save", "6", f"--config={config}", f"--workdir={workdir}"]
@@ -460,3 +465,6 @@ def test_a_run_killed_mid_log_interval_resumes_that_intervals_metrics(tmp_path, 
     train(tiny_run(**groups), workdir, quiet=True)
     assert [step for step, _ in curve(workdir)] == [2, 4, 6, 8]
     assert curve(workdir) == curve(tmp_path / "reference")
+    if mlp == "toy":
+        assert curve(workdir, "train/toy_aux") == curve(tmp_path / "reference", "train/toy_aux")
+        assert (checkpoints_dir(workdir) / "8" / "model_state").is_dir()

@@ -379,6 +379,7 @@ def optax_norm(tree) -> float:
         ("model", {"attention": "bogus"}, "model.attention='bogus': allowed: gqa"),
         ("model", {"attention_impl": "bogus"}, "model.attention_impl='bogus': allowed: auto, xla, cpu_kernel"),
         ("model", {"attn_logit_softcap": -1.0}, "model.attn_logit_softcap=-1.0: must be >= 0"),
+        ("model", {"rope_scaling": {"type": "bogus"}}, "model.rope_scaling.type='bogus': one of 'none', 'linear'"),
     ],
 )
 def test_bad_variant_values_are_one_line_config_errors(group, values, match):
