@@ -27,7 +27,7 @@ from parallel.distributed import DistributedError, initialize
 from parallel.mesh import MeshError
 from training.allocator import reuse_freed_memory
 from training.checkpoint import CheckpointError
-from training.cli import define_config_file, fail, with_fake_device_flags, writable_dir
+from training.cli import define_config_file, fail, with_fake_device_flags
 from training.cli import parse_flags as parse_any_flags
 from training.config import ConfigError, resolve
 from training.dry_run import dry_run, report
@@ -72,7 +72,6 @@ def main(argv: list[str]) -> None:
         if _DRY_RUN.value:
             print(report(dry_run(run)))
             return
-        writable_dir(_WORKDIR.value, "--workdir")  # before any data is read or anything compiles
         initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         result = train(run, _WORKDIR.value)
     except (ConfigError, DataError, CheckpointError, MeshError, DistributedError, WorkdirError) as e:

@@ -44,6 +44,10 @@ class ModelConfig:
     parametrization: str = "sp"  # 'sp' (standard) or 'mup' (maximal update parametrization)
     mup_base_width: int = 256  # d_model at which muP and SP coincide (where the learning rate was tuned)
 
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # read back from a config.json
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads

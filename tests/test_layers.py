@@ -64,7 +64,9 @@ def test_mlps_match_numpy(kind):
         want = (silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
     else:
         want = gelu_tanh(x @ w["up"]) @ w["down"]
-    np.testing.assert_allclose(mlp.apply({"params": p}, X), want, rtol=1e-4, atol=1e-4)
+    y, aux = mlp.apply({"params": p}, X)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    assert aux == {}  # dense MLPs have no auxiliary terms
 
 
 def test_sinusoidal_positions_are_vaswanis_with_sin_then_cos_halves():

@@ -36,7 +36,7 @@ def between_steps(monkeypatch):
 
         return wrapper
 
-    monkeypatch.setattr(loop, "evaluate", timed(loop.evaluate, lambda fn, params, batches: params))
+    monkeypatch.setattr(loop, "evaluate", timed(loop.evaluate, lambda fn, params, batches, *rest: params))
     monkeypatch.setattr(Checkpointer, "save", timed(Checkpointer.save, lambda self, step, arrays, *rest: arrays))
     monkeypatch.setattr(MetricsWriter, "write", timed(MetricsWriter.write, lambda *args: ()))
     return spent

@@ -62,7 +62,7 @@ def test_init_from_takes_a_checkpoints_directory_or_one_step_directory(tmp_path,
     given = []
     monkeypatch.setattr(loop, "init_state", lambda *a, **k: given.append(a[3]) or init_state(*a, **k))
     for path, step in [(checkpoints_dir(source), 4), (checkpoints_dir(source) / "2", 2)]:
-        run = tiny_run(data=data, train={"steps": 1, "eval_every": 100, "init_from": str(path)})
+        run = tiny_run(data=data, train={"steps": 1, "warmup_steps": 0, "eval_every": 100, "init_from": str(path)})
         train(run, tmp_path / f"from_{path.name}", quiet=True)
         want = load_for_inference(source, step)[1]
         assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), given[-1], want)), path

@@ -11,7 +11,6 @@ import importlib.util
 import os
 import pathlib
 import sys
-import tempfile
 import traceback
 
 from absl import flags
@@ -117,17 +116,6 @@ def override_error(e: Exception, argv: list[str]) -> str:
     if isinstance(e, (KeyError, AttributeError)) and overrides:
         return f"--{overrides[0]}: unknown field {message}"
     return f"--config: {message}"
-
-
-def writable_dir(path: str, flag: str) -> None:
-    """Creates `path` if needed and checks that files can be written in it; one line and exit 2 if not."""
-    directory = pathlib.Path(path)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        fail(f"{flag}={path!r}: cannot write there ({e.strerror or one_line(e)})")
 
 
 def read_text(path: str, flag: str) -> str:

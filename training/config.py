@@ -200,7 +200,7 @@ def _rules(
             f"must be divisible by model.num_heads={m.num_heads} when model.head_dim is 0 (unset)",
         ),
         (
-            POSITIONS[m.position].rotate is None or m.resolved_head_dim % 2 == 0,
+            m.position not in POSITIONS or POSITIONS[m.position].rotate is None or m.resolved_head_dim % 2 == 0,
             "model.head_dim",
             m.resolved_head_dim,
             f"must be even for position={m.position!r} (it rotates pairs of channels)",
