@@ -57,7 +57,7 @@ def configs(tmp_path_factory):
         (["--config.model.d_modle=3"], ["--config.model.d_modle", "'d_modle'", 'Did you mean "d_model"']),
         (["--config.train.lr=inf"], ["train.lr=inf", "finite"]),
         (["--config.train.warmup_steps=400"], ["train.warmup_steps=400", "train.steps=350"]),
-        (["--workdir", "{file}/run"], ["--workdir=", "Not a directory"]),
+        (["--workdir", "{file}/run"], ["file/run", "cannot create train.lock", "Not a directory"]),
     ],
 )
 def test_train_refuses_in_one_line(args, names, configs, tmp_path):
