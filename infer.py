@@ -4,6 +4,7 @@
     python infer.py --workdir runs/tiny --prompt_file prompts.txt --num_samples 4 --top_p 0.9
     python infer.py --workdir runs/tiny --prompt "def " --beam_size 4 --temperature 0
     python infer.py --workdir runs/tiny --score some_file.py
+    python infer.py --hf_dir ~/models/Qwen3-0.6B --prompt "The capital of France is" --temperature 0
 
 A single prompt streams its continuation as it is generated. Every prompt starts a document (it
 follows the end-of-document token, as documents do in training). Prefill and decode speeds go to
@@ -22,6 +23,9 @@ from absl import app, flags, logging
 from training.cli import fail, parse_flags, read_text, warn
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or a checkpoint directory) to load.")
+_HF_DIR = flags.DEFINE_string(
+    "hf_dir", None, "A Hugging Face model directory (config.json, safetensors, tokenizer.json) to load instead."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest complete one).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
@@ -46,7 +50,11 @@ _SCORE = flags.DEFINE_string("score", None, "Print the loss, perplexity and bits
 def check_flags() -> None:
     """Everything that can be checked before loading a checkpoint; one line per problem."""
     rules = [
-        (_WORKDIR.value, "--workdir is required"),
+        ((_WORKDIR.value is None) != (_HF_DIR.value is None), "give exactly one of --workdir or --hf_dir"),
+        (
+            _HF_DIR.value is None or _STEP.value is None,
+            "--step: only with --workdir (a Hugging Face directory has one)",
+        ),
         (_TEMPERATURE.value >= 0, f"--temperature={_TEMPERATURE.value}: must be >= 0 (0 is greedy)"),
         (0 < _TOP_P.value <= 1, f"--top_p={_TOP_P.value}: must be in (0, 1]"),
         (_TOP_K.value >= 0, f"--top_k={_TOP_K.value}: must be >= 0 (0: no limit)"),
@@ -76,8 +84,9 @@ def check_flags() -> None:
     for name, value in (("--prompt_file", _PROMPT_FILE.value), ("--score", _SCORE.value)):
         if value is not None and not pathlib.Path(value).is_file():
             fail(f"{name}={value!r}: no such file")
-    if _WORKDIR.value and not pathlib.Path(_WORKDIR.value).is_dir():
-        fail(f"--workdir={_WORKDIR.value!r}: no such directory")
+    for name, value in (("--workdir", _WORKDIR.value), ("--hf_dir", _HF_DIR.value)):
+        if value and not pathlib.Path(value).expanduser().is_dir():
+            fail(f"{name}={value!r}: no such directory")
 
 
 def read_inputs() -> tuple[list[str], str | None]:
@@ -144,18 +153,25 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
 
     # Imported after the flags are checked: a bad flag answers at once, without starting JAX.
+    from model.hf import HFError
     from sampling.runner import Request, report_speed, run_request, unescape
+    from training import hf
     from training.checkpoint import CheckpointError, load_for_inference
     from training.evaluation import score_file
 
     prompts, text = read_inputs()
     try:
-        run, params, tokenizer, step = load_for_inference(_WORKDIR.value, _STEP.value)
-    except CheckpointError as e:
+        if _HF_DIR.value is not None:
+            run, params, tokenizer = hf.load(_HF_DIR.value)
+            loaded = f"loaded {_HF_DIR.value}"
+        else:
+            run, params, tokenizer, step = load_for_inference(_WORKDIR.value, _STEP.value)
+            loaded = f"loaded step {step} from {_WORKDIR.value}"
+    except (CheckpointError, HFError) as e:
         fail(str(e))
     if text is None:
         check_cache(run, tokenizer, prompts)
-    print(f"loaded step {step} from {_WORKDIR.value}", file=sys.stderr)
+    print(loaded, file=sys.stderr)
 
     if text is not None:
         print(json.dumps(score_file(run, params, tokenizer, text)))

@@ -27,6 +27,7 @@ class Tokenizer(Protocol):
     fingerprint: str  # changes whenever the vocabulary does (cache keys)
     vocab_size: int
     eod_id: int
+    document_start: list[int]  # the ids a document (and so a prompt) starts with
     token_bytes: np.ndarray  # [vocab_size] UTF-8 bytes each token decodes to (0 for specials)
 
     def encode(self, text: str) -> list[int]: ...
@@ -40,6 +41,7 @@ class ByteTokenizer:
     name = fingerprint = "bytes"
     vocab_size = 257
     eod_id = 256
+    document_start = [256]
 
     def __init__(self):
         self.token_bytes = np.concatenate([np.ones(256, np.int32), np.zeros(1, np.int32)])
@@ -63,6 +65,9 @@ class HFTokenizer:
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         eod = tok.token_to_id(EOD)
         self.eod_id = eod if eod is not None else self._fallback_eod()
+        # What a document starts with: the tokens the tokenizer's template puts first (a Llama 3 tokenizer's
+        # <|begin_of_text|>), else the end-of-document token of the document before.
+        self.document_start = tok.encode("", add_special_tokens=True).ids or [self.eod_id]
         self.token_bytes = self._token_bytes()
 
     def _fallback_eod(self) -> int:

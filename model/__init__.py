@@ -2,7 +2,7 @@
 
 from model.accounting import ParamCounts, flops_per_token, param_counts
 from model.config import LayerSpec, ModelConfig
-from model.transformer import Output, Transformer, init_variables, layer_groups, unstack_layers
+from model.transformer import Output, Transformer, init_variables, layer_groups, logits, unstack_layers
 
 __all__ = [
     "LayerSpec",
@@ -13,6 +13,7 @@ __all__ = [
     "flops_per_token",
     "init_variables",
     "layer_groups",
+    "logits",
     "param_counts",
     "unstack_layers",
 ]

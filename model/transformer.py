@@ -236,3 +236,8 @@ def init_variables(model: Transformer, rng: jax.Array) -> dict:
     dummy_BT = jnp.zeros((1, model.cfg.max_seq_len), jnp.int32)
     variables = model.clone(attention=None, decode=False).init(rng, dummy_BT)
     return {k: v for k, v in variables.items() if k in ("params", "state")}
+
+
+def logits(cfg: ModelConfig, params: dict, input_ids_BT) -> jax.Array:
+    """Float32 logits [B, T, vocab] of token ids at positions 0..T-1 (no padding): one call, nothing to build."""
+    return jax.jit(Transformer(cfg).apply)({"params": params}, jnp.asarray(input_ids_BT, jnp.int32))

@@ -48,8 +48,9 @@ def unrolled(params, model: Transformer) -> dict:
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
-    """A prompt starts a document: it follows the end-of-document token, as documents do in training."""
-    return [tokenizer.eod_id, *tokenizer.encode(text)]
+    """A prompt starts a document: it follows the end-of-document token, as documents do in training (or, for a
+    tokenizer whose template starts documents with other tokens, such as a BOS token, those)."""
+    return [*tokenizer.document_start, *tokenizer.encode(text)]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ import optax
 from tqdm import tqdm
 
 import data as data_lib
+from data.tokenizer import tokenizer_to_dict
 from model import Transformer, flops_per_token, init_variables, param_counts
 from model.aux import weighted_sum
 from model.positions import POSITIONS
@@ -241,12 +242,18 @@ def stream_position(restored: Restored) -> int:
     return int(data["next_index"]) * restored.run.train.batch_size
 
 
-def check_vocab(source: Restored, vocab_size: int, tokenizer_spec: str) -> None:
-    if source.run.model.vocab_size != vocab_size:
-        raise CheckpointError(
-            f"{source.path}: model.vocab_size={source.run.model.vocab_size} in the checkpoint but "
-            f"data.tokenizer={tokenizer_spec!r} gives {vocab_size}"
-        )
+def model_vocab(source: Restored, tokenizer, tokenizer_spec: str) -> int:
+    """The vocabulary size of a run whose params come from `source`: the tokenizer's, or the checkpoint's larger
+    one when it was written with this very tokenizer (a Hugging Face model's embedding has rows no token uses)."""
+    stored = source.run.model.vocab_size
+    if stored == tokenizer.vocab_size:
+        return stored
+    if stored > tokenizer.vocab_size and source.meta.get("tokenizer") == tokenizer_to_dict(tokenizer):
+        return stored
+    raise CheckpointError(
+        f"{source.path}: model.vocab_size={stored} in the checkpoint but "
+        f"data.tokenizer={tokenizer_spec!r} gives {tokenizer.vocab_size}"
+    )
 
 
 def restored_state(restored: Restored, layout: Layout) -> TrainState:
@@ -359,9 +366,10 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
         with stop_flag() as preempted, layout.activate():
             restored, source = find_start(run, checkpointer, layout, log)
             data = data_lib.load(run.data, workdir)
-            run = with_vocab(run, data.tokenizer.vocab_size)
+            vocab = data.tokenizer.vocab_size
             if source is not None:
-                check_vocab(source, data.tokenizer.vocab_size, run.data.tokenizer)
+                vocab = model_vocab(source, data.tokenizer, run.data.tokenizer)
+            run = with_vocab(run, vocab)
             model = model_for(run.model, layout)
             inputs = inputs_for(run, layout, data.tokenizer.eod_id)
             tx, schedule = make_optimizer(t, run.model)

@@ -1,0 +1,243 @@
+"""Hugging Face checkpoints in and out: `cfg, params = load(hf_dir)` and `save(cfg, params, out_dir)`.
+
+`load` reads config.json (either form of its rope keys) and the safetensors files (one, or shards listed by
+model.safetensors.index.json), and builds each parameter straight onto its target sharding: every device
+shard is cut from the memory-mapped file tensor by tensor, so the model is never held twice in host memory.
+No pickle is ever read. `save` writes config.json and safetensors that `transformers` loads. The families and
+their tensor names are in `model/hf/families.py`; the command line (import to a workdir, export from one) in
+`model/hf/__main__.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from model.config import ModelConfig
+from model.hf.families import EXPORT_ORDER, FAMILIES, Family, HFError
+from model.hf.tensors import Entry
+from model.transformer import Transformer, init_variables, layer_groups, unstack_layers
+
+__all__ = ["FAMILIES", "HFError", "family_for", "load", "read_config", "save"]
+
+INDEX = "model.safetensors.index.json"
+
+
+def read_config(hf_dir: str | pathlib.Path) -> tuple[Family, dict]:
+    """(its family, config.json as a dict)."""
+    path = pathlib.Path(hf_dir).expanduser() / "config.json"
+    if not path.is_file():
+        raise HFError(f"{path}: no such file (a Hugging Face model directory has a config.json)")
+    try:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFError(f"{path}: not JSON ({e})") from None
+    arch = (hf.get("architectures") or [None])[0]
+    if arch not in FAMILIES:
+        raise HFError(f"{path}: architectures={hf.get('architectures')!r}: one of {', '.join(FAMILIES)}")
+    return FAMILIES[arch], hf
+
+
+def family_for(cfg: ModelConfig) -> Family:
+    """The family `save` writes `cfg` as; HFError naming what none of them can represent."""
+    reasons = []
+    for arch in EXPORT_ORDER:
+        why = FAMILIES[arch].unsupported(cfg)
+        if why is None:
+            return FAMILIES[arch]
+        reasons.append(f"{arch}: {why}")
+    raise HFError("no Hugging Face architecture represents this model (" + "; ".join(reasons) + ")")
+
+
+def _files(hf_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = hf_dir / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: hf_dir / file for name, file in weight_map.items()}
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise HFError(f"{hf_dir}: no *.safetensors files (pickled .bin checkpoints are never read)")
+    out = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            out |= {name: file for name in f.keys()}
+    return out
+
+
+class _Reader:
+    """Tensors by name from memory-mapped safetensors files, opened once each."""
+
+    def __init__(self, files: dict[str, pathlib.Path]):
+        self.files, self._open = files, {}
+
+    def _handle(self, name: str):
+        file = self.files[name]
+        if file not in self._open:
+            if not file.is_file():
+                raise HFError(f"{file}: no such file (listed for tensor {name!r} in {INDEX})")
+            self._open[file] = safe_open(file, framework="numpy")
+        return self._open[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+
+def _stacked_sources(cfg: ModelConfig, abstract: Any) -> dict[tuple[str, ...], list[tuple[str, ...]]]:
+    """Our (possibly scanned) param path -> the unrolled paths of its layers, in the order they are stacked."""
+    groups = {g.name: g for g in layer_groups(cfg)}
+    out = {}
+    for path, _ in jax.tree_util.tree_leaves_with_path(abstract):
+        keys = tuple(k.key for k in path)
+        g = groups.get(keys[0]) if cfg.scan_layers else None
+        if g is None:
+            out[keys] = [keys]
+            continue
+        j, rest = (0, keys[1:]) if len(g.unit) == 1 else (int(keys[1].removeprefix("block_")), keys[2:])
+        out[keys] = [(f"layer_{g.first + r * len(g.unit) + j}", *rest) for r in range(g.repeats)]
+    return out
+
+
+def abstract_variables(cfg: ModelConfig) -> dict:
+    """Shapes and logical axes of the model's variables (params, and state where a layer keeps any)."""
+    return jax.eval_shape(lambda: init_variables(Transformer(cfg), jax.random.key(0)))
+
+
+def load(
+    hf_dir: str | pathlib.Path, *, dtype: str | None = None, shardings: Any = None, **overrides
+) -> tuple[ModelConfig, Any]:
+    """(config, params) of a Hugging Face checkpoint directory.
+
+    `dtype` sets the params' and compute dtype (default: config.json's); `overrides` other ModelConfig fields
+    (e.g. scan_layers=False). `shardings`: a function from (path, abstract leaf with logical axes) to the
+    leaf's jax.sharding.Sharding, or None for the first device.
+    """
+    hf_dir = pathlib.Path(hf_dir).expanduser()
+    family, hf = read_config(hf_dir)
+    try:
+        cfg = family.from_hf(hf)
+    except KeyError as e:
+        raise HFError(f"{hf_dir / 'config.json'}: missing key {e.args[0]!r}") from None
+    if dtype is not None:
+        overrides |= {"dtype": dtype, "param_dtype": dtype}
+    cfg = dataclasses.replace(cfg, **overrides)
+    entries = family.entries(cfg)
+    reader = _Reader(_files(hf_dir))
+    _check_tensors(family, cfg, entries, reader, hf_dir)
+
+    boxed = abstract_variables(cfg)
+    abstract = nn.unbox(boxed["params"])
+    sources = _stacked_sources(cfg, abstract)
+    first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    boxed_leaves = dict(_flat(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)))
+
+    def build(keys: tuple[str, ...], leaf) -> jax.Array:
+        layers = sources[keys]
+        stacked = cfg.scan_layers and keys[0] in {g.name for g in layer_groups(cfg)}
+        one_shape = leaf.shape[1:] if stacked else leaf.shape
+        sharding = shardings(keys, boxed_leaves[keys]) if shardings is not None else first
+
+        def part(index: tuple[slice, ...]) -> np.ndarray:
+            def layer(path):
+                entry = entries[path]
+                return entry.to_ours([reader.get(n) for n in entry.names], one_shape).astype(leaf.dtype)
+
+            if not stacked:
+                return layer(layers[0])[index]
+            return np.stack([layer(p)[index[1:]] for p in layers[index[0]]])
+
+        return jax.make_array_from_callback(leaf.shape, sharding, part)
+
+    params = {}
+    for keys, leaf in _flat(abstract):
+        node = params
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = build(keys, leaf)
+    return cfg, params
+
+
+def _flat(tree, is_leaf=None) -> list[tuple[tuple[str, ...], Any]]:
+    return [
+        (tuple(k.key for k in path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)
+    ]
+
+
+def _check_tensors(family: Family, cfg: ModelConfig, entries: dict, reader: _Reader, hf_dir: pathlib.Path) -> None:
+    """Every tensor we need is there with its shape, and nothing else is (before anything is read)."""
+    ours = {
+        keys: leaf.shape
+        for keys, leaf in _flat(nn.unbox(abstract_variables(dataclasses.replace(cfg, scan_layers=False))["params"]))
+    }
+    wanted = {}
+    for path, entry in entries.items():
+        for name, shape in zip(entry.names, entry.hf_shapes(ours[path])):
+            wanted[name] = shape
+    for name, shape in wanted.items():
+        if name not in reader.files:
+            raise HFError(
+                f"{hf_dir}: tensor {name!r} is missing ({family.architecture} with this config.json needs it)"
+            )
+        got = reader.shape(name)
+        if got != shape:
+            raise HFError(f"{hf_dir}: tensor {name!r} has shape {list(got)}, config.json implies {list(shape)}")
+    for name in reader.files:
+        if name not in wanted and not family.ignored(cfg, name):
+            raise HFError(
+                f"{hf_dir}: unexpected tensor {name!r} (not part of {family.architecture} with this config.json)"
+            )
+
+
+def save(cfg: ModelConfig, params: Any, out_dir: str | pathlib.Path, *, max_shard_bytes: int = 5 * 2**30) -> Family:
+    """Writes config.json and safetensors (sharded, with an index, past `max_shard_bytes`) that
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; returns the family written."""
+    family = family_for(cfg)
+    out_dir = pathlib.Path(out_dir).expanduser()
+    flat = dict(_flat(unstack_layers(nn.unbox(params), cfg)))
+    entries: dict[tuple[str, ...], Entry] = family.entries(cfg)
+    missing = [k for k in entries if k not in flat]
+    if missing:
+        raise HFError(f"params have no {'/'.join(missing[0])} (not params of this config)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for path, entry in entries.items():
+        for name, tensor in entry.to_hf(_host(flat[path])).items():
+            if size and size + tensor.nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor
+            size += tensor.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for s, shard in enumerate(shards):
+            file = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out_dir / file, metadata={"format": "pt"})
+            weight_map |= {name: file for name in shard}
+        total = sum(t.nbytes for shard in shards for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / INDEX).write_text(json.dumps(index, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(family.to_hf(cfg), indent=2) + "\n")
+    return family
+
+
+def _host(x) -> np.ndarray:
+    """A parameter as one host array (gathered from every process when it is sharded across hosts)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))

@@ -1,0 +1,232 @@
+"""Hugging Face checkpoints against transformers itself (PyTorch, CPU, float32, eager attention): tiny random
+models of each family, built from configs (no downloads), with non-trivial norm weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import model  # noqa: E402
+import model.hf  # noqa: E402
+from model.hf import HFError  # noqa: E402
+from sampling.decode import generate_batch  # noqa: E402
+from sampling.rules import Rules  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+
+VOCAB = 300
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.15,  # large enough that attention patterns and logits are far from uniform
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 50_000.0}  # fmt: skip
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False)),
+    "llama_mqa_tied": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(sliding_window=7, tie_word_embeddings=False)),
+}
+
+
+def build(family: str, directory, **overrides):
+    """A random transformers model of `family` saved in `directory`, with a small byte-level BPE tokenizer."""
+    config_class, extra = FAMILIES[family]
+    config = getattr(transformers, config_class)(**(COMMON | extra | overrides))
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if "norm" in name:  # ones at init: make a swapped or skipped norm visible
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    hf_model.save_pretrained(directory)
+    tokenizer_json(directory / "tokenizer.json")
+    return hf_model
+
+
+def tokenizer_json(path):
+    from data.tokenizer import EOD, train_bpe
+
+    texts = ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "hello world " * 20]
+    tok = train_bpe(texts * 10, 280)
+    assert tok.get_vocab_size() <= VOCAB and tok.token_to_id(EOD) is not None
+    tok.save(str(path))
+
+
+def ids(batch=2, length=24, seed=0):
+    return np.random.default_rng(seed).integers(3, VOCAB, (batch, length))
+
+
+def torch_logits(hf_model, input_ids) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model(torch.tensor(input_ids)).logits.float().numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    return request.param, directory, build(request.param, directory)
+
+
+def test_logits_match_transformers(family):
+    name, directory, hf_model = family
+    cfg, params = model.hf.load(directory)
+    assert cfg.sliding_window == (7 if name == "mistral" else 0) and cfg.qk_norm == (name == "qwen3")
+    x = ids()  # 24 positions: past the Mistral window, and RoPE's llama3 scaling changes the low frequencies
+    np.testing.assert_allclose(model.logits(cfg, params, x), torch_logits(hf_model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_matches_generate(family):
+    name, directory, hf_model = family
+    cfg, params = model.hf.load(directory)
+    prompt = ids(batch=1, length=9, seed=1)
+    with torch.no_grad():
+        want = hf_model.generate(
+            torch.tensor(prompt), max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None
+        )[0, 9:].tolist()
+    got = generate_batch(model.Transformer(cfg), params, prompt.tolist(), 12, Rules(temperature=0.0), max_len=32)
+    assert got.tokens[0] == want
+
+
+def test_export_loads_in_transformers_with_the_same_logits(family, tmp_path):
+    name, directory, hf_model = family
+    cfg, params = model.hf.load(directory)
+    written = model.hf.save(cfg, params, tmp_path / "out")
+    assert written.architecture == hf_model.config.architectures[0]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    x = ids(seed=2)
+    np.testing.assert_allclose(torch_logits(reloaded.eval(), x), torch_logits(hf_model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_both_rope_forms_of_config_json_read_the_same(tmp_path):
+    build("llama", tmp_path)
+    cfg, _ = model.hf.load(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    params = hf.pop("rope_parameters")
+    hf["rope_theta"] = params.pop("rope_theta")
+    hf["rope_scaling"] = {**params, "type": params.pop("rope_type")}  # transformers 4's form, older key name
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    old, _ = model.hf.load(tmp_path)
+    assert old == cfg and cfg.rope_theta == 50_000.0 and cfg.rope_scaling.type == "llama3"
+    assert cfg.rope_scaling.original_max_len == 16 and cfg.rope_scaling.factor == 8.0
+
+
+def test_sharded_checkpoints_with_an_index_load_and_scanned_equals_unrolled(tmp_path):
+    hf_model = build("qwen3", tmp_path / "hf")
+    cfg, params = model.hf.load(tmp_path / "hf")
+    model.hf.save(cfg, params, tmp_path / "sharded", max_shard_bytes=40_000)
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 2
+    unrolled_cfg, unrolled = model.hf.load(tmp_path / "sharded", scan_layers=False)
+    assert "layer_1" in unrolled and "layers" in params
+    x = ids(seed=3)
+    np.testing.assert_allclose(model.logits(unrolled_cfg, unrolled, x), torch_logits(hf_model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_mismatches_are_one_line_errors_naming_the_tensor(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    build("llama", tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+
+    def fails_with(changed: dict, message: str):
+        save_file(changed, path, metadata={"format": "pt"})
+        with pytest.raises(HFError, match=message) as e:
+            model.hf.load(tmp_path)
+        assert "\n" not in str(e.value)
+
+    missing = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    fails_with(missing, "tensor 'model.layers.1.mlp.up_proj.weight' is missing")
+    fails_with(
+        tensors | {"model.layers.0.extra.weight": np.zeros(3, np.float32)}, "unexpected tensor 'model.layers.0.extra"
+    )
+    wrong = tensors | {"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}
+    fails_with(wrong, r"'model.layers.0.self_attn.k_proj.weight' has shape \[64, 64\], config.json implies \[32, 64\]")
+    save_file(tensors, path, metadata={"format": "pt"})
+    hf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(hf | {"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(HFError, match=r"architectures=\['GPT2LMHeadModel'\]: one of LlamaForCausalLM"):
+        model.hf.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf | {"hidden_act": "gelu"}))
+    with pytest.raises(HFError, match="hidden_act='gelu': only 'silu'"):
+        model.hf.load(tmp_path)
+
+
+def test_a_model_no_family_represents_is_refused_on_export(tmp_path):
+    cfg = model.ModelConfig(position="alibi")
+    with pytest.raises(HFError, match="LlamaForCausalLM: model.position='alibi'"):
+        model.hf.save(cfg, {}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_train_export_reload(tmp_path):
+    """import (the CLI) -> a run of its config.py, init_from the import, 5 steps -> export -> transformers loads
+    the trained weights, and infer.py samples straight from the exported Hugging Face directory."""
+    import importlib.util
+
+    from training import hf
+    from training.config import resolve
+    from training.loop import train
+
+    hf_model = build("llama", tmp_path / "hf")
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    done = run("-m", "model.hf", "import", str(tmp_path / "hf"), "--workdir", str(tmp_path / "imported"))
+    assert done.returncode == 0, done.stderr
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i}.py").write_text(f"def fib_{i}(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n" * 8)
+    spec = importlib.util.spec_from_file_location("imported_config", tmp_path / "imported" / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data.update(corpus=str(corpus), seq_len=32, val_fraction=0.2)
+    config.train.update(steps=5, batch_size=2, warmup_steps=1, log_every=5, eval_every=5, eval_batches=1)
+    config.train.update(sample_tokens=0, peak_flops=1e12, lr=1e-2)
+    result = train(resolve(config), tmp_path / "tuned", quiet=True)
+    assert result["step"] == 5
+    assert hf.export(tmp_path / "tuned", tmp_path / "out").architecture == "LlamaForCausalLM"
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+    tuned_cfg, tuned = model.hf.load(tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    x = ids(seed=4)
+    np.testing.assert_allclose(
+        model.logits(tuned_cfg, tuned, x), torch_logits(reloaded.eval(), x), atol=1e-4, rtol=1e-4
+    )
+    assert not np.allclose(torch_logits(reloaded, x), torch_logits(hf_model, x), atol=1e-3)  # training changed it
+    with pytest.raises(HFError, match="exists and is not empty"):
+        hf.export(tmp_path / "tuned", tmp_path / "out")
+
+    done = run("infer.py", f"--hf_dir={tmp_path / 'out'}", "--prompt=def ", "--temperature=0", "--max_new_tokens=5")
+    assert done.returncode == 0, done.stderr
+    assert f"loaded {tmp_path / 'out'}" in done.stderr
+
+
+def test_tied_llama_keeps_one_embedding(tmp_path):
+    hf_model = build("llama_mqa_tied", tmp_path)
+    cfg, params = model.hf.load(tmp_path)
+    assert cfg.tie_embeddings and "head" not in params and cfg.num_kv_heads == 1
+    assert dataclasses.replace(cfg, tie_embeddings=False) != cfg
+    np.testing.assert_array_equal(
+        np.asarray(params["embed"]["embedding"]), hf_model.model.embed_tokens.weight.detach().numpy()
+    )

@@ -1,0 +1,109 @@
+"""Hugging Face directories as runs: import one into a workdir (which train.py can `init_from` and infer.py
+load), export a workdir's checkpoint, or load one straight for sampling (`infer.py --hf_dir`).
+
+The model math and tensor mapping are `model.hf`'s; this module adds what a run needs around them: the
+tokenizer (the directory's tokenizer.json), a RunConfig and the checkpoint item layout of training/checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+
+import ml_collections
+
+from configs import base
+from data.tokenizer import HFTokenizer, Tokenizer, load_file
+from model import hf as hf_lib
+from model.config import ModelConfig
+from training.checkpoint import Checkpointer, CheckpointError, checkpoints_dir, load_for_inference, meta_for
+from training.config import DERIVED, CheckpointConfig, RunConfig, resolve, with_vocab
+
+TRAIN_SEQ_LEN = 2048  # the training windows of the config an import writes (at most the model's context)
+
+
+def model_values(cfg: ModelConfig) -> dict:
+    """`cfg` as config-file values (what `resolve` derives left out)."""
+    values = dataclasses.asdict(cfg)
+    return {k: v for k, v in values.items() if k not in DERIVED["model"]}
+
+
+def run_for(cfg: ModelConfig, tokenizer_path: pathlib.Path, seq_len: int) -> RunConfig:
+    config = base.get_config()
+    config.model = ml_collections.ConfigDict(model_values(cfg))
+    config.data.update(tokenizer=str(tokenizer_path), seq_len=seq_len)
+    return with_vocab(resolve(config), cfg.vocab_size)
+
+
+def read_tokenizer(hf_dir: pathlib.Path) -> HFTokenizer:
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        raise hf_lib.HFError(f"{path}: no such file (the model's tokenizer; a sample needs one)")
+    return load_file(path, str(path))
+
+
+def load(hf_dir: str | pathlib.Path, **overrides) -> tuple[RunConfig, dict, Tokenizer]:
+    """(run config, params, tokenizer) of a Hugging Face directory, for sampling or scoring."""
+    hf_dir = pathlib.Path(hf_dir).expanduser()
+    tokenizer = read_tokenizer(hf_dir)
+    cfg, params = hf_lib.load(hf_dir, **overrides)
+    return run_for(cfg, hf_dir / "tokenizer.json", cfg.max_seq_len), params, tokenizer
+
+
+def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, dtype: str | None = None) -> RunConfig:
+    """Writes `workdir` with the model as checkpoint step 0, its tokenizer.json and a config.py that continues
+    pretraining from it (`python train.py --config WORKDIR/config.py --workdir NEW`)."""
+    hf_dir, workdir = pathlib.Path(hf_dir).expanduser(), pathlib.Path(workdir).expanduser().absolute()
+    if checkpoints_dir(workdir).exists():
+        raise CheckpointError(f"{workdir}: already holds checkpoints (import into a new workdir)")
+    read_tokenizer(hf_dir)  # before anything is read or written
+    cfg, params = hf_lib.load(hf_dir, dtype=dtype)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = workdir / "tokenizer.json"
+    shutil.copyfile(hf_dir / "tokenizer.json", tokenizer_path)
+    tokenizer = load_file(tokenizer_path, str(tokenizer_path))
+    run = run_for(cfg, tokenizer_path, cfg.max_seq_len)
+    checkpointer = Checkpointer(checkpoints_dir(workdir), CheckpointConfig(async_save=False))
+    try:
+        checkpointer.save(0, {"params": params}, {"step": 0, "imported_from": str(hf_dir)}, meta_for(run, tokenizer))
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    (workdir / "config.py").write_text(_config_file(cfg, tokenizer_path, workdir, hf_dir))
+    return run
+
+
+def _config_file(cfg: ModelConfig, tokenizer_path: pathlib.Path, workdir: pathlib.Path, hf_dir: pathlib.Path) -> str:
+    seq_len = min(cfg.max_seq_len, TRAIN_SEQ_LEN)
+    return f'''"""Continued pretraining of {hf_dir} (imported by `python -m model.hf import`).
+
+    python train.py --config {workdir}/config.py --workdir runs/NEW --config.data.corpus=...
+"""
+
+from configs import base
+
+MODEL = {model_values(cfg)!r}
+
+
+def get_config(arg=None):
+    config = base.get_config()
+    config.model.update(MODEL)
+    config.data.update(tokenizer={str(tokenizer_path)!r}, seq_len={seq_len})
+    config.train.init_from = {str(workdir)!r}
+    return base.apply_arg(config, arg)
+'''
+
+
+def export(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int | None = None) -> hf_lib.Family:
+    """Writes the workdir's latest (or `step`'s) params as a Hugging Face directory, with the tokenizer.json of
+    a `tokenizers` tokenizer. An existing non-empty `out_dir` is refused (nothing there is overwritten)."""
+    out_dir = pathlib.Path(out_dir).expanduser()
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise hf_lib.HFError(f"{out_dir}: exists and is not empty (export into a new directory)")
+    run, params, tokenizer, _ = load_for_inference(workdir, step)
+    hf_lib.family_for(run.model)  # refuses an unrepresentable model before anything is written
+    family = hf_lib.save(run.model, params, out_dir)
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save(out_dir / "tokenizer.json")
+    return family
