@@ -230,3 +230,25 @@ def test_tied_llama_keeps_one_embedding(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(params["embed"]["embedding"]), hf_model.model.embed_tokens.weight.detach().numpy()
     )
+
+
+def test_prompts_start_as_the_tokenizers_template_starts_a_document(tmp_path):
+    """A Llama 3-style tokenizer puts <|begin_of_text|> first: so does a prompt; without a template, the
+    end-of-document token does (as in training)."""
+    import tokenizers
+
+    from data.tokenizer import load_file
+    from sampling.decode import prompt_ids
+
+    tokenizer_json(tmp_path / "plain.json")
+    plain = load_file(tmp_path / "plain.json", "plain")
+    assert prompt_ids(plain, "def f") == [plain.eod_id, *plain.encode("def f")]
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "plain.json"))
+    tok.add_special_tokens(["<|begin_of_text|>"])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    tok.save(str(tmp_path / "templated.json"))
+    templated = load_file(tmp_path / "templated.json", "templated")
+    assert prompt_ids(templated, "def f") == [bos, *plain.encode("def f")]

@@ -16,9 +16,11 @@ import ml_collections
 from configs import base
 from data.tokenizer import HFTokenizer, Tokenizer, load_file
 from model import hf as hf_lib
+from model import Transformer
 from model.config import ModelConfig
 from training.checkpoint import Checkpointer, CheckpointError, checkpoints_dir, load_for_inference, meta_for
 from training.config import DERIVED, CheckpointConfig, RunConfig, resolve, with_vocab
+from training.layout import Layout, abstract_params, shardings_of
 
 TRAIN_SEQ_LEN = 2048  # the training windows of the config an import writes (at most the model's context)
 
@@ -43,11 +45,13 @@ def read_tokenizer(hf_dir: pathlib.Path) -> HFTokenizer:
     return load_file(path, str(path))
 
 
-def load(hf_dir: str | pathlib.Path, **overrides) -> tuple[RunConfig, dict, Tokenizer]:
-    """(run config, params, tokenizer) of a Hugging Face directory, for sampling or scoring."""
+def load(hf_dir: str | pathlib.Path, layout: Layout | None = None, **overrides) -> tuple[RunConfig, dict, Tokenizer]:
+    """(run config, params, tokenizer) of a Hugging Face directory, for sampling or scoring; with a `layout`, each
+    parameter goes straight onto the sharding its logical axes get there."""
     hf_dir = pathlib.Path(hf_dir).expanduser()
     tokenizer = read_tokenizer(hf_dir)
-    cfg, params = hf_lib.load(hf_dir, **overrides)
+    shardings = None if layout is None else lambda cfg: shardings_of(abstract_params(Transformer(cfg), layout))
+    cfg, params = hf_lib.load(hf_dir, shardings=shardings, **overrides)
     return run_for(cfg, hf_dir / "tokenizer.json", cfg.max_seq_len), params, tokenizer
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -115,13 +116,17 @@ def abstract_variables(cfg: ModelConfig) -> dict:
 
 
 def load(
-    hf_dir: str | pathlib.Path, *, dtype: str | None = None, shardings: Any = None, **overrides
+    hf_dir: str | pathlib.Path,
+    *,
+    dtype: str | None = None,
+    shardings: Callable[[ModelConfig], Any] | None = None,
+    **overrides,
 ) -> tuple[ModelConfig, Any]:
     """(config, params) of a Hugging Face checkpoint directory.
 
     `dtype` sets the params' and compute dtype (default: config.json's); `overrides` other ModelConfig fields
-    (e.g. scan_layers=False). `shardings`: a function from (path, abstract leaf with logical axes) to the
-    leaf's jax.sharding.Sharding, or None for the first device.
+    (e.g. scan_layers=False). `shardings(config)` gives a pytree of jax.sharding.Sharding matching the params
+    (e.g. from a training layout); None: the first device. Each device shard is read from the files by itself.
     """
     hf_dir = pathlib.Path(hf_dir).expanduser()
     family, hf = read_config(hf_dir)
@@ -136,36 +141,29 @@ def load(
     reader = _Reader(_files(hf_dir))
     _check_tensors(family, cfg, entries, reader, hf_dir)
 
-    boxed = abstract_variables(cfg)
-    abstract = nn.unbox(boxed["params"])
-    sources = _stacked_sources(cfg, abstract)
+    abstract = nn.unbox(abstract_variables(cfg)["params"])
     first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    boxed_leaves = dict(_flat(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned)))
+    placed = jax.tree.map(lambda _: first, abstract) if shardings is None else shardings(cfg)
+    sources = _stacked_sources(cfg, abstract)
+    scanned = {g.name for g in layer_groups(cfg)} if cfg.scan_layers else set()
 
-    def build(keys: tuple[str, ...], leaf) -> jax.Array:
-        layers = sources[keys]
-        stacked = cfg.scan_layers and keys[0] in {g.name for g in layer_groups(cfg)}
+    def build(path, leaf, sharding) -> jax.Array:
+        keys = tuple(k.key for k in path)
+        layers, stacked = sources[keys], keys[0] in scanned
         one_shape = leaf.shape[1:] if stacked else leaf.shape
-        sharding = shardings(keys, boxed_leaves[keys]) if shardings is not None else first
+
+        def layer(unrolled_path) -> np.ndarray:
+            entry = entries[unrolled_path]
+            return entry.to_ours([reader.get(n) for n in entry.names], one_shape).astype(leaf.dtype)
 
         def part(index: tuple[slice, ...]) -> np.ndarray:
-            def layer(path):
-                entry = entries[path]
-                return entry.to_ours([reader.get(n) for n in entry.names], one_shape).astype(leaf.dtype)
-
             if not stacked:
                 return layer(layers[0])[index]
             return np.stack([layer(p)[index[1:]] for p in layers[index[0]]])
 
         return jax.make_array_from_callback(leaf.shape, sharding, part)
 
-    params = {}
-    for keys, leaf in _flat(abstract):
-        node = params
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = build(keys, leaf)
-    return cfg, params
+    return cfg, jax.tree_util.tree_map_with_path(build, abstract, placed)
 
 
 def _flat(tree, is_leaf=None) -> list[tuple[tuple[str, ...], Any]]:

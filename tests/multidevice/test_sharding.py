@@ -95,3 +95,27 @@ def test_checkpoint_from_one_mesh_continues_on_another(tmp_path):
     got = losses(tmp_path)
     assert result["step"] == 10 and sorted(got) == list(range(1, 11))
     np.testing.assert_allclose([got[s] for s in range(6, 11)], [want[s] for s in range(6, 11)], rtol=1e-5)
+
+
+def test_a_hugging_face_checkpoint_loads_onto_the_mesh_shard_by_shard(tmp_path):
+    """Each device gets its own slice of every tensor, as the rules table places it; the logits are the file's."""
+    pytest.importorskip("transformers")
+    import model as model_lib
+    from tests.test_hf import build, ids
+    from training import hf
+
+    build("llama", tmp_path)
+    _, whole, _ = hf.load(tmp_path)
+    cfg = model_lib.hf.read_config(tmp_path)[0].from_hf(json.loads((tmp_path / "config.json").read_text()))
+    run = tiny_run(model={"d_model": 64, "num_heads": 4, "num_kv_heads": 2}, mesh={"data": 2, "fsdp": 2, "tensor": 2})
+    layout = plan(run)
+    _, sharded, _ = hf.load(tmp_path, layout)
+    want = jax.tree.map(lambda x: x.sharding, abstract_state(Transformer(cfg), make_optimizer(run.train)[0], layout).params)
+    query = sharded["layers"]["attn"]["query"]["kernel"]
+    assert query.sharding == want["layers"]["attn"]["query"]["kernel"]
+    assert {s.data.shape for s in query.addressable_shards} == {(2, 32, 2, 16)}  # embed / fsdp, heads / tensor
+    jax.tree.map(lambda x, s: x.sharding == s or pytest.fail(f"{x.sharding} != {s}"), sharded, want)
+    x = ids()
+    expected = model_lib.logits(cfg, whole, x)
+    with layout.activate():
+        np.testing.assert_allclose(model_lib.logits(cfg, sharded, x), expected, atol=1e-5)
