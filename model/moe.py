@@ -124,14 +124,14 @@ ROUTERS: dict[str, Callable[[MoEConfig, jax.Array, jax.Array], Routing]] = {
 def tile_rows(assignments: int, num_experts: int) -> int:
     """Rows per tile of the CPU grouped matmul: 128 (a dot XLA:CPU runs near a plain dot's speed), smaller when
     experts get few rows, so that padding each expert to whole tiles stays cheap."""
-    per_expert = max(1, assignments // num_experts)
+    per_expert = max(1, int(assignments) // num_experts)
     return max(8, min(128, 1 << (per_expert.bit_length() - 1)))
 
 
 def _tiles(x_RK, w_EKN, expert_N, tile, unroll, transpose_w=False):
     def body(_, tile_and_expert):
         x_MK, e = tile_and_expert
-        w_KN = w_EKN[e]
+        w_KN = jax.lax.dynamic_index_in_dim(w_EKN, e, keepdims=False)
         return None, (x_MK @ w_KN.T) if transpose_w else (x_MK @ w_KN)
 
     x_NMK = x_RK.reshape(-1, tile, x_RK.shape[-1])
