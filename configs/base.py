@@ -23,7 +23,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_kv_heads=4,
         head_dim=0,  # 0: d_model // num_heads
         d_ff=1024,
-        mlp="swiglu",  # swiglu | gelu
+        mlp="swiglu",  # swiglu | gelu | moe
+        # Sparse mixture of experts, for mlp='moe' (model/moe.py).
+        moe=dict(
+            num_experts=8,
+            top_k=2,  # experts per token
+            d_ff_expert=0,  # hidden width of each expert; 0: d_ff
+            num_shared_experts=0,  # always-on experts (DeepSeek), width d_ff_expert each
+            first_dense_layers=0,  # dense SwiGLU layers (width d_ff) before the first MoE layer
+            every=1,  # then layer i is MoE when (i - first_dense_layers) % every == 0, else dense
+            router="softmax",  # softmax (Switch, Mixtral) | sigmoid (DeepSeek-V3, group-limited)
+            norm_topk_prob=True,  # renormalise the top-k gates to sum to 1
+            routed_scaling=1.0,  # gates times this (DeepSeek-V3: 2.5)
+            n_group=1,  # sigmoid: expert groups; a token uses the topk_group best (by their top-2 scores)
+            topk_group=1,
+            aux_loss_weight=0.01,  # Switch load-balancing loss E * sum_i f_i P_i (train/moe_aux_loss; 0: logged only)
+            z_loss_weight=0.0,  # router z-loss mean(logsumexp(logits)^2) (ST-MoE: 1e-3; 0: logged only)
+            router_noise=0.0,  # router input times U(1 - x, 1 + x) while training (Switch: 1e-2); 0: off
+            bias_update_rate=0.0,  # auxiliary-loss-free balancing bias step (DeepSeek-V3: 1e-3); 0: off
+            capacity_factor=1.25,  # capacity dispatch: rows per expert = ceil(factor * tokens * top_k / num_experts)
+            dispatch="dropless",  # dropless (grouped matmul, nothing dropped) | capacity (overflow dropped)
+        ),
         norm="rmsnorm",  # rmsnorm | layernorm
         norm_eps=1e-6,
         position="rope",  # rope | alibi | learned | sinusoidal | none
@@ -122,14 +142,22 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
         except (ValueError, SyntaxError):
             value = raw
         group, field = _locate(config, key.strip())
-        config[group][field] = value
+        *parents, leaf = field.split(".")
+        node = config[group]
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
     return config
 
 
 def _locate(config: ml_collections.ConfigDict, key: str) -> tuple[str, str]:
+    """(group, field): `field` may name a key of a nested group, as in model.moe.top_k."""
     if "." in key:
         group, field = key.split(".", 1)
-        if group in config and field in config[group]:
+        node = config[group] if group in config else None
+        for part in field.split("."):
+            node = node[part] if isinstance(node, (dict, ml_collections.ConfigDict)) and part in node else None
+        if node is not None or (group in config and field in config[group]):
             return group, field
     else:
         groups = [g for g in config if key in config[g]]

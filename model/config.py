@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from model.moe import MoEConfig
 from model.rope import RopeScaling
 
 
@@ -21,6 +22,7 @@ class ModelConfig:
     d_ff: int = 1024
     attention: str = "gqa"  # a key of model.kinds.ATTENTION_KINDS
     mlp: str = "swiglu"  # a key of model.kinds.MLP_KINDS
+    moe: MoEConfig = MoEConfig()  # experts, routing and dispatch of model.mlp='moe' (model/moe.py)
     norm: str = "rmsnorm"  # a key of model.layers.NORMS
     norm_eps: float = 1e-6
     position: str = "rope"  # a key of model.positions.POSITIONS
@@ -47,6 +49,8 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # read back from a config.json
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
 
     @property
     def resolved_head_dim(self) -> int:
@@ -64,7 +68,15 @@ class ModelConfig:
 
     def layer_specs(self) -> tuple[LayerSpec, ...]:
         """What each layer is: the per-layer pattern the transformer groups into scanned runs."""
-        return tuple(LayerSpec(self.attention, self.window_of(i), self.mlp) for i in range(self.num_layers))
+        return tuple(LayerSpec(self.attention, self.window_of(i), self.mlp_of(i)) for i in range(self.num_layers))
+
+    def mlp_of(self, layer: int) -> str:
+        """Layer `layer`'s MLP kind: `model.mlp`, unless that kind has a per-layer pattern (`layer_kind`: MoE
+        keeps some layers dense)."""
+        from model.kinds import MLP_KINDS  # the kinds import this module
+
+        pattern = getattr(MLP_KINDS.get(self.mlp), "layer_kind", None)
+        return self.mlp if pattern is None else pattern(self, layer)
 
     def window_of(self, layer: int) -> int:
         """Layer `layer`'s sliding window (0: global): every layer is local when a window is set, but for every

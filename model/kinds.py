@@ -3,7 +3,9 @@
 A new kind is one module plus one entry here. An attention kind is a module `(cfg, window, decode, impl,
 max_rewind) -> (x_BTD, mask) -> (out_BTD, aux)` that owns its projections, its decode cache and static
 `param_count(cfg)`, `matmul_params(cfg)` and `attention_flops(cfg, context)`; an MLP kind is a module
-`(cfg) -> x_BTD -> (y_BTD, aux)` with static `param_count(cfg)` and `matmul_params(cfg)` (active weights).
+`(cfg) -> x_BTD -> (y_BTD, aux)` with static `param_count(cfg)` and `matmul_params(cfg)` (active weights), and
+optionally `layer_kind(cfg, layer)`: the MLP kind each layer takes when it is `model.mlp` (MoE: dense layers
+between sparse ones), which `ModelConfig.layer_specs` asks.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import flax.linen as nn
 
 from model.gqa import GQA
 from model.layers import MLPS
+from model.moe import MoE
 
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {"gqa": GQA}
-MLP_KINDS: dict[str, type[nn.Module]] = dict(MLPS)
+MLP_KINDS: dict[str, type[nn.Module]] = {**MLPS, "moe": MoE}

@@ -9,12 +9,14 @@ Every parameter carries logical axis names; parallel/ maps them onto mesh axes.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.config import ModelConfig
+if TYPE_CHECKING:  # model.config imports model.moe, which builds on these layers
+    from model.config import ModelConfig
 
 
 @jax.custom_vjp

@@ -200,7 +200,7 @@ class Transformer(nn.Module):
                 stack = nn.scan(
                     body,
                     variable_axes={"params": 0, "cache": 0, "state": 0},
-                    split_rngs={"params": True},
+                    split_rngs={"params": True, "noise": True},  # noise: e.g. a router's jitter, per layer
                     in_axes=nn.broadcast,
                     length=g.repeats,
                     metadata_params={nn.PARTITION_NAME: "layers"},

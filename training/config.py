@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from data.config import DataConfig
+from model import moe as moe_lib
 from model import rope as rope_lib
 from model.attention import ATTENTION_IMPLS
 from model.config import ModelConfig
@@ -169,6 +170,7 @@ def _rules(
         *rope_lib.scaling_errors(m.rope_scaling),
         one_of("model.attention", m.attention, ATTENTION_KINDS),
         one_of("model.mlp", m.mlp, MLP_KINDS),
+        *moe_lib.config_errors(m.moe),
         (m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0 (0: no window)"),
         (m.global_every >= 0, "model.global_every", m.global_every, "must be >= 0 (0: every layer local)"),
         (

@@ -67,8 +67,9 @@ def make_train_step(
     gradient accumulation every micro-batch starts from the step's state and their updates are averaged."""
     inputs = inputs or Inputs()
 
-    def loss_fn(params, model_state, tokens_BT1):
-        out, targets_BT = inputs(tokens_BT1, model, variables_of(params, model_state), mutable=["state"])
+    def loss_fn(params, model_state, tokens_BT1, noise_rng):
+        variables = variables_of(params, model_state)
+        out, targets_BT = inputs(tokens_BT1, model, variables, mutable=["state"], rngs={"noise": noise_rng})
         out, updated = out
         loss_BT, _ = cross_entropy(out.logits_BTV, targets_BT, t.z_loss, t.label_smoothing)
         loss = jnp.mean(loss_BT)
@@ -80,20 +81,22 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         tokens_BT1 = batch["tokens"]
+        noise_rng = jax.random.fold_in(state.rng, state.step)  # training-only randomness (e.g. router jitter)
         if t.grad_accum == 1:
-            (_, (loss, aux, model_state)), grads = grad_fn(state.params, state.model_state, tokens_BT1)
+            (_, (loss, aux, model_state)), grads = grad_fn(state.params, state.model_state, tokens_BT1, noise_rng)
         else:
             # Micro-batch a takes rows a, a + A, a + 2A, ...: every batch shard holds 1/A of each one.
             micro_ABT1 = tokens_BT1.reshape(-1, t.grad_accum, tokens_BT1.shape[-1]).swapaxes(0, 1)
+            micro_rngs = jax.random.split(noise_rng, t.grad_accum)
 
-            def accumulate(carry, micro_BT1):
-                (_, (loss, aux, model_state)), grads = grad_fn(state.params, state.model_state, micro_BT1)
+            def accumulate(carry, micro):
+                (_, (loss, aux, model_state)), grads = grad_fn(state.params, state.model_state, *micro)
                 return jax.tree.map(jnp.add, carry, (loss, aux, model_state, grads)), None
 
-            shapes = jax.eval_shape(lambda: grad_fn(state.params, state.model_state, micro_ABT1[0]))
+            shapes = jax.eval_shape(lambda: grad_fn(state.params, state.model_state, micro_ABT1[0], micro_rngs[0]))
             (_, (loss, aux, model_state)), grads = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
             zeros = (loss, aux, model_state, grads)
-            (loss, aux, model_state, grads), _ = jax.lax.scan(accumulate, zeros, micro_ABT1)
+            (loss, aux, model_state, grads), _ = jax.lax.scan(accumulate, zeros, (micro_ABT1, micro_rngs))
             loss, aux, model_state, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, aux, model_state, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,23 @@
+"""Dense against sparse MLPs at equal active parameters and steps: configs/tiny.py vs configs/ablations/moe.py
+(Mixtral-like softmax top-2 of 8) and configs/ablations/moe_deepseek.py (sigmoid, group-limited, shared expert,
+bias balancing), 2 seeds each.
+
+python -m experiments.sweep plan experiments/sweeps/ablate_moe.py --out sweeps/moe
+python -m experiments.sweep run sweeps/moe --parallel 1
+python -m experiments.sweep report sweeps/moe
+"""
+
+
+def get_sweep():
+    return {
+        "config": "configs/tiny.py",
+        "overrides": {"train.sample_tokens": 0},
+        "grid": {
+            "config": [
+                "configs/tiny.py",
+                "configs/ablations/moe.py",
+                "configs/ablations/moe_deepseek.py",
+            ]
+        },
+        "seeds": [0, 1],
+    }
