@@ -13,6 +13,7 @@ stderr. Bad input prints one line and exits with code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -44,6 +45,13 @@ _STOP = flags.DEFINE_multi_string(
 _EOS = flags.DEFINE_boolean("eos", True, "Stop a sample at the end-of-document token (--noeos: keep going).")
 _KV_CACHE = flags.DEFINE_boolean("kv_cache", True, "Decode with the K/V cache (--kv_cache=false: recompute).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows decoded together for many prompts or samples.")
+_MLA_DECODE = flags.DEFINE_string(
+    "mla_decode",
+    "absorbed",
+    "attention='mla' models: decode over the compressed cache with the up-projections absorbed, or 'naive' "
+    "(every step rebuilds full K/V from the cached latent: the reference).",
+)
+MLA_DECODES = ("absorbed", "naive")  # model.mla.DECODES (not imported here: that would start JAX)
 _SCORE = flags.DEFINE_string("score", None, "Print the loss, perplexity and bits per byte of this text file.")
 
 
@@ -64,6 +72,7 @@ def check_flags() -> None:
         (_MAX_NEW.value >= 1, f"--max_new_tokens={_MAX_NEW.value}: must be >= 1"),
         (_MAX_LEN.value >= 0, f"--max_len={_MAX_LEN.value}: must be >= 0 (0: the model's seq_len)"),
         (_BATCH_SIZE.value >= 1, f"--batch_size={_BATCH_SIZE.value}: must be >= 1"),
+        (_MLA_DECODE.value in MLA_DECODES, f"--mla_decode={_MLA_DECODE.value!r}: one of {', '.join(MLA_DECODES)}"),
         (all(_STOP.value), "--stop='': a stop string must not be empty (it would stop every sample at once)"),
         (
             _BEAM_SIZE.value == 1 or _NUM_SAMPLES.value <= _BEAM_SIZE.value,
@@ -169,6 +178,9 @@ def main(argv: list[str]) -> None:
             loaded = f"loaded step {step} from {_WORKDIR.value}"
     except (CheckpointError, HFError) as e:
         fail(str(e))
+    # How an attention='mla' model decodes is a property of this run of infer.py, not of the checkpoint.
+    mla = dataclasses.replace(run.model.mla, decode=_MLA_DECODE.value)
+    run = dataclasses.replace(run, model=dataclasses.replace(run.model, mla=mla))
     if text is None:
         check_cache(run, tokenizer, prompts)
     print(loaded, file=sys.stderr)

@@ -60,7 +60,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             mscale=1.0,  # yarn
             mscale_all_dim=0.0,  # yarn (DeepSeek)
         ),
-        attention="gqa",  # gqa (MHA/GQA/MQA by num_kv_heads)
+        attention="gqa",  # gqa (MHA/GQA/MQA by num_kv_heads) | mla (DeepSeek's latent attention, model.mla)
+        # attention='mla' (model/mla.py): queries [nope | rope] per head, keys/values rebuilt from one cached latent
+        # plus one RoPE key shared by all heads; num_kv_heads and head_dim are unused.
+        mla=dict(
+            q_lora_rank=0,  # compressed query width (with RMSNorm); 0: queries straight from d_model
+            kv_lora_rank=128,  # the latent K/V are rebuilt from: decoding caches it and the rope key per token
+            qk_nope_head_dim=64,  # per-head query/key channels without RoPE
+            qk_rope_head_dim=32,  # per-head query channels with RoPE (even); the key's are shared by all heads
+            v_head_dim=64,  # per-head value channels
+        ),
         sliding_window=0,  # keys at query pos - key pos >= window are masked (Mistral); 0: off
         global_every=0,  # with a window: layer i is global when (i + 1) % global_every == 0; 0: all local
         qk_norm=False,  # per-head RMSNorm of q and k before RoPE (Qwen3, OLMo 2)

@@ -12,6 +12,23 @@ from model.rope import RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention's sizes (`model.attention='mla'`, model/mla.py; DeepSeek-V2/V3's names).
+
+    Lives here rather than in model/mla.py because ModelConfig holds it and model/mla.py imports ModelConfig."""
+
+    q_lora_rank: int = 0  # width of the compressed query (0: queries projected straight from d_model)
+    kv_lora_rank: int = 128  # width of the latent keys and values are rebuilt from (what decoding caches)
+    qk_nope_head_dim: int = 64  # per-head query/key channels without RoPE (rebuilt from the latent)
+    qk_rope_head_dim: int = 32  # per-head query channels with RoPE; the key's are one vector shared by all heads
+    v_head_dim: int = 64  # per-head value channels
+    # How decoding attends over the cache: 'absorbed' (the up-projections folded into the query and the output)
+    # or 'naive' (full K/V rebuilt from the cached latent, the reference). Not a training config key: infer.py's
+    # --mla_decode sets it (training.config.DERIVED), and both give the same logits.
+    decode: str = "absorbed"
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 257
     d_model: int = 256
@@ -28,6 +45,7 @@ class ModelConfig:
     position: str = "rope"  # a key of model.positions.POSITIONS
     rope_theta: float = 10_000.0
     rope_scaling: RopeScaling = RopeScaling()  # context extension: linear, llama3 or yarn (model/rope.py)
+    mla: MLAConfig = MLAConfig()  # sizes of attention='mla' (unused by other kinds)
     sliding_window: int = 0  # keys at query position - key position >= window are masked (0: no window)
     global_every: int = 0  # with a window: layer i attends globally when (i + 1) % global_every == 0 (0: none)
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3, OLMo 2)
@@ -51,6 +69,8 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
+        if isinstance(self.mla, dict):
+            object.__setattr__(self, "mla", MLAConfig(**self.mla))
 
     @property
     def resolved_head_dim(self) -> int:

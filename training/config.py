@@ -87,7 +87,8 @@ GROUPS = {
     "mesh": MeshConfig,
 }
 # Fields filled in from elsewhere (the tokenizer, data.seq_len), not set by users.
-DERIVED = {"model": {"vocab_size", "max_seq_len"}}
+# model.mla.decode is how decoding runs (infer.py --mla_decode), not part of what is trained.
+DERIVED = {"model": {"vocab_size", "max_seq_len"}, "model.mla": {"decode"}}
 
 
 def _typed(group: str, cls, values: dict) -> Any:
@@ -169,6 +170,7 @@ def _rules(
         (m.head_dim >= 0, "model.head_dim", m.head_dim, "must be >= 0 (0: d_model // num_heads)"),
         *rope_lib.scaling_errors(m.rope_scaling),
         one_of("model.attention", m.attention, ATTENTION_KINDS),
+        *getattr(ATTENTION_KINDS.get(m.attention), "config_errors", lambda m: [])(m),
         one_of("model.mlp", m.mlp, MLP_KINDS),
         *moe_lib.config_errors(m.moe),
         (m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0 (0: no window)"),
