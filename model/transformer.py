@@ -128,6 +128,8 @@ def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
         return params  # already unrolled
     flat = {k: v for k, v in params.items() if not any(k == g.name for g in groups)}
     for g in groups:
+        if g.name not in params:  # e.g. the "state" collection of dense layers before MoE ones
+            continue
         for r in range(g.repeats):
             for j in range(len(g.unit)):
                 tree = params[g.name] if len(g.unit) == 1 else params[g.name][f"block_{j}"]
@@ -239,5 +241,7 @@ def init_variables(model: Transformer, rng: jax.Array) -> dict:
 
 
 def logits(cfg: ModelConfig, params: dict, input_ids_BT) -> jax.Array:
-    """Float32 logits [B, T, vocab] of token ids at positions 0..T-1 (no padding): one call, nothing to build."""
-    return jax.jit(Transformer(cfg).apply)({"params": params}, jnp.asarray(input_ids_BT, jnp.int32))
+    """Float32 logits [B, T, vocab] of token ids at positions 0..T-1 (no padding): one call, nothing to build.
+    `params`: the params tree, or the variables {"params": ..., "state": ...} of a model with non-trained state."""
+    variables = params if "params" in params else {"params": params}
+    return jax.jit(Transformer(cfg).apply)(variables, jnp.asarray(input_ids_BT, jnp.int32))

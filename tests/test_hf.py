@@ -43,6 +43,38 @@ FAMILIES = {
     "llama_mqa_tied": ("LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", dict(sliding_window=7, tie_word_embeddings=False)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            num_hidden_layers=3,  # one dense layer, then two MoE ones
+            first_k_dense_replace=1,
+            num_key_value_heads=4,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            routed_scaling_factor=2.5,
+            q_lora_rank=24,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=12,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "rope_theta": 10_000.0,
+            },  # fmt: skip
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 
@@ -53,9 +85,11 @@ def build(family: str, directory, **overrides):
     torch.manual_seed(0)
     hf_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():
-        for name, p in hf_model.named_parameters():
+        for name, p in [*hf_model.named_parameters(), *hf_model.named_buffers()]:
             if "norm" in name:  # ones at init: make a swapped or skipped norm visible
                 p.copy_(1 + 0.3 * torch.randn_like(p))
+            if "e_score_correction_bias" in name:  # zeros at init: a bias that moved changes which experts win
+                p.copy_(0.5 * torch.randn_like(p))
     hf_model.save_pretrained(directory)
     tokenizer_json(directory / "tokenizer.json")
     return hf_model

@@ -27,7 +27,7 @@ from model.hf.families import EXPORT_ORDER, FAMILIES, Family, HFError
 from model.hf.tensors import Entry
 from model.transformer import Transformer, init_variables, layer_groups, unstack_layers
 
-__all__ = ["FAMILIES", "HFError", "family_for", "load", "read_config", "save"]
+__all__ = ["FAMILIES", "HFError", "as_variables", "family_for", "load", "read_config", "save"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -96,23 +96,26 @@ class _Reader:
 
 
 def _stacked_sources(cfg: ModelConfig, abstract: Any) -> dict[tuple[str, ...], list[tuple[str, ...]]]:
-    """Our (possibly scanned) param path -> the unrolled paths of its layers, in the order they are stacked."""
-    groups = {g.name: g for g in layer_groups(cfg)}
+    """Our (possibly scanned) variable path (collection first) -> the unrolled paths of its layers, in the order
+    they are stacked."""
+    groups = {g.name: g for g in layer_groups(cfg)} if cfg.scan_layers else {}
     out = {}
-    for path, _ in jax.tree_util.tree_leaves_with_path(abstract):
-        keys = tuple(k.key for k in path)
-        g = groups.get(keys[0]) if cfg.scan_layers else None
+    for keys, _ in _flat(abstract):
+        collection, top, *rest = keys
+        g = groups.get(top)
         if g is None:
             out[keys] = [keys]
             continue
-        j, rest = (0, keys[1:]) if len(g.unit) == 1 else (int(keys[1].removeprefix("block_")), keys[2:])
-        out[keys] = [(f"layer_{g.first + r * len(g.unit) + j}", *rest) for r in range(g.repeats)]
+        j, rest = (0, rest) if len(g.unit) == 1 else (int(rest[0].removeprefix("block_")), rest[1:])
+        out[keys] = [(collection, f"layer_{g.first + r * len(g.unit) + j}", *rest) for r in range(g.repeats)]
     return out
 
 
 def abstract_variables(cfg: ModelConfig) -> dict:
-    """Shapes and logical axes of the model's variables (params, and state where a layer keeps any)."""
-    return jax.eval_shape(lambda: init_variables(Transformer(cfg), jax.random.key(0)))
+    """Shapes and dtypes of the model's variables: {"params": ...} and, where a layer keeps non-trained state
+    (a router's correction bias), {"state": ...}."""
+    boxed = jax.eval_shape(lambda: init_variables(Transformer(cfg), jax.random.key(0)))
+    return {k: v for k, v in nn.unbox(boxed).items() if jax.tree.leaves(v)}
 
 
 def load(
@@ -122,11 +125,13 @@ def load(
     shardings: Callable[[ModelConfig], Any] | None = None,
     **overrides,
 ) -> tuple[ModelConfig, Any]:
-    """(config, params) of a Hugging Face checkpoint directory.
+    """(config, params) of a Hugging Face checkpoint directory. For a model with non-trained state (DeepSeek-V3's
+    routers' correction biases) `params` is the variables dict {"params": ..., "state": ...}, which
+    `model.logits` and `save` take as they take a params tree.
 
     `dtype` sets the params' and compute dtype (default: config.json's); `overrides` other ModelConfig fields
-    (e.g. scan_layers=False). `shardings(config)` gives a pytree of jax.sharding.Sharding matching the params
-    (e.g. from a training layout); None: the first device. Each device shard is read from the files by itself.
+    (e.g. scan_layers=False). `shardings(config)` gives jax.sharding.Shardings matching {"params": ..., "state":
+    ...} (e.g. from a training layout); None: the first device. Each device shard is read from the files by itself.
     """
     hf_dir = pathlib.Path(hf_dir).expanduser()
     family, hf = read_config(hf_dir)
@@ -141,15 +146,16 @@ def load(
     reader = _Reader(_files(hf_dir))
     _check_tensors(family, cfg, entries, reader, hf_dir)
 
-    abstract = nn.unbox(abstract_variables(cfg)["params"])
+    abstract = abstract_variables(cfg)
     first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     placed = jax.tree.map(lambda _: first, abstract) if shardings is None else shardings(cfg)
+    placed = {k: v for k, v in placed.items() if k in abstract}
     sources = _stacked_sources(cfg, abstract)
     scanned = {g.name for g in layer_groups(cfg)} if cfg.scan_layers else set()
 
     def build(path, leaf, sharding) -> jax.Array:
         keys = tuple(k.key for k in path)
-        layers, stacked = sources[keys], keys[0] in scanned
+        layers, stacked = sources[keys], keys[1] in scanned
         one_shape = leaf.shape[1:] if stacked else leaf.shape
 
         def layer(unrolled_path) -> np.ndarray:
@@ -163,7 +169,28 @@ def load(
 
         return jax.make_array_from_callback(leaf.shape, sharding, part)
 
-    return cfg, jax.tree_util.tree_map_with_path(build, abstract, placed)
+    stored = {k for k, layers in sources.items() if all(p in entries for p in layers)}
+    unstored = {k: leaf for k, leaf in _flat(abstract) if k not in stored}
+    if any(k[0] != "state" for k in unstored):
+        raise AssertionError(f"{family.architecture} stores no tensor for {'/'.join(next(iter(unstored)))}")
+    # Non-trained state the family does not store (Mixtral's routers have no correction bias): its initial
+    # value (zeros: routing is the plain router's).
+    initial = {}
+    if unstored:
+        state = jax.jit(lambda: nn.unbox(init_variables(Transformer(cfg), jax.random.key(0)))["state"])()
+        initial = {("state", *k): v for k, v in _flat(state) if ("state", *k) in unstored}
+
+    def build_or_init(path, leaf, sharding) -> jax.Array:
+        keys = tuple(k.key for k in path)
+        return build(path, leaf, sharding) if keys in stored else jax.device_put(initial[keys], sharding)
+
+    variables = jax.tree_util.tree_map_with_path(build_or_init, abstract, placed)
+    return cfg, variables if "state" in variables else variables["params"]
+
+
+def as_variables(params: Any) -> dict:
+    """{"params": ..., "state": ...} from what `load` returns (a params tree, or already variables)."""
+    return dict(params) if "params" in params else {"params": params}
 
 
 def _flat(tree, is_leaf=None) -> list[tuple[tuple[str, ...], Any]]:
@@ -174,13 +201,12 @@ def _flat(tree, is_leaf=None) -> list[tuple[tuple[str, ...], Any]]:
 
 def _check_tensors(family: Family, cfg: ModelConfig, entries: dict, reader: _Reader, hf_dir: pathlib.Path) -> None:
     """Every tensor we need is there with its shape, and nothing else is (before anything is read)."""
-    ours = {
-        keys: leaf.shape
-        for keys, leaf in _flat(nn.unbox(abstract_variables(dataclasses.replace(cfg, scan_layers=False))["params"]))
-    }
+    ours = dict(_flat(abstract_variables(dataclasses.replace(cfg, scan_layers=False))))
     wanted = {}
     for path, entry in entries.items():
-        for name, shape in zip(entry.names, entry.hf_shapes(ours[path])):
+        if path not in ours:
+            raise AssertionError(f"{family.architecture} maps {'/'.join(path)}, which the model does not have")
+        for name, shape in zip(entry.names, entry.hf_shapes(ours[path].shape)):
             wanted[name] = shape
     for name, shape in wanted.items():
         if name not in reader.files:
@@ -202,11 +228,12 @@ def save(cfg: ModelConfig, params: Any, out_dir: str | pathlib.Path, *, max_shar
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; returns the family written."""
     family = family_for(cfg)
     out_dir = pathlib.Path(out_dir).expanduser()
-    flat = dict(_flat(unstack_layers(nn.unbox(params), cfg)))
+    variables = as_variables(nn.unbox(params))
+    flat = dict(_flat({name: unstack_layers(tree, cfg) for name, tree in variables.items()}))
     entries: dict[tuple[str, ...], Entry] = family.entries(cfg)
     missing = [k for k in entries if k not in flat]
     if missing:
-        raise HFError(f"params have no {'/'.join(missing[0])} (not params of this config)")
+        raise HFError(f"params have no {'/'.join(missing[0])} (not the variables of this config)")
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0

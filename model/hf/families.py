@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from model.config import LayerSpec, ModelConfig
-from model.hf.tensors import Entry, linear, stored
+from model.config import LayerSpec, MLAConfig, ModelConfig
+from model.hf.tensors import Entry, experts, linear, stored
+from model.moe import MoEConfig
 from model.rope import RopeScaling
 
 
@@ -183,16 +184,17 @@ class Family:
 
     # -- tensors -------------------------------------------------------------------------------------------------
     def entries(self, cfg: ModelConfig) -> dict[tuple[str, ...], Entry]:
-        """Every parameter of the unrolled model (layer_i paths) and where the checkpoint keeps it."""
+        """Every variable of the unrolled model (its collection, then layer_i paths) and where the checkpoint
+        keeps it."""
         out = {
-            ("embed", "embedding"): stored("model.embed_tokens.weight"),
-            ("final_norm", "scale"): stored("model.norm.weight"),
+            ("params", "embed", "embedding"): stored("model.embed_tokens.weight"),
+            ("params", "final_norm", "scale"): stored("model.norm.weight"),
         }
         if not cfg.tie_embeddings:
-            out[("head", "kernel")] = linear("lm_head.weight")
+            out[("params", "head", "kernel")] = linear("lm_head.weight")
         for i, spec in enumerate(cfg.layer_specs()):
-            layer = f"layer_{i}"
-            out |= {(layer, *path): e for path, e in self.layer_entries(cfg, i, spec).items()}
+            for (collection, *path), e in self.layer_entries(cfg, i, spec).items():
+                out[(collection, f"layer_{i}", *path)] = e
         return out
 
     def ignored(self, cfg: ModelConfig, name: str) -> bool:
@@ -200,13 +202,16 @@ class Family:
         return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
 
     def layer_entries(self, cfg: ModelConfig, i: int, spec: LayerSpec) -> dict[tuple[str, ...], Entry]:
+        """Layer i's variables, as (collection, *path within the layer)."""
         p = f"model.layers.{i}."
-        return {
-            ("attn_norm", "scale"): stored(p + "input_layernorm.weight"),
-            ("mlp_norm", "scale"): stored(p + "post_attention_layernorm.weight"),
-            **{("attn", *k): e for k, e in self.attention_entries(cfg, p + "self_attn.").items()},
-            **{("mlp", *k): e for k, e in self.mlp_entries(cfg, i, p + "mlp.").items()},
+        out = {
+            ("params", "attn_norm", "scale"): stored(p + "input_layernorm.weight"),
+            ("params", "mlp_norm", "scale"): stored(p + "post_attention_layernorm.weight"),
         }
+        out |= {("params", "attn", *k): e for k, e in self.attention_entries(cfg, p + "self_attn.").items()}
+        for (collection, *k), e in self.mlp_entries(cfg, spec.mlp, p).items():
+            out[(collection, "mlp", *k)] = e
+        return out
 
     def attention_entries(self, cfg: ModelConfig, p: str) -> dict[tuple[str, ...], Entry]:
         out = {
@@ -219,12 +224,17 @@ class Family:
             out |= {("q_norm", "scale"): stored(p + "q_norm.weight"), ("k_norm", "scale"): stored(p + "k_norm.weight")}
         return out
 
-    def mlp_entries(self, cfg: ModelConfig, i: int, p: str) -> dict[tuple[str, ...], Entry]:
-        return {
-            ("gate", "kernel"): linear(p + "gate_proj.weight"),
-            ("up", "kernel"): linear(p + "up_proj.weight"),
-            ("down", "kernel"): linear(p + "down_proj.weight"),
-        }
+    def mlp_entries(self, cfg: ModelConfig, kind: str, p: str) -> dict[tuple[str, ...], Entry]:
+        """A layer's MLP of kind `kind` (a key of model.kinds.MLP_KINDS), as (collection, *path in the MLP)."""
+        return swiglu_entries(p + "mlp.")
+
+
+def swiglu_entries(p: str, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Entry]:
+    return {
+        ("params", *prefix, "gate", "kernel"): linear(p + "gate_proj.weight"),
+        ("params", *prefix, "up", "kernel"): linear(p + "up_proj.weight"),
+        ("params", *prefix, "down", "kernel"): linear(p + "down_proj.weight"),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +278,185 @@ class Mistral(Family):
         return {"sliding_window": cfg.sliding_window or None}
 
 
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (Family(), Qwen3(), Mistral())}
+@dataclasses.dataclass(frozen=True)
+class Mixtral(Mistral):
+    """Mistral's attention with a sparse MoE MLP in every layer: a softmax router over all experts, the top k
+    renormalised (`block_sparse_moe`, experts w1 = gate, w3 = up, w2 = down)."""
+
+    architecture: str = "MixtralForCausalLM"
+    model_type: str = "mixtral"
+
+    def extra_from_hf(self, hf: dict) -> dict:
+        moe = MoEConfig(
+            num_experts=hf["num_local_experts"],
+            top_k=hf["num_experts_per_tok"],
+            router="softmax",
+            norm_topk_prob=True,
+            aux_loss_weight=hf.get("router_aux_loss_coef", 0.01),
+            router_noise=hf.get("router_jitter_noise") or 0.0,
+        )
+        return super().extra_from_hf(hf) | {"mlp": "moe", "moe": moe}
+
+    def unsupported(self, cfg: ModelConfig) -> str | None:
+        checks = [
+            (cfg.mlp == "moe", f"model.mlp={cfg.mlp!r}"),
+            (cfg.moe.router == "softmax", f"model.moe.router={cfg.moe.router!r}"),
+            (cfg.moe.norm_topk_prob, "model.moe.norm_topk_prob=False"),
+            (cfg.moe.routed_scaling == 1.0, f"model.moe.routed_scaling={cfg.moe.routed_scaling}"),
+            (cfg.moe.num_shared_experts == 0, f"model.moe.num_shared_experts={cfg.moe.num_shared_experts}"),
+            (cfg.moe.first_dense_layers == 0, f"model.moe.first_dense_layers={cfg.moe.first_dense_layers}"),
+            (cfg.moe.every == 1, f"model.moe.every={cfg.moe.every}"),
+            (cfg.moe.d_ff_expert in (0, cfg.d_ff), f"model.moe.d_ff_expert={cfg.moe.d_ff_expert} (not model.d_ff)"),
+        ]
+        why = next((what for ok, what in checks if not ok), None)
+        return why or super().unsupported(dataclasses.replace(cfg, mlp="swiglu"))
+
+    def extra_to_hf(self, cfg: ModelConfig) -> dict:
+        m = cfg.moe
+        return super().extra_to_hf(cfg) | {
+            "num_local_experts": m.num_experts,
+            "num_experts_per_tok": m.top_k,
+            "router_aux_loss_coef": m.aux_loss_weight,
+            "router_jitter_noise": m.router_noise,
+            "output_router_logits": False,
+        }
+
+    def mlp_entries(self, cfg: ModelConfig, kind: str, p: str) -> dict[tuple[str, ...], Entry]:
+        p, E = p + "block_sparse_moe.", cfg.moe.num_experts
+        return {
+            ("params", "router"): linear(p + "gate.weight"),
+            ("params", "gate"): experts(p + "experts.{e}.w1.weight", E),
+            ("params", "up"): experts(p + "experts.{e}.w3.weight", E),
+            ("params", "down"): experts(p + "experts.{e}.w2.weight", E),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepseekV3(Family):
+    """Multi-head latent attention (model/mla.py: its weights are DeepSeek's, reshaped), dense SwiGLU layers
+    first, then sparse MoE layers: sigmoid scores with group-limited top-k, the correction bias (non-trained
+    state, `e_score_correction_bias`), `routed_scaling_factor`, and shared experts; YaRN RoPE."""
+
+    architecture: str = "DeepseekV3ForCausalLM"
+    model_type: str = "deepseek_v3"
+
+    def from_hf(self, hf: dict) -> ModelConfig:
+        _require(hf, "rope_interleave", (True,), True)
+        _require(hf, "topk_method", ("noaux_tc",), "noaux_tc")
+        _require(hf, "scoring_func", ("sigmoid",), "sigmoid")
+        cfg = super().from_hf(hf | {"head_dim": hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"]})
+        return dataclasses.replace(cfg, num_kv_heads=cfg.num_heads)
+
+    def extra_from_hf(self, hf: dict) -> dict:
+        mla = MLAConfig(
+            q_lora_rank=hf.get("q_lora_rank") or 0,
+            kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"],
+            qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"],
+        )
+        moe = MoEConfig(
+            num_experts=hf["n_routed_experts"],
+            top_k=hf["num_experts_per_tok"],
+            d_ff_expert=hf["moe_intermediate_size"],
+            num_shared_experts=hf.get("n_shared_experts") or 0,
+            first_dense_layers=hf.get("first_k_dense_replace", 0),
+            every=hf.get("moe_layer_freq", 1),
+            router="sigmoid",
+            norm_topk_prob=hf.get("norm_topk_prob", True),
+            routed_scaling=hf.get("routed_scaling_factor", 1.0),
+            n_group=hf.get("n_group") or 1,
+            topk_group=hf.get("topk_group") or 1,
+            aux_loss_weight=0.0,
+            bias_update_rate=BIAS_UPDATE_RATE,
+        )
+        return {"attention": "mla", "mla": mla, "mlp": "moe", "moe": moe}
+
+    def unsupported(self, cfg: ModelConfig) -> str | None:
+        checks = [
+            (cfg.attention == "mla", f"model.attention={cfg.attention!r}"),
+            (cfg.mlp == "moe", f"model.mlp={cfg.mlp!r}"),
+            (cfg.moe.router == "sigmoid", f"model.moe.router={cfg.moe.router!r}"),
+        ]
+        why = next((what for ok, what in checks if not ok), None)
+        return why or super().unsupported(dataclasses.replace(cfg, attention="gqa", mlp="swiglu"))
+
+    def own_checks(self, cfg: ModelConfig) -> list[tuple[bool, str]]:
+        return [
+            (not cfg.qk_norm, "model.qk_norm=True"),
+            (cfg.sliding_window == 0, f"model.sliding_window={cfg.sliding_window}"),
+        ]
+
+    def extra_to_hf(self, cfg: ModelConfig) -> dict:
+        a, m = cfg.mla, cfg.moe
+        return {
+            "q_lora_rank": a.q_lora_rank or None,
+            "kv_lora_rank": a.kv_lora_rank,
+            "qk_nope_head_dim": a.qk_nope_head_dim,
+            "qk_rope_head_dim": a.qk_rope_head_dim,
+            "qk_head_dim": a.qk_nope_head_dim + a.qk_rope_head_dim,
+            "v_head_dim": a.v_head_dim,
+            "head_dim": a.qk_rope_head_dim,
+            "rope_interleave": True,
+            "n_routed_experts": m.num_experts,
+            "num_experts_per_tok": m.top_k,
+            "moe_intermediate_size": m.d_ff_of(cfg),
+            "n_shared_experts": m.num_shared_experts,
+            "first_k_dense_replace": m.first_dense_layers,
+            "moe_layer_freq": m.every,
+            "norm_topk_prob": m.norm_topk_prob,
+            "routed_scaling_factor": m.routed_scaling,
+            "n_group": m.n_group,
+            "topk_group": m.topk_group,
+            "num_nextn_predict_layers": 0,
+        }
+
+    def attention_entries(self, cfg: ModelConfig, p: str) -> dict[tuple[str, ...], Entry]:
+        out = {
+            ("kv_down", "kernel"): linear(p + "kv_a_proj_with_mqa.weight"),
+            ("kv_norm", "scale"): stored(p + "kv_a_layernorm.weight"),
+            ("kv_up", "kernel"): linear(p + "kv_b_proj.weight"),
+            ("out", "kernel"): linear(p + "o_proj.weight", num_in=2),
+        }
+        if cfg.mla.q_lora_rank:
+            return out | {
+                ("q_down", "kernel"): linear(p + "q_a_proj.weight"),
+                ("q_norm", "scale"): stored(p + "q_a_layernorm.weight"),
+                ("q_up", "kernel"): linear(p + "q_b_proj.weight"),
+            }
+        return out | {("query", "kernel"): linear(p + "q_proj.weight")}
+
+    def mlp_entries(self, cfg: ModelConfig, kind: str, p: str) -> dict[tuple[str, ...], Entry]:
+        p = p + "mlp."
+        if kind != "moe":
+            return swiglu_entries(p)
+        E = cfg.moe.num_experts
+        out = {
+            ("params", "router"): linear(p + "gate.weight"),
+            ("state", "bias"): stored(p + "gate.e_score_correction_bias"),
+            ("params", "gate"): experts(p + "experts.{e}.gate_proj.weight", E),
+            ("params", "up"): experts(p + "experts.{e}.up_proj.weight", E),
+            ("params", "down"): experts(p + "experts.{e}.down_proj.weight", E),
+        }
+        if cfg.moe.num_shared_experts:
+            out |= swiglu_entries(p + "shared_experts.", ("shared",))
+        return out
+
+    def ignored(self, cfg: ModelConfig, name: str) -> bool:
+        """Also the multi-token prediction layer(s) after the last (model.layers.{num_layers}...), which
+        transformers does not run either."""
+        return super().ignored(cfg, name) or name.startswith(f"model.layers.{cfg.num_layers}.")
+
+
+# DeepSeek-V3's bias update speed (gamma, section 2.1.2 of the report) for runs that continue training.
+BIAS_UPDATE_RATE = 0.001
+
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (Family(), Qwen3(), Mistral(), Mixtral(), DeepseekV3())}
 # Export: the most specific family that fits first (a plain Llama-shaped config is also a valid Mistral one).
-EXPORT_ORDER: tuple[str, ...] = ("Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+EXPORT_ORDER: tuple[str, ...] = (
+    "Qwen3ForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "DeepseekV3ForCausalLM",
+)
