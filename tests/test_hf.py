@@ -113,23 +113,17 @@ def torch_logits(hf_model, input_ids) -> np.ndarray:
         return hf_model(torch.tensor(input_ids)).logits.float().numpy()
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory):
-    directory = tmp_path_factory.mktemp(request.param)
-    return request.param, directory, build(request.param, directory)
-
-
-def test_logits_match_transformers(family):
-    name, directory, hf_model = family
-    cfg, params = model.hf.load(directory)
-    assert cfg.sliding_window == (7 if name == "mistral" else 0) and cfg.qk_norm == (name == "qwen3")
-    x = ids()  # 24 positions: past the Mistral window, and RoPE's llama3 scaling changes the low frequencies
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_greedy_tokens_and_export_match_transformers(family, tmp_path):
+    """Our logits are transformers' (24 positions: past Mistral's window, and llama3/YaRN scaling change the low
+    frequencies), greedy decoding gives generate()'s tokens, and what we export loads back into transformers
+    with the original's logits."""
+    hf_model = build(family, tmp_path / "hf")
+    cfg, params = model.hf.load(tmp_path / "hf")
+    assert cfg.sliding_window == (7 if family == "mistral" else 0) and cfg.qk_norm == (family == "qwen3")
+    x = ids()
     np.testing.assert_allclose(model.logits(cfg, params, x), torch_logits(hf_model, x), atol=1e-4, rtol=1e-4)
 
-
-def test_greedy_generation_matches_generate(family):
-    name, directory, hf_model = family
-    cfg, params = model.hf.load(directory)
     prompt = ids(batch=1, length=9, seed=1)
     with torch.no_grad():
         want = hf_model.generate(
@@ -138,10 +132,6 @@ def test_greedy_generation_matches_generate(family):
     got = generate_batch(model.Transformer(cfg), params, prompt.tolist(), 12, Rules(temperature=0.0), max_len=32)
     assert got.tokens[0] == want
 
-
-def test_export_loads_in_transformers_with_the_same_logits(family, tmp_path):
-    name, directory, hf_model = family
-    cfg, params = model.hf.load(directory)
     written = model.hf.save(cfg, params, tmp_path / "out")
     assert written.architecture == hf_model.config.architectures[0]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")

@@ -20,7 +20,7 @@ from model import Transformer
 from model.config import ModelConfig
 from training.checkpoint import Checkpointer, CheckpointError, checkpoints_dir, load_for_inference, meta_for
 from training.config import DERIVED, CheckpointConfig, RunConfig, resolve, with_vocab
-from training.layout import Layout, abstract_params, shardings_of
+from training.layout import Layout, abstract_variables, shardings_of
 
 TRAIN_SEQ_LEN = 2048  # the training windows of the config an import writes (at most the model's context)
 
@@ -50,7 +50,7 @@ def load(hf_dir: str | pathlib.Path, layout: Layout | None = None, **overrides) 
     parameter goes straight onto the sharding its logical axes get there."""
     hf_dir = pathlib.Path(hf_dir).expanduser()
     tokenizer = read_tokenizer(hf_dir)
-    shardings = None if layout is None else lambda cfg: shardings_of(abstract_params(Transformer(cfg), layout))
+    shardings = None if layout is None else lambda cfg: shardings_of(abstract_variables(Transformer(cfg), layout))
     cfg, params = hf_lib.load(hf_dir, shardings=shardings, **overrides)
     return run_for(cfg, hf_dir / "tokenizer.json", cfg.max_seq_len), params, tokenizer
 
@@ -70,7 +70,9 @@ def import_dir(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, dtype: s
     run = run_for(cfg, tokenizer_path, cfg.max_seq_len)
     checkpointer = Checkpointer(checkpoints_dir(workdir), CheckpointConfig(async_save=False))
     try:
-        checkpointer.save(0, {"params": params}, {"step": 0, "imported_from": str(hf_dir)}, meta_for(run, tokenizer))
+        variables = hf_lib.as_variables(params)
+        arrays = {"params": variables["params"]} | ({"model_state": variables["state"]} if "state" in variables else {})
+        checkpointer.save(0, arrays, {"step": 0, "imported_from": str(hf_dir)}, meta_for(run, tokenizer))
         checkpointer.wait()
     finally:
         checkpointer.close()
