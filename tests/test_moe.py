@@ -366,6 +366,19 @@ def test_a_killed_moe_run_resumes_bit_identically_bias_included(tmp_path, text_c
     for name in ("train/loss", "train/moe_aux_loss", "train/moe_max_load", "eval/bpb"):
         assert curve(workdir, name) == curve(tmp_path / "reference", name), name
     assert (checkpoints_dir(workdir) / "8" / "model_state").is_dir()
-    loaded = load_for_inference(workdir)
-    bias = loaded.model_state["layers_1"]["mlp"]["bias"]
-    assert np.abs(np.asarray(bias)).max() > 0  # the trained bias, not a fresh zero one
+    # Inference gets the bias too: load_for_inference gives {"params", "state"}, which sampling/ applies.
+    run, weights, tokenizer, _ = load_for_inference(workdir)
+    bias = np.asarray(weights["state"]["layers_1"]["mlp"]["bias"])
+    assert np.abs(bias).max() > 0  # the trained bias, not a fresh zero one
+    from sampling import generate
+
+    model = Transformer(run.model)
+    prompt = [tokenizer.eod_id, *tokenizer.encode("def f")]
+    assert len(generate(model, weights, prompt, 6, seed=0)) == 6
+    # The unrolled sampling network with the bias computes the training network's logits.
+    tokens = jnp.asarray([prompt])
+    want = model.apply(weights, tokens)
+    from sampling.decode import for_inference, unrolled
+
+    net = for_inference(model, decode=False)
+    np.testing.assert_allclose(net.apply(unrolled(weights, net), tokens), want, rtol=1e-5, atol=1e-5)
