@@ -1,14 +1,21 @@
-"""MoE training steps on 8 (fake) devices: experts sharded over the `expert` mesh axis (with data and FSDP axes)
-give the 1-device losses, for both routers and both dispatch modes. The sharding is GSPMD's, from the logical
-axis names (`experts` -> `expert`); routing, capacity and the balancing bias stay global, so the math is the
-1-device math."""
+"""Expert parallelism on 8 (fake) devices: experts sharded over the `expert` mesh axis (with data and FSDP axes),
+assignments moved by parallel/expert.py's all-to-all, give the 1-device layer outputs and gradients and the
+1-device training losses, for both routers and both dispatch modes (capacity ones dropping some assignments)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model.moe import MoE, expert_collectives
+from parallel.config import MeshConfig
+from parallel.expert import expert_parallel
+from parallel.mesh import make_mesh
 from parallel.sharding import global_batch
 from tests.conftest import tiny_run
 from tests.multidevice.test_meshes import text_batches
@@ -49,3 +56,26 @@ def test_expert_meshes_give_the_one_device_losses(routing):
     assert want[-1, 0] < want[0, 0]
     for name, mesh in MESHES.items():
         np.testing.assert_allclose(losses(mesh, ROUTINGS[routing]), want, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("dispatch, factor", [("dropless", 1.0), ("capacity", 0.75)])
+def test_the_all_to_all_layer_gives_the_one_device_output_and_gradients(dispatch, factor):
+    from tests.test_moe import CFG
+
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch=dispatch, capacity_factor=factor,
+                                                           num_shared_experts=1))  # fmt: skip
+    x = jax.random.normal(jax.random.key(0), (8, 8, 32))
+    variables = nn.unbox(MoE(cfg).init(jax.random.key(1), x))
+
+    def loss(v, x):
+        y, aux = MoE(cfg).apply(v, x)
+        return jnp.sum(y**2), aux["moe_dropped_frac"].value
+
+    (want, dropped), want_grads = jax.value_and_grad(loss, has_aux=True)(variables, x)
+    assert (dropped > 0) == (dispatch == "capacity")
+    mesh = make_mesh(MeshConfig(data=2, expert=4))
+    with jax.set_mesh(mesh), expert_collectives(expert_parallel(mesh, ("data", "fsdp", "expert"))):
+        (got, _), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
