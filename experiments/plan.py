@@ -105,7 +105,9 @@ def plan_one(
         )
     shape = {k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff")}
     name = f"C{budget:.3g}_N{counts.active_non_embedding}".replace("+", "")  # C1e12_N..., C2.5e12_N...
-    return Planned(name, budget, shape, counts.active_non_embedding, counts.total, steps * batch_size * seq_len, steps, flops)
+    return Planned(
+        name, budget, shape, counts.active_non_embedding, counts.total, steps * batch_size * seq_len, steps, flops
+    )
 
 
 def plan_optimal(

@@ -235,9 +235,7 @@ def capacity_rows(m: MoEConfig, experts_A: jax.Array, backend: str | None = None
 DISPATCHES: dict[str, Callable[..., Rows]] = {"dropless": dropless_rows, "capacity": capacity_rows}
 
 
-def experts_ffn(
-    x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD, rows: Rows
-) -> jax.Array:
+def experts_ffn(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD, rows: Rows) -> jax.Array:
     """sum_k gate_k * SwiGLU_{expert_k}(x) per token, through the grouped buffer `rows` describes. Assignment a
     is (choice a // T, token a % T): first choices first, which is the order capacity dispatch keeps them in."""
     T, D = x_TD.shape

@@ -77,9 +77,7 @@ def _local(x_TD, experts_TK, gates_TK, kept_TK, w_gate_LDF, w_up_LDF, w_down_LFD
     # Expert e = destination * L + l: each destination gets its L experts' rows from every source, stacked by source.
     got = jax.lax.all_to_all(send_ESD, AXIS, 0, 0, tiled=True).reshape(shards, L, slots, D)
     rows_LRD = got.transpose(1, 0, 2, 3).reshape(L, shards * slots, D)
-    h_LRF = nn.silu(jnp.einsum("lrd,ldf->lrf", rows_LRD, w_gate_LDF)) * jnp.einsum(
-        "lrd,ldf->lrf", rows_LRD, w_up_LDF
-    )
+    h_LRF = nn.silu(jnp.einsum("lrd,ldf->lrf", rows_LRD, w_gate_LDF)) * jnp.einsum("lrd,ldf->lrf", rows_LRD, w_up_LDF)
     y_LRD = jnp.einsum("lrf,lfd->lrd", h_LRF, w_down_LFD)
     back = y_LRD.reshape(L, shards, slots, D).transpose(1, 0, 2, 3).reshape(shards * L, slots, D)
     y_ESD = jax.lax.all_to_all(back, AXIS, 0, 0, tiled=True).reshape(E * slots, D)

@@ -132,9 +132,7 @@ def _decode_recompute(
     def body(carry):
         step, tokens_BL, positions_BL, out_BN, done_B = carry
         last = start + step - 1
-        logits_BV = jax.lax.dynamic_index_in_dim(
-            model.apply(weights, tokens_BL, positions_BL), last, 1, False
-        )
+        logits_BV = jax.lax.dynamic_index_in_dim(model.apply(weights, tokens_BL, positions_BL), last, 1, False)
         token_B, done_B = _choose(logits_BV, step, row_keys_B, done_B, eos_id, rules, on_token)
         out_BN = out_BN.at[:, step].set(token_B)
         tokens_BL = tokens_BL.at[:, last + 1].set(jnp.maximum(token_B, 0))

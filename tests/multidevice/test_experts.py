@@ -32,7 +32,10 @@ ROUTINGS = {
                          "topk_group": 1, "num_shared_experts": 1, "bias_update_rate": 0.01, "dispatch": "capacity",
                          "capacity_factor": 1.0},
 }  # fmt: skip
-MESHES = {"4 expert x 2 data": {"data": 2, "expert": 4}, "2 expert x 2 fsdp x 2 data": {"data": 2, "fsdp": 2, "expert": 2}}
+MESHES = {
+    "4 expert x 2 data": {"data": 2, "expert": 4},
+    "2 expert x 2 fsdp x 2 data": {"data": 2, "fsdp": 2, "expert": 2},
+}
 
 
 def losses(mesh: dict, moe: dict, devices=None) -> np.ndarray:
