@@ -1,8 +1,10 @@
-"""PyTorch reference benchmark: training throughput of a Hugging Face Llama on CPU.
+"""PyTorch reference benchmark: training throughput of a Hugging Face Llama (or, with --num_experts, Mixtral) on CPU.
 
 Trains `LlamaForCausalLM` (float32) on random token batches with AdamW, global-norm
 gradient clipping (1.0) and a next-token cross-entropy loss computed over
-batch * seq_len tokens per step, i.e. the same work as our JAX training step.
+batch * seq_len tokens per step, i.e. the same work as our JAX training step. With --num_experts > 0 the model
+is `MixtralForCausalLM` (softmax top-k routing, experts of width --d_ff) and the loss adds its load-balancing
+loss times --aux_loss_weight, as our MoE step adds its own.
 Reports the median wall-clock step time over the timed steps, tokens/s derived
 from it, and the parameter counts (the caller computes FLOPs from them).
 
@@ -19,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,6 +46,9 @@ def parse_args() -> argparse.Namespace:
         help="AdamW implementation; fused is fastest on CPU (~20 ms vs 60-180 ms per step at 17M params)",
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--num_experts", type=int, default=0, help="> 0: MixtralForCausalLM with this many experts")
+    p.add_argument("--top_k", type=int, default=2, help="Mixtral: experts per token")
+    p.add_argument("--aux_loss_weight", type=float, default=0.01, help="Mixtral: load-balancing loss weight")
     p.add_argument("--json", action="store_true", help="print one JSON line at the end")
     args = p.parse_args()
     if args.num_kv_heads is None:
@@ -52,6 +57,27 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    if args.num_experts:
+        config = MixtralConfig(
+            hidden_size=args.d_model,
+            intermediate_size=args.d_ff,
+            num_hidden_layers=args.num_layers,
+            num_attention_heads=args.num_heads,
+            num_key_value_heads=args.num_kv_heads,
+            vocab_size=args.vocab,
+            max_position_embeddings=args.seq_len,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            tie_word_embeddings=args.tie_embeddings,
+            num_local_experts=args.num_experts,
+            num_experts_per_tok=args.top_k,
+            router_aux_loss_coef=args.aux_loss_weight,
+            output_router_logits=True,
+            sliding_window=None,
+            use_cache=False,
+        )
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn, dtype=torch.float32)
+        return model.train()
     config = LlamaConfig(
         hidden_size=args.d_model,
         intermediate_size=args.d_ff,
@@ -98,8 +124,10 @@ def main() -> None:
     )
 
     def train_step(x: torch.Tensor) -> float:
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, args.vocab), x[:, 1:].reshape(-1))
+        out = model(input_ids=x[:, :-1])
+        loss = F.cross_entropy(out.logits.float().reshape(-1, args.vocab), x[:, 1:].reshape(-1))
+        if args.num_experts:
+            loss = loss + args.aux_loss_weight * out.aux_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

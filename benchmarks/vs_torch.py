@@ -7,6 +7,12 @@ Alternates the two benchmarks `--rounds` times (so machine noise hits both alike
 the median tokens/s of each, their ratio, and our MFU against the measured matmul peak.
 The torch side needs its own environment: `pip install torch==2.13.0 transformers`.
 
+An MoE config (model.mlp='moe', softmax router) runs against `MixtralForCausalLM` with the same experts; add
+`--dense_config configs/tiny.py` for a third arm: our dense model (e.g. with the same active params).
+
+    python benchmarks/vs_torch.py --config configs/ablations/moe.py --vocab 257 --dense_config configs/tiny.py \
+        --torch_python /work/main/.venv/bin/python
+
 Our side sets glibc's allocator up as train.py does (training/allocator.py); PyTorch runs with glibc's defaults,
 as its users get it. `--torch_same_malloc` adds a third arm each round: PyTorch with our allocator settings (as
 environment variables), so the ratio can be read both ways.
@@ -36,6 +42,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--torch_python", default=".venv-torch/bin/python")
+    parser.add_argument("--dense_config", default="", help="also time our model on this config (e.g. dense)")
     parser.add_argument("--torch_same_malloc", action="store_true", help="also time PyTorch with our malloc settings")
     args = parser.parse_args()
 
@@ -52,6 +59,11 @@ def main() -> None:
         "--seq_len", str(d.seq_len), "--batch", str(t.batch_size),
         *(["--tie_embeddings"] if m.tie_embeddings else []),
     ]  # fmt: skip
+    if m.mlp == "moe":  # Mixtral: experts of width d_ff_expert
+        e = m.moe
+        torch_cmd[torch_cmd.index("--d_ff") + 1] = str(e.d_ff_of(m))
+        torch_cmd += ["--num_experts", str(e.num_experts), "--top_k", str(e.top_k),
+                      "--aux_loss_weight", str(e.aux_loss_weight)]  # fmt: skip
     ours_cmd = [
         sys.executable,
         str(HERE / "throughput.py"),
@@ -63,6 +75,10 @@ def main() -> None:
         str(args.steps),
     ]
     arms = {"jax": (ours_cmd, None), "torch": (torch_cmd, None)}
+    if args.dense_config:
+        dense_cmd = [*ours_cmd]
+        dense_cmd[dense_cmd.index("--config") + 1] = args.dense_config
+        arms["jax_dense"] = (dense_cmd, None)
     if args.torch_same_malloc:
         arms["torch_same_malloc"] = (torch_cmd, {**os.environ, **environment()})
     results: dict[str, list[dict]] = {name: [] for name in arms}
@@ -82,6 +98,9 @@ def main() -> None:
         "matmul_peak_gflops": peak / 1e9,
         "torch_mfu": tokens_per_sec["torch"] * results["jax"][0]["flops_per_token"] / peak,
     }
+    if args.dense_config:
+        summary["dense_config"] = args.dense_config
+        summary["ratio_jax_over_jax_dense"] = tokens_per_sec["jax"] / tokens_per_sec["jax_dense"]
     if args.torch_same_malloc:
         summary["ratio_jax_over_torch_same_malloc"] = tokens_per_sec["jax"] / tokens_per_sec["torch_same_malloc"]
     print(json.dumps(summary))

@@ -4,7 +4,9 @@ model's own accounting (6N plus attention, not 6N alone).
 
 A family fixes how a model grows: d_model ~ aspect * num_layers, a fixed head_dim, d_ff a fixed
 multiple of d_model. For a target N the planner picks the layer count the aspect ratio implies, then
-the width that brings non-embedding params closest to N; D then follows from the budget.
+the width that brings non-embedding params closest to N; D then follows from the budget. N counts the params
+each token uses (`ParamCounts.active_non_embedding`): an MoE family is sized by its active params and records its
+total ones (`Planned.params_total`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Planned:
     name: str
     budget: float
     model: dict  # model config fields of this size
-    params: int  # non-embedding
+    params: int  # active non-embedding (all of them for a dense model)
     params_total: int
     tokens: int
     steps: int
@@ -70,7 +72,7 @@ def sized(base: ModelConfig, family: Family, target_params: float) -> ModelConfi
     for heads in {max(family.kv_group, math.floor(width)), max(family.kv_group, math.ceil(width))}:
         heads -= heads % family.kv_group
         cfg = dataclasses.replace(base, **family.shape(layers, heads * family.head_dim))
-        error = abs(math.log(param_counts(cfg).non_embedding / target_params))
+        error = abs(math.log(param_counts(cfg).active_non_embedding / target_params))
         if best is None or error < best[0]:
             best = (error, cfg)
     return best[1]
@@ -97,13 +99,15 @@ def plan_one(
     flops = steps * per_step
     if steps < 1 or abs(flops - budget) / budget > MAX_BUDGET_ERROR:
         raise PlanError(
-            f"budget {budget:.3g}: a {counts.non_embedding:,}-param model takes {per_step:.3g} FLOPs per step, "
+            f"budget {budget:.3g}: a {counts.active_non_embedding:,}-param model takes {per_step:.3g} FLOPs per step, "
             f"so {max(steps, 1)} steps spend {max(steps, 1) * per_step:.3g} (more than 2% off); "
             "use a smaller train.batch_size or a larger budget"
         )
     shape = {k: getattr(cfg, k) for k in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "d_ff")}
-    name = f"C{budget:.3g}_N{counts.non_embedding}".replace("+", "")  # C1e12_N..., C2.5e12_N...
-    return Planned(name, budget, shape, counts.non_embedding, counts.total, steps * batch_size * seq_len, steps, flops)
+    name = f"C{budget:.3g}_N{counts.active_non_embedding}".replace("+", "")  # C1e12_N..., C2.5e12_N...
+    return Planned(
+        name, budget, shape, counts.active_non_embedding, counts.total, steps * batch_size * seq_len, steps, flops
+    )
 
 
 def plan_optimal(

@@ -386,7 +386,7 @@ def collect(sweep_dir: pathlib.Path) -> list[dict]:
         tokens = run.train.steps * tokens_per_step
         row = {
             "name": run_dir.name,
-            "params": counts.non_embedding,
+            "params": counts.active_non_embedding,  # what each token uses (MoE: below params_total)
             "params_total": counts.total,
             "tokens": tokens,
             "flops": tokens * per_token,

@@ -28,6 +28,8 @@ expert's assignments / the mean) and moe_dropped_frac, each averaged over the Mo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -180,6 +182,7 @@ class Rows:
     num_rows: int
     matmul: Callable[[jax.Array, jax.Array], jax.Array]
     dropped: jax.Array  # float32 scalar: the fraction of assignments dropped
+    limit: int  # the most assignments one expert keeps
 
 
 def _ranks(experts_A: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -200,7 +203,7 @@ def dropless_rows(m: MoEConfig, experts_A: jax.Array, backend: str | None = None
     if (backend or jax.default_backend()) != "cpu":
         starts_E = jnp.cumsum(counts_E) - counts_E
         matmul = lambda x, w: jax.lax.ragged_dot(x, w, counts_E.astype(jnp.int32))  # noqa: E731
-        return Rows(starts_E[experts_A] + rank_A, A, matmul, jnp.zeros((), jnp.float32))
+        return Rows(starts_E[experts_A] + rank_A, A, matmul, jnp.zeros((), jnp.float32), A)
     tile = tile_rows(A, E)
     num_tiles = (A + E * (tile - 1)) // tile  # enough for any split of A rows padded per expert
     tiles_E = (counts_E + tile - 1) // tile
@@ -208,7 +211,7 @@ def dropless_rows(m: MoEConfig, experts_A: jax.Array, backend: str | None = None
     expert_N = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(num_tiles), side="right"), E - 1)
     row_A = (ends_E - tiles_E)[experts_A] * tile + rank_A
     matmul = lambda x, w: tiled_matmul(x, w, expert_N.astype(jnp.int32), tile)  # noqa: E731
-    return Rows(row_A, num_tiles * tile, matmul, jnp.zeros((), jnp.float32))
+    return Rows(row_A, num_tiles * tile, matmul, jnp.zeros((), jnp.float32), A)
 
 
 def capacity(m: MoEConfig, assignments: int) -> int:
@@ -226,15 +229,13 @@ def capacity_rows(m: MoEConfig, experts_A: jax.Array, backend: str | None = None
     def matmul(x_RD, w_EDF):
         return jnp.einsum("ecd,edf->ecf", x_RD.reshape(E, C, -1), w_EDF).reshape(E * C, -1)
 
-    return Rows(row_A, E * C, matmul, 1.0 - jnp.mean(kept_A.astype(jnp.float32)))
+    return Rows(row_A, E * C, matmul, 1.0 - jnp.mean(kept_A.astype(jnp.float32)), C)
 
 
 DISPATCHES: dict[str, Callable[..., Rows]] = {"dropless": dropless_rows, "capacity": capacity_rows}
 
 
-def experts_ffn(
-    x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD, rows: Rows
-) -> jax.Array:
+def experts_ffn(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD, rows: Rows) -> jax.Array:
     """sum_k gate_k * SwiGLU_{expert_k}(x) per token, through the grouped buffer `rows` describes. Assignment a
     is (choice a // T, token a % T): first choices first, which is the order capacity dispatch keeps them in."""
     T, D = x_TD.shape
@@ -249,6 +250,21 @@ def experts_ffn(
     y_AD = jnp.concatenate([y_RD, jnp.zeros((1, D), y_RD.dtype)])[rows.row_A]  # dropped: zero
     gates_KT = routing.gates_TK.T.astype(y_AD.dtype)
     return jnp.einsum("ktd,kt->td", y_AD.reshape(K, T, D), gates_KT)
+
+
+# The collectives hook: how the experts run when they are split over devices (parallel/expert.py), or None (here,
+# through `experts_ffn`). Set by whoever lays the model out on a mesh (training/layout.py), for the code traced
+# inside `expert_collectives(fn)`: fn(x_TD, experts_TK, gates_TK, kept_TK, w_gate, w_up, w_down, capacity) -> y_TD.
+_COLLECTIVES: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("moe_collectives", default=None)
+
+
+@contextlib.contextmanager
+def expert_collectives(fn: Callable | None):
+    token = _COLLECTIVES.set(fn)
+    try:
+        yield
+    finally:
+        _COLLECTIVES.reset(token)
 
 
 # ------------------------------------------------------------------------------------------------- the layer
@@ -290,7 +306,12 @@ class MoE(nn.Module):
 
         experts_A = routing.experts_TK.T.reshape(-1)
         rows = DISPATCHES[m.dispatch](m, experts_A)
-        y_TD = experts_ffn(x_TD.astype(dtype), routing, w_gate, w_up, w_down, rows)
+        if (collectives := _COLLECTIVES.get()) is None:
+            y_TD = experts_ffn(x_TD.astype(dtype), routing, w_gate, w_up, w_down, rows)
+        else:
+            kept_TK = (rows.row_A < rows.num_rows).reshape(-1, B * T).T
+            args = (routing.experts_TK, routing.gates_TK, kept_TK, w_gate, w_up, w_down, rows.limit)
+            y_TD = collectives(x_TD.astype(dtype), *args)
         if m.num_shared_experts:
             shared = dataclasses.replace(cfg, d_ff=m.num_shared_experts * F)
             y_TD = y_TD + SwiGLU(shared, name="shared")(x_TD[None])[0][0].astype(y_TD.dtype)

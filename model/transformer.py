@@ -128,7 +128,7 @@ def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
         return params  # already unrolled
     flat = {k: v for k, v in params.items() if not any(k == g.name for g in groups)}
     for g in groups:
-        if g.name not in params:  # e.g. the "state" collection of dense layers before MoE ones
+        if g.name not in params:  # e.g. non-trained state, which only some groups keep
             continue
         for r in range(g.repeats):
             for j in range(len(g.unit)):

@@ -31,11 +31,11 @@ class Beams:
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "steps", "max_len"))
 def _beam_search(params, prompt_1P, eos_id, *, model: Transformer, beam_size: int, steps: int, max_len: int):
-    W, P, params = beam_size, prompt_1P.shape[1], unrolled(params, model)
+    W, P, weights = beam_size, prompt_1P.shape[1], unrolled(params, model)
     tokens_WP = jnp.broadcast_to(prompt_1P, (W, P))
     positions_WP = jnp.broadcast_to(jnp.arange(P), (W, P))
     logits_WPV, variables = model.apply(
-        {"params": params, "cache": init_cache(model, W, max_len)}, tokens_WP, positions_WP, mutable=["cache"]
+        {**weights, "cache": init_cache(model, W, max_len)}, tokens_WP, positions_WP, mutable=["cache"]
     )
     V = logits_WPV.shape[-1]
     # Only beam 0 is live at first, so the first expansion does not pick the same token W times.
@@ -52,7 +52,7 @@ def _beam_search(params, prompt_1P, eos_id, *, model: Transformer, beam_size: in
         finished_W = finished_W[parent_W] | (token_W == eos_id)
         cache = select_rows(cache, parent_W)
         logits_W1V, variables = model.apply(
-            {"params": params, "cache": cache}, token_W[:, None], jnp.full((W, 1), P + i), mutable=["cache"]
+            {**weights, "cache": cache}, token_W[:, None], jnp.full((W, 1), P + i), mutable=["cache"]
         )
         return logits_W1V[:, 0], variables["cache"], scores_W, seqs_WN, finished_W
 

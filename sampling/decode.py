@@ -43,8 +43,12 @@ def for_inference(model: Transformer, decode: bool = True) -> Transformer:
     return Transformer(dataclasses.replace(model.cfg, remat="none", scan_layers=False), decode=decode)
 
 
-def unrolled(params, model: Transformer) -> dict:
-    return unstack_layers(params, model.cfg)
+def unrolled(weights, model: Transformer) -> dict:
+    """The variables the unrolled sampling network applies: `weights` are params, or {"params", "state"} for a
+    model that keeps non-trained state (e.g. a router's bias; what training.checkpoint.load_for_inference gives)."""
+    if isinstance(weights, dict) and "params" in weights:
+        return {name: unstack_layers(tree, model.cfg) for name, tree in weights.items()}
+    return {"params": unstack_layers(weights, model.cfg)}
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
@@ -83,14 +87,14 @@ def _choose(logits_BV, step, row_keys_B, done_B, eos_id, rules: Rules, on_token:
 def _prefill(params, tokens_BP, positions_BP, *, model: Transformer, max_len: int):
     """Runs the prompts through a fresh cache: (last logits, cache, next positions)."""
     cache = init_cache(model, tokens_BP.shape[0], max_len)
-    params = unrolled(params, model)
-    logits_BPV, variables = model.apply({"params": params, "cache": cache}, tokens_BP, positions_BP, mutable=["cache"])
+    weights = unrolled(params, model)
+    logits_BPV, variables = model.apply({**weights, "cache": cache}, tokens_BP, positions_BP, mutable=["cache"])
     return logits_BPV[:, -1], variables["cache"], positions_BP[:, -1] + 1
 
 
 @functools.partial(jax.jit, static_argnames=("model", "rules", "steps", "on_token"))
 def _decode_cached(params, cache, logits_BV, positions_B, seed, first_row, eos_id, *, model, rules, steps, on_token):
-    B, params = logits_BV.shape[0], unrolled(params, model)
+    B, weights = logits_BV.shape[0], unrolled(params, model)
     row_keys_B = row_keys(seed, B, first_row)
 
     def cond(carry):
@@ -102,7 +106,7 @@ def _decode_cached(params, cache, logits_BV, positions_B, seed, first_row, eos_i
         token_B, done_B = _choose(logits_BV, step, row_keys_B, done_B, eos_id, rules, on_token)
         out_BN = out_BN.at[:, step].set(token_B)
         logits_B1V, variables = model.apply(
-            {"params": params, "cache": cache},
+            {**weights, "cache": cache},
             jnp.maximum(token_B, 0)[:, None],
             positions_B[:, None],
             mutable=["cache"],
@@ -119,7 +123,7 @@ def _decode_recompute(
     params, tokens_BL, positions_BL, start, seed, first_row, eos_id, *, model, rules, steps, on_token
 ):
     """Like `_decode_cached`, but each step reruns the model over the whole [B, max_len] buffer."""
-    B, params = tokens_BL.shape[0], unrolled(params, model)
+    B, weights = tokens_BL.shape[0], unrolled(params, model)
     row_keys_B = row_keys(seed, B, first_row)
 
     def cond(carry):
@@ -129,9 +133,7 @@ def _decode_recompute(
     def body(carry):
         step, tokens_BL, positions_BL, out_BN, done_B = carry
         last = start + step - 1
-        logits_BV = jax.lax.dynamic_index_in_dim(
-            model.apply({"params": params}, tokens_BL, positions_BL), last, 1, False
-        )
+        logits_BV = jax.lax.dynamic_index_in_dim(model.apply(weights, tokens_BL, positions_BL), last, 1, False)
         token_B, done_B = _choose(logits_BV, step, row_keys_B, done_B, eos_id, rules, on_token)
         out_BN = out_BN.at[:, step].set(token_B)
         tokens_BL = tokens_BL.at[:, last + 1].set(jnp.maximum(token_B, 0))

@@ -338,8 +338,8 @@ def test_bad_moe_values_are_one_line_errors():
 
 MOE_RUN = {
     "mlp": "moe",
-    "moe": {"num_experts": 4, "top_k": 2, "d_ff_expert": 32, "router": "sigmoid", "n_group": 2, "topk_group": 1,
-            "num_shared_experts": 1, "first_dense_layers": 1, "bias_update_rate": 0.01, "router_noise": 0.1},
+    "moe": {"num_experts": 8, "top_k": 2, "d_ff_expert": 16, "router": "sigmoid", "n_group": 2, "topk_group": 1,
+            "num_shared_experts": 1, "first_dense_layers": 1, "bias_update_rate": 0.003, "router_noise": 0.1},
 }  # fmt: skip
 
 
@@ -366,6 +366,32 @@ def test_a_killed_moe_run_resumes_bit_identically_bias_included(tmp_path, text_c
     for name in ("train/loss", "train/moe_aux_loss", "train/moe_max_load", "eval/bpb"):
         assert curve(workdir, name) == curve(tmp_path / "reference", name), name
     assert (checkpoints_dir(workdir) / "8" / "model_state").is_dir()
-    loaded = load_for_inference(workdir)
-    bias = loaded.model_state["layers_1"]["mlp"]["bias"]
-    assert np.abs(np.asarray(bias)).max() > 0  # the trained bias, not a fresh zero one
+    # Inference gets the bias too: load_for_inference gives {"params", "state"}, which sampling/ applies.
+    run, weights, tokenizer, _ = load_for_inference(workdir)
+    bias = np.asarray(weights["state"]["layers_1"]["mlp"]["bias"])
+    reference = np.asarray(load_for_inference(tmp_path / "reference")[1]["state"]["layers_1"]["mlp"]["bias"])
+    np.testing.assert_array_equal(bias, reference)
+    assert np.abs(bias).max() > 0  # the trained bias, not a fresh zero one
+    from sampling import generate
+
+    model = Transformer(run.model)
+    prompt = [tokenizer.eod_id, *tokenizer.encode("def f")]
+    assert len(generate(model, weights, prompt, 6, seed=0)) == 6
+    # The unrolled sampling network with the bias computes the training network's logits.
+    tokens = jnp.asarray([prompt])
+    want = model.apply(weights, tokens)
+    from sampling.decode import for_inference, unrolled
+
+    net = for_inference(model, decode=False)
+    np.testing.assert_allclose(net.apply(unrolled(weights, net), tokens), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_isoflop_planner_sizes_an_moe_family_by_active_params():
+    from experiments.plan import Family, plan_one
+
+    base = with_moe(dataclasses.replace(CFG, vocab_size=256), d_ff_expert=0, num_experts=8, top_k=2)
+    planned = plan_one(base, Family(), 1e12, 2e5, seq_len=16, batch_size=4)
+    cfg = dataclasses.replace(base, **planned.model)
+    counts = param_counts(cfg)
+    assert planned.params == counts.active_non_embedding < counts.total == planned.params_total
+    assert planned.flops == pytest.approx(planned.tokens * flops_per_token(cfg, 16))

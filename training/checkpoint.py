@@ -339,8 +339,29 @@ def restore_params(
     return restored
 
 
+def abstract_model_state(cfg: ModelConfig) -> Any:
+    """The shapes and dtypes of a model's non-trained state ({} for a model that keeps none)."""
+    return jax.eval_shape(lambda: nn.unbox(init_variables(Transformer(cfg), jax.random.key(0)).get("state", {})))
+
+
 def load_for_inference(path: str | pathlib.Path, step: int | None = None) -> tuple[RunConfig, Any, Tokenizer, int]:
-    """(config, params, tokenizer, step) of the latest complete (or the given) step of a workdir,
-    its checkpoints directory, or a step directory; needs no corpus."""
-    restored = restore_params(path, step)
-    return restored.run, restored.arrays["params"], tokenizer_from_dict(restored.meta["tokenizer"]), restored.step
+    """(config, weights, tokenizer, step) of the latest complete (or the given) step of a workdir, its checkpoints
+    directory, or a step directory; needs no corpus. The weights are the params, or {"params", "state"} for a model
+    that keeps non-trained state (e.g. a router's bias), as sampling/ and training.evaluation take them."""
+    directory, path_step = locate(path)
+
+    def targets(run: RunConfig) -> dict:
+        state = abstract_model_state(run.model)
+        return {"params": abstract_params(run.model)} | ({"model_state": state} if jax.tree.leaves(state) else {})
+
+    checkpointer = Checkpointer(directory)
+    try:
+        restored = checkpointer.restore(targets, step if step is not None else path_step)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise CheckpointError(f"{path}: no checkpoints in {directory}")
+    weights = restored.arrays["params"]
+    if "model_state" in restored.arrays:
+        weights = {"params": weights, "state": restored.arrays["model_state"]}
+    return restored.run, weights, tokenizer_from_dict(restored.meta["tokenizer"]), restored.step

@@ -99,14 +99,23 @@ def evaluate(eval_step, params, batches: list[dict], model_state=None) -> dict:
     }
 
 
+def split_weights(weights) -> tuple:
+    """(params, model_state or None) of params or of {"params", "state"} (training.checkpoint.load_for_inference)."""
+    if isinstance(weights, dict) and "params" in weights:
+        return weights["params"], weights.get("state")
+    return weights, None
+
+
 def score_text(
     model: Transformer, params, tokenizer, text: str, seq_len: int, batch_size: int, inputs: Inputs | None = None
 ) -> dict:
     """eval/loss, eval/ppl and eval/bpb of `text` as one document (end-of-document appended, as the
-    token store does), every token scored once: what train.py's eval reports for the same text."""
+    token store does), every token scored once: what train.py's eval reports for the same text. `params` may be
+    {"params", "state"}."""
     tokens = np.asarray(tokenizer.encode(text) + [tokenizer.eod_id], np.int32)
     eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes, inputs))
-    return evaluate(eval_step, params, data_lib.scoring_batches(tokens, seq_len, batch_size))
+    params, model_state = split_weights(params)
+    return evaluate(eval_step, params, data_lib.scoring_batches(tokens, seq_len, batch_size), model_state)
 
 
 def score_file(run, params, tokenizer, text: str) -> dict:

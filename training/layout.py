@@ -6,6 +6,7 @@ that does not fit the run fails with a one-line error and nothing on disk touche
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -20,8 +21,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model import ModelConfig, Transformer, init_variables
+from model import moe as moe_lib
 from model.attention import Implementation, choose
 from parallel import sharding
+from parallel.expert import expert_parallel
 from parallel.mesh import MeshError, check_divisible, make_mesh, mesh_axes, resolve_sizes
 from parallel.ring import ring_attention, zigzag_order
 from training.config import ConfigError, RunConfig
@@ -49,9 +52,15 @@ class Layout:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
+    @contextlib.contextmanager
     def activate(self):
-        """The context in which the model's logical annotations place activations on this mesh."""
-        return sharding.activate(self.mesh, self.rules)
+        """The context in which the model's logical annotations place activations on this mesh, and MoE layers
+        move assignments to their experts' devices by all-to-all when the mesh splits experts (parallel/expert.py)."""
+        experts = None
+        if self.mesh.shape["expert"] > 1:
+            experts = expert_parallel(self.mesh, mesh_axes(self.rules["batch"]))
+        with sharding.activate(self.mesh, self.rules), moe_lib.expert_collectives(experts):
+            yield
 
     @property
     def sequence_shards(self) -> int:

@@ -493,7 +493,11 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             writer.close()
             if stopped:
                 checkpointer.wait()  # with the stop handlers still installed: a second Ctrl-C abandons this save
-            sample_params = host_copy(state.params) if t.sample_tokens > 0 and not stopped else None
+            sample_params = None
+            if t.sample_tokens > 0 and not stopped:
+                sample_params = host_copy(state.params)
+                if jax.tree.leaves(state.model_state):  # sampling/ takes {"params", "state"} for such models
+                    sample_params = {"params": sample_params, "state": host_copy(state.model_state)}
         if stopped:
             log(f"{preempted()}: stopped after step {step} and wrote a checkpoint; re-run the same command to resume")
         elif sample_params is not None and lead:

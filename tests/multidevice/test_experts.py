@@ -1,0 +1,84 @@
+"""Expert parallelism on 8 (fake) devices: experts sharded over the `expert` mesh axis (with data and FSDP axes),
+assignments moved by parallel/expert.py's all-to-all, give the 1-device layer outputs and gradients and the
+1-device training losses, for both routers and both dispatch modes (capacity ones dropping some assignments)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.moe import MoE, expert_collectives
+from parallel.config import MeshConfig
+from parallel.expert import expert_parallel
+from parallel.mesh import make_mesh
+from parallel.sharding import global_batch
+from tests.conftest import tiny_run
+from tests.multidevice.test_meshes import text_batches
+from training.config import with_vocab
+from training.layout import abstract_state, model_for, plan, shardings_of
+from training.loop import init_state, jit_train_step
+from training.optim import make_optimizer
+
+MODEL = {"d_model": 32, "num_heads": 4, "num_kv_heads": 2, "d_ff": 64, "mlp": "moe"}
+STEPS = {"steps": 5, "batch_size": 8, "log_every": 1, "eval_every": 5, "eval_batches": 1}
+ROUTINGS = {
+    "softmax dropless": {"num_experts": 4, "top_k": 2, "d_ff_expert": 32, "z_loss_weight": 1e-3},
+    "sigmoid capacity": {"num_experts": 4, "top_k": 2, "d_ff_expert": 32, "router": "sigmoid", "n_group": 2,
+                         "topk_group": 1, "num_shared_experts": 1, "bias_update_rate": 0.01, "dispatch": "capacity",
+                         "capacity_factor": 1.0},
+}  # fmt: skip
+MESHES = {
+    "4 expert x 2 data": {"data": 2, "expert": 4},
+    "2 expert x 2 fsdp x 2 data": {"data": 2, "fsdp": 2, "expert": 2},
+}
+
+
+def losses(mesh: dict, moe: dict, devices=None) -> np.ndarray:
+    run = with_vocab(tiny_run(model={**MODEL, "moe": moe}, train=STEPS, mesh=mesh), 257)
+    layout = plan(run, devices)
+    with layout.activate():
+        model, (tx, schedule) = model_for(run.model, layout), make_optimizer(run.train)
+        shardings = shardings_of(abstract_state(model, tx, layout))
+        state = init_state(model, tx, run.train.seed, shardings=shardings)
+        step = jit_train_step(model, tx, schedule, run, layout, shardings)
+        out = []
+        for tokens in text_batches(run.data.seq_len)[: run.train.steps]:
+            state, metrics = step(state, global_batch({"tokens": tokens}, layout.batch))
+            out.append([metrics["train/loss"], metrics["train/moe_aux_loss"], metrics["train/moe_max_load"]])
+    return np.asarray(jax.device_get(out))
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTINGS.keys())
+def test_expert_meshes_give_the_one_device_losses(routing):
+    want = losses({"data": 1}, ROUTINGS[routing], jax.devices()[:1])
+    assert want[-1, 0] < want[0, 0]
+    for name, mesh in MESHES.items():
+        np.testing.assert_allclose(losses(mesh, ROUTINGS[routing]), want, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("dispatch, factor", [("dropless", 1.0), ("capacity", 0.75)])
+def test_the_all_to_all_layer_gives_the_one_device_output_and_gradients(dispatch, factor):
+    from tests.test_moe import CFG
+
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch=dispatch, capacity_factor=factor,
+                                                           num_shared_experts=1))  # fmt: skip
+    x = jax.random.normal(jax.random.key(0), (8, 8, 32))
+    variables = nn.unbox(MoE(cfg).init(jax.random.key(1), x))
+
+    def loss(v, x):
+        y, aux = MoE(cfg).apply(v, x)
+        return jnp.sum(y**2), aux["moe_dropped_frac"].value
+
+    (want, dropped), want_grads = jax.value_and_grad(loss, has_aux=True)(variables, x)
+    assert (dropped > 0) == (dispatch == "capacity")
+    mesh = make_mesh(MeshConfig(data=2, expert=4))
+    with jax.set_mesh(mesh), expert_collectives(expert_parallel(mesh, ("data", "fsdp", "expert"))):
+        (got, _), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
