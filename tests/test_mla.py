@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer, flops_per_token, init_variables, param_counts
-from model.cache import init_cache, rewind
+from model.cache import rewind
 from model.config import MLAConfig
 from model.mask import Mask
 from model.mla import MLA, MLACache
@@ -68,7 +68,7 @@ def numpy_mla(cfg: ModelConfig, p: dict, x, positions):
     """One MLA layer in float64 NumPy, written from the DeepSeek-V2 paper's equations: RoPE rotates each interleaved
     pair (x[2i], x[2i+1]) in place by position * inv_freq[i], cos and sin times YaRN's attention factor."""
     m, eps = cfg.mla, cfg.norm_eps
-    P, R, C, N = m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank, cfg.num_heads
+    P, R, C = m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank
     p = jax.tree.map(lambda w: np.asarray(w, np.float64), p)
     x = np.asarray(x, np.float64)
     if m.q_lora_rank:
@@ -189,10 +189,9 @@ def decoding(cfg: ModelConfig, mode: str) -> ModelConfig:
     return dataclasses.replace(cfg, mla=dataclasses.replace(cfg.mla, decode=mode))
 
 
-@pytest.mark.parametrize("changes", [{}, {"rope_scaling": YARN, "sliding_window": 4, "global_every": 2}],
-                         ids=["global", "yarn_window"])  # fmt: skip
-def test_absorbed_decoding_equals_naive_decoding_equals_the_full_forward(changes):
-    cfg = dataclasses.replace(CFG, **changes)
+def test_absorbed_decoding_equals_naive_decoding_equals_the_full_forward():
+    # Windowed layers (rolling caches) between global ones (full caches), under YaRN's scales.
+    cfg = dataclasses.replace(CFG, rope_scaling=YARN, sliding_window=4, global_every=2)
     params = init(cfg)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16)))
     full = Transformer(cfg).apply({"params": params}, tokens)[:, 5:15]
@@ -203,7 +202,7 @@ def test_absorbed_decoding_equals_naive_decoding_equals_the_full_forward(changes
     # The cache holds the latent and the rope key only (a windowed layer's rolling cache keeps its window).
     caches = jax.tree.leaves(cache, is_leaf=lambda c: isinstance(c, MLACache))
     assert {c.latent_BSL.shape[2] for c in caches} == {cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim}
-    assert {c.size for c in caches} == ({4, 16} if cfg.sliding_window else {16})
+    assert {c.size for c in caches} == {4, 16}
 
 
 def test_absorbed_and_naive_greedy_tokens_equal_recomputation():
@@ -325,3 +324,16 @@ def test_an_mla_run_config_reads_back_from_its_dict():
 
     run = resolve(tiny_config(model={"attention": "mla", "mla": {"kv_lora_rank": 24}}))
     assert from_dict(run.to_dict()) == run and run.model.mla.kv_lora_rank == 24
+
+
+def test_a_bad_mla_decode_flag_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from model.mla import DECODES
+    from tests.conftest import REPO
+
+    command = [sys.executable, "infer.py", f"--workdir={tmp_path}", "--prompt=x", "--mla_decode=bogus"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert f"--mla_decode='bogus': one of {', '.join(DECODES)}" in done.stderr
