@@ -68,7 +68,7 @@ def training_table(shapes, heads: int, kv_heads: int, dtype, repeats: int, smoke
                 print(f"| {T} | {D} | {B} | {name} | n/a: {str(e).splitlines()[0][:80]} | | | |")
                 continue
             print(
-                f"| {T} | {D} | {B} | {name} | {fwd_flops / t_fwd / 1e12:.1f} | {3.5 * fwd_flops / t_both / 1e12:.1f}"
+                f"| {T} | {D} | {B} | {name} | {fwd_flops / t_fwd / 1e12:.3g} | {3.5 * fwd_flops / t_both / 1e12:.3g}"
                 f" | {t_fwd * 1e3:.2f} | {t_both * 1e3:.2f} |"
             )
 

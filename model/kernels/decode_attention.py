@@ -22,7 +22,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from model.kernels.flash_attention import BIG, NEG_INF, _dot, _pad_to, _pow2, check_blocks, default_interpret
+from model.kernels.flash_attention import (
+    BIG,
+    NEG_INF,
+    check_blocks,
+    compiler_params,
+    default_interpret,
+    dot_f32,
+    pad_to,
+    pow2,
+)
 from model.mask import Mask
 
 
@@ -48,7 +57,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, slopes_ref, o_ref, l
 
     def visit(ks, kpos_K, carry):
         acc_MV, m_M, l_M, visits = carry
-        s_MK = _dot(q_MD, k_ref[ks, :]) * st.scale
+        s_MK = dot_f32(q_MD, k_ref[ks, :]) * st.scale
         if st.softcap > 0:
             s_MK = st.softcap * jnp.tanh(s_MK / st.softcap)
         k_1K = kpos_K[None, :]
@@ -62,7 +71,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, slopes_ref, o_ref, l
         p_MK = jnp.where(ok_MK, jnp.exp(s_MK - m_new_M[:, None]), 0.0)
         alpha_M = jnp.exp(m_M - m_new_M)
         v_KV = v_ref[ks, :]
-        acc_MV = alpha_M[:, None] * acc_MV + _dot(p_MK.astype(v_KV.dtype), v_KV, (1, 0))
+        acc_MV = alpha_M[:, None] * acc_MV + dot_f32(p_MK.astype(v_KV.dtype), v_KV, (1, 0))
         return acc_MV, m_new_M, alpha_M * l_M + p_MK.sum(-1), visits + 1
 
     def body(j, carry):
@@ -93,22 +102,22 @@ def _decode(q_BTNH, k_BKSH, v_BKSH, mask: Mask, scale, softcap, alibi_slopes, bl
         raise ValueError("decode_attention: the decode cache keeps no document ids (mask has segments)")
     G, M = N // K, T * N // K
     interpret = default_interpret() if interpret is None else interpret
-    bm, bk = min(block_m, max(_pow2(M), 16)), min(block_k, max(_pow2(S), 16))
+    bm, bk = min(block_m, max(pow2(M), 16)), min(block_k, max(pow2(S), 16))
     check_blocks(interpret, block_m=bm, block_k=bk)
     splits = max(1, min(num_splits, -(-S // bk)))
     chunk_blocks = -(-S // (splits * bk))
     Mp, Sp = -(-M // bm) * bm, splits * chunk_blocks * bk
-    Hp, Hvp = (_pow2(d) if interpret else max(16, _pow2(d)) for d in (H, Hv))
+    Hp, Hvp = (pow2(d) if interpret else max(16, pow2(d)) for d in (H, Hv))
 
     # Row m = t * G + g: query t of head k * G + g.
     q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, M, H)
-    q_BKMH = _pad_to(_pad_to(q_BKMH, 2, Mp), 3, Hp)
-    k_BKSH = _pad_to(_pad_to(k_BKSH, 2, Sp), 3, Hp)
-    v_BKSH = _pad_to(_pad_to(v_BKSH, 2, Sp), 3, Hvp)
-    qpos_BM = _pad_to(jnp.repeat(mask.q_positions_BT.astype(jnp.int32), G, axis=1), 1, Mp, -1)
-    kpos_BS = _pad_to(mask.k_positions_BS.astype(jnp.int32), 1, Sp, -1)
+    q_BKMH = pad_to(pad_to(q_BKMH, 2, Mp), 3, Hp)
+    k_BKSH = pad_to(pad_to(k_BKSH, 2, Sp), 3, Hp)
+    v_BKSH = pad_to(pad_to(v_BKSH, 2, Sp), 3, Hvp)
+    qpos_BM = pad_to(jnp.repeat(mask.q_positions_BT.astype(jnp.int32), G, axis=1), 1, Mp, -1)
+    kpos_BS = pad_to(mask.k_positions_BS.astype(jnp.int32), 1, Sp, -1)
     slopes_N = jnp.zeros((N,), jnp.float32) if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
-    slopes_KM = _pad_to(jnp.tile(slopes_N.reshape(K, G), (1, T)), 1, Mp)
+    slopes_KM = pad_to(jnp.tile(slopes_N.reshape(K, G), (1, T)), 1, Mp)
     st = Static(
         scale=float(H**-0.5 if scale is None else scale),
         softcap=float(softcap or 0.0),
@@ -141,6 +150,7 @@ def _decode(q_BTNH, k_BKSH, v_BKSH, mask: Mask, scale, softcap, alibi_slopes, bl
             jax.ShapeDtypeStruct((B, K, nm, splits), jnp.int32),
         ],
         interpret=st.interpret,
+        compiler_params=compiler_params(st.interpret, Hp),
         name="flash_decode",
     )(q_BKMH, k_BKSH, v_BKSH, qpos_BM, kpos_BS, slopes_KM)
 

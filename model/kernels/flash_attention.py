@@ -41,11 +41,11 @@ def default_interpret() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+def pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     if x.shape[axis] == size:
         return x
     pad = [(0, 0)] * x.ndim
@@ -113,7 +113,7 @@ class Static:
     count_visits: bool = False
 
 
-def _dot(a, b, contract=(1, 1)):
+def dot_f32(a, b, contract=(1, 1)):
     """a @ b^T by default (contract the last dims), float32 accumulation."""
     dims = (((contract[0],), (contract[1],)), ((), ()))
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
@@ -122,7 +122,7 @@ def _dot(a, b, contract=(1, 1)):
 def scores(st: Static, q_QD, k_KD, qpos_Q, kpos_K, qseg_Q, kseg_K, slope):
     """The logits of one (query block, key block) tile in float32, the mask, and tanh(raw / cap) for the
     soft-cap's derivative (None without a cap). Masked logits are NEG_INF."""
-    s_QK = _dot(q_QD, k_KD) * st.scale
+    s_QK = dot_f32(q_QD, k_KD) * st.scale
     tanh_QK = None
     if st.softcap > 0:
         tanh_QK = jnp.tanh(s_QK / st.softcap)
@@ -160,7 +160,7 @@ def _forward_kernel(*refs, st: Static, names):
         p_QK = jnp.where(ok_QK, jnp.exp(s_QK - m_new_Q[:, None]), 0.0)
         alpha_Q = jnp.exp(m_Q - m_new_Q)
         v_KV = r["v"][ks, :]
-        acc_QV = alpha_Q[:, None] * acc_QV + _dot(p_QK.astype(v_KV.dtype), v_KV, (1, 0))
+        acc_QV = alpha_Q[:, None] * acc_QV + dot_f32(p_QK.astype(v_KV.dtype), v_KV, (1, 0))
         return acc_QV, m_new_Q, alpha_Q * l_Q + p_QK.sum(-1), visits + 1
 
     def body(j, carry):
@@ -185,6 +185,15 @@ def _mask_inputs(st: Static, qpos, kpos, qseg, kseg, slopes, q_spec, k_spec, slo
     return out
 
 
+def compiler_params(interpret: bool, head_dim: int):
+    """Triton's launch settings on GPUs (those of jax's own Pallas attention: 8 warps for heads over 64)."""
+    if interpret or jax.default_backend() != "gpu":
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
 def _call(kernel, st: Static, grid, inputs, outputs, name):
     """pallas_call over (name, array, spec) inputs and (name, ShapeDtypeStruct, spec) outputs; returns a dict."""
     names = tuple(n for n, _, _ in inputs) + tuple(n for n, _, _ in outputs)
@@ -195,6 +204,7 @@ def _call(kernel, st: Static, grid, inputs, outputs, name):
         out_specs=[s for _, _, s in outputs],
         out_shape=[a for _, a, _ in outputs],
         interpret=st.interpret,
+        compiler_params=compiler_params(st.interpret, inputs[0][1].shape[-1]),
         name=name,
     )(*[a for _, a, _ in inputs])
     return dict(zip((n for n, _, _ in outputs), outs, strict=True))
@@ -255,10 +265,10 @@ def _dq_kernel(*refs, st: Static, names):
         kseg = r["kseg"][ks] if st.segments else None
         s_QK, ok_QK, tanh_QK = scores(st, q_QD, k_KD, qpos_Q, r["kpos"][ks], qseg_Q, kseg, slope)
         p_QK = jnp.where(ok_QK, jnp.exp(s_QK - lse_Q[:, None]), 0.0)
-        ds_QK = p_QK * (_dot(do_QV, v_KV) - delta_Q[:, None])
+        ds_QK = p_QK * (dot_f32(do_QV, v_KV) - delta_Q[:, None])
         if tanh_QK is not None:  # d/dx [c tanh(x / c)] = 1 - tanh(x / c)^2
             ds_QK = ds_QK * (1.0 - tanh_QK * tanh_QK)
-        return dq_QD + _dot(ds_QK.astype(k_KD.dtype), k_KD, (1, 0))
+        return dq_QD + dot_f32(ds_QK.astype(k_KD.dtype), k_KD, (1, 0))
 
     def body(j, dq_QD):
         return lax.cond(r["table"][j] != 0, functools.partial(visit, j), lambda c: c, dq_QD)
@@ -287,11 +297,11 @@ def _dkv_kernel(*refs, st: Static, names):
             qseg = r["qseg"][qs] if st.segments else None
             s_QK, ok_QK, tanh_QK = scores(st, q_QD, k_KD, r["qpos"][qs], kpos_K, qseg, kseg_K, slope)
             p_QK = jnp.where(ok_QK, jnp.exp(s_QK - lse_Q[:, None]), 0.0)
-            dv_KV = dv_KV + _dot(p_QK.astype(do_QV.dtype), do_QV, (0, 0))
-            ds_QK = p_QK * (_dot(do_QV, v_KV) - delta_Q[:, None])
+            dv_KV = dv_KV + dot_f32(p_QK.astype(do_QV.dtype), do_QV, (0, 0))
+            ds_QK = p_QK * (dot_f32(do_QV, v_KV) - delta_Q[:, None])
             if tanh_QK is not None:
                 ds_QK = ds_QK * (1.0 - tanh_QK * tanh_QK)
-            return dk_KD + _dot(ds_QK.astype(q_QD.dtype), q_QD, (0, 0)), dv_KV
+            return dk_KD + dot_f32(ds_QK.astype(q_QD.dtype), q_QD, (0, 0)), dv_KV
 
         def body(i, carry):
             return lax.cond(r["table"][i] != 0, functools.partial(visit, i), lambda c: c, carry)
@@ -398,20 +408,20 @@ def _prepare(q, k, v, mask: Mask, scale, softcap, alibi_slopes, block_q, block_k
             f"q {q.shape}, k {k.shape}, v {v.shape}: want [B, T, N, D], [B, S, K, D], [B, S, K, Dv], K | N"
         )
     interpret = default_interpret() if interpret is None else interpret
-    bq, bk = min(block_q, max(_pow2(T), 16)), min(block_k, max(_pow2(S), 16))
+    bq, bk = min(block_q, max(pow2(T), 16)), min(block_k, max(pow2(S), 16))
     check_blocks(interpret, block_q=bq, block_k=bk)
     Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
-    Dp, Dvp = (_pow2(d) if interpret else max(16, _pow2(d)) for d in (D, Dv))
-    q = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
-    k = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
-    v = _pad_to(_pad_to(v, 1, Sp), 3, Dvp)
+    Dp, Dvp = (pow2(d) if interpret else max(16, pow2(d)) for d in (D, Dv))
+    q = pad_to(pad_to(q, 1, Tp), 3, Dp)
+    k = pad_to(pad_to(k, 1, Sp), 3, Dp)
+    v = pad_to(pad_to(v, 1, Sp), 3, Dvp)
     qseg = kseg = None
     if mask.has_segments:
-        qseg = _pad_to(mask.q_segments_BT.astype(jnp.int32), 1, Tp)
-        kseg = _pad_to(mask.k_segments_BS.astype(jnp.int32), 1, Sp)
+        qseg = pad_to(mask.q_segments_BT.astype(jnp.int32), 1, Tp)
+        kseg = pad_to(mask.k_segments_BS.astype(jnp.int32), 1, Sp)
     padded = Mask(
-        _pad_to(mask.q_positions_BT.astype(jnp.int32), 1, Tp, -1),
-        _pad_to(mask.k_positions_BS.astype(jnp.int32), 1, Sp, -1),
+        pad_to(mask.q_positions_BT.astype(jnp.int32), 1, Tp, -1),
+        pad_to(mask.k_positions_BS.astype(jnp.int32), 1, Sp, -1),
         qseg,
         kseg,
         mask.window,
