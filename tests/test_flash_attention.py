@@ -14,6 +14,7 @@ import pytest
 from model import ModelConfig, Transformer
 from model.attention import AUTO_ORDER, IMPLEMENTATIONS, choose, reference_attention
 from model.kernels import cpu_attention
+from model.kernels import flash_attention as flash_lib
 from model.kernels.flash_attention import flash_attention, visited_blocks
 from model.mask import Mask
 from model.positions import AlibiBias
@@ -172,3 +173,16 @@ def test_a_model_trained_with_pallas_attention_has_the_xla_losses():
             state, metrics = step(state, {"tokens": batch})
             losses[impl].append(float(metrics["train/loss"]))
     np.testing.assert_allclose(losses["pallas"], losses["xla"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("remat, saved", [("dots", 4), ("dots_no_batch", 4), ("full", 0)])
+def test_remat_policies_save_the_kernels_output_and_lse_instead_of_rerunning_it(remat, saved, capsys):
+    """Bar 'full', a rematerialised layer keeps the forward kernel's output and log-sum-exp (2 layers x 2)."""
+    cfg = ModelConfig(
+        vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_seq_len=16,
+        attention_impl="pallas", scan_layers=False, remat=remat,
+    )  # fmt: skip
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    params = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)  # tracing needs only shapes
+    jax.ad_checkpoint.print_saved_residuals(lambda p: Transformer(cfg).apply(p, tokens).sum(), params)
+    assert capsys.readouterr().out.count(f"named '{flash_lib.REMAT_NAME}'") == saved
