@@ -82,7 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         scan_layers=True,
         scan_unroll=1,  # layers per trip of the scanned layer loop (>= num_layers: fully unrolled, no stacked buffers)
         remat="none",  # none | full | dots | dots_no_batch
-        attention_impl="auto",  # auto | xla | cpu_kernel (C++ attention on one CPU device; auto: where it can run)
+        # auto | xla | cpu_kernel (C++ attention on one CPU device; auto: where it can run) | pallas (Pallas flash
+        # attention and flash-decoding: GPU; interpreted, slowly, on CPU) | cudnn (jax.nn's cuDNN attention: GPU)
+        attention_impl="auto",
         causal_blocks=4,  # attention query blocks; each skips the keys after its last query (1: one T x T block)
         parametrization="sp",  # sp | mup (hidden init ~ 1/fan_in, hidden lr / width_mult, logits / width_mult)
         mup_base_width=256,  # muP: the d_model at which it equals sp (where lr and init were tuned)

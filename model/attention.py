@@ -7,8 +7,9 @@ Every implementation computes
 with q [B, T, N, D], k [B, S, K, D], v [B, S, K, Dv]: query head n reads K/V head n // (N / K) (MHA, GQA and MQA
 are one code path, and K/V are never repeated in memory). `IMPLEMENTATIONS` maps a name to an `Implementation`:
 a function saying why it cannot run a config here (or None) and the attention itself. The plain-JAX reference
-('xla') always runs; 'auto' takes the first of `AUTO_ORDER` that can. Ring attention (parallel/ring.py) is an
-`Implementation` too, built where the mesh is known and handed to the model.
+('xla') always runs; 'pallas' runs the Pallas kernels (model/kernels: flash attention for training, flash-decoding
+for the decode cache), 'cudnn' cuDNN's fused attention; 'auto' takes the first of `AUTO_ORDER` that can. Ring
+attention (parallel/ring.py) is an `Implementation` too, built where the mesh is known and handed to the model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-from model.kernels import cpu_attention
+from model.kernels import cpu_attention, decode_attention, flash_attention
 from model.mask import Mask
 from model.positions import POSITIONS, AlibiBias
 
@@ -175,6 +176,69 @@ def cpu_kernel_attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask: Mask, *, bias_fn=Non
     return cpu_attention.causal_attention(q_BTNH, k_BSKH, v_BSKH, jnp.asarray(slopes_N, jnp.float32))
 
 
+def _slopes(bias_fn: BiasFn | None):
+    return None if bias_fn is None else jnp.asarray(bias_fn.slopes, jnp.float32)
+
+
+def pallas_blocker(cfg: ModelConfig, documents: bool = False) -> str | None:
+    """Why the Pallas kernels (model/kernels/flash_attention, decode_attention) cannot run `cfg` here, or None:
+    GPUs compile them with Triton, a CPU interprets them (slow, for tests); ALiBi or no bias; one device where they
+    compile (XLA cannot split a Triton call: it would gather every input onto each device)."""
+    backend = jax.default_backend()
+    if backend not in ("cpu", "gpu"):
+        return (
+            f"backend is {backend} (the kernels are written for Pallas' Triton lowering on GPUs; CPUs interpret them)"
+        )
+    if backend == "gpu" and jax.device_count() != 1:
+        return f"{jax.device_count()} GPUs (the kernels run on one: XLA would gather their inputs onto each device)"
+    if POSITIONS[cfg.position].bias not in (None, AlibiBias):
+        return f"position {cfg.position!r} adds a bias other than ALiBi's"
+    return None
+
+
+def pallas_attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask: Mask, *, bias_fn=None, softcap=0.0, scale=None):
+    """Training and evaluation attention as Pallas flash attention (every part of the mask, GQA, soft-cap, ALiBi)."""
+    kw = dict(scale=scale, softcap=softcap, alibi_slopes=_slopes(bias_fn))
+    return flash_attention.flash_attention(q_BTNH, k_BSKH, v_BSKH, mask, **kw)
+
+
+def pallas_decode(cfg, q_BTNH, k_BKSH, v_BKSH, mask: Mask, *, bias_fn=None, softcap=0.0, scale=None):
+    """Decoding attention over the [B, K, S, H] cache as Pallas flash-decoding (per-row lengths, split cache)."""
+    kw = dict(scale=scale, softcap=softcap, alibi_slopes=_slopes(bias_fn))
+    return decode_attention.decode_attention(q_BTNH, k_BKSH, v_BKSH, mask, **kw)
+
+
+def cudnn_blocker(cfg: ModelConfig, documents: bool = False) -> str | None:
+    """Why `jax.nn.dot_product_attention(implementation='cudnn')` cannot run `cfg`'s training attention here, or
+    None: an NVIDIA GPU, bfloat16 or float16, a causal mask with at most a sliding window (no document ids), no
+    soft-cap, no bias, a head_dim cuDNN's fused kernels take."""
+    if jax.default_backend() != "gpu":
+        return f"backend is {jax.default_backend()} (cuDNN's fused attention runs on NVIDIA GPUs)"
+    if cfg.dtype not in ("bfloat16", "float16"):
+        return f"compute dtype {cfg.dtype} (cuDNN's fused attention takes bfloat16 or float16)"
+    if documents:
+        return "data.document_mask=True (jax.nn.dot_product_attention takes no document ids)"
+    if cfg.attn_logit_softcap:
+        return f"model.attn_logit_softcap={cfg.attn_logit_softcap} (cuDNN does not cap logits)"
+    if POSITIONS[cfg.position].bias is not None:
+        return f"position {cfg.position!r} adds a bias (cuDNN would read it as a [B, N, T, S] array)"
+    if cfg.resolved_head_dim % 8 or cfg.resolved_head_dim > 256:
+        return f"head_dim {cfg.resolved_head_dim} (cuDNN takes multiples of 8 up to 256)"
+    return None
+
+
+def cudnn_attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask: Mask, *, bias_fn=None, softcap=0.0, scale=None):
+    """cuDNN's fused attention where the mask is causal over the tokens in order (with a sliding window); the
+    reference elsewhere (permuted or padded layouts, which cuDNN's causal mask does not describe)."""
+    plain = mask.in_order and not mask.has_segments and not softcap and bias_fn is None
+    if not plain or v_BSKH.shape[-1] != q_BTNH.shape[-1]:
+        return reference_attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask, bias_fn=bias_fn, softcap=softcap, scale=scale)
+    window = (mask.window - 1, 0) if mask.window else None
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True, local_window_size=window, implementation="cudnn"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     """An attention implementation: `blocker(cfg, documents)` says why it cannot run `cfg`'s attention on this
@@ -189,8 +253,12 @@ class Implementation:
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "xla": Implementation(lambda cfg, documents=False: None, reference_attention),
     "cpu_kernel": Implementation(cpu_kernel_blocker, cpu_kernel_attention),
+    "pallas": Implementation(pallas_blocker, pallas_attention, pallas_decode),
+    "cudnn": Implementation(cudnn_blocker, cudnn_attention),  # decoding: the reference (T = 1 is not cuDNN's case)
 }
-AUTO_ORDER = ("cpu_kernel", "xla")  # what 'auto' tries, fastest first; the reference last (it always runs)
+# What 'auto' tries, fastest first; the reference last (it always runs). Not 'pallas' (interpreted on CPUs, and not
+# yet measured against XLA and cuDNN on a GPU: BENCHMARKS.md) nor 'cudnn' (not measured either).
+AUTO_ORDER = ("cpu_kernel", "xla")
 ATTENTION_IMPLS = ("auto", *IMPLEMENTATIONS)  # the values model.attention_impl takes
 
 

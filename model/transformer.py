@@ -19,15 +19,15 @@ import jax.numpy as jnp
 from model import attention as attention_lib
 from model.aux import Aux, mean_over_layers
 from model.config import LayerSpec, ModelConfig
-from model.kernels import cpu_attention
+from model.kernels import cpu_attention, flash_attention
 from model.kinds import ATTENTION_KINDS, MLP_KINDS
 from model.layers import NORMS, dense
 from model.mask import Mask
 from model.positions import POSITIONS
 
-# What a rematerialised block keeps for the backward pass (None: remat off). Bar 'full', each also keeps the C++ CPU
-# attention kernel's output and log-sum-exp (O(T) per row; rerunning the kernel would cost a whole forward).
-_keep_kernel = jax.checkpoint_policies.save_only_these_names(cpu_attention.REMAT_NAME)
+# What a rematerialised block keeps for the backward pass (None: remat off). Bar 'full', each also keeps the attention
+# kernels' (C++ CPU, Pallas) output and log-sum-exp (O(T) per row; rerunning the kernel would cost a whole forward).
+_keep_kernel = jax.checkpoint_policies.save_only_these_names(cpu_attention.REMAT_NAME, flash_attention.REMAT_NAME)
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,

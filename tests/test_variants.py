@@ -377,7 +377,11 @@ def optax_norm(tree) -> float:
         ("model", {"sliding_window": -1}, "model.sliding_window=-1: must be >= 0"),
         ("model", {"global_every": 2}, "model.global_every=2: needs model.sliding_window > 0"),
         ("model", {"attention": "bogus"}, "model.attention='bogus': allowed: gqa"),
-        ("model", {"attention_impl": "bogus"}, "model.attention_impl='bogus': allowed: auto, xla, cpu_kernel"),
+        (
+            "model",
+            {"attention_impl": "bogus"},
+            "model.attention_impl='bogus': allowed: auto, xla, cpu_kernel, pallas, cudnn",
+        ),
         ("model", {"attn_logit_softcap": -1.0}, "model.attn_logit_softcap=-1.0: must be >= 0"),
         ("model", {"rope_scaling": {"type": "bogus"}}, "model.rope_scaling.type='bogus': one of 'none', 'linear'"),
     ],
