@@ -11,6 +11,15 @@ from model.rope import RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)
+class MTPConfig:
+    """Multi-token prediction heads (model/mtp.py owns them): `num_heads` extra depths, 0 = off."""
+
+    num_heads: int = 0  # depth d predicts the token d + 1 after each position (beside the main head's next one)
+    style: str = "sequential"  # a key of model.mtp.STYLES: 'sequential' (DeepSeek-V3) or 'parallel' (Gloeckle et al.)
+    loss_weight: float = 0.3  # the training loss adds loss_weight * (mean over depths of the heads' cross-entropy)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 257
     d_model: int = 256
@@ -26,6 +35,7 @@ class ModelConfig:
     position: str = "rope"  # a key of model.positions.POSITIONS
     rope_theta: float = 10_000.0
     rope_scaling: RopeScaling = RopeScaling()  # context extension: linear, llama3 or yarn (model/rope.py)
+    mtp: MTPConfig = MTPConfig()  # multi-token prediction heads (model/mtp.py)
     sliding_window: int = 0  # keys at query position - key position >= window are masked (0: no window)
     global_every: int = 0  # with a window: layer i attends globally when (i + 1) % global_every == 0 (0: none)
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3, OLMo 2)
@@ -47,6 +57,8 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # read back from a config.json
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.mtp, dict):
+            object.__setattr__(self, "mtp", MTPConfig(**self.mtp))
 
     @property
     def resolved_head_dim(self) -> int:

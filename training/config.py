@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from data.config import DataConfig
+from model import mtp as mtp_lib
 from model import rope as rope_lib
 from model.attention import ATTENTION_IMPLS
 from model.config import ModelConfig
@@ -167,6 +168,7 @@ def _rules(
         ),
         (m.head_dim >= 0, "model.head_dim", m.head_dim, "must be >= 0 (0: d_model // num_heads)"),
         *rope_lib.scaling_errors(m.rope_scaling),
+        *mtp_lib.config_errors(m.mtp),
         one_of("model.attention", m.attention, ATTENTION_KINDS),
         one_of("model.mlp", m.mlp, MLP_KINDS),
         (m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0 (0: no window)"),
