@@ -107,8 +107,10 @@ def test_heads_and_per_depth_losses_match_an_independent_computation(style):
     w = np.asarray(window_BW)
     for d in (1, 2):
         logits = want_KBTV[d - 1]
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
-            -1, keepdims=True
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
         )
         targets = w[:, 1 + d : 1 + d + 16]  # depth d: the token d + 1 after each position
         nll = -np.take_along_axis(logp, targets[..., None], -1).mean()
