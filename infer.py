@@ -5,6 +5,8 @@
     python infer.py --workdir runs/tiny --prompt "def " --beam_size 4 --temperature 0
     python infer.py --workdir runs/tiny --score some_file.py
     python infer.py --hf_dir ~/models/Qwen3-0.6B --prompt "The capital of France is" --temperature 0
+    python infer.py --workdir runs/ablate_mtp --prompt "def " --speculative=mtp --draft_tokens 1
+    python infer.py --workdir runs/tiny --prompt "def " --speculative=draft --draft_workdir runs/small --draft_tokens 4
 
 A single prompt streams its continuation as it is generated. Every prompt starts a document (it
 follows the end-of-document token, as documents do in training). Prefill and decode speeds go to
@@ -53,6 +55,11 @@ _MLA_DECODE = flags.DEFINE_string(
 )
 MLA_DECODES = ("absorbed", "naive")  # model.mla.DECODES (not imported here: that would start JAX)
 _SCORE = flags.DEFINE_string("score", None, "Print the loss, perplexity and bits per byte of this text file.")
+_SPECULATIVE = flags.DEFINE_enum(
+    "speculative", None, ["mtp", "draft"], "Speculative decoding, drafting with the model's MTP heads or a draft model."
+)
+_DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Speculative decoding: tokens drafted per verify pass.")
+_DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "--speculative=draft: the draft model's run directory.")
 
 
 def check_flags() -> None:
@@ -82,6 +89,15 @@ def check_flags() -> None:
             _BEAM_SIZE.value == 1 or _KV_CACHE.value,
             "--kv_cache=false: beam search always decodes with the cache",
         ),
+        (_DRAFT_TOKENS.value >= 1, f"--draft_tokens={_DRAFT_TOKENS.value}: must be >= 1"),
+        (
+            (_SPECULATIVE.value == "draft") == (_DRAFT_WORKDIR.value is not None),
+            "--speculative=draft and --draft_workdir go together (the draft model's run directory)",
+        ),
+        (
+            _SPECULATIVE.value is None or (_BEAM_SIZE.value == 1 and _KV_CACHE.value),
+            f"--speculative={_SPECULATIVE.value}: decodes with the cache and samples (no --beam_size, --kv_cache=false)",
+        ),
         (
             sum(x is not None for x in (_PROMPT.value, _PROMPT_FILE.value, _SCORE.value)) == 1,
             "give exactly one of --prompt, --prompt_file or --score",
@@ -93,7 +109,7 @@ def check_flags() -> None:
     for name, value in (("--prompt_file", _PROMPT_FILE.value), ("--score", _SCORE.value)):
         if value is not None and not pathlib.Path(value).is_file():
             fail(f"{name}={value!r}: no such file")
-    for name, value in (("--workdir", _WORKDIR.value), ("--hf_dir", _HF_DIR.value)):
+    for name, value in (("--workdir", _WORKDIR.value), ("--hf_dir", _HF_DIR.value), ("--draft_workdir", _DRAFT_WORKDIR.value)):
         if value and not pathlib.Path(value).expanduser().is_dir():
             fail(f"{name}={value!r}: no such directory")
 
@@ -163,7 +179,7 @@ def main(argv: list[str]) -> None:
 
     # Imported after the flags are checked: a bad flag answers at once, without starting JAX.
     from model.hf import HFError
-    from sampling.runner import Request, report_speed, run_request, unescape
+    from sampling.runner import Request, report_speed, run_request, run_speculative, unescape
     from training import hf
     from training.checkpoint import CheckpointError, load_for_inference
     from training.evaluation import score_file
@@ -189,6 +205,21 @@ def main(argv: list[str]) -> None:
         print(json.dumps(score_file(run, params, tokenizer, text)))
         return
 
+    draft = None
+    if _SPECULATIVE.value == "mtp" and run.model.mtp.num_heads < _DRAFT_TOKENS.value:
+        fail(
+            f"--draft_tokens={_DRAFT_TOKENS.value}: the model at {_WORKDIR.value} has "
+            f"model.mtp.num_heads={run.model.mtp.num_heads} MTP heads, each drafting one token"
+        )
+    if _SPECULATIVE.value == "draft":
+        try:
+            draft_run, draft_params, draft_tokenizer, _ = load_for_inference(_DRAFT_WORKDIR.value)
+        except CheckpointError as e:
+            fail(str(e))
+        if draft_tokenizer.fingerprint != tokenizer.fingerprint:
+            fail(f"--draft_workdir={_DRAFT_WORKDIR.value!r}: its tokenizer is not the one of {_WORKDIR.value!r}")
+        draft = (draft_run.model, draft_params)
+
     request = Request(
         prompts=prompts,
         max_new_tokens=_MAX_NEW.value,
@@ -204,8 +235,13 @@ def main(argv: list[str]) -> None:
         eos=_EOS.value,
         kv_cache=_KV_CACHE.value,
         batch_size=_BATCH_SIZE.value,
+        speculative=_SPECULATIVE.value or "",
+        draft_tokens=_DRAFT_TOKENS.value,
     )
     try:
+        if request.speculative:
+            run_speculative(run.model, params, tokenizer, request, sys.stdout, sys.stderr, draft)
+            return
         speeds = run_request(run.model, params, tokenizer, request, out=sys.stdout)
     except ValueError as e:  # a request the model cannot serve (prompt too long, cache too large)
         fail(str(e))

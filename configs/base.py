@@ -70,6 +70,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             qk_rope_head_dim=32,  # per-head query channels with RoPE (even); the key's are shared by all heads
             v_head_dim=64,  # per-head value channels
         ),
+        # Multi-token prediction (model/mtp.py): num_heads extra depths, depth d predicting the token d + 1 after
+        # each position; their mean cross-entropy (train/mtp_loss, per depth train/mtp_loss_<d>) joins the loss
+        # times loss_weight; infer.py --speculative=mtp drafts with them.
+        mtp=dict(
+            num_heads=0,  # 0: off
+            style="sequential",  # sequential (DeepSeek-V3 MTP modules) | parallel (Gloeckle et al. 2024 heads)
+            loss_weight=0.3,  # DeepSeek-V3's lambda early in training
+        ),
         sliding_window=0,  # keys at query pos - key pos >= window are masked (Mistral); 0: off
         global_every=0,  # with a window: layer i is global when (i + 1) % global_every == 0; 0: all local
         qk_norm=False,  # per-head RMSNorm of q and k before RoPE (Qwen3, OLMo 2)

@@ -33,9 +33,17 @@ class Data:
     cfg: DataConfig
 
     def train_iterator(
-        self, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1, start_window: int = 0
+        self,
+        batch_size: int,
+        seed: int,
+        shard_index: int = 0,
+        shard_count: int = 1,
+        start_window: int = 0,
+        extra_tokens: int = 0,
     ):
-        """A checkpointable grain iterator of {'tokens': int32 [batch_size // shard_count, seq_len + 1]}.
+        """A checkpointable grain iterator of {'tokens': int32 [batch_size // shard_count, seq_len + 1 + extra]}
+        (`extra_tokens`: the further targets multi-token prediction heads need; windows still start every
+        seq_len tokens).
 
         The stream is one fixed sequence of windows per seed (shuffled, reshuffled every epoch); the iterator
         starts at its window `start_window` and cuts it into global batches of `batch_size`, so a run resumed
@@ -44,7 +52,7 @@ class Data:
         [i * rows, (i + 1) * rows) of each, rows = batch_size // shard_count, so a run gives the same
         losses on one host or several, and resumes on any number of hosts.
         """
-        windows = Windows(self.store.train, self.cfg.seq_len)
+        windows = Windows(self.store.train, self.cfg.seq_len, extra_tokens)
         ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
         if start_window:
             ds = ds[start_window:]
@@ -69,17 +77,18 @@ class Data:
 
 
 class Windows:
-    """Random-access source of non-overlapping (but for the one shared target) token windows."""
+    """Random-access source of token windows starting every seq_len tokens, each seq_len + 1 + `extra` long:
+    non-overlapping but for the targets they share with the next window."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
+    def __init__(self, tokens: np.ndarray, seq_len: int, extra: int = 0):
+        self.tokens, self.seq_len, self.extra = tokens, seq_len, extra
 
     def __len__(self) -> int:
-        return (len(self.tokens) - 1) // self.seq_len
+        return (len(self.tokens) - 1 - self.extra) // self.seq_len
 
     def __getitem__(self, i: int) -> np.ndarray:
         start = i * self.seq_len
-        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int32)
+        return np.asarray(self.tokens[start : start + self.seq_len + 1 + self.extra], dtype=np.int32)
 
 
 def covering_starts(num_tokens: int, seq_len: int) -> list[int]:

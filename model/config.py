@@ -29,6 +29,15 @@ class MLAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MTPConfig:
+    """Multi-token prediction heads (model/mtp.py owns them): `num_heads` extra depths, 0 = off."""
+
+    num_heads: int = 0  # depth d predicts the token d + 1 after each position (beside the main head's next one)
+    style: str = "sequential"  # a key of model.mtp.STYLES: 'sequential' (DeepSeek-V3) or 'parallel' (Gloeckle et al.)
+    loss_weight: float = 0.3  # the training loss adds loss_weight * (mean over depths of the heads' cross-entropy)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 257
     d_model: int = 256
@@ -46,6 +55,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     rope_scaling: RopeScaling = RopeScaling()  # context extension: linear, llama3 or yarn (model/rope.py)
     mla: MLAConfig = MLAConfig()  # sizes of attention='mla' (unused by other kinds)
+    mtp: MTPConfig = MTPConfig()  # multi-token prediction heads (model/mtp.py)
     sliding_window: int = 0  # keys at query position - key position >= window are masked (0: no window)
     global_every: int = 0  # with a window: layer i attends globally when (i + 1) % global_every == 0 (0: none)
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3, OLMo 2)
@@ -71,6 +81,8 @@ class ModelConfig:
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if isinstance(self.mla, dict):
             object.__setattr__(self, "mla", MLAConfig(**self.mla))
+        if isinstance(self.mtp, dict):
+            object.__setattr__(self, "mtp", MTPConfig(**self.mtp))
 
     @property
     def resolved_head_dim(self) -> int:

@@ -157,3 +157,35 @@ def hidden_std(cfg: ModelConfig) -> float:
 def output_std(cfg: ModelConfig) -> float:
     """Residual-branch output projections start smaller, as in GPT-2: hidden std / sqrt(2 * layers)."""
     return hidden_std(cfg) / (2 * cfg.num_layers) ** 0.5
+
+
+def token_embedding(cfg: ModelConfig) -> nn.Embed:
+    """The token embedding ("embed"), created in the calling module (the transformer; MTP drafting reuses it)."""
+    return nn.Embed(
+        cfg.vocab_size,
+        cfg.d_model,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+        name="embed",
+    )
+
+
+def output_head(cfg: ModelConfig, embedding: nn.Embed):
+    """hidden_BTD -> float32 logits_BTV: the final norm ("final_norm"), the unembedding (tied, or "head") and
+    muP's multiplier and the logit softcap. Created once in the calling module and called by every head that
+    shares it (the main head, the multi-token prediction heads)."""
+    final_norm = NORMS[cfg.norm](cfg, name="final_norm")
+    head = None if cfg.tie_embeddings else dense(cfg, cfg.vocab_size, ("embed", "vocab"), "head", std=cfg.init_std)
+
+    def logits_of(x_BTD: jax.Array) -> jax.Array:
+        x_BTD = final_norm(x_BTD)
+        logits_BTV = embedding.attend(x_BTD) if head is None else head(x_BTD)
+        if cfg.width_mult != 1.0:  # muP's output multiplier keeps logits O(1) as the width grows
+            logits_BTV = logits_BTV / cfg.width_mult
+        logits_BTV = logits_BTV.astype(jnp.float32)
+        if cfg.final_logit_softcap > 0:
+            logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
+        return nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
+
+    return logits_of

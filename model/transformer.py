@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from model import attention as attention_lib
+from model import mtp as mtp_lib
 from model.aux import Aux, mean_over_layers
 from model.config import LayerSpec, ModelConfig
 from model.kernels import cpu_attention, flash_attention
 from model.kinds import ATTENTION_KINDS, MLP_KINDS
-from model.layers import NORMS, dense
+from model.layers import NORMS, output_head, token_embedding
 from model.mask import Mask
 from model.positions import POSITIONS
 
@@ -43,6 +44,7 @@ class Output:
     logits_BTV: jax.Array  # float32
     hidden_BTD: jax.Array  # the last layer's output, before the final norm (for extra heads)
     aux: dict[str, Aux]  # named auxiliary terms, averaged over the layers that produce them
+    mtp_logits_KBTV: jax.Array | None = None  # float32 logits of the multi-token prediction depths (model/mtp.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,22 +169,18 @@ class Transformer(nn.Module):
         segments_BT: jax.Array | None = None,
         *,
         in_order: bool | None = None,
+        ahead_BTA: jax.Array | None = None,
     ) -> Output:
         """Positions default to 0..T-1; -1 marks padding, which no token attends to. `segments_BT` (document ids,
         with positions restarting at each document) keeps attention inside documents. `in_order`: the tokens are
-        in sequence order, so no key after its query is ever visible (default: positions were not given)."""
+        in sequence order, so no key after its query is ever visible (default: positions were not given).
+        `ahead_BTA` (training): column j holds the token j + 1 after each position (column 0: the targets), for
+        the multi-token prediction heads, which then run and add their losses to `aux` (model/mtp.py)."""
         cfg = self.cfg
         in_order = positions_BT is None if in_order is None else in_order
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-        embedding = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            dtype=jnp.dtype(cfg.dtype),
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
-            name="embed",
-        )
+        embedding = token_embedding(cfg)
         x_BTD = embedding(tokens_BT)
         scheme = POSITIONS[cfg.position]
         if scheme.embed is not None:
@@ -217,26 +215,23 @@ class Transformer(nn.Module):
                 aux.append(terms)
 
         hidden_BTD = x_BTD
-        x_BTD = NORMS[cfg.norm](cfg, name="final_norm")(x_BTD)
-        if cfg.tie_embeddings:
-            logits_BTV = embedding.attend(x_BTD)
-        else:
-            logits_BTV = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "head", std=cfg.init_std)(x_BTD)
-        if cfg.width_mult != 1.0:  # muP's output multiplier keeps logits O(1) as the width grows
-            logits_BTV = logits_BTV / cfg.width_mult
-        logits_BTV = logits_BTV.astype(jnp.float32)
-        if cfg.final_logit_softcap > 0:
-            logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
-        logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
-        return Output(logits_BTV, hidden_BTD, mean_over_layers(aux))
+        logits_of = output_head(cfg, embedding)
+        out = Output(logits_of(hidden_BTD), hidden_BTD, mean_over_layers(aux))
+        if ahead_BTA is not None and (heads := mtp_lib.heads(cfg, *args, name="mtp")) is not None:
+            mtp_logits_KBTV, _ = heads(hidden_BTD, ahead_BTA, mask, embedding, logits_of)
+            out = out.replace(
+                mtp_logits_KBTV=mtp_logits_KBTV, aux={**out.aux, **mtp_lib.losses(cfg, mtp_logits_KBTV, ahead_BTA)}
+            )
+        return out
 
 
 def init_variables(model: Transformer, rng: jax.Array) -> dict:
     """The model's initial variables ({"params": ...} plus {"state": ...} where a layer keeps non-trained state),
-    boxed with their logical axis names. Plain attention: variables do not depend on how attention is computed (ring
+    boxed with their logical axis names, the multi-token prediction heads' included. Plain attention: variables do not depend on how attention is computed (ring
     attention splits the batch, which a 1-row dummy cannot be)."""
     dummy_BT = jnp.zeros((1, model.cfg.max_seq_len), jnp.int32)
-    variables = model.clone(attention=None, decode=False).init(rng, dummy_BT)
+    ahead_BTA = jnp.zeros((*dummy_BT.shape, 1 + mtp_lib.extra_tokens(model.cfg)), jnp.int32)  # the MTP heads too
+    variables = model.clone(attention=None, decode=False).init(rng, dummy_BT, ahead_BTA=ahead_BTA, method="forward")
     return {k: v for k, v in variables.items() if k in ("params", "state")}
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from data.tokenizer import Tokenizer
 from model import ModelConfig, Transformer
 from model.positions import POSITIONS
+from sampling import speculative
 from sampling.beam import beam_search
 from sampling.decode import DONE, generate_batch, prompt_ids
 from sampling.rules import Rules
@@ -33,6 +34,8 @@ class Request:
     eos: bool = True
     kv_cache: bool = True
     batch_size: int = 32
+    speculative: str = ""  # '' (plain decoding), 'mtp' or 'draft' (run_speculative)
+    draft_tokens: int = 4
 
 
 @dataclasses.dataclass
@@ -160,6 +163,61 @@ def run_request(cfg: ModelConfig, params, tokenizer: Tokenizer, request: Request
                 header = f"prompt {i + 1}/{len(encoded)}, sample {j + 1}/{request.num_samples}"
                 _write(out, header, request.prompts[i] + text, request, len(encoded))
     return speeds
+
+
+def run_speculative(
+    cfg: ModelConfig,
+    params,
+    tokenizer: Tokenizer,
+    request: Request,
+    out: TextIO,
+    err: TextIO,
+    draft: tuple[ModelConfig, object] | None = None,
+) -> None:
+    """Samples every prompt with speculative decoding (drafting with the model's MTP heads, or with `draft`'s
+    (config, params) model), writes them to `out`, and reports to `err` the acceptance rate per draft position
+    and tokens/s against plain decoding of the same prompts (run after it, same rules and seed)."""
+    model = Transformer(cfg)
+    encoded = [prompt_ids(tokenizer, p) for p in request.prompts]
+    check_fits(cfg, request, max(len(ids) for ids in encoded))
+    eos_id = tokenizer.eod_id if request.eos else -1
+    k = request.draft_tokens
+    if draft is None:
+        drafter, draft_params = speculative.MTPDrafter(cfg, k), None
+    else:
+        drafter, draft_params = speculative.ModelDrafter(Transformer(draft[0]), k), draft[1]
+    rules = Rules(request.temperature, request.top_k, request.top_p, request.min_p)
+    rows = [(i, j) for i in range(len(encoded)) for j in range(request.num_samples)]
+    accepted, proposed = np.zeros(k), np.zeros(k)
+    spec_speed, plain_speed, rounds = Speeds(), Speeds(), 0
+    for first in range(0, len(rows), request.batch_size):
+        chunk = rows[first : first + request.batch_size]
+        prompts = [encoded[i] for i, _ in chunk]
+        common = dict(max_len=request.max_len, eos_id=eos_id, seed=request.seed, first_row=first)
+        generation = speculative.generate(
+            model, params, prompts, request.max_new_tokens, rules, drafter=drafter, draft_params=draft_params, **common
+        )
+        plain = generate_batch(model, params, prompts, request.max_new_tokens, rules, **common)
+        accepted, proposed = accepted + generation.accepted_K, proposed + generation.proposed_K
+        rounds += generation.rounds
+        spec_speed.decode_tokens += generation.decode_tokens
+        spec_speed.decode_seconds += generation.decode_seconds
+        plain_speed.decode_tokens += sum(len(t) for t in plain.tokens)
+        plain_speed.decode_seconds += plain.decode_seconds
+        for (i, j), tokens in zip(chunk, generation.tokens):
+            header = f"prompt {i + 1}/{len(encoded)}, sample {j + 1}/{request.num_samples}"
+            text = request.prompts[i] + cut_at_stop(tokenizer.decode(tokens), request.stop)
+            _write(out, header, text, request, len(encoded))
+    rates = " ".join(f"{a / max(n, 1):.3f}" for a, n in zip(accepted, proposed))
+    speed = lambda s: s.decode_tokens / s.decode_seconds if s.decode_seconds > 0 else float("nan")  # noqa: E731
+    what = "mtp heads" if draft is None else "draft model"
+    print(
+        f"speculative ({what}, k={k}): acceptance per draft position [{rates}], "
+        f"{spec_speed.decode_tokens / max(rounds, 1):.2f} tokens per verify round | "
+        f"decode {speed(spec_speed):,.0f} tokens/s vs plain {speed(plain_speed):,.0f} tokens/s "
+        f"({speed(spec_speed) / speed(plain_speed):.2f}x)",
+        file=err,
+    )
 
 
 def _write(out: TextIO, header: str, text: str, request: Request, prompts: int) -> None:

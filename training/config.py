@@ -15,6 +15,7 @@ import ml_collections
 
 from data.config import DataConfig
 from model import moe as moe_lib
+from model import mtp as mtp_lib
 from model import rope as rope_lib
 from model.attention import ATTENTION_IMPLS
 from model.config import ModelConfig
@@ -169,6 +170,7 @@ def _rules(
         ),
         (m.head_dim >= 0, "model.head_dim", m.head_dim, "must be >= 0 (0: d_model // num_heads)"),
         *rope_lib.scaling_errors(m.rope_scaling),
+        *mtp_lib.config_errors(m.mtp),
         one_of("model.attention", m.attention, ATTENTION_KINDS),
         *getattr(ATTENTION_KINDS.get(m.attention), "config_errors", lambda m: [])(m),
         one_of("model.mlp", m.mlp, MLP_KINDS),

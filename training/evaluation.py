@@ -12,6 +12,7 @@ import numpy as np
 
 import data as data_lib
 from model import Output, Transformer
+from model import mtp as mtp_lib
 from model.mask import documents
 
 
@@ -33,13 +34,23 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float = 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Inputs:
     """How a batch of windows [B, T+1] becomes the model's inputs: `order_T` is ring attention's zig-zag layout
-    (None: in order), `eod_id` the end-of-document token when attention stays inside documents (None: it doesn't)."""
+    (None: in order), `eod_id` the end-of-document token when attention stays inside documents (None: it doesn't).
+    With `extra_tokens` (training with multi-token prediction heads) windows are [B, T+1+extra] and the model
+    also gets each position's further targets (model/mtp.py); evaluation uses `for_eval()`, the main head only."""
 
     order_T: np.ndarray | None = None
     eod_id: int | None = None
+    extra_tokens: int = 0
+
+    def for_eval(self) -> Inputs:
+        return dataclasses.replace(self, extra_tokens=0)
 
     def __call__(self, tokens_BT1: jax.Array, model: Transformer, variables: dict, **kw) -> tuple[Output, jax.Array]:
         """(the model's output, targets), permuted alike when the layout is."""
+        ahead_BTA = None
+        if self.extra_tokens:
+            ahead_BTA = mtp_lib.ahead(tokens_BT1, 1 + self.extra_tokens)
+            tokens_BT1 = tokens_BT1[:, : -self.extra_tokens]
         inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
         positions_BT = segments_BT = None
         if self.eod_id is not None:
@@ -49,12 +60,14 @@ class Inputs:
                 positions_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1]), inputs_BT.shape)
             inputs_BT, targets_BT, positions_BT = (x[:, self.order_T] for x in (inputs_BT, targets_BT, positions_BT))
             segments_BT = None if segments_BT is None else segments_BT[:, self.order_T]
+            ahead_BTA = None if ahead_BTA is None else ahead_BTA[:, self.order_T]
         out = model.apply(
             variables,
             inputs_BT,
             positions_BT,
             segments_BT,
             in_order=self.order_T is None,
+            **({"ahead_BTA": ahead_BTA} if ahead_BTA is not None else {}),
             method=Transformer.forward,
             **kw,
         )
@@ -69,7 +82,7 @@ def variables_of(params, model_state=None) -> dict:
 
 
 def make_eval_step(model: Transformer, token_bytes: np.ndarray, inputs: Inputs | None = None):
-    inputs = inputs or Inputs()
+    inputs = (inputs or Inputs()).for_eval()
     bytes_V = jnp.asarray(token_bytes, jnp.float32)
 
     def eval_step(params, batch: dict, model_state=None) -> dict:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 import data as data_lib
 from data.tokenizer import tokenizer_to_dict
 from model import Transformer, flops_per_token, init_variables, param_counts
+from model import mtp as mtp_lib
 from model.aux import weighted_sum
 from model.positions import POSITIONS
 from parallel.sharding import global_batch, process_rows, replicated_batch
@@ -112,7 +113,8 @@ def inputs_for(run: RunConfig, layout: Layout, eod_id: int | None) -> Inputs:
     which data.document_mask needs)."""
     if run.data.document_mask and eod_id is None:
         raise ValueError("data.document_mask needs the tokenizer's end-of-document id")
-    return Inputs(sequence_order(run.data.seq_len, layout), eod_id if run.data.document_mask else None)
+    order_T = sequence_order(run.data.seq_len, layout)
+    return Inputs(order_T, eod_id if run.data.document_mask else None, mtp_lib.extra_tokens(run.model))
 
 
 def jit_train_step(
@@ -400,7 +402,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             first_row, rows = process_rows(layout.batch, t.batch_size)
             start_window = stream_position(restored) if restored is not None else 0
             train_iter = data.train_iterator(
-                t.batch_size, t.seed, first_row // rows, t.batch_size // rows, start_window
+                t.batch_size, t.seed, first_row // rows, t.batch_size // rows, start_window, inputs.extra_tokens
             )
             pending: list[dict] = []  # per-step metrics of the current log interval
             if restored is not None:

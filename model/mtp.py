@@ -1,0 +1,204 @@
+"""Multi-token prediction (MTP) heads: extra depths that predict the tokens after the next one, trained beside the
+main head and used by speculative decoding (sampling/speculative.py) to draft tokens.
+
+Both styles share the main model's token embedding and output head (final norm + unembedding) and give depth d
+(1-based) the job of predicting the token d + 1 after each position t (the main head predicts t + 1):
+
+- 'sequential' (DeepSeek-V3, section 2.2): depth d combines the previous depth's hidden state at t (depth 0: the
+  trunk's last layer, before the final norm) with the embedding of token t + d: norm both, concatenate
+  [embedding; hidden], project 2D -> D, run one transformer block; its output is depth d's hidden state.
+- 'parallel' (Gloeckle et al. 2024): depth d is one transformer block of its own on the trunk's last hidden state
+  (the trunk is the whole main model here, so a model trained with parallel heads decodes as one without).
+
+Every MTP block is a full layer of the model's attention and MLP kinds with global attention (window 0), so it
+keeps its own decode cache. A style is a module `(cfg, decode, impl, max_rewind)` called
+`(trunk_BTD, ahead_BTA, mask, embedding, logits_of, choose=None) -> (logits_KBTV, ahead_BTA)` with static
+`lookahead(cfg)` (the furthest column of `ahead_BTA` its inputs read: how far drafting lags), `param_count(cfg)`,
+`matmul_params(cfg)` and `attention_flops(cfg, context)`. `ahead_BTA[b, t, j]` is the token j + 1 after
+position t (column 0: the main head's target); `choose(d, logits_BTV, ahead_BTA)` (drafting) may fill in the
+tokens depth d has just drafted before the next depth reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.aux import Aux
+from model.config import LayerSpec, ModelConfig, MTPConfig
+from model.kinds import ATTENTION_KINDS, MLP_KINDS
+from model.layers import NORMS, dense, output_head, token_embedding
+from model.mask import Mask
+
+Choose = Callable[[int, jax.Array, jax.Array], jax.Array]
+
+
+def _block(cfg: ModelConfig, decode: bool, impl, max_rewind: int, name: str):
+    from model import transformer  # the transformer builds the heads; its Block is theirs too
+
+    return transformer.Block(cfg, block_spec(cfg), decode, impl, max_rewind, name=name)
+
+
+def block_spec(cfg: ModelConfig) -> LayerSpec:
+    """Every MTP block: the model's attention and MLP kinds, attending globally."""
+    return LayerSpec(cfg.attention, 0, cfg.mlp)
+
+
+def _block_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters, weights each token is multiplied by) of one MTP block."""
+    spec, norms = block_spec(cfg), 2 * cfg.d_model * NORMS[cfg.norm].vectors
+    attention, mlp = ATTENTION_KINDS[spec.attention], MLP_KINDS[spec.mlp]
+    total = attention.param_count(cfg) + mlp.param_count(cfg) + norms
+    return total, attention.matmul_params(cfg) + mlp.matmul_params(cfg)
+
+
+class Sequential(nn.Module):
+    cfg: ModelConfig
+    decode: bool = False
+    impl: object = None
+    max_rewind: int = 0
+
+    @nn.compact
+    def __call__(self, trunk_BTD, ahead_BTA, mask: Mask, embedding, logits_of, choose: Choose | None = None):
+        cfg, norm = self.cfg, NORMS[self.cfg.norm]
+        h_BTD, logits = trunk_BTD, []
+        for d in range(1, cfg.mtp.num_heads + 1):
+            e_BTD = embedding(ahead_BTA[..., d - 1]).astype(h_BTD.dtype)  # token t + d
+            x_BTE = jnp.concatenate(
+                [norm(cfg, name=f"embed_norm_{d}")(e_BTD), norm(cfg, name=f"hidden_norm_{d}")(h_BTD)], axis=-1
+            )
+            x_BTD = dense(cfg, cfg.d_model, ("mlp", "embed"), f"proj_{d}")(x_BTE)
+            h_BTD, _ = _block(cfg, self.decode, self.impl, self.max_rewind, f"block_{d}")(x_BTD, mask)
+            logits.append(logits_of(h_BTD))
+            if choose is not None:
+                ahead_BTA = choose(d, logits[-1], ahead_BTA)
+        return jnp.stack(logits), ahead_BTA
+
+    @staticmethod
+    def lookahead(cfg: ModelConfig) -> int:
+        return cfg.mtp.num_heads  # the last depth reads token t + num_heads
+
+    @staticmethod
+    def param_count(cfg: ModelConfig) -> int:
+        D = cfg.d_model
+        per_depth = _block_params(cfg)[0] + 2 * D * NORMS[cfg.norm].vectors + 2 * D * D
+        return cfg.mtp.num_heads * per_depth
+
+    @staticmethod
+    def matmul_params(cfg: ModelConfig) -> int:
+        return cfg.mtp.num_heads * (_block_params(cfg)[1] + 2 * cfg.d_model * cfg.d_model)
+
+
+class Parallel(nn.Module):
+    cfg: ModelConfig
+    decode: bool = False
+    impl: object = None
+    max_rewind: int = 0
+
+    @nn.compact
+    def __call__(self, trunk_BTD, ahead_BTA, mask: Mask, embedding, logits_of, choose: Choose | None = None):
+        logits = []
+        for d in range(1, self.cfg.mtp.num_heads + 1):
+            h_BTD, _ = _block(self.cfg, self.decode, self.impl, self.max_rewind, f"block_{d}")(trunk_BTD, mask)
+            logits.append(logits_of(h_BTD))
+            if choose is not None:
+                ahead_BTA = choose(d, logits[-1], ahead_BTA)
+        return jnp.stack(logits), ahead_BTA
+
+    @staticmethod
+    def lookahead(cfg: ModelConfig) -> int:
+        return 0  # every depth reads only the trunk
+
+    @staticmethod
+    def param_count(cfg: ModelConfig) -> int:
+        return cfg.mtp.num_heads * _block_params(cfg)[0]
+
+    @staticmethod
+    def matmul_params(cfg: ModelConfig) -> int:
+        return cfg.mtp.num_heads * _block_params(cfg)[1]
+
+
+STYLES: dict[str, type[nn.Module]] = {"sequential": Sequential, "parallel": Parallel}
+
+
+def heads(cfg: ModelConfig, decode: bool = False, impl=None, max_rewind: int = 0, *, name: str = "mtp"):
+    """The MTP module of `cfg` (None when cfg.mtp.num_heads is 0)."""
+    if cfg.mtp.num_heads == 0:
+        return None
+    return STYLES[cfg.mtp.style](cfg, decode, impl, max_rewind, name=name)
+
+
+def extra_tokens(cfg: ModelConfig) -> int:
+    """Tokens a training window carries beyond the main head's seq_len + 1 (depth d's targets run d further)."""
+    return cfg.mtp.num_heads
+
+
+def ahead(window_BW: jax.Array, columns: int) -> jax.Array:
+    """ahead_BTA from windows of T + columns tokens: column j is the token j + 1 after each of the first T."""
+    T = window_BW.shape[1] - columns
+    return jnp.stack([window_BW[:, 1 + j : 1 + j + T] for j in range(columns)], axis=-1)
+
+
+def losses(cfg: ModelConfig, logits_KBTV: jax.Array, ahead_BTA: jax.Array) -> dict[str, Aux]:
+    """`mtp_loss` (the mean over depths, weighted by loss_weight in the training loss) and `mtp_loss_<d>` (logged
+    only): each depth's mean cross-entropy against its targets (column d of ahead_BTA). No z-loss or label
+    smoothing: those shape the main head only."""
+    K = logits_KBTV.shape[0]
+    logz_KBT = jax.nn.logsumexp(logits_KBTV, axis=-1)
+    targets_KBT = jnp.moveaxis(ahead_BTA[..., 1 : K + 1], -1, 0)
+    target_logit_KBT = jnp.take_along_axis(logits_KBTV, targets_KBT[..., None], axis=-1)[..., 0]
+    per_depth_K = jnp.mean(logz_KBT - target_logit_KBT, axis=(1, 2))
+    terms = {f"mtp_loss_{d + 1}": Aux(per_depth_K[d]) for d in range(K)}
+    return {"mtp_loss": Aux(jnp.mean(per_depth_K), cfg.mtp.loss_weight), **terms}
+
+
+def lookahead(cfg: ModelConfig) -> int:
+    return STYLES[cfg.mtp.style].lookahead(cfg)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    return STYLES[cfg.mtp.style].param_count(cfg) if cfg.mtp.num_heads else 0
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights each token is multiplied by in the heads' forward pass, their shared output head included."""
+    if cfg.mtp.num_heads == 0:
+        return 0
+    return STYLES[cfg.mtp.style].matmul_params(cfg) + cfg.mtp.num_heads * cfg.d_model * cfg.vocab_size
+
+
+def attention_flops(cfg: ModelConfig, seq_len: int) -> int:
+    spec = block_spec(cfg)
+    return cfg.mtp.num_heads * ATTENTION_KINDS[spec.attention].attention_flops(cfg, seq_len)
+
+
+def config_errors(m: MTPConfig) -> list[tuple[bool, str, object, str]]:
+    """training.config's rules for model.mtp: (condition, key, value, what is allowed)."""
+    return [
+        (m.num_heads >= 0, "model.mtp.num_heads", m.num_heads, "must be >= 0 (0: no multi-token prediction)"),
+        (m.style in STYLES, "model.mtp.style", m.style, f"allowed: {', '.join(STYLES)}"),
+        (m.loss_weight >= 0, "model.mtp.loss_weight", m.loss_weight, "must be >= 0"),
+    ]
+
+
+class Drafter(nn.Module):
+    """The MTP heads alone, with the main model's embedding and output head (the same parameter names, so it runs
+    on a subset of the transformer's params: `params_of`), decoding with their own caches: what speculative
+    decoding drafts with."""
+
+    cfg: ModelConfig
+    max_rewind: int = 0
+
+    @nn.compact
+    def __call__(self, trunk_BTD, ahead_BTA, positions_BT, choose: Choose | None = None):
+        embedding = token_embedding(self.cfg)
+        logits_of = output_head(self.cfg, embedding)
+        mask = Mask.self_attention(positions_BT)
+        return heads(self.cfg, True, None, self.max_rewind)(trunk_BTD, ahead_BTA, mask, embedding, logits_of, choose)
+
+    @staticmethod
+    def params_of(params: dict) -> dict:
+        return {k: v for k, v in params.items() if k in ("embed", "final_norm", "head", "mtp")}

@@ -1,0 +1,54 @@
+"""Multi-token prediction heads train on the 8-device meshes (data x fsdp x tensor, and sequence-split ring
+attention, whose zig-zag order the heads' further targets follow) with the 1-device losses, train/mtp_loss
+included."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from parallel.sharding import global_batch
+from tests.conftest import tiny_run
+from tests.multidevice.test_meshes import EOD, MODEL, STEPS, text_batches
+from training.config import with_vocab
+from training.layout import abstract_state, model_for, plan, shardings_of
+from training.loop import init_state, jit_train_step
+from training.optim import make_optimizer
+
+HEADS = 2
+
+
+def losses(mesh: dict, style: str, devices=None) -> dict[str, np.ndarray]:
+    """train/loss and train/mtp_loss_<d> of 10 steps on fixed text windows of seq_len + 1 + HEADS tokens."""
+    mtp = {"num_heads": HEADS, "style": style}
+    run = with_vocab(tiny_run(model={**MODEL, "mtp": mtp}, train=STEPS, mesh=mesh), 257)
+    batches = text_batches(run.data.seq_len + HEADS)
+    layout = plan(run, devices)
+    with layout.activate():
+        model_, (tx, schedule) = model_for(run.model, layout), make_optimizer(run.train)
+        shardings = shardings_of(abstract_state(model_, tx, layout))
+        state = init_state(model_, tx, run.train.seed, shardings=shardings)
+        step = jit_train_step(model_, tx, schedule, run, layout, shardings, EOD)
+        out = []
+        for tokens in batches:
+            state, metrics = step(state, global_batch({"tokens": tokens}, layout.batch))
+            out.append({k: v for k, v in metrics.items() if "loss" in k})
+    out = jax.device_get(out)
+    return {k: np.asarray([m[k] for m in out]) for k in out[0]}
+
+
+MESHES = {"2 data x 2 fsdp x 2 tensor": {"data": 2, "fsdp": 2, "tensor": 2}, "4 sequence x 2 data": {"data": 2, "sequence": 4}}
+
+
+@pytest.mark.parametrize("style", ["sequential", "parallel"])
+def test_mtp_trains_on_meshes_with_the_one_device_losses(style):
+    want = losses({"data": 1}, style, jax.devices()[:1])
+    assert set(want) == {"train/loss", "train/mtp_loss", "train/mtp_loss_1", "train/mtp_loss_2"}
+    assert want["train/mtp_loss"][-1] < want["train/mtp_loss"][0] - 0.1  # the heads learn
+    for name, mesh in MESHES.items():
+        if style == "parallel" and "sequence" in name:
+            continue  # one ring run is enough: the styles read the permuted targets alike
+        got = losses(mesh, style)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=f"{name}: {key}")
