@@ -276,3 +276,18 @@ def test_prompts_start_as_the_tokenizers_template_starts_a_document(tmp_path):
     tok.save(str(tmp_path / "templated.json"))
     templated = load_file(tmp_path / "templated.json", "templated")
     assert prompt_ids(templated, "def f") == [bos, *plain.encode("def f")]
+
+
+def test_an_imported_workdir_keeps_the_routers_correction_bias(tmp_path):
+    """DeepSeek-V3's bias is non-trained state: the import stores it as the model_state item, and a workdir read
+    back for sampling gives transformers' logits (a lost bias would route differently)."""
+    from training import hf
+    from training.checkpoint import load_for_inference
+
+    hf_model = build("deepseek_v3", tmp_path / "hf")
+    hf.import_dir(tmp_path / "hf", tmp_path / "imported")
+    run, weights, tokenizer, step = load_for_inference(tmp_path / "imported")
+    assert step == 0 and set(weights) == {"params", "state"}
+    assert tokenizer.vocab_size <= run.model.vocab_size == VOCAB
+    x = ids(seed=5)
+    np.testing.assert_allclose(model.logits(run.model, weights, x), torch_logits(hf_model, x), atol=1e-4, rtol=1e-4)

@@ -26,9 +26,16 @@ TRAIN_SEQ_LEN = 2048  # the training windows of the config an import writes (at 
 
 
 def model_values(cfg: ModelConfig) -> dict:
-    """`cfg` as config-file values (what `resolve` derives left out)."""
-    values = dataclasses.asdict(cfg)
-    return {k: v for k, v in values.items() if k not in DERIVED["model"]}
+    """`cfg` as config-file values (what `resolve` derives left out, nested groups included)."""
+
+    def settable(group: str, values: dict) -> dict:
+        return {
+            k: settable(f"{group}.{k}", v) if isinstance(v, dict) else v
+            for k, v in values.items()
+            if k not in DERIVED.get(group, ())
+        }
+
+    return settable("model", dataclasses.asdict(cfg))
 
 
 def run_for(cfg: ModelConfig, tokenizer_path: pathlib.Path, seq_len: int) -> RunConfig:
