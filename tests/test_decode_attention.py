@@ -84,7 +84,8 @@ def test_decode_skips_the_blocks_past_each_rows_length():
 
 
 def test_greedy_sampling_with_pallas_attention_gives_the_xla_tokens():
-    """Left-padded prompts, a rolling cache on the windowed layer, GQA: the same greedy continuation."""
+    """Left-padded prompts, a full cache (layer 1) and a rolling one (layer 0, windowed), GQA, ALiBi: the same
+    greedy continuation."""
     cfg = ModelConfig(
         vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, max_seq_len=24,
         sliding_window=4, global_every=2, position="alibi",
