@@ -21,6 +21,9 @@ from sampling.decode import generate_batch
 from sampling.rules import Rules
 
 REFERENCE = ModelConfig()
+ON_CPU = jax.default_backend() == "cpu"
+BLOCK = 8 if ON_CPU else 16  # compiled (Triton) kernels tile by powers of two >= 16; interpreted ones by anything
+TOL_F32 = 2e-5 if ON_CPU else 2e-3  # GPUs multiply float32 in TF32 by default
 
 
 def cache_problem(B, T, N, K, H, S, lengths, rolling=False, seed=0, dtype=jnp.float32):
@@ -53,15 +56,15 @@ def test_decode_kernel_matches_the_reference_with_ragged_lengths(B, T, N, K, win
     mask = Mask(qpos, kpos, window=window)
     bias_fn = AlibiBias(N) if alibi else None
     slopes = jnp.asarray(bias_fn.slopes) if alibi else None
-    got = decode_attention(q, k, v, mask, softcap=softcap, alibi_slopes=slopes, block_k=8, num_splits=3)
+    got = decode_attention(q, k, v, mask, softcap=softcap, alibi_slopes=slopes, block_k=BLOCK, num_splits=3)
     want = reference_decode(REFERENCE, q, k, v, mask, bias_fn=bias_fn, softcap=softcap)
-    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(got, want, atol=TOL_F32, rtol=TOL_F32)
 
 
 def test_decode_kernel_in_bfloat16():
     q, k, v, (qpos, kpos) = cache_problem(2, 1, 4, 2, 16, 30, [30, 9], dtype=jnp.bfloat16)
     mask = Mask(qpos, kpos)
-    got = decode_attention(q, k, v, mask, block_k=8, num_splits=2)
+    got = decode_attention(q, k, v, mask, block_k=BLOCK, num_splits=2)
     assert got.dtype == jnp.bfloat16
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     np.testing.assert_allclose(got.astype(jnp.float32), reference_decode(REFERENCE, *f32, mask), atol=2e-2, rtol=2e-2)
@@ -72,14 +75,17 @@ def test_decode_skips_the_blocks_past_each_rows_length():
     computes 3, a full one 6; a window of 8 leaves the query at 16 the blocks of keys 8-23, the one at 47 only
     40-47."""
     q, k, v, (qpos, kpos) = cache_problem(3, 1, 2, 1, 8, 48, [5, 17, 48])
-    visits = np.asarray(visited_blocks(q, k, v, Mask(qpos, kpos), block_k=8, num_splits=3))[:, 0, 0]
+    visits = np.asarray(visited_blocks(q, k, v, Mask(qpos, kpos), block_k=8, num_splits=3, interpret=True))[:, 0, 0]
     np.testing.assert_array_equal(visits, [[1, 0, 0], [2, 1, 0], [2, 2, 2]])
-    visits = np.asarray(visited_blocks(q, k, v, Mask(qpos, kpos, window=8), block_k=8, num_splits=3))[:, 0, 0]
+    visits = np.asarray(visited_blocks(q, k, v, Mask(qpos, kpos, window=8), block_k=8, num_splits=3, interpret=True))[
+        :, 0, 0
+    ]
     np.testing.assert_array_equal(visits.sum(-1), [1, 2, 1])
 
 
 def test_greedy_sampling_with_pallas_attention_gives_the_xla_tokens():
-    """Left-padded prompts, a rolling cache on the windowed layer, GQA: the same greedy continuation."""
+    """Left-padded prompts, a full cache (layer 1) and a rolling one (layer 0, windowed), GQA, ALiBi: the same
+    greedy continuation."""
     cfg = ModelConfig(
         vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, max_seq_len=24,
         sliding_window=4, global_every=2, position="alibi",

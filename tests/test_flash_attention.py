@@ -25,6 +25,9 @@ from training.loop import init_state, make_train_step
 from training.optim import make_optimizer
 
 REFERENCE = ModelConfig(causal_blocks=1)
+ON_CPU = jax.default_backend() == "cpu"
+BLOCK = 8 if ON_CPU else 16  # compiled (Triton) kernels tile by powers of two >= 16; interpreted ones by anything
+TOL_F32 = 2e-5 if ON_CPU else 2e-3  # GPUs multiply float32 in TF32 by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +102,7 @@ def test_forward_and_gradients_match_the_reference(c: Case):
         return lambda q, k, v: (jnp.sum(w * f(q, k, v).astype(jnp.float32)), f(q, k, v))
 
     ours = lambda q, k, v: flash_attention(  # noqa: E731
-        q, k, v, mask, softcap=c.softcap, alibi_slopes=slopes, block_q=8, block_k=8
+        q, k, v, mask, softcap=c.softcap, alibi_slopes=slopes, block_q=BLOCK, block_k=BLOCK
     )
     theirs = lambda q, k, v: reference_attention(REFERENCE, q, k, v, mask, bias_fn=bias_fn, softcap=c.softcap)  # noqa: E731
     (_, out), grads = jax.jit(jax.value_and_grad(loss(ours), (0, 1, 2), has_aux=True))(q, k, v)
@@ -107,7 +110,7 @@ def test_forward_and_gradients_match_the_reference(c: Case):
     (_, want), want_grads = jax.value_and_grad(loss(theirs), (0, 1, 2), has_aux=True)(*up)
 
     sees = np.asarray(mask.allowed()).any(-1)[:, :, None, None]
-    tol = dict(atol=2e-5, rtol=2e-5) if c.dtype == "float32" else dict(atol=3e-2, rtol=3e-2)
+    tol = dict(atol=TOL_F32, rtol=TOL_F32) if c.dtype == "float32" else dict(atol=3e-2, rtol=3e-2)
     np.testing.assert_allclose(np.where(sees, out.astype(jnp.float32), 0), np.where(sees, want, 0), **tol)
     assert not np.asarray(out)[~np.broadcast_to(sees, out.shape)].any()  # a query that sees nothing gets zeros
     for name, got, ref in zip("qkv", grads, want_grads):
@@ -136,7 +139,7 @@ def test_blocks_the_mask_empties_are_not_computed():
     docs = Mask.self_attention(jnp.asarray(pos), jnp.asarray(seg), in_order=True)
     window = Mask.self_attention(jnp.asarray(np.tile(np.arange(T), (2, 1))), window=9, in_order=True)
     for mask, want in [(docs, [[1, 2, 3, 4], [1, 2, 1, 2]]), (window, [[1, 2, 2, 2], [1, 2, 2, 2]])]:
-        visits = np.asarray(visited_blocks(q, k, v, mask, block_q=8, block_k=8))
+        visits = np.asarray(visited_blocks(q, k, v, mask, block_q=8, block_k=8, interpret=True))
         np.testing.assert_array_equal(visits, np.broadcast_to(np.asarray(want)[:, None], visits.shape))
         np.testing.assert_array_equal(visits[:, 0], brute_force_visible_blocks(mask, T, T, 8))
 

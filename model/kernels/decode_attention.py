@@ -44,9 +44,10 @@ class Static:
     chunk_blocks: int  # key blocks per split
     alibi: bool
     interpret: bool
+    count_visits: bool = False  # a debug output: the key blocks each program computed
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, slopes_ref, o_ref, lse_ref, visits_ref, *, st: Static):
+def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, slopes_ref, o_ref, lse_ref, *visits_ref, st: Static):
     split, bk = pl.program_id(3), st.block_k
     q_MD, qpos_M = q_ref[...], qpos_ref[...]
     slope_M1 = slopes_ref[...][:, None] if st.alibi else None
@@ -89,11 +90,25 @@ def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, slopes_ref, o_ref, l
     seen_M = l_M > 0
     o_ref[...] = acc_MV / jnp.where(seen_M, l_M, 1.0)[:, None]
     lse_ref[...] = jnp.where(seen_M, m_M + jnp.log(jnp.where(seen_M, l_M, 1.0)), NEG_INF)
-    visits_ref[...] = jnp.full((1,), visits, jnp.int32)
+    if st.count_visits:
+        visits_ref[0][...] = jnp.full((1,), visits, jnp.int32)
 
 
-def _decode(q_BTNH, k_BKSH, v_BKSH, mask: Mask, scale, softcap, alibi_slopes, block_m, block_k, num_splits, interpret):
-    """(out [B, T, N, Hv], visits [B, K, row blocks, splits])."""
+def _decode(
+    q_BTNH,
+    k_BKSH,
+    v_BKSH,
+    mask: Mask,
+    scale,
+    softcap,
+    alibi_slopes,
+    block_m,
+    block_k,
+    num_splits,
+    interpret,
+    count_visits=False,
+):
+    """(out [B, T, N, Hv], visits [B, K, row blocks, splits] or None)."""
     B, T, N, H = q_BTNH.shape
     K, S, Hv = k_BKSH.shape[1], k_BKSH.shape[2], v_BKSH.shape[-1]
     if k_BKSH.shape[:3] != v_BKSH.shape[:3] or k_BKSH.shape[-1] != H or k_BKSH.shape[0] != B or N % K:
@@ -126,9 +141,11 @@ def _decode(q_BTNH, k_BKSH, v_BKSH, mask: Mask, scale, softcap, alibi_slopes, bl
         chunk_blocks=chunk_blocks,
         alibi=alibi_slopes is not None,
         interpret=bool(interpret),
+        count_visits=count_visits,
     )
     nm = Mp // bm
-    o, lse, visits = pl.pallas_call(
+    visits_spec = pl.BlockSpec((None, None, None, 1), lambda b, h, i, s: (b, h, i, s))
+    o, lse, *visits = pl.pallas_call(
         functools.partial(_decode_kernel, st=st),
         grid=(B, K, nm, splits),
         in_specs=[
@@ -142,12 +159,12 @@ def _decode(q_BTNH, k_BKSH, v_BKSH, mask: Mask, scale, softcap, alibi_slopes, bl
         out_specs=[
             pl.BlockSpec((None, None, None, bm, Hvp), lambda b, h, i, s: (b, h, s, i, 0)),
             pl.BlockSpec((None, None, None, bm), lambda b, h, i, s: (b, h, s, i)),
-            pl.BlockSpec((None, None, None, 1), lambda b, h, i, s: (b, h, i, s)),
+            *([visits_spec] if count_visits else []),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((B, K, splits, Mp, Hvp), jnp.float32),
             jax.ShapeDtypeStruct((B, K, splits, Mp), jnp.float32),
-            jax.ShapeDtypeStruct((B, K, nm, splits), jnp.int32),
+            *([jax.ShapeDtypeStruct((B, K, nm, splits), jnp.int32)] if count_visits else []),
         ],
         interpret=st.interpret,
         compiler_params=compiler_params(st.interpret, Hp),
@@ -157,9 +174,9 @@ def _decode(q_BTNH, k_BKSH, v_BKSH, mask: Mask, scale, softcap, alibi_slopes, bl
     # Combine the splits: weights exp(lse_s - logsumexp_s lse_s) (a split that saw nothing has lse -1e30: weight 0).
     lse_max_BKM = lse.max(axis=2)
     w_BKsM = jnp.exp(lse - lse_max_BKM[:, :, None])
-    out_BKMV = jnp.einsum("bksm,bksmv->bkmv", w_BKsM, o) / jnp.maximum(w_BKsM.sum(axis=2), 1e-30)[..., None]
+    out_BKMV = jnp.einsum("bksm,bksmv->bkmv", w_BKsM, o) / w_BKsM.sum(axis=2)[..., None]  # the max split's is 1
     out_BKMV = out_BKMV[:, :, :M, :Hv].astype(q_BTNH.dtype)
-    return out_BKMV.reshape(B, K, T, G, Hv).transpose(0, 2, 1, 3, 4).reshape(B, T, N, Hv), visits
+    return out_BKMV.reshape(B, K, T, G, Hv).transpose(0, 2, 1, 3, 4).reshape(B, T, N, Hv), (visits or [None])[0]
 
 
 def decode_attention(
@@ -187,4 +204,4 @@ def visited_blocks(q_BTNH, k_BKSH, v_BKSH, mask: Mask, **kw) -> jax.Array:
     """[B, K, row blocks, splits]: how many key blocks each program computed (the kernel counts them)."""
     names = ("scale", "softcap", "alibi_slopes", "block_m", "block_k", "num_splits", "interpret")
     defaults = (None, None, None, 64, 128, 16, None)
-    return _decode(q_BTNH, k_BKSH, v_BKSH, mask, *(kw.get(n, d) for n, d in zip(names, defaults)))[1]
+    return _decode(q_BTNH, k_BKSH, v_BKSH, mask, *(kw.get(n, d) for n, d in zip(names, defaults)), True)[1]
