@@ -29,7 +29,7 @@ import numpy as np
 from model import Transformer, unstack_layers
 from model import mtp as mtp_lib
 from model.cache import init_cache, rewind
-from sampling.decode import left_pad, row_keys
+from sampling.decode import DEFAULT_RULES, left_pad, row_keys
 from sampling.rules import Rules, filtered
 
 
@@ -314,7 +314,7 @@ def generate(
     params,
     prompts: list[list[int]],
     max_new_tokens: int,
-    rules: Rules = Rules(),
+    rules: Rules = DEFAULT_RULES,
     *,
     drafter: MTPDrafter | ModelDrafter,
     draft_params=None,
