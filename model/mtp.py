@@ -6,7 +6,9 @@ Both styles share the main model's token embedding and output head (final norm +
 
 - 'sequential' (DeepSeek-V3, section 2.2): depth d combines the previous depth's hidden state at t (depth 0: the
   trunk's last layer, before the final norm) with the embedding of token t + d: norm both, concatenate
-  [embedding; hidden], project 2D -> D, run one transformer block; its output is depth d's hidden state.
+  [embedding; hidden] (the order of DeepSeek-V3's released `eh_proj`; the paper writes it the other way round,
+  which only permutes the projection's rows), project 2D -> D, run one transformer block; its output is depth
+  d's hidden state. (The blocks' own auxiliary terms, e.g. a router's, are not added.)
 - 'parallel' (Gloeckle et al. 2024): depth d is one transformer block of its own on the trunk's last hidden state
   (the trunk is the whole main model here, so a model trained with parallel heads decodes as one without).
 

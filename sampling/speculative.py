@@ -29,7 +29,7 @@ import numpy as np
 from model import Transformer, unstack_layers
 from model import mtp as mtp_lib
 from model.cache import init_cache, rewind
-from sampling.decode import left_pad, row_keys
+from sampling.decode import DEFAULT_RULES, left_pad, row_keys
 from sampling.rules import Rules, filtered
 
 
@@ -292,6 +292,17 @@ def _decode(tparams, dparams, cache, tokens_BL, q_BKV, state, pad_B, seed, first
     return tokens_BL, n_B, accepted_K, proposed_K, step - 1
 
 
+_COMPILED: dict = {}  # (program, statics, argument shapes) -> executable: a benchmark's prompts of one length compile once
+
+
+def _compiled(fn, args, **statics):
+    shapes = tuple((np.shape(x), np.result_type(x)) for x in jax.tree.leaves(args))
+    key = (fn, tuple(sorted(statics.items())), jax.tree.structure(args), shapes)
+    if key not in _COMPILED:
+        _COMPILED[key] = fn.lower(*args, **statics).compile()
+    return _COMPILED[key]
+
+
 def _timed(fn, *args):
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
@@ -303,7 +314,7 @@ def generate(
     params,
     prompts: list[list[int]],
     max_new_tokens: int,
-    rules: Rules = Rules(),
+    rules: Rules = DEFAULT_RULES,
     *,
     drafter: MTPDrafter | ModelDrafter,
     draft_params=None,
@@ -328,10 +339,10 @@ def generate(
     sampling = (np.uint32(seed), np.int32(first_row))
     statics = dict(target=net, drafter=drafter, rules=rules)
     args = (params, draft_params, tokens_BP, positions_BP, pad_B, *sampling)
-    prefill = _prefill.lower(*args, **statics, size=size).compile()
+    prefill = _compiled(_prefill, args, **statics, size=size)
     (cache, tokens_BL, q_BKV, state), prefill_seconds = _timed(prefill, *args)
     args = (params, draft_params, cache, tokens_BL, q_BKV, state, pad_B, *sampling, np.int32(eos_id))
-    decode = _decode.lower(*args, **statics, steps=steps, prompt_len=P).compile()
+    decode = _compiled(_decode, args, **statics, steps=steps, prompt_len=P)
     (tokens_BL, n_B, accepted_K, proposed_K, rounds), decode_seconds = _timed(decode, *args)
     tokens_BL, n_B = np.asarray(tokens_BL), np.asarray(n_B)
     rows = [_until(tokens_BL[b, P : P + min(steps, n_B[b] - P + 1)].tolist(), eos_id) for b in range(B)]

@@ -154,9 +154,9 @@ def test_a_rejected_draft_leaves_the_cache_as_if_never_written():
     for got, want in zip(jax.tree.leaves(rewound), jax.tree.leaves(plain_v["cache"])):
         if got.ndim == 4:  # keys / values: the written slots agree (to rounding: slot 5's layer-2 key was computed
             # beside the drafts), the rest is never read (position -1)
-            np.testing.assert_allclose(got[:, :, :6], want[:, :, :6], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got[:, :, :6], want[:, :, :6], rtol=1e-4, atol=1e-4)
         else:  # slot positions (the rejected ones empty again) and tokens written: exactly
             np.testing.assert_array_equal(got, want)
     got_logits, _ = step(rewound, jnp.asarray([[7, 7]]), jnp.asarray([[6, 7]]))
     want_logits, _ = step(plain_v["cache"], jnp.asarray([[7, 7]]), jnp.asarray([[6, 7]]))
-    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)

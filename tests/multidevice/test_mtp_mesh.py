@@ -38,7 +38,10 @@ def losses(mesh: dict, style: str, devices=None) -> dict[str, np.ndarray]:
     return {k: np.asarray([m[k] for m in out]) for k in out[0]}
 
 
-MESHES = {"2 data x 2 fsdp x 2 tensor": {"data": 2, "fsdp": 2, "tensor": 2}, "4 sequence x 2 data": {"data": 2, "sequence": 4}}
+MESHES = {
+    "2 data x 2 fsdp x 2 tensor": {"data": 2, "fsdp": 2, "tensor": 2},
+    "4 sequence x 2 data": {"data": 2, "sequence": 4},
+}
 
 
 @pytest.mark.parametrize("style", ["sequential", "parallel"])
