@@ -109,7 +109,11 @@ def check_flags() -> None:
     for name, value in (("--prompt_file", _PROMPT_FILE.value), ("--score", _SCORE.value)):
         if value is not None and not pathlib.Path(value).is_file():
             fail(f"{name}={value!r}: no such file")
-    for name, value in (("--workdir", _WORKDIR.value), ("--hf_dir", _HF_DIR.value), ("--draft_workdir", _DRAFT_WORKDIR.value)):
+    for name, value in (
+        ("--workdir", _WORKDIR.value),
+        ("--hf_dir", _HF_DIR.value),
+        ("--draft_workdir", _DRAFT_WORKDIR.value),
+    ):
         if value and not pathlib.Path(value).expanduser().is_dir():
             fail(f"{name}={value!r}: no such directory")
 

@@ -15,8 +15,8 @@ import ml_collections
 
 from configs import base
 from data.tokenizer import HFTokenizer, Tokenizer, load_file
-from model import hf as hf_lib
 from model import Transformer
+from model import hf as hf_lib
 from model.config import ModelConfig
 from training.checkpoint import Checkpointer, CheckpointError, checkpoints_dir, load_for_inference, meta_for
 from training.config import DERIVED, CheckpointConfig, RunConfig, resolve, with_vocab

@@ -110,7 +110,9 @@ def test_a_hugging_face_checkpoint_loads_onto_the_mesh_shard_by_shard(tmp_path):
     run = tiny_run(model={"d_model": 64, "num_heads": 4, "num_kv_heads": 2}, mesh={"data": 2, "fsdp": 2, "tensor": 2})
     layout = plan(run)
     _, sharded, _ = hf.load(tmp_path, layout)
-    want = jax.tree.map(lambda x: x.sharding, abstract_state(Transformer(cfg), make_optimizer(run.train)[0], layout).params)
+    want = jax.tree.map(
+        lambda x: x.sharding, abstract_state(Transformer(cfg), make_optimizer(run.train)[0], layout).params
+    )
     query = sharded["layers"]["attn"]["query"]["kernel"]
     assert query.sharding == want["layers"]["attn"]["query"]["kernel"]
     assert {s.data.shape for s in query.addressable_shards} == {(2, 32, 2, 16)}  # embed / fsdp, heads / tensor
