@@ -172,14 +172,15 @@ def token_embedding(cfg: ModelConfig) -> nn.Embed:
 
 
 def output_head(cfg: ModelConfig, embedding: nn.Embed):
-    """hidden_BTD -> float32 logits_BTV: the final norm ("final_norm"), the unembedding (tied, or "head") and
-    muP's multiplier and the logit softcap. Created once in the calling module and called by every head that
-    shares it (the main head, the multi-token prediction heads)."""
+    """`logits_of(hidden_BTD, norm=None)` -> float32 logits_BTV: the final norm ("final_norm"; `norm`, a head's
+    own norm module, replaces it), the unembedding (tied, or "head") and muP's multiplier and the logit softcap.
+    Created once in the calling module and called by every head that shares it (the main head, the multi-token
+    prediction heads)."""
     final_norm = NORMS[cfg.norm](cfg, name="final_norm")
     head = None if cfg.tie_embeddings else dense(cfg, cfg.vocab_size, ("embed", "vocab"), "head", std=cfg.init_std)
 
-    def logits_of(x_BTD: jax.Array) -> jax.Array:
-        x_BTD = final_norm(x_BTD)
+    def logits_of(x_BTD: jax.Array, norm: nn.Module | None = None) -> jax.Array:
+        x_BTD = (final_norm if norm is None else norm)(x_BTD)
         logits_BTV = embedding.attend(x_BTD) if head is None else head(x_BTD)
         if cfg.width_mult != 1.0:  # muP's output multiplier keeps logits O(1) as the width grows
             logits_BTV = logits_BTV / cfg.width_mult

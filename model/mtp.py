@@ -1,16 +1,20 @@
 """Multi-token prediction (MTP) heads: extra depths that predict the tokens after the next one, trained beside the
 main head and used by speculative decoding (sampling/speculative.py) to draft tokens.
 
-Both styles share the main model's token embedding and output head (final norm + unembedding) and give depth d
-(1-based) the job of predicting the token d + 1 after each position t (the main head predicts t + 1):
+Both styles share the main model's token embedding and unembedding and give depth d (1-based) the job of
+predicting the token d + 1 after each position t (the main head predicts t + 1):
 
 - 'sequential' (DeepSeek-V3, section 2.2): depth d combines the previous depth's hidden state at t (depth 0: the
   trunk's last layer, before the final norm) with the embedding of token t + d: norm both, concatenate
   [embedding; hidden] (the order of DeepSeek-V3's released `eh_proj`; the paper writes it the other way round,
   which only permutes the projection's rows), project 2D -> D, run one transformer block; its output is depth
-  d's hidden state. (The blocks' own auxiliary terms, e.g. a router's, are not added.)
+  d's hidden state. Its logits are the shared unembedding of that state through the depth's own output norm
+  (`head_norm_{d}`, in place of the main final norm: DeepSeek-V3's released checkpoints keep one per depth,
+  `shared_head.norm`, which model/hf maps onto it). (The blocks' own auxiliary terms, e.g. a router's, are not
+  added.)
 - 'parallel' (Gloeckle et al. 2024): depth d is one transformer block of its own on the trunk's last hidden state
-  (the trunk is the whole main model here, so a model trained with parallel heads decodes as one without).
+  (the trunk is the whole main model here, so a model trained with parallel heads decodes as one without); its
+  logits go through the main model's whole output head (final norm + unembedding).
 
 Every MTP block is a full layer of the model's attention and MLP kinds with global attention (window 0), so it
 keeps its own decode cache. A style is a module `(cfg, decode, impl, max_rewind)` called
@@ -74,7 +78,7 @@ class Sequential(nn.Module):
             )
             x_BTD = dense(cfg, cfg.d_model, ("mlp", "embed"), f"proj_{d}")(x_BTE)
             h_BTD, _ = _block(cfg, self.decode, self.impl, self.max_rewind, f"block_{d}")(x_BTD, mask)
-            logits.append(logits_of(h_BTD))
+            logits.append(logits_of(h_BTD, norm(cfg, name=f"head_norm_{d}")))
             if choose is not None:
                 ahead_BTA = choose(d, logits[-1], ahead_BTA)
         return jnp.stack(logits), ahead_BTA
@@ -86,7 +90,7 @@ class Sequential(nn.Module):
     @staticmethod
     def param_count(cfg: ModelConfig) -> int:
         D = cfg.d_model
-        per_depth = _block_params(cfg)[0] + 2 * D * NORMS[cfg.norm].vectors + 2 * D * D
+        per_depth = _block_params(cfg)[0] + 3 * D * NORMS[cfg.norm].vectors + 2 * D * D  # 3 norms: embed, hidden, head
         return cfg.mtp.num_heads * per_depth
 
     @staticmethod

@@ -291,3 +291,111 @@ def test_an_imported_workdir_keeps_the_routers_correction_bias(tmp_path):
     assert tokenizer.vocab_size <= run.model.vocab_size == VOCAB
     x = ids(seed=5)
     np.testing.assert_allclose(model.logits(run.model, weights, x), torch_logits(hf_model, x), atol=1e-4, rtol=1e-4)
+
+
+def with_mtp_layer(directory, hf_model, seed=0):
+    """DeepSeek-V3's multi-token prediction layer (model.layers.{L}, which save_pretrained drops) added to a saved
+    tiny model by hand: a decoder layer perturbed from the last one, random norms and eh_proj, and the copies of
+    the embedding and unembedding. Returns its tensors (without the layer prefix)."""
+    from safetensors.numpy import load_file, save_file
+
+    L, D = hf_model.config.num_hidden_layers, hf_model.config.hidden_size
+    rng = np.random.default_rng(seed)
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    last = f"model.layers.{L - 1}."
+    mtp = {k.removeprefix(last): v + 0.1 * rng.standard_normal(v.shape).astype(v.dtype)
+           for k, v in tensors.items() if k.startswith(last)}  # fmt: skip
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        mtp[f"{name}.weight"] = (1 + 0.3 * rng.standard_normal(D)).astype(np.float32)
+    mtp["eh_proj.weight"] = (0.15 * rng.standard_normal((D, 2 * D))).astype(np.float32)
+    mtp["embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
+    mtp["shared_head.head.weight"] = tensors["lm_head.weight"]
+    save_file(tensors | {f"model.layers.{L}.{k}": v for k, v in mtp.items()}, path, metadata={"format": "pt"})
+    hf = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(hf | {"num_nextn_predict_layers": 1}))
+    return mtp
+
+
+def torch_mtp_logits(hf_model, mtp: dict, window_BW) -> np.ndarray:
+    """DeepSeek-V3's MTP depth 1 as its reference code (vLLM's deepseek_mtp.py) computes it, on transformers'
+    pieces: eh_proj([enorm(embed(t + 1)); hnorm(h_t)]) through a decoder layer of index L, then shared_head's
+    norm and head; h_t: the main model's last hidden state before its final norm."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
+    config, L = hf_model.config, hf_model.config.num_hidden_layers
+    captured = {}
+    pre_norm = hf_model.model.norm.register_forward_hook(lambda m, args, out: captured.update(h=args[0]))
+    layer_kwargs = hf_model.model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: captured.update(kwargs=kwargs), with_kwargs=True
+    )
+    window = torch.tensor(window_BW)
+    with torch.no_grad():
+        hf_model(window[:, :-1])
+    pre_norm.remove()
+    layer_kwargs.remove()
+
+    def norm(name):
+        n = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        n.weight.data = torch.tensor(mtp[f"{name}.weight"])
+        return n
+
+    layer = DeepseekV3DecoderLayer(config, layer_idx=L).eval()
+    own = {k: torch.tensor(v) for k, v in mtp.items() if k.split(".")[0] in ("self_attn", "mlp") or "layernorm" in k}
+    E = config.n_routed_experts  # transformers keeps the experts fused: [gate; up] and down, stacked
+    expert = lambda e, w: own.pop(f"mlp.experts.{e}.{w}_proj.weight")  # noqa: E731
+    own["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([expert(e, "gate"), expert(e, "up")]) for e in range(E)])
+    own["mlp.experts.down_proj"] = torch.stack([expert(e, "down") for e in range(E)])
+    layer.load_state_dict(own, strict=True)
+    kwargs = {k: captured["kwargs"][k] for k in ("attention_mask", "position_ids", "position_embeddings")}
+    with torch.no_grad():
+        e = hf_model.model.embed_tokens(window[:, 1:])
+        x = torch.cat([norm("enorm")(e), norm("hnorm")(captured["h"])], -1) @ torch.tensor(mtp["eh_proj.weight"]).T
+        h = layer(x, **kwargs)
+        h = h[0] if isinstance(h, tuple) else h
+        return (norm("shared_head.norm")(h) @ torch.tensor(mtp["shared_head.head.weight"]).T).numpy()
+
+
+def test_deepseek_mtp_layer_loads_as_the_sequential_head_and_exports_back(tmp_path):
+    """A checkpoint with DeepSeek-V3's MTP layer loads as one sequential MTP head whose logits are an independent
+    composition's; export writes it (and its copies) back; a checkpoint announcing MTP without its tensors
+    (what save_pretrained writes) loads without heads."""
+    import jax
+
+    from model import mtp as mtp_lib
+    from model.config import MTPConfig
+
+    hf_model = build("deepseek_v3", tmp_path / "hf")
+    assert hf_model.config.num_nextn_predict_layers == 1  # transformers' default, but save_pretrained drops layer L
+    cfg, _ = model.hf.load(tmp_path / "hf")
+    assert cfg.mtp.num_heads == 0
+
+    mtp = with_mtp_layer(tmp_path / "hf", hf_model)
+    cfg, variables = model.hf.load(tmp_path / "hf", scan_layers=False)
+    assert cfg.mtp == MTPConfig(num_heads=1, style="sequential")
+    window_BW = ids(batch=2, length=24 + 2, seed=6)
+    out = model.Transformer(cfg).apply(
+        variables, window_BW[:, :-2], ahead_BTA=mtp_lib.ahead(window_BW, 2), method="forward"
+    )
+    want = torch_mtp_logits(hf_model, mtp, window_BW[:, :-1])
+    np.testing.assert_allclose(out.mtp_logits_KBTV[0], want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out.logits_BTV, torch_logits(hf_model, window_BW[:, :-2]), atol=1e-4, rtol=1e-4)
+
+    model.hf.save(cfg, variables, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    from safetensors.numpy import load_file
+
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    for name, tensor in mtp.items():
+        np.testing.assert_array_equal(written[f"model.layers.3.{name}"], tensor, err_msg=name)
+    again_cfg, again = model.hf.load(tmp_path / "out", scan_layers=False)
+    assert again_cfg == cfg
+    for part in ("params", "state"):
+        jax.tree.map(np.testing.assert_array_equal, again[part]["mtp"], variables[part]["mtp"])
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    x = ids(seed=7)
+    np.testing.assert_allclose(torch_logits(reloaded.eval(), x), torch_logits(hf_model, x), atol=1e-5, rtol=1e-5)
+
+    parallel = dataclasses.replace(cfg, mtp=MTPConfig(num_heads=1, style="parallel"))
+    with pytest.raises(HFError, match="DeepseekV3ForCausalLM: model.mtp.style='parallel' \\(DeepSeek-V3's MTP"):
+        model.hf.save(parallel, variables, tmp_path / "parallel")

@@ -70,7 +70,7 @@ def rms(x, scale, eps=1e-6):
 
 def by_hand(cfg, params, tokens_BT, ahead_BTA):
     """Each depth's logits composed from the pieces: NumPy norms, projection and tied unembedding around the
-    model's own transformer block."""
+    model's own transformer block (sequential: each depth's own output norm; parallel: the main final norm)."""
     trunk = Transformer(cfg).apply({"params": params}, tokens_BT, method=Transformer.forward).hidden_BTD
     emb_VD, p = np.asarray(params["embed"]["embedding"], np.float64), params["mtp"]
     mask = Mask.self_attention(jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape))
@@ -86,10 +86,9 @@ def by_hand(cfg, params, tokens_BT, ahead_BTA):
             e = emb_VD[np.asarray(ahead_BTA[..., d - 1])]
             x = np.concatenate([rms(e, p[f"embed_norm_{d}"]["scale"]), rms(h, p[f"hidden_norm_{d}"]["scale"])], -1)
             h = block(d, x @ np.asarray(p[f"proj_{d}"]["kernel"], np.float64))
-            out = h
+            logits.append(rms(h, p[f"head_norm_{d}"]["scale"]) @ emb_VD.T)  # the depth's own output norm
         else:
-            out = block(d, trunk)
-        logits.append(rms(out, params["final_norm"]["scale"]) @ emb_VD.T)
+            logits.append(rms(block(d, trunk), params["final_norm"]["scale"]) @ emb_VD.T)
     return np.stack(logits)
 
 
@@ -98,6 +97,11 @@ def test_heads_and_per_depth_losses_match_an_independent_computation(style):
     cfg = with_mtp(CFG, 2, style)
     model = Transformer(cfg)
     params = nn.unbox(init_variables(model, jax.random.key(1))["params"])
+    rng = np.random.default_rng(0)  # norm scales start at ones: make a swapped or shared norm visible
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.3 * rng.standard_normal(x.shape).astype(x.dtype) if path[-1].key == "scale" else x,
+        params,
+    )
     window_BW = jax.random.randint(jax.random.key(2), (3, 16 + 1 + 2), 0, 40)
     out, _ = Inputs(extra_tokens=2)(window_BW, model, {"params": params})
     tokens_BT, ahead_BTA = window_BW[:, :16], mtp_lib.ahead(window_BW, 3)

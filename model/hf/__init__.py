@@ -135,15 +135,15 @@ def load(
     """
     hf_dir = pathlib.Path(hf_dir).expanduser()
     family, hf = read_config(hf_dir)
+    reader = _Reader(_files(hf_dir))
     try:
-        cfg = family.from_hf(hf)
+        cfg = family.fit_tensors(family.from_hf(hf), reader.files)
     except KeyError as e:
         raise HFError(f"{hf_dir / 'config.json'}: missing key {e.args[0]!r}") from None
     if dtype is not None:
         overrides |= {"dtype": dtype, "param_dtype": dtype}
     cfg = dataclasses.replace(cfg, **overrides)
     entries = family.entries(cfg)
-    reader = _Reader(_files(hf_dir))
     _check_tensors(family, cfg, entries, reader, hf_dir)
 
     abstract = abstract_variables(cfg)
@@ -237,7 +237,7 @@ def save(cfg: ModelConfig, params: Any, out_dir: str | pathlib.Path, *, max_shar
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for path, entry in entries.items():
+    for path, entry in [*entries.items(), *family.copies(cfg)]:
         for name, tensor in entry.to_hf(_host(flat[path])).items():
             if size and size + tensor.nbytes > max_shard_bytes:
                 shards.append({})

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from model.config import LayerSpec, MLAConfig, ModelConfig
+from model import mtp as mtp_lib
+from model.config import LayerSpec, MLAConfig, ModelConfig, MTPConfig
 from model.hf.tensors import Entry, experts, linear, stored
 from model.moe import MoEConfig
 from model.rope import RopeScaling
@@ -136,6 +137,11 @@ class Family:
         """ModelConfig fields that only this family sets."""
         return {}
 
+    def fit_tensors(self, cfg: ModelConfig, names) -> ModelConfig:
+        """The config as the checkpoint's tensor `names` have it (config.json may announce parts that a
+        checkpoint leaves out)."""
+        return cfg
+
     # -- ModelConfig -> config.json ------------------------------------------------------------------------------
     def unsupported(self, cfg: ModelConfig) -> str | None:
         """Why this family cannot represent `cfg` (None: it can)."""
@@ -197,8 +203,16 @@ class Family:
                 out[(collection, f"layer_{i}", *path)] = e
         return out
 
+    def copies(self, cfg: ModelConfig) -> list[tuple[tuple[str, ...], Entry]]:
+        """Further places the checkpoint keeps one of our variables ((its path as in `entries`, entry)): written
+        on save, not read on load (ours is the one tensor `entries` names)."""
+        return []
+
     def ignored(self, cfg: ModelConfig, name: str) -> bool:
-        """Tensors a checkpoint may hold that we do not read (a tied head's copy, RoPE's cached frequencies)."""
+        """Tensors a checkpoint may hold that we do not read (a tied head's copy, RoPE's cached frequencies,
+        `copies`)."""
+        if any(name in e.names for _, e in self.copies(cfg)):
+            return True
         return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
 
     def layer_entries(self, cfg: ModelConfig, i: int, spec: LayerSpec) -> dict[tuple[str, ...], Entry]:
@@ -335,7 +349,15 @@ class Mixtral(Mistral):
 class DeepseekV3(Family):
     """Multi-head latent attention (model/mla.py: its weights are DeepSeek's, reshaped), dense SwiGLU layers
     first, then sparse MoE layers: sigmoid scores with group-limited top-k, the correction bias (non-trained
-    state, `e_score_correction_bias`), `routed_scaling_factor`, and shared experts; YaRN RoPE."""
+    state, `e_score_correction_bias`), `routed_scaling_factor`, and shared experts; YaRN RoPE.
+
+    Its multi-token prediction layers (`num_nextn_predict_layers` of them, after the last layer: depth d is
+    model.layers.{num_layers + d - 1}) are our sequential MTP heads (model/mtp.py): `enorm`, `hnorm`,
+    `eh_proj` (on [embedding; hidden]), a decoder layer, `shared_head.norm` -> embed_norm_d, hidden_norm_d,
+    proj_d, block_d, head_norm_d. Each layer also keeps copies of the embedding (`embed_tokens`) and of the
+    unembedding (`shared_head.head`): ours are shared, so load reads the main ones (not comparing the copies)
+    and save writes them. A checkpoint whose config.json announces MTP layers but holds none (transformers'
+    save_pretrained drops them) loads without heads."""
 
     architecture: str = "DeepseekV3ForCausalLM"
     model_type: str = "deepseek_v3"
@@ -370,13 +392,23 @@ class DeepseekV3(Family):
             aux_loss_weight=0.0,
             bias_update_rate=BIAS_UPDATE_RATE,
         )
-        return {"attention": "mla", "mla": mla, "mlp": "moe", "moe": moe}
+        mtp = MTPConfig(num_heads=hf.get("num_nextn_predict_layers") or 0, style="sequential")
+        return {"attention": "mla", "mla": mla, "mlp": "moe", "moe": moe, "mtp": mtp}
+
+    def fit_tensors(self, cfg: ModelConfig, names) -> ModelConfig:
+        if cfg.mtp.num_heads and f"model.layers.{cfg.num_layers}.eh_proj.weight" not in names:
+            return dataclasses.replace(cfg, mtp=MTPConfig())
+        return cfg
 
     def unsupported(self, cfg: ModelConfig) -> str | None:
         checks = [
             (cfg.attention == "mla", f"model.attention={cfg.attention!r}"),
             (cfg.mlp == "moe", f"model.mlp={cfg.mlp!r}"),
             (cfg.moe.router == "sigmoid", f"model.moe.router={cfg.moe.router!r}"),
+            (
+                cfg.mtp.num_heads == 0 or cfg.mtp.style == "sequential",
+                f"model.mtp.style={cfg.mtp.style!r} (DeepSeek-V3's MTP layers are sequential)",
+            ),
         ]
         why = next((what for ok, what in checks if not ok), None)
         return why or super().unsupported(dataclasses.replace(cfg, attention="gqa", mlp="swiglu"))
@@ -408,8 +440,34 @@ class DeepseekV3(Family):
             "routed_scaling_factor": m.routed_scaling,
             "n_group": m.n_group,
             "topk_group": m.topk_group,
-            "num_nextn_predict_layers": 0,
+            "num_nextn_predict_layers": cfg.mtp.num_heads,
         }
+
+    def entries(self, cfg: ModelConfig) -> dict[tuple[str, ...], Entry]:
+        out = super().entries(cfg)
+        for d in range(1, cfg.mtp.num_heads + 1):
+            i = cfg.num_layers + d - 1
+            p, ours = f"model.layers.{i}.", ("mtp",)
+            out |= {
+                ("params", *ours, f"embed_norm_{d}", "scale"): stored(p + "enorm.weight"),
+                ("params", *ours, f"hidden_norm_{d}", "scale"): stored(p + "hnorm.weight"),
+                ("params", *ours, f"proj_{d}", "kernel"): linear(p + "eh_proj.weight"),
+                ("params", *ours, f"head_norm_{d}", "scale"): stored(p + "shared_head.norm.weight"),
+            }
+            for (collection, *path), e in self.layer_entries(cfg, i, mtp_lib.block_spec(cfg)).items():
+                out[(collection, *ours, f"block_{d}", *path)] = e
+        return out
+
+    def copies(self, cfg: ModelConfig) -> list[tuple[tuple[str, ...], Entry]]:
+        """Each MTP layer's embedding and unembedding."""
+        embed, head = ("params", "embed", "embedding"), ("params", "head", "kernel")
+        out = []
+        for d in range(1, cfg.mtp.num_heads + 1):
+            p = f"model.layers.{cfg.num_layers + d - 1}."
+            out.append((embed, stored(p + "embed_tokens.weight")))
+            tied = (embed, stored(p + "shared_head.head.weight"))
+            out.append(tied if cfg.tie_embeddings else (head, linear(p + "shared_head.head.weight")))
+        return out
 
     def attention_entries(self, cfg: ModelConfig, p: str) -> dict[tuple[str, ...], Entry]:
         out = {
@@ -443,9 +501,10 @@ class DeepseekV3(Family):
         return out
 
     def ignored(self, cfg: ModelConfig, name: str) -> bool:
-        """Also the multi-token prediction layer(s) after the last (model.layers.{num_layers}...), which
-        transformers does not run either."""
-        return super().ignored(cfg, name) or name.startswith(f"model.layers.{cfg.num_layers}.")
+        """Also, for a model loaded without MTP heads, the multi-token prediction layer after the last
+        (model.layers.{num_layers}...), which transformers does not run either."""
+        mtp_layer = cfg.mtp.num_heads == 0 and name.startswith(f"model.layers.{cfg.num_layers}.")
+        return super().ignored(cfg, name) or mtp_layer
 
 
 # DeepSeek-V3's bias update speed (gamma, section 2.1.2 of the report) for runs that continue training.
