@@ -197,6 +197,8 @@ def test_a_model_no_family_represents_is_refused_on_export(tmp_path):
     cfg = model.ModelConfig(position="alibi")
     with pytest.raises(HFError, match="LlamaForCausalLM: model.position='alibi'"):
         model.hf.save(cfg, {}, tmp_path / "out")
+    with pytest.raises(HFError, match=r"LlamaForCausalLM: model.mtp.num_heads=2 \(only DeepSeek-V3 stores MTP"):
+        model.hf.save(model.ModelConfig(mtp={"num_heads": 2}), {}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -153,6 +153,7 @@ class Family:
             (cfg.attn_logit_softcap == 0, f"model.attn_logit_softcap={cfg.attn_logit_softcap}"),
             (cfg.final_logit_softcap == 0, f"model.final_logit_softcap={cfg.final_logit_softcap}"),
             (cfg.width_mult == 1.0, f"model.parametrization={cfg.parametrization!r} (logits divided by the width)"),
+            (cfg.mtp.num_heads == 0, f"model.mtp.num_heads={cfg.mtp.num_heads} (only DeepSeek-V3 stores MTP layers)"),
             *self.own_checks(cfg),
         ]
         return next((what for ok, what in checks if not ok), None)
@@ -411,7 +412,7 @@ class DeepseekV3(Family):
             ),
         ]
         why = next((what for ok, what in checks if not ok), None)
-        return why or super().unsupported(dataclasses.replace(cfg, attention="gqa", mlp="swiglu"))
+        return why or super().unsupported(dataclasses.replace(cfg, attention="gqa", mlp="swiglu", mtp=MTPConfig()))
 
     def own_checks(self, cfg: ModelConfig) -> list[tuple[bool, str]]:
         return [
