@@ -19,6 +19,43 @@ class DecodeCache:
         raise NotImplementedError
 
 
+class SlotCache(DecodeCache):
+    """A row-major cache of `size` slots per row, the base of the kinds' caches (model.gqa.KVCache,
+    model.mla.MLACache): subclasses are flax.struct dataclasses with the fields `pos_BS` (each slot's token
+    position; -1: empty, which no query reads), `written_B` (tokens each row has written) and a static `rolling`,
+    besides their own [B, S, ...] arrays. A rolling cache (sliding-window layers) writes slot (written % size), so
+    it keeps the last `size` tokens: `size` is the window plus how far a row may be rewound."""
+
+    @property
+    def size(self) -> int:
+        return self.pos_BS.shape[1]
+
+    def next_slots(self, T: int) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+        """Where a write of T tokens per row goes: (written_B after it, rows_BT, slot_BT, kept), the slots of the
+        last `kept` of the T tokens (a rolling cache keeps at most `size`; a full one is sized for every token)."""
+        written_B = self.written_B + T
+        kept = min(T, self.size)
+        slot_BT = (written_B - kept)[:, None] + jnp.arange(kept)
+        slot_BT = slot_BT % self.size if self.rolling else slot_BT
+        rows_BT = jnp.broadcast_to(jnp.arange(slot_BT.shape[0])[:, None], slot_BT.shape)
+        return written_B, rows_BT, slot_BT, kept
+
+    def rewind(self, written_B: jax.Array):
+        """Forgets every token a row wrote after its first `written_B` (speculative decoding's rejected drafts):
+        their slots read as empty again."""
+        written_B = jnp.minimum(written_B, self.written_B)
+        slot_S = jnp.arange(self.size)
+        if self.rolling:  # slot s last held write number w with w % size == s, w < written
+            last_write_BS = self.written_B[:, None] - 1 - (self.written_B[:, None] - 1 - slot_S) % self.size
+            forget_BS = last_write_BS >= written_B[:, None]
+        else:
+            forget_BS = slot_S >= written_B[:, None]
+        return self.replace(pos_BS=jnp.where(forget_BS, -1, self.pos_BS), written_B=written_B)
+
+    def select_rows(self, rows_B: jax.Array):
+        return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=0), self)
+
+
 def _is_cache(x) -> bool:
     return isinstance(x, DecodeCache)
 

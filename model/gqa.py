@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from model import attention
-from model.cache import DecodeCache
+from model.cache import SlotCache
 from model.config import ModelConfig
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
@@ -20,7 +20,7 @@ from model.positions import POSITIONS
 
 
 @flax.struct.dataclass
-class KVCache(DecodeCache):
+class KVCache(SlotCache):
     """A row-major decode cache of `size` slots per row: keys and values [B, K, size, H] (laid out as attention
     reads them), the position of each slot's token (-1: empty, which no query reads) and how many tokens each
     row has written. A `rolling` cache (sliding-window layers) writes slot (written % size), so it keeps the
@@ -38,41 +38,16 @@ class KVCache(DecodeCache):
         empty = jnp.full((batch, size), -1, jnp.int32)
         return cls(zeros, zeros, empty, jnp.zeros((batch,), jnp.int32), rolling)
 
-    @property
-    def size(self) -> int:
-        return self.pos_BS.shape[1]
-
     def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array, pos_BT: jax.Array) -> KVCache:
         """Writes T tokens per row at each row's next slots (a rolling cache keeps only the last `size`)."""
-        T = k_BTKH.shape[1]
-        written_B = self.written_B + T
-        if T > self.size:  # only a rolling cache gets here (a full one is sized for the whole sequence)
-            k_BTKH, v_BTKH, pos_BT = k_BTKH[:, -self.size :], v_BTKH[:, -self.size :], pos_BT[:, -self.size :]
-            T = self.size
-        slot_BT = (written_B - T)[:, None] + jnp.arange(T)
-        slot_BT = slot_BT % self.size if self.rolling else slot_BT
-        rows_BT = jnp.broadcast_to(jnp.arange(slot_BT.shape[0])[:, None], slot_BT.shape)
+        written_B, rows_BT, slot_BT, kept = self.next_slots(k_BTKH.shape[1])
+        k_BTKH, v_BTKH, pos_BT = k_BTKH[:, -kept:], v_BTKH[:, -kept:], pos_BT[:, -kept:]
         return self.replace(
             k_BKSH=self.k_BKSH.at[rows_BT, :, slot_BT].set(k_BTKH.astype(self.k_BKSH.dtype)),
             v_BKSH=self.v_BKSH.at[rows_BT, :, slot_BT].set(v_BTKH.astype(self.v_BKSH.dtype)),
             pos_BS=self.pos_BS.at[rows_BT, slot_BT].set(pos_BT.astype(jnp.int32)),
             written_B=written_B,
         )
-
-    def rewind(self, written_B: jax.Array) -> KVCache:
-        """Forgets every token a row wrote after its first `written_B` (speculative decoding's rejected drafts):
-        their slots read as empty again."""
-        written_B = jnp.minimum(written_B, self.written_B)
-        slot_S = jnp.arange(self.size)
-        if self.rolling:  # slot s last held write number w with w % size == s, w < written
-            last_write_BS = self.written_B[:, None] - 1 - (self.written_B[:, None] - 1 - slot_S) % self.size
-            forget_BS = last_write_BS >= written_B[:, None]
-        else:
-            forget_BS = slot_S >= written_B[:, None]
-        return self.replace(pos_BS=jnp.where(forget_BS, -1, self.pos_BS), written_B=written_B)
-
-    def select_rows(self, rows_B: jax.Array) -> KVCache:
-        return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=0), self)
 
 
 class GQA(nn.Module):

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from model import attention
 from model import rope as rope_lib
-from model.cache import DecodeCache
+from model.cache import SlotCache
 from model.config import MLAConfig, ModelConfig
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
@@ -50,7 +50,7 @@ DECODES = ("absorbed", "naive")  # the values of cfg.mla.decode (infer.py --mla_
 
 
 @flax.struct.dataclass
-class MLACache(DecodeCache):
+class MLACache(SlotCache):
     """A row-major decode cache of `size` slots per row: `latent_BSL`, each slot's normed latent followed by its
     rotated rope key (L = kv_lora_rank + qk_rope_head_dim: the absorbed decoder reads both as one shared key and
     the latent part as the value), the position of each slot's token (-1: empty, which no query reads) and how
@@ -67,38 +67,15 @@ class MLACache(DecodeCache):
         empty = jnp.full((batch, size), -1, jnp.int32)
         return cls(jnp.zeros((batch, size, width), dtype), empty, jnp.zeros((batch,), jnp.int32), rolling)
 
-    @property
-    def size(self) -> int:
-        return self.pos_BS.shape[1]
-
     def write(self, latent_BTL: jax.Array, pos_BT: jax.Array) -> MLACache:
         """Writes T tokens per row at each row's next slots (a rolling cache keeps only the last `size`)."""
-        T = latent_BTL.shape[1]
-        written_B = self.written_B + T
-        if T > self.size:  # only a rolling cache gets here (a full one is sized for the whole sequence)
-            latent_BTL, pos_BT, T = latent_BTL[:, -self.size :], pos_BT[:, -self.size :], self.size
-        slot_BT = (written_B - T)[:, None] + jnp.arange(T)
-        slot_BT = slot_BT % self.size if self.rolling else slot_BT
-        rows_BT = jnp.broadcast_to(jnp.arange(slot_BT.shape[0])[:, None], slot_BT.shape)
+        written_B, rows_BT, slot_BT, kept = self.next_slots(latent_BTL.shape[1])
+        latent_BTL, pos_BT = latent_BTL[:, -kept:], pos_BT[:, -kept:]
         return self.replace(
             latent_BSL=self.latent_BSL.at[rows_BT, slot_BT].set(latent_BTL.astype(self.latent_BSL.dtype)),
             pos_BS=self.pos_BS.at[rows_BT, slot_BT].set(pos_BT.astype(jnp.int32)),
             written_B=written_B,
         )
-
-    def rewind(self, written_B: jax.Array) -> MLACache:
-        """Forgets every token a row wrote after its first `written_B`: their slots read as empty again."""
-        written_B = jnp.minimum(written_B, self.written_B)
-        slot_S = jnp.arange(self.size)
-        if self.rolling:  # slot s last held write number w with w % size == s, w < written
-            last_write_BS = self.written_B[:, None] - 1 - (self.written_B[:, None] - 1 - slot_S) % self.size
-            forget_BS = last_write_BS >= written_B[:, None]
-        else:
-            forget_BS = slot_S >= written_B[:, None]
-        return self.replace(pos_BS=jnp.where(forget_BS, -1, self.pos_BS), written_B=written_B)
-
-    def select_rows(self, rows_B: jax.Array) -> MLACache:
-        return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=0), self)
 
 
 def deinterleave(x: jax.Array) -> jax.Array:
