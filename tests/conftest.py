@@ -16,12 +16,37 @@ from training.cli import with_fake_device_flags  # noqa: E402
 # the subprocesses that start 8 fake devices (tests/test_multidevice.py, test_multihost.py) inherit them.
 os.environ["XLA_FLAGS"] = with_fake_device_flags(os.environ["XLA_FLAGS"])
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import base  # noqa: E402
 from training.config import resolve  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the whole session: its xdist workers and the subprocesses they
+    start (train.py runs, 8-device modules) compile the same tiny programs many times (the models' random
+    initialisers alone take seconds to compile); from the second time on they load. Kept if the caller chose one."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        yield None
+        return
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax_cache"
+    cache.mkdir(exist_ok=True)
+    settings = {
+        "jax_compilation_cache_dir": str(cache),
+        "jax_persistent_cache_min_compile_time_secs": 0,
+        "jax_compilation_cache_max_size": 4 << 30,  # > 0: entries are written under a file lock
+    }
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
+    yield cache
+    for name in settings:
+        os.environ.pop(name.upper(), None)
 
 
 @pytest.fixture(scope="session", autouse=True)

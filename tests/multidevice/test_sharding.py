@@ -68,7 +68,6 @@ def test_per_device_params_and_optimizer_memory_fall_as_one_over_fsdp_times_tens
     full, _ = state_bytes({"data": 8})
     for mesh, shards in [
         ({"data": 4, "fsdp": 2}, 2),
-        ({"data": 1, "fsdp": 8}, 8),
         ({"data": 1, "fsdp": 2, "tensor": 4}, 8),
         ({"data": 2, "tensor": 4}, 4),
     ]:
