@@ -186,32 +186,40 @@ class Rows:
 
 
 def _ranks(experts_A: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
-    """(each assignment's rank among its expert's, in assignment order; assignments per expert)."""
+    """(each assignment's rank among its expert's, in assignment order; assignments per expert). An expert id of
+    `num_experts` is no expert (padding): ranked among its own, not counted."""
     A = experts_A.shape[0]
     order_A = jnp.argsort(experts_A, stable=True)
-    counts_E = jnp.bincount(experts_A, length=num_experts)
+    counts_E = jnp.bincount(experts_A, length=num_experts + 1)
     starts_E = jnp.cumsum(counts_E) - counts_E
     rank_sorted_A = jnp.arange(A, dtype=jnp.int32) - starts_E[experts_A[order_A]].astype(jnp.int32)
-    return jnp.zeros(A, jnp.int32).at[order_A].set(rank_sorted_A), counts_E
+    return jnp.zeros(A, jnp.int32).at[order_A].set(rank_sorted_A), counts_E[:num_experts]
 
 
-def dropless_rows(m: MoEConfig, experts_A: jax.Array, backend: str | None = None) -> Rows:
-    """Rows grouped by expert. CPU: each expert's rows padded to whole tiles for `tiled_matmul`; other backends:
-    packed, for `ragged_dot`."""
-    E, A = m.num_experts, experts_A.shape[0]
+def grouped_rows(num_experts: int, experts_A: jax.Array, backend: str | None = None) -> Rows:
+    """Rows grouped by expert, none dropped (an expert id of `num_experts`, padding, gets no row). CPU: each
+    expert's rows padded to whole tiles for `tiled_matmul`; other backends: packed, for `ragged_dot`."""
+    E, A = num_experts, experts_A.shape[0]
     rank_A, counts_E = _ranks(experts_A, E)
+    real_A = experts_A < E
+    expert_A = jnp.minimum(experts_A, E - 1)
     if (backend or jax.default_backend()) != "cpu":
         starts_E = jnp.cumsum(counts_E) - counts_E
         matmul = lambda x, w: jax.lax.ragged_dot(x, w, counts_E.astype(jnp.int32))  # noqa: E731
-        return Rows(starts_E[experts_A] + rank_A, A, matmul, jnp.zeros((), jnp.float32), A)
+        return Rows(jnp.where(real_A, starts_E[expert_A] + rank_A, A), A, matmul, jnp.zeros((), jnp.float32), A)
     tile = tile_rows(A, E)
     num_tiles = (A + E * (tile - 1)) // tile  # enough for any split of A rows padded per expert
     tiles_E = (counts_E + tile - 1) // tile
     ends_E = jnp.cumsum(tiles_E)
     expert_N = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(num_tiles), side="right"), E - 1)
-    row_A = (ends_E - tiles_E)[experts_A] * tile + rank_A
+    row_A = jnp.where(real_A, (ends_E - tiles_E)[expert_A] * tile + rank_A, num_tiles * tile)
     matmul = lambda x, w: tiled_matmul(x, w, expert_N.astype(jnp.int32), tile)  # noqa: E731
     return Rows(row_A, num_tiles * tile, matmul, jnp.zeros((), jnp.float32), A)
+
+
+def dropless_rows(m: MoEConfig, experts_A: jax.Array, backend: str | None = None) -> Rows:
+    """Every assignment gets a row in its expert's group."""
+    return grouped_rows(m.num_experts, experts_A, backend)
 
 
 def capacity(m: MoEConfig, assignments: int) -> int:
@@ -235,6 +243,30 @@ def capacity_rows(m: MoEConfig, experts_A: jax.Array, backend: str | None = None
 DISPATCHES: dict[str, Callable[..., Rows]] = {"dropless": dropless_rows, "capacity": capacity_rows}
 
 
+def swiglu_grouped(x_GD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD, rows: Rows) -> jax.Array:
+    """SwiGLU_{expert of row g}(x_g) for each row of the grouped buffer `rows` describes."""
+    h_GF = nn.silu(rows.matmul(x_GD, w_gate_EDF)) * rows.matmul(x_GD, w_up_EDF)
+    return rows.matmul(h_GF, w_down_EFD)
+
+
+def _grouped_sources(rows: Rows, count: int) -> jax.Array:
+    """For each row of the grouped buffer, which of the `count` inputs it holds (`count`: none)."""
+    return jnp.full(rows.num_rows + 1, count, jnp.int32).at[rows.row_A].set(jnp.arange(count, dtype=jnp.int32))
+
+
+def _with_zero_row(x_RD: jax.Array) -> jax.Array:
+    return jnp.concatenate([x_RD, jnp.zeros((1, x_RD.shape[-1]), x_RD.dtype)])
+
+
+def grouped_ffn(x_RD: jax.Array, expert_R: jax.Array, w_gate_LDF, w_up_LDF, w_down_LFD) -> jax.Array:
+    """Row r through expert expert_R[r] of the given L experts, grouped and without a row dropped; an expert id of
+    L (padding) gives a zero row. What parallel/expert.py runs on the rows it received."""
+    R = x_RD.shape[0]
+    rows = grouped_rows(w_gate_LDF.shape[0], expert_R)
+    x_GD = _with_zero_row(x_RD)[_grouped_sources(rows, R)[: rows.num_rows]]
+    return _with_zero_row(swiglu_grouped(x_GD, w_gate_LDF, w_up_LDF, w_down_LFD, rows))[rows.row_A]
+
+
 def experts_ffn(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD, rows: Rows) -> jax.Array:
     """sum_k gate_k * SwiGLU_{expert_k}(x) per token, through the grouped buffer `rows` describes. Assignment a
     is (choice a // T, token a % T): first choices first, which is the order capacity dispatch keeps them in."""
@@ -242,19 +274,18 @@ def experts_ffn(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_
     K = routing.experts_TK.shape[1]
     A = T * K
     # Which assignment each row holds (A: none), then its token (T: the zero row).
-    source_R = jnp.full(rows.num_rows + 1, A, jnp.int32).at[rows.row_A].set(jnp.arange(A, dtype=jnp.int32))
+    source_R = _grouped_sources(rows, A)
     token_R = jnp.where(source_R < A, source_R % T, T)[: rows.num_rows]
-    x_RD = jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)])[token_R]
-    h_RF = nn.silu(rows.matmul(x_RD, w_gate_EDF)) * rows.matmul(x_RD, w_up_EDF)
-    y_RD = rows.matmul(h_RF, w_down_EFD)
-    y_AD = jnp.concatenate([y_RD, jnp.zeros((1, D), y_RD.dtype)])[rows.row_A]  # dropped: zero
+    y_RD = swiglu_grouped(_with_zero_row(x_TD)[token_R], w_gate_EDF, w_up_EDF, w_down_EFD, rows)
+    y_AD = _with_zero_row(y_RD)[rows.row_A]  # dropped: zero
     gates_KT = routing.gates_TK.T.astype(y_AD.dtype)
     return jnp.einsum("ktd,kt->td", y_AD.reshape(K, T, D), gates_KT)
 
 
 # The collectives hook: how the experts run when they are split over devices (parallel/expert.py), or None (here,
 # through `experts_ffn`). Set by whoever lays the model out on a mesh (training/layout.py), for the code traced
-# inside `expert_collectives(fn)`: fn(x_TD, experts_TK, gates_TK, kept_TK, w_gate, w_up, w_down, capacity) -> y_TD.
+# inside `expert_collectives(fn)`: fn(x_TD, experts_TK, gates_TK, kept_TK, w_gate, w_up, w_down, capacity, ffn) -> y_TD,
+# where `ffn` (`grouped_ffn`) is how the experts compute the rows that reach them.
 _COLLECTIVES: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("moe_collectives", default=None)
 
 
@@ -310,7 +341,7 @@ class MoE(nn.Module):
             y_TD = experts_ffn(x_TD.astype(dtype), routing, w_gate, w_up, w_down, rows)
         else:
             kept_TK = (rows.row_A < rows.num_rows).reshape(-1, B * T).T
-            args = (routing.experts_TK, routing.gates_TK, kept_TK, w_gate, w_up, w_down, rows.limit)
+            args = (routing.experts_TK, routing.gates_TK, kept_TK, w_gate, w_up, w_down, rows.limit, grouped_ffn)
             y_TD = collectives(x_TD.astype(dtype), *args)
         if m.num_shared_experts:
             shared = dataclasses.replace(cfg, d_ff=m.num_shared_experts * F)

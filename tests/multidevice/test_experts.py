@@ -61,8 +61,45 @@ def test_expert_meshes_give_the_one_device_losses(routing):
         np.testing.assert_allclose(losses(mesh, ROUTINGS[routing]), want, rtol=1e-5, err_msg=name)
 
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
+    """jax.lax.ragged_all_to_all as its docstring's pseudocode defines it, from a dense all-to-all of whole pieces:
+    XLA:CPU has no ragged all-to-all, so the ragged exchange's offsets and sizes are checked through this."""
+    R, n = operand.shape[0], input_offsets.shape[0]
+    r = jnp.arange(R)
+    trailing = (1,) * (operand.ndim - 1)
+
+    def piece(offset, size):  # operand[offset : offset + size] at the front of R rows
+        return jnp.where((r < size).reshape(-1, *trailing), operand[jnp.clip(offset + r, 0, R - 1)], 0)
+
+    pieces = jax.lax.all_to_all(jax.vmap(piece)(input_offsets, send_sizes), axis_name, 0, 0, tiled=True)
+    lands = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+    result = output
+    for i in range(n):
+        rows = jnp.where(r < recv_sizes[i], lands[i] + r, output.shape[0])  # past the end: not written
+        result = result.at[rows].set(pieces[i], mode="drop")
+    return result
+
+
+def test_the_emulated_ragged_all_to_all_gives_the_documented_example():
+    mesh = make_mesh(MeshConfig(data=1, expert=2), jax.devices()[:2])
+    args = {
+        "operand": [[1, 2, 2], [3, 4, 0]], "output": [[0, 0, 0, 0]] * 2, "input_offsets": [[0, 1], [0, 1]],
+        "send_sizes": [[1, 2], [1, 1]], "output_offsets": [[0, 0], [1, 2]], "recv_sizes": [[1, 1], [2, 1]],
+    }  # fmt: skip
+    local = lambda *a: emulated_ragged_all_to_all(*(x[0] for x in a), axis_name="expert")[None]  # noqa: E731
+    spec = jax.sharding.PartitionSpec("expert")
+    got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec))(
+        *(jnp.asarray(v, jnp.int32) for v in args.values())
+    )
+    np.testing.assert_array_equal(got, [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+
+EXCHANGES = {"padded": {"exchange": "padded"}, "ragged": {"exchange": "ragged", "ragged": emulated_ragged_all_to_all}}
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
 @pytest.mark.parametrize("dispatch, factor", [("dropless", 1.0), ("capacity", 0.75)])
-def test_the_all_to_all_layer_gives_the_one_device_output_and_gradients(dispatch, factor):
+def test_the_all_to_all_layer_gives_the_one_device_output_and_gradients(dispatch, factor, exchange):
     from tests.test_moe import CFG
 
     cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch=dispatch, capacity_factor=factor,
@@ -77,8 +114,32 @@ def test_the_all_to_all_layer_gives_the_one_device_output_and_gradients(dispatch
     (want, dropped), want_grads = jax.value_and_grad(loss, has_aux=True)(variables, x)
     assert (dropped > 0) == (dispatch == "capacity")
     mesh = make_mesh(MeshConfig(data=2, expert=4))
-    with jax.set_mesh(mesh), expert_collectives(expert_parallel(mesh, ("data", "fsdp", "expert"))):
+    hook = expert_parallel(mesh, ("data", "fsdp", "expert"), **EXCHANGES[exchange])
+    with jax.set_mesh(mesh), expert_collectives(hook):
         (got, _), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables, x)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+
+
+def test_each_device_computes_one_chunk_per_source_not_every_local_expert_over_every_slot(monkeypatch):
+    """Dropless, 8 experts on (4 expert x 2 data): each device holds 8 tokens x top-2 = 16 assignments and 2
+    experts; it receives 4 chunks of 16 rows and its grouped matmul is sized for those 64 rows (plus tile padding),
+    where a slot per (expert, source) for every assignment would make 2 x 4 x 16 = 128."""
+    from model import moe as moe_lib
+    from tests.test_moe import CFG
+
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, num_experts=8, dispatch="dropless"))
+    x = jax.random.normal(jax.random.key(0), (8, 8, 32))
+    variables = nn.unbox(MoE(cfg).init(jax.random.key(1), x))
+    sizes, grouped = [], moe_lib.grouped_rows
+
+    def recording(num_experts, experts_A, backend=None):
+        sizes.append((num_experts, experts_A.shape[0]))
+        return grouped(num_experts, experts_A, backend)
+
+    monkeypatch.setattr(moe_lib, "grouped_rows", recording)
+    mesh = make_mesh(MeshConfig(data=2, expert=4))
+    with jax.set_mesh(mesh), expert_collectives(expert_parallel(mesh, ("data", "fsdp", "expert"))):
+        jax.jit(lambda v, x: MoE(cfg).apply(v, x)).lower(variables, x)
+    assert sizes == [(8, 128), (2, 64)]  # the global routing's grouping, then one device's received rows
