@@ -143,3 +143,31 @@ def test_each_device_computes_one_chunk_per_source_not_every_local_expert_over_e
     with jax.set_mesh(mesh), expert_collectives(expert_parallel(mesh, ("data", "fsdp", "expert"))):
         jax.jit(lambda v, x: MoE(cfg).apply(v, x)).lower(variables, x)
     assert sizes == [(8, 128), (2, 64)]  # the global routing's grouping, then one device's received rows
+
+
+def test_a_checkpoint_from_an_expert_mesh_continues_on_another_mesh(tmp_path):
+    """Steps 4..6 resumed on (2 expert x 2 fsdp x 2 data) from a (4 expert x 2 data) checkpoint at step 3 give the
+    losses of the uninterrupted run: the experts' weights, their optimizer state and the routers' correction bias
+    (non-trained state) move between the meshes."""
+    import json
+    import shutil
+
+    from training.loop import train
+
+    def run(mesh):
+        steps = {**STEPS, "steps": 6, "eval_every": 100}
+        model = {**MODEL, "moe": ROUTINGS["sigmoid capacity"]}
+        checkpoint = {"every": 3, "keep": 5, "async_save": False}
+        return tiny_run(model=model, train=steps, checkpoint=checkpoint, mesh=mesh)
+
+    def losses_in(workdir):
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+    train(run(MESHES["4 expert x 2 data"]), tmp_path, quiet=True)
+    want = losses_in(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    result = train(run(MESHES["2 expert x 2 fsdp x 2 data"]), tmp_path, quiet=True)
+    got = losses_in(tmp_path)
+    assert result["step"] == 6 and sorted(got) == list(range(1, 7))
+    np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=1e-5)
