@@ -101,11 +101,7 @@ def test_plan_rejects_a_budget_too_small_to_spend_within_2_percent(tmp_path):
     assert not (tmp_path / "iso").exists()
 
 
-def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path, capsys, monkeypatch):
-    """The CLI's commands called in this process (the runs still start their own processes); the other tests
-    here run the CLI as a command."""
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # as cli() gives the command, for the runs' processes
+def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path):
     grid = {"model.position": ["rope", "none"]}
     file = write_sweep(
         tmp_path / "ablate.py",
@@ -117,25 +113,25 @@ def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path, capsys, monk
         },
     )
     out = tmp_path / "ablate"
-    assert sweep_lib.main(["plan", file, "--out", str(out)]) == 0
-    planned = capsys.readouterr()
+    planned = cli("plan", file, "--out", str(out))
+    assert planned.returncode == 0, planned.stderr
     # Steps, tokens and FLOPs per run (6 x matmul params + attention, by hand for this model), and their total.
     d, layers, ff, seq, vocab = 32, 2, 64, 32, 257
     per_token = 6 * (layers * (4 * d * d + 3 * d * ff) + d * vocab) + 3 * layers * 4 * seq * d
     flops = 4 * 4 * seq * per_token
-    assert f"| position=rope,seed=0 | position=rope | 0 | 4 | 512 | {flops:.3e} |" in planned.out
-    assert f"4 runs planned in {out}: {4 * flops:.3e} training FLOPs in all" in planned.out
-    assert sweep_lib.main(["run", str(out), "--parallel", "2"]) == 0
-    done = capsys.readouterr()
-    assert "4 runs: 0 done already, 4 to run" in done.out and "[4/4]" in done.out
+    assert f"| position=rope,seed=0 | position=rope | 0 | 4 | 512 | {flops:.3e} |" in planned.stdout
+    assert f"4 runs planned in {out}: {4 * flops:.3e} training FLOPs in all" in planned.stdout
+    done = cli("run", str(out), "--parallel", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 runs: 0 done already, 4 to run" in done.stdout and "[4/4]" in done.stdout
 
     # An interrupted run (no done.json) resumes from its checkpoint, here through submitit's local executor
     # (the SLURM code path); the finished ones are skipped.
     resumed = out / "runs" / "position=none,seed=1"
     (resumed / "done.json").unlink()
-    assert sweep_lib.main(["run", str(out), "--executor", "submitit-local"]) == 0
-    done = capsys.readouterr()
-    assert "4 runs: 3 done already, 1 to run" in done.out and (resumed / "done.json").exists()
+    done = cli("run", str(out), "--executor", "submitit-local")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 runs: 3 done already, 1 to run" in done.stdout and (resumed / "done.json").exists()
 
     assert sweep_lib.main(["collect", str(out)]) == 0
     with open(out / "curves.csv") as f:
@@ -149,8 +145,8 @@ def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path, capsys, monk
     assert [g[:4] for g in sorted(got)] == [w[:4] for w in sorted(want)] and len(got) == 4
     assert [g[4] for g in sorted(got)] == pytest.approx([w[4] for w in sorted(want)])
 
-    assert sweep_lib.main(["report", str(out)]) == 0
-    done = capsys.readouterr()
+    done = cli("report", str(out))
+    assert done.returncode == 0, done.stderr
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert {"name", "params", "params_total", "tokens", "flops", "budget", "loss", "bpb"} <= set(rows[0])
@@ -160,7 +156,7 @@ def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path, capsys, monk
         assert int(row["tokens"]) == 4 * 4 * 32
     for variant in ("position=rope", "position=none"):
         bpbs = [float(r["bpb"]) for r in rows if r["label"] == variant]
-        line = next(line for line in done.out.splitlines() if line.startswith(f"| {variant} |"))
+        line = next(line for line in done.stdout.splitlines() if line.startswith(f"| {variant} |"))
         assert f"{np.mean(bpbs):.4f} +- {np.std(bpbs, ddof=1):.4f} | 2 |" in line
     assert (out / "report.png").stat().st_size > 0 and (out / "curves.csv").exists()
 
