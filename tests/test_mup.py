@@ -45,7 +45,7 @@ def test_hidden_init_and_learning_rates_scale_with_width():
     updates = {}
     for p in ("sp", "mup"):
         tx, _ = make_optimizer(run_at(256, p, weight_decay=0.1).train, run_at(256, p).model)
-        updates[p], _ = tx.update(grads, tx.init(params), params)
+        updates[p] = jax.jit(lambda grads, params: tx.update(grads, tx.init(params), params)[0])(grads, params)
     ratio = jax.tree.map(lambda m, s: float(jnp.mean(m / s)), updates["mup"], updates["sp"])
     assert ratio["layers"]["attn"]["query"]["kernel"] == pytest.approx(1 / 8)  # weight decay scaled with it
     assert ratio["layers"]["mlp"]["down"]["kernel"] == pytest.approx(1 / 8)
@@ -60,9 +60,10 @@ def logits_change(width: int, parametrization: str, seeds=(0, 1), steps: int = 5
     model, (tx, schedule) = Transformer(run.model), make_optimizer(run.train, run.model)
     logits = jax.jit(lambda params, tokens: model.apply({"params": params}, tokens[:, :-1]))
     step = jax.jit(make_train_step(model, tx, schedule, run.train))
+    init = jax.jit(lambda seed: init_state(model, tx, seed))  # init_state's program, compiled once for all seeds
     changes = []
     for seed in seeds:
-        state = init_state(model, tx, seed)
+        state = init(seed)
         tokens = np.random.default_rng(seed).integers(0, 257, (4, run.data.seq_len + 1)).astype(np.int32)
         before = logits(state.params, tokens)
         for _ in range(steps):

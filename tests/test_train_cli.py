@@ -42,17 +42,18 @@ def test_train_py_exits_1_on_divergence_and_2_on_an_incompatible_checkpoint(tmp_
     # (tqdm may redraw its bar after the error, on the same terminal line)
     message = r"error: step \d+: train/(loss|grad_norm) is (nan|inf|-inf); stopping \(the last checkpoint, step \d+, is intact\)"
     assert re.search(message, diverged.stderr), diverged.stderr[-2000:]
+    assert list_steps(tmp_path / "diverged")  # step 1's loss is finite: its checkpoint is the last good one
     for step in list_steps(tmp_path / "diverged"):  # no checkpoint of the diverged state
         params = load_for_inference(tmp_path / "diverged", step)[1]
         assert all(bool(jax.numpy.isfinite(p).all()) for p in jax.tree.leaves(params)), step
 
-    train(tiny_run(**groups), tmp_path / "run", quiet=True)
-    metrics = (tmp_path / "run" / "metrics.jsonl").read_bytes()
-    other = train_py(config, tmp_path / "run", "--config.model.d_ff=128")
+    # Resuming the diverged run's last good checkpoint with another model refuses before training.
+    metrics = (tmp_path / "diverged" / "metrics.jsonl").read_bytes()
+    other = train_py(config, tmp_path / "diverged", "--config.model.d_ff=128")
     assert other.returncode == 2, other.stderr[-3000:]
     last = other.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "model.d_ff=64 in the checkpoint but 128" in last, other.stderr
-    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics
+    assert (tmp_path / "diverged" / "metrics.jsonl").read_bytes() == metrics
 
 
 def test_init_from_takes_a_checkpoints_directory_or_one_step_directory(tmp_path, text_corpus, monkeypatch):

@@ -71,10 +71,12 @@ def read_metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_metrics_have_the_documented_names(tmp_path, text_corpus):
+def test_metrics_have_the_documented_names_and_the_same_config_and_seed_give_bit_identical_losses(tmp_path, text_corpus):  # fmt: skip
+    """Two runs of one config and seed (the first also checked for the documented metric names), and a third
+    with another seed."""
     run = tiny_run(data={"corpus": str(text_corpus), "val_fraction": 0.2})
-    result = train(run, tmp_path, quiet=True)
-    rows = read_metrics(tmp_path)
+    result = train(run, tmp_path / "a", quiet=True)
+    rows = read_metrics(tmp_path / "a")
     train_names = {"train/loss", "train/grad_norm", "train/lr", "perf/tokens_per_sec", "perf/mfu", "perf/step_time"}
     assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
     assert [r["step"] for r in rows if "eval/loss" in r] == [3, 6]
@@ -84,23 +86,20 @@ def test_metrics_have_the_documented_names(tmp_path, text_corpus):
     # Byte tokenizer: bits per byte = nats per token / ln 2 * (tokens / bytes), with EOD tokens costing 0 bytes.
     assert ev["eval/bpb"] >= ev["eval/loss"] / math.log(2)
     assert 0 < result["perf/mfu"] < 1.5 and result["step"] == 6
-    assert list((tmp_path / "tensorboard").iterdir())
-    saved = json.loads((tmp_path / "config.json").read_text())
+    assert list((tmp_path / "a" / "tensorboard").iterdir())
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
     assert saved["model"]["vocab_size"] == 257 and saved["data"]["corpus"] == str(text_corpus)
 
+    def metric(workdir, name):
+        return [r[name] for r in read_metrics(workdir) if name in r]
 
-def test_same_config_and_seed_give_bit_identical_losses(tmp_path, text_corpus):
-    run = tiny_run(data={"corpus": str(text_corpus), "val_fraction": 0.2}, train={"log_every": 1, "steps": 8})
-    losses = []
-    for name in ("a", "b"):
-        train(run, tmp_path / name, quiet=True)
-        losses.append([r["train/loss"] for r in read_metrics(tmp_path / name) if "train/loss" in r])
-    assert len(losses[0]) == 8 and losses[0] == losses[1]
-    other = tiny_run(
-        data={"corpus": str(text_corpus), "val_fraction": 0.2}, train={"log_every": 1, "steps": 8, "seed": 1}
-    )
+    train(run, tmp_path / "b", quiet=True)
+    for name in ("train/loss", "eval/loss"):
+        assert metric(tmp_path / "b", name) == metric(tmp_path / "a", name), name
+    assert len(metric(tmp_path / "a", "train/loss")) == 3
+    other = tiny_run(data={"corpus": str(text_corpus), "val_fraction": 0.2}, train={"seed": 1})
     train(other, tmp_path / "c", quiet=True)
-    assert [r["train/loss"] for r in read_metrics(tmp_path / "c") if "train/loss" in r] != losses[0]
+    assert metric(tmp_path / "c", "train/loss") != metric(tmp_path / "a", "train/loss")
 
 
 def test_a_tiny_run_on_the_stdlib_lowers_eval_bpb(tmp_path):
