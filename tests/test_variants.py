@@ -167,11 +167,11 @@ def test_qk_norm_is_a_per_head_rmsnorm_before_rope():
     B, T = 2, 7
     x = np.random.default_rng(0).normal(size=(B, T, cfg.d_model)).astype(np.float32)
     mask = Mask.self_attention(jnp.broadcast_to(jnp.arange(T), (B, T)), in_order=True)
-    params = nn.unbox(GQA(cfg).init(jax.random.key(0), jnp.asarray(x), mask)["params"])
+    params = nn.unbox(jax.jit(GQA(cfg).init)(jax.random.key(0), jnp.asarray(x), mask)["params"])
     rng = np.random.default_rng(1)
     params["q_norm"]["scale"] = rng.uniform(0.5, 2, cfg.resolved_head_dim).astype(np.float32)
     params["k_norm"]["scale"] = rng.uniform(0.5, 2, cfg.resolved_head_dim).astype(np.float32)
-    got, _ = GQA(cfg).apply({"params": params}, jnp.asarray(x), mask)
+    got, _ = jax.jit(GQA(cfg).apply)({"params": params}, jnp.asarray(x), mask)
 
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     norm = lambda y, w: y / np.sqrt(np.mean(y * y, -1, keepdims=True) + cfg.norm_eps) * w  # noqa: E731
@@ -203,8 +203,8 @@ def test_final_logit_softcap_is_cap_tanh_of_the_uncapped_logits():
     variables = init(plain)
     variables["params"]["head"]["kernel"] = variables["params"]["head"]["kernel"] * 40  # logits large: the cap bites
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 9)))
-    raw = np.asarray(Transformer(plain).apply(variables, tokens), np.float64)
-    got = Transformer(dataclasses.replace(plain, final_logit_softcap=2.0)).apply(variables, tokens)
+    raw = np.asarray(jax.jit(Transformer(plain).apply)(variables, tokens), np.float64)
+    got = jax.jit(Transformer(dataclasses.replace(plain, final_logit_softcap=2.0)).apply)(variables, tokens)
     np.testing.assert_allclose(got, 2.0 * np.tanh(raw / 2.0), rtol=1e-4, atol=1e-5)
     assert np.abs(got).max() <= 2.0 < np.abs(raw).max()
 
