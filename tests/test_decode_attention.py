@@ -56,18 +56,22 @@ def test_decode_kernel_matches_the_reference_with_ragged_lengths(B, T, N, K, win
     mask = Mask(qpos, kpos, window=window)
     bias_fn = AlibiBias(N) if alibi else None
     slopes = jnp.asarray(bias_fn.slopes) if alibi else None
-    got = decode_attention(q, k, v, mask, softcap=softcap, alibi_slopes=slopes, block_k=BLOCK, num_splits=3)
-    want = reference_decode(REFERENCE, q, k, v, mask, bias_fn=bias_fn, softcap=softcap)
+    kernel = jax.jit(
+        lambda *a: decode_attention(*a, mask, softcap=softcap, alibi_slopes=slopes, block_k=BLOCK, num_splits=3)
+    )
+    got = kernel(q, k, v)
+    want = jax.jit(lambda *a: reference_decode(REFERENCE, *a, mask, bias_fn=bias_fn, softcap=softcap))(q, k, v)
     np.testing.assert_allclose(got, want, atol=TOL_F32, rtol=TOL_F32)
 
 
 def test_decode_kernel_in_bfloat16():
     q, k, v, (qpos, kpos) = cache_problem(2, 1, 4, 2, 16, 30, [30, 9], dtype=jnp.bfloat16)
     mask = Mask(qpos, kpos)
-    got = decode_attention(q, k, v, mask, block_k=BLOCK, num_splits=2)
+    got = jax.jit(lambda *a: decode_attention(*a, mask, block_k=BLOCK, num_splits=2))(q, k, v)
     assert got.dtype == jnp.bfloat16
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    np.testing.assert_allclose(got.astype(jnp.float32), reference_decode(REFERENCE, *f32, mask), atol=2e-2, rtol=2e-2)
+    want = jax.jit(lambda *a: reference_decode(REFERENCE, *a, mask))(*f32)
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2, rtol=2e-2)
 
 
 def test_decode_skips_the_blocks_past_each_rows_length():
@@ -90,7 +94,7 @@ def test_greedy_sampling_with_pallas_attention_gives_the_xla_tokens():
         vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, max_seq_len=24,
         sliding_window=4, global_every=2, position="alibi",
     )  # fmt: skip
-    params = nn.unbox(init_variables(Transformer(cfg), jax.random.key(0)))["params"]
+    params = nn.unbox(jax.jit(lambda key: init_variables(Transformer(cfg), key))(jax.random.key(0)))["params"]
     prompts = [[3, 7, 9, 11, 2, 5, 8], [4, 6]]
     tokens = {}
     for impl in ("pallas", "xla"):

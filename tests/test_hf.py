@@ -376,9 +376,8 @@ def test_deepseek_mtp_layer_loads_as_the_sequential_head_and_exports_back(tmp_pa
     cfg, variables = model.hf.load(tmp_path / "hf", scan_layers=False)
     assert cfg.mtp == MTPConfig(num_heads=1, style="sequential")
     window_BW = ids(batch=2, length=24 + 2, seed=6)
-    out = model.Transformer(cfg).apply(
-        variables, window_BW[:, :-2], ahead_BTA=mtp_lib.ahead(window_BW, 2), method="forward"
-    )
+    forward = jax.jit(lambda v, t, a: model.Transformer(cfg).apply(v, t, ahead_BTA=a, method="forward"))
+    out = forward(variables, window_BW[:, :-2], mtp_lib.ahead(window_BW, 2))
     want = torch_mtp_logits(hf_model, mtp, window_BW[:, :-1])
     np.testing.assert_allclose(out.mtp_logits_KBTV[0], want, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(out.logits_BTV, torch_logits(hf_model, window_BW[:, :-2]), atol=1e-4, rtol=1e-4)

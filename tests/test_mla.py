@@ -44,7 +44,8 @@ def perturbed(params, seed=0):
 
 
 def init(cfg: ModelConfig, seed: int = 0) -> dict:
-    return perturbed(nn.unbox(init_variables(Transformer(cfg), jax.random.key(seed)))["params"], seed)
+    variables = jax.jit(lambda key: init_variables(Transformer(cfg), key))(jax.random.key(seed))
+    return perturbed(nn.unbox(variables)["params"], seed)
 
 
 def layer_params(cfg: ModelConfig, seed: int = 0):
@@ -52,7 +53,7 @@ def layer_params(cfg: ModelConfig, seed: int = 0):
     x = jax.random.normal(jax.random.key(seed), (B, T, cfg.d_model))
     positions = jnp.asarray(np.stack([np.arange(T), np.arange(3, 3 + T)]))  # row 1 starts at position 3
     mask = Mask.self_attention(positions)
-    params = nn.unbox(MLA(cfg).init(jax.random.key(seed + 1), x, mask))["params"]
+    params = nn.unbox(jax.jit(MLA(cfg).init)(jax.random.key(seed + 1), x, mask))["params"]
     params = jax.tree.map(lambda w: w * 4 if w.ndim > 1 else w, perturbed(params, seed))  # logits far from 0
     return params, x, positions, mask
 
@@ -122,7 +123,7 @@ def numpy_mla(cfg: ModelConfig, p: dict, x, positions):
 def test_one_layer_matches_numpy(changes):
     cfg = dataclasses.replace(CFG, **changes)
     params, x, positions, mask = layer_params(cfg)
-    got, _ = MLA(cfg).apply({"params": params}, x, mask)
+    got, _ = jax.jit(MLA(cfg).apply)({"params": params}, x, mask)
     np.testing.assert_allclose(got, numpy_mla(cfg, params, x, positions), rtol=2e-4, atol=2e-5)
 
 
@@ -168,7 +169,7 @@ def test_one_layer_matches_transformers_deepseek_v3_with_the_documented_weight_m
     allowed = pos[:, None, :, None] >= pos[:, None, None, :]
     bias = torch.where(allowed, 0.0, -torch.inf).double()
     want, _ = attn(hidden, (cos, sin), bias)
-    got, _ = MLA(cfg).apply({"params": params}, x, mask)
+    got, _ = jax.jit(MLA(cfg).apply)({"params": params}, x, mask)
     np.testing.assert_allclose(got, want.detach().numpy(), rtol=2e-4, atol=2e-5)
 
 
@@ -177,7 +178,8 @@ def test_later_tokens_do_not_change_earlier_logits():
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 16))
     changed = tokens.copy()
     changed[:, 9:] = (changed[:, 9:] + 1) % CFG.vocab_size
-    a, b = (Transformer(CFG).apply({"params": params}, jnp.asarray(t)) for t in (tokens, changed))
+    apply = jax.jit(Transformer(CFG).apply)
+    a, b = (apply({"params": params}, jnp.asarray(t)) for t in (tokens, changed))
     np.testing.assert_array_equal(a[:, :9], b[:, :9])
     assert not np.allclose(a[:, 9:], b[:, 9:])
 
@@ -194,7 +196,7 @@ def test_absorbed_decoding_equals_naive_decoding_equals_the_full_forward():
     cfg = dataclasses.replace(CFG, rope_scaling=YARN, sliding_window=4, global_every=2)
     params = init(cfg)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16)))
-    full = Transformer(cfg).apply({"params": params}, tokens)[:, 5:15]
+    full = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)[:, 5:15]
     absorbed, cache, _ = decode_logits(decoding(cfg, "absorbed"), params, tokens, max_len=16)
     naive, _, _ = decode_logits(decoding(cfg, "naive"), params, tokens, max_len=16)
     np.testing.assert_allclose(absorbed, naive, rtol=1e-5, atol=1e-5)
@@ -244,7 +246,8 @@ def test_rewinding_the_latent_cache_equals_never_having_written_it(max_rewind):
 def test_param_counts_match_the_initialised_params(changes):
     cfg = dataclasses.replace(CFG, **changes)
     counts = param_counts(cfg)
-    assert counts.total == counts.active == sum(x.size for x in jax.tree.leaves(init(cfg)))
+    params = nn.unbox(jax.eval_shape(lambda: init_variables(Transformer(cfg), jax.random.key(0))))["params"]
+    assert counts.total == counts.active == sum(x.size for x in jax.tree.leaves(params))
 
 
 # causal_blocks=1: attention computes the whole T x T square, as the count does.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -65,7 +66,7 @@ def test_attention_matches_numpy_with_head_h_reading_kv_head_h_div_group(num_kv_
     k = rng.normal(size=(B, T, num_kv_heads, H)).astype(np.float32)
     v = rng.normal(size=(B, T, num_kv_heads, H)).astype(np.float32)
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal_mask(pos, pos))
+    got = jax.jit(attend)(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal_mask(pos, pos))
     group = N // num_kv_heads
     want = numpy_attention(q, k, v, [h // group for h in range(N)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -81,8 +82,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     )
     tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, CFG.vocab_size)
     np.testing.assert_allclose(
-        Transformer(gqa).apply({"params": params}, tokens),
-        Transformer(mha).apply({"params": mha_params}, tokens),
+        jax.jit(Transformer(gqa).apply)({"params": params}, tokens),
+        jax.jit(Transformer(mha).apply)({"params": mha_params}, tokens),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -136,7 +137,8 @@ def test_alibi_slopes_are_the_published_geometric_sequence():
 )
 def test_param_counts_match_initialised_params(changes):
     cfg = dataclasses.replace(CFG, **changes)
-    actual = sum(x.size for x in jax.tree.leaves(init(cfg)))
+    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+    actual = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes["params"])))
     assert param_counts(cfg).total == actual
 
 
@@ -197,8 +199,8 @@ def test_attention_gradients_match_autodiff_of_a_plain_reference(num_kv_heads, u
     def reference(q, k, v):
         return jnp.sum(weights * reference_attention(q, k, v, mask, bias))
 
-    got = jax.grad(ours, (0, 1, 2))(q, k, v)
-    want = jax.grad(reference, (0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(ours, (0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(reference, (0, 1, 2)))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
@@ -221,8 +223,11 @@ def test_causal_query_blocks_match_the_plain_reference_and_its_gradients(num_blo
     def reference(q, k, v):
         return jnp.sum(weights * reference_attention(q, k, v, causal_mask(pos, pos), bias_fn(pos, pos)))
 
-    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5)
-    for g, w in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(reference, (0, 1, 2))(q, k, v)):
+    (got, got_grads), (want, want_grads) = (
+        jax.jit(jax.value_and_grad(f, (0, 1, 2)))(q, k, v) for f in (ours, reference)
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
@@ -236,9 +241,10 @@ def test_scan_unroll_changes_nothing_but_the_compiled_loop():
         logits = Transformer(dataclasses.replace(cfg, scan_unroll=unroll)).apply({"params": params}, tokens)
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
 
-    want_loss, want_grads = jax.value_and_grad(loss)(params, 1)
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    want_loss, want_grads = value_and_grad(params, 1)
     for unroll in (2, 3, 64):
-        got_loss, got_grads = jax.value_and_grad(loss)(params, unroll)
+        got_loss, got_grads = value_and_grad(params, unroll)
         np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
         for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
@@ -264,13 +270,13 @@ def test_remat_still_saves_memory_when_the_layer_loop_is_unrolled():
 def test_model_logits_do_not_depend_on_causal_blocks_or_on_passing_positions_in_order():
     tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, CFG.vocab_size)
     params = init(CFG)
-    one = Transformer(dataclasses.replace(CFG, causal_blocks=1)).apply({"params": params}, tokens)
+    one = jax.jit(Transformer(dataclasses.replace(CFG, causal_blocks=1)).apply)({"params": params}, tokens)
     for blocks in (3, 16):
-        got = Transformer(dataclasses.replace(CFG, causal_blocks=blocks)).apply({"params": params}, tokens)
+        got = jax.jit(Transformer(dataclasses.replace(CFG, causal_blocks=blocks)).apply)({"params": params}, tokens)
         np.testing.assert_allclose(got, one, rtol=1e-5, atol=1e-6)
     # Explicit positions take the unblocked path (they need not be in order), with the same result.
     positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    explicit = Transformer(CFG).apply({"params": params}, tokens, positions)
+    explicit = jax.jit(Transformer(CFG).apply)({"params": params}, tokens, positions)
     np.testing.assert_allclose(explicit, one, rtol=1e-5, atol=1e-6)
 
 
@@ -284,25 +290,30 @@ def test_dense_matmul_gradients_match_autodiff():
         np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
 
 
+REMAT_TOKENS = jax.random.randint(jax.random.key(3), (2, 16), 0, CFG.vocab_size)
+
+
+@functools.cache
+def remat_grads(remat: str):
+    """Gradients of a loss of the logits of the scanned CFG stack under a remat policy."""
+    model = Transformer(dataclasses.replace(CFG, remat=remat))
+    return jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, REMAT_TOKENS) ** 2)))(init(CFG))
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_and_unrolled_layers_compute_the_same_loss_and_gradients(remat):
-    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, CFG.vocab_size)
-    params = init(CFG)
-
-    def grads(cfg):
-        model = Transformer(cfg)
-        return jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)))(params)
-
-    want = grads(CFG)
-    got = grads(dataclasses.replace(CFG, remat=remat))
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(remat_grads(remat)), jax.tree.leaves(remat_grads("none"))):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
-    # The unrolled stack names layers layer_i; with the same weights it computes the same logits.
+
+
+def test_the_unrolled_stack_names_layers_layer_i_and_computes_the_scanned_logits():
+    tokens, params = REMAT_TOKENS, init(CFG)
     unrolled = dataclasses.replace(CFG, scan_layers=False)
     flat = unstack_layers(params, CFG)
+    assert sorted(k for k in flat if k.startswith("layer_")) == ["layer_0", "layer_1"]
     np.testing.assert_allclose(
-        Transformer(unrolled).apply({"params": flat}, tokens),
-        Transformer(CFG).apply({"params": params}, tokens),
+        jax.jit(Transformer(unrolled).apply)({"params": flat}, tokens),
+        jax.jit(Transformer(CFG).apply)({"params": params}, tokens),
         rtol=1e-5,
         atol=1e-6,
     )

@@ -53,14 +53,19 @@ def test_each_depth_targets_the_token_d_plus_one_ahead():
             np.testing.assert_array_equal(ahead_BTA[:, t, j], window_BW[:, t + 1 + j])
     # The loop's inputs: the main head sees the first T tokens and the next ones as targets.
     model = Transformer(with_mtp(CFG, K, "sequential"))
-    params = nn.unbox(init_variables(model, jax.random.key(0)))
-    out, targets_BT = Inputs(extra_tokens=K)(jnp.asarray(window_BW), model, params)
+    params = nn.unbox(jit_init(model, 0))
+    out, targets_BT = jax.jit(lambda w: Inputs(extra_tokens=K)(w, model, params))(jnp.asarray(window_BW))
     np.testing.assert_array_equal(targets_BT, window_BW[:, 1 : T + 1])
     assert out.logits_BTV.shape == (2, T, 40) and out.mtp_logits_KBTV.shape == (K, 2, T, 40)
-    eval_out, eval_targets_BT = Inputs(extra_tokens=K).for_eval()(jnp.asarray(window_BW[:, : T + 1]), model, params)
+    eval_inputs = jax.jit(lambda w: Inputs(extra_tokens=K).for_eval()(w, model, params))
+    eval_out, eval_targets_BT = eval_inputs(jnp.asarray(window_BW[:, : T + 1]))
     assert eval_out.mtp_logits_KBTV is None and "mtp_loss" not in eval_out.aux
     np.testing.assert_array_equal(eval_targets_BT, targets_BT)
     np.testing.assert_allclose(eval_out.logits_BTV, out.logits_BTV, rtol=1e-6, atol=1e-6)  # the heads change nothing
+
+
+def jit_init(model: Transformer, seed: int) -> dict:
+    return jax.jit(lambda key: init_variables(model, key))(jax.random.key(seed))
 
 
 def rms(x, scale, eps=1e-6):
@@ -71,13 +76,16 @@ def rms(x, scale, eps=1e-6):
 def by_hand(cfg, params, tokens_BT, ahead_BTA):
     """Each depth's logits composed from the pieces: NumPy norms, projection and tied unembedding around the
     model's own transformer block (sequential: each depth's own output norm; parallel: the main final norm)."""
-    trunk = Transformer(cfg).apply({"params": params}, tokens_BT, method=Transformer.forward).hidden_BTD
+    forward = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t, method=Transformer.forward).hidden_BTD)
+    trunk = forward(params, tokens_BT)
     emb_VD, p = np.asarray(params["embed"]["embedding"], np.float64), params["mtp"]
     mask = Mask.self_attention(jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape))
     spec = mtp_lib.block_spec(cfg)
 
+    block_apply = jax.jit(Block(cfg, spec).apply)
+
     def block(d, x):
-        y, _ = Block(cfg, spec).apply({"params": p[f"block_{d}"]}, jnp.asarray(x, jnp.float32), mask)
+        y, _ = block_apply({"params": p[f"block_{d}"]}, jnp.asarray(x, jnp.float32), mask)
         return np.asarray(y, np.float64)
 
     logits, h = [], np.asarray(trunk, np.float64)
@@ -96,14 +104,14 @@ def by_hand(cfg, params, tokens_BT, ahead_BTA):
 def test_heads_and_per_depth_losses_match_an_independent_computation(style):
     cfg = with_mtp(CFG, 2, style)
     model = Transformer(cfg)
-    params = nn.unbox(init_variables(model, jax.random.key(1))["params"])
+    params = nn.unbox(jit_init(model, 1)["params"])
     rng = np.random.default_rng(0)  # norm scales start at ones: make a swapped or shared norm visible
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.3 * rng.standard_normal(x.shape).astype(x.dtype) if path[-1].key == "scale" else x,
         params,
     )
     window_BW = jax.random.randint(jax.random.key(2), (3, 16 + 1 + 2), 0, 40)
-    out, _ = Inputs(extra_tokens=2)(window_BW, model, {"params": params})
+    out, _ = jax.jit(lambda w: Inputs(extra_tokens=2)(w, model, {"params": params}))(window_BW)
     tokens_BT, ahead_BTA = window_BW[:, :16], mtp_lib.ahead(window_BW, 3)
     want_KBTV = by_hand(cfg, params, tokens_BT, ahead_BTA)
     np.testing.assert_allclose(out.mtp_logits_KBTV, want_KBTV, rtol=1e-4, atol=1e-4)
@@ -128,7 +136,7 @@ def test_heads_and_per_depth_losses_match_an_independent_computation(style):
 def test_parameter_count_includes_the_heads(style):
     for tie in (True, False):
         cfg = with_mtp(CFG, 2, style, tie_embeddings=tie)
-        params = nn.unbox(init_variables(Transformer(cfg), jax.random.key(0))["params"])
+        params = nn.unbox(jax.eval_shape(lambda: init_variables(Transformer(cfg), jax.random.key(0)))["params"])
         assert param_counts(cfg).total == sum(x.size for x in jax.tree.leaves(params))
         heads = sum(x.size for x in jax.tree.leaves(params["mtp"]))
         assert param_counts(cfg).total - param_counts(dataclasses.replace(cfg, mtp=MTPConfig())).total == heads

@@ -34,7 +34,7 @@ def model(style: str = "", heads: int = 0, vocab: int = 50, layers: int = 2, see
                       max_seq_len=MAX_LEN, init_std=0.5,
                       mtp=MTPConfig(num_heads=heads, style=style or "sequential"))  # fmt: skip
     net = Transformer(cfg)
-    return net, nn.unbox(init_variables(net, jax.random.key(seed))["params"])
+    return net, nn.unbox(jax.jit(lambda key: init_variables(net, key))(jax.random.key(seed))["params"])
 
 
 @functools.cache
@@ -44,15 +44,27 @@ def plain(style: str, heads: int):
     return generate_batch(net, params, PROMPTS, STEPS + 4, GREEDY, max_len=MAX_LEN).tokens
 
 
+@functools.cache
+def heads_forward(net):
+    """Jitted: each MTP depth's argmax at every position of a window [1, W] (one forward pass of the heads)."""
+    K = net.cfg.mtp.num_heads
+
+    def drafts(params, tokens):
+        ahead = mtp_lib.ahead(tokens, K + 1)
+        out = net.apply({"params": params}, tokens[:, : -K - 1], ahead_BTA=ahead, method=Transformer.forward)
+        return jnp.argmax(out.mtp_logits_KBTV[:, 0], -1)
+
+    return jax.jit(drafts)
+
+
 def simulated_acceptance(net, params, sequence: list[int], prompt_len: int, k: int) -> np.ndarray:
     """Per draft position, how many drafts greedy MTP drafting of STEPS tokens gets accepted on `sequence`
     (prompt + greedy output), from one full forward pass of the heads over it: each round drafts depth d's argmax
     at the pending token's predecessor; draft d is kept when it and those before it are the next tokens."""
     K = net.cfg.mtp.num_heads
-    tokens = np.asarray(sequence + [0] * (K + 2), np.int32)[None]
-    ahead = mtp_lib.ahead(jnp.asarray(tokens), K + 1)
-    out = net.apply({"params": params}, tokens[:, : -K - 1], ahead_BTA=ahead, method=Transformer.forward)
-    drafts_KT = np.asarray(jnp.argmax(out.mtp_logits_KBTV[:, 0], -1))
+    # Zeros after the sequence (the same length for every prompt: one compiled forward) change no earlier position.
+    tokens = np.asarray(sequence + [0] * (MAX_LEN + K + 1 - len(sequence)), np.int32)[None]  # [1, MAX_LEN + K + 1]
+    drafts_KT = np.asarray(heads_forward(net)(params, jnp.asarray(tokens)))
     accepted, n = np.zeros(k, int), prompt_len
     while n - prompt_len + 1 < STEPS:
         a = 0
@@ -123,7 +135,7 @@ def test_speculative_sampling_follows_the_target_model_not_the_draft():
     def exact(m, p):
         seqs = np.array(list(itertools.product(range(V), repeat=3)), np.int32)
         full = np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], 1)
-        logp = np.asarray(jax.nn.log_softmax(m.apply({"params": p}, jnp.asarray(full)), -1), np.float64)
+        logp = np.asarray(jax.nn.log_softmax(jax.jit(m.apply)({"params": p}, jnp.asarray(full)), -1), np.float64)
         steps = np.take_along_axis(logp[:, len(prompt) - 1 : -1], seqs[..., None], -1)[..., 0]
         return np.exp(steps.sum(1))
 
