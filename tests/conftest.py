@@ -25,6 +25,32 @@ from training.config import resolve  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, the tests marked `slow(seconds)` go to the front, shared out between the workers' first batches
+    longest first, each to the worker with the least so far (xdist's load scheduling hands each worker
+    len(items) / workers / 4 consecutive tests to begin with, then more as they finish): so no long test starts
+    last and leaves the other worker idle."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    slow = sorted(
+        (i for i in items if i.get_closest_marker("slow")), key=lambda i: -i.get_closest_marker("slow").args[0]
+    )
+    if workers < 2 or not slow:
+        return
+    rest = [i for i in items if not i.get_closest_marker("slow")]
+    batches, loads = [[] for _ in range(workers)], [0.0] * workers
+    for item in slow:
+        w = loads.index(min(loads))
+        batches[w].append(item)
+        loads[w] += item.get_closest_marker("slow").args[0]
+    chunk = max(2, len(items) // workers // 4)
+    ordered = []
+    for batch in batches:
+        fill = max(0, chunk - len(batch))
+        ordered += batch + rest[:fill]
+        rest = rest[fill:]
+    items[:] = ordered + rest
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """One persistent XLA compilation cache for the whole session: its xdist workers and the subprocesses they

@@ -98,6 +98,7 @@ def damage(directory) -> None:
             f.write_bytes(b"")
 
 
+@pytest.mark.slow(100)
 def test_runs_killed_or_preempted_anywhere_resume_bit_identically(tmp_path, text_corpus):
     """One workdir killed and preempted in turn, against an uninterrupted reference run. checkpoint.every=3 with
     log_every=2: SIGKILLed while saving step 6, the run resumes from step 3, whose checkpoint holds step 3's

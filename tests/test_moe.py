@@ -347,6 +347,7 @@ MOE_RUN = {
 }  # fmt: skip
 
 
+@pytest.mark.slow(90)
 def test_a_killed_moe_run_resumes_bit_identically_bias_included(tmp_path, text_corpus):
     from tests.test_checkpoint import DRIVER, curve, subprocess_env
     from training.checkpoint import checkpoints_dir, list_steps, load_for_inference

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO
 from training.checkpoint import list_steps
@@ -56,6 +57,7 @@ def rows(workdir) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow(70)
 def test_two_processes_train_like_one(tmp_path):
     one = tmp_path / "one"
     single = subprocess.Popen(

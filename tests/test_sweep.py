@@ -101,6 +101,7 @@ def test_plan_rejects_a_budget_too_small_to_spend_within_2_percent(tmp_path):
     assert not (tmp_path / "iso").exists()
 
 
+@pytest.mark.slow(110)
 def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path):
     grid = {"model.position": ["rope", "none"]}
     file = write_sweep(

@@ -97,8 +97,10 @@ def test_the_emulated_ragged_all_to_all_gives_the_documented_example():
 EXCHANGES = {"padded": {"exchange": "padded"}, "ragged": {"exchange": "ragged", "ragged": emulated_ragged_all_to_all}}
 
 
-@pytest.mark.parametrize("exchange", EXCHANGES)
-@pytest.mark.parametrize("dispatch, factor", [("dropless", 1.0), ("capacity", 0.75)])
+@pytest.mark.parametrize(
+    "dispatch, factor, exchange",
+    [("dropless", 1.0, "padded"), ("capacity", 0.75, "padded"), ("dropless", 1.0, "ragged")],
+)
 def test_the_all_to_all_layer_gives_the_one_device_output_and_gradients(dispatch, factor, exchange):
     from tests.test_moe import CFG
 
@@ -146,7 +148,7 @@ def test_each_device_computes_one_chunk_per_source_not_every_local_expert_over_e
 
 
 def test_a_checkpoint_from_an_expert_mesh_continues_on_another_mesh(tmp_path):
-    """Steps 4..6 resumed on (2 expert x 2 fsdp x 2 data) from a (4 expert x 2 data) checkpoint at step 3 give the
+    """Steps 3..4 resumed on (2 expert x 2 fsdp x 2 data) from a (4 expert x 2 data) checkpoint at step 2 give the
     losses of the uninterrupted run: the experts' weights, their optimizer state and the routers' correction bias
     (non-trained state) move between the meshes."""
     import json
@@ -155,9 +157,9 @@ def test_a_checkpoint_from_an_expert_mesh_continues_on_another_mesh(tmp_path):
     from training.loop import train
 
     def run(mesh):
-        steps = {**STEPS, "steps": 6, "eval_every": 100}
+        steps = {**STEPS, "steps": 4, "eval_every": 100}
         model = {**MODEL, "moe": ROUTINGS["sigmoid capacity"]}
-        checkpoint = {"every": 3, "keep": 5, "async_save": False}
+        checkpoint = {"every": 2, "keep": 5, "async_save": False}
         return tiny_run(model=model, train=steps, checkpoint=checkpoint, mesh=mesh)
 
     def losses_in(workdir):
@@ -166,8 +168,8 @@ def test_a_checkpoint_from_an_expert_mesh_continues_on_another_mesh(tmp_path):
 
     train(run(MESHES["4 expert x 2 data"]), tmp_path, quiet=True)
     want = losses_in(tmp_path)
-    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
     result = train(run(MESHES["2 expert x 2 fsdp x 2 data"]), tmp_path, quiet=True)
     got = losses_in(tmp_path)
-    assert result["step"] == 6 and sorted(got) == list(range(1, 7))
-    np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=1e-5)
+    assert result["step"] == 4 and sorted(got) == list(range(1, 5))
+    np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)], rtol=1e-5)
