@@ -182,15 +182,14 @@ def _slopes(bias_fn: BiasFn | None):
 
 def pallas_blocker(cfg: ModelConfig, documents: bool = False) -> str | None:
     """Why the Pallas kernels (model/kernels/flash_attention, decode_attention) cannot run `cfg` here, or None:
-    GPUs compile them with Triton, a CPU interprets them (slow, for tests); ALiBi or no bias; one device where they
-    compile (XLA cannot split a Triton call: it would gather every input onto each device)."""
+    GPUs compile them with Triton, a CPU interprets them (slow, for tests); ALiBi or no bias. Any device count: a
+    kernel is a per-device program (XLA cannot split a Triton call), so on a mesh training/layout.py runs it inside
+    `jax.shard_map` on each device's batch rows and heads (`Implementation.per_device`)."""
     backend = jax.default_backend()
     if backend not in ("cpu", "gpu"):
         return (
             f"backend is {backend} (the kernels are written for Pallas' Triton lowering on GPUs; CPUs interpret them)"
         )
-    if backend == "gpu" and jax.device_count() != 1:
-        return f"{jax.device_count()} GPUs (the kernels run on one: XLA would gather their inputs onto each device)"
     if POSITIONS[cfg.position].bias not in (None, AlibiBias):
         return f"position {cfg.position!r} adds a bias other than ALiBi's"
     return None
@@ -243,17 +242,22 @@ def cudnn_attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask: Mask, *, bias_fn=None, so
 class Implementation:
     """An attention implementation: `blocker(cfg, documents)` says why it cannot run `cfg`'s attention on this
     backend (None: it can), `attend(cfg, q_BTNH, k_BSKH, v_BSKH, mask, *, bias_fn, softcap, scale)` computes it
-    over a layer's own tokens, `decode` (same arguments, K/V laid out [B, K, S, H]) over a decode cache."""
+    over a layer's own tokens, `decode` (same arguments, K/V laid out [B, K, S, H]) over a decode cache.
+
+    `per_device`: `attend` is one device's program (a Pallas or custom call) that XLA cannot split over a mesh
+    (it would gather every input onto each device); training/layout.py then runs it on each device's own batch
+    rows and heads inside `jax.shard_map`, handing it a bias function over those heads only."""
 
     blocker: Callable[[ModelConfig, bool], str | None]
     attend: Callable[..., jax.Array]
     decode: Callable[..., jax.Array] = reference_decode
+    per_device: bool = False
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "xla": Implementation(lambda cfg, documents=False: None, reference_attention),
     "cpu_kernel": Implementation(cpu_kernel_blocker, cpu_kernel_attention),
-    "pallas": Implementation(pallas_blocker, pallas_attention, pallas_decode),
+    "pallas": Implementation(pallas_blocker, pallas_attention, pallas_decode, per_device=True),
     "cudnn": Implementation(cudnn_blocker, cudnn_attention),  # decoding: the reference (T = 1 is not cuDNN's case)
 }
 # What 'auto' tries, fastest first; the reference last (it always runs). Not 'pallas' (interpreted on CPUs, and not
