@@ -9,7 +9,8 @@ are one code path, and K/V are never repeated in memory). `IMPLEMENTATIONS` maps
 a function saying why it cannot run a config here (or None) and the attention itself. The plain-JAX reference
 ('xla') always runs; 'pallas' runs the Pallas kernels (model/kernels: flash attention for training, flash-decoding
 for the decode cache), 'cudnn' cuDNN's fused attention; 'auto' takes the first of `AUTO_ORDER` that can. Ring
-attention (parallel/ring.py) is an `Implementation` too, built where the mesh is known and handed to the model.
+attention (parallel/ring.py) is an `Implementation` too, built where the mesh is known and handed to the model;
+there too a `per_device` implementation (a kernel XLA cannot split) is wrapped to run on each device's shard.
 """
 
 from __future__ import annotations
