@@ -168,7 +168,8 @@ def per_device_implementation(impl: Implementation, layout: Layout) -> Implement
             bias = None if bias_fn is None else _HeadShard(bias_fn, index * (N // shards), N // shards)
             return impl.attend(cfg, q_BTNH, k_BSKH, v_BSKH, mask, bias_fn=bias, softcap=softcap, scale=scale)
 
-        # check_vma off, as for ring attention: a kernel's outputs start out replicated in its own code.
+        # check_vma off: under check_vma=True a pallas_call's outputs must say how they vary over the mesh axes,
+        # which the kernels' ShapeDtypeStructs do not.
         return jax.shard_map(
             local, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, PartitionSpec(batch or None)), out_specs=x_spec,
             check_vma=False,
