@@ -7,8 +7,9 @@ per verify round and end-to-end decode tokens/s, for a model's MTP heads and for
 
 Prompts are the starts of held-out lines of the embedded corpus (the standard library's sources), decoded at
 batch 1 (one prompt at a time) and greedily (temperature 0: the speculative output equals the plain one, which
-is checked), or with --temperature. Each speed is the median over prompts of the same compiled programs
-(compilation excluded); one JSON line per setting.
+is checked), or with --temperature. Plain and speculative decoding take turns prompt by prompt (each timed on
+its second call, compiled programs only); a setting's speed-up is the median over prompts of its tokens/s over
+plain decoding's on the same prompt, so both arms of a ratio ran under the same load. One JSON line per setting.
 """
 
 from __future__ import annotations
@@ -39,23 +40,44 @@ def prompts_from_corpus(count: int, chars: int) -> list[str]:
     return out
 
 
-def measure(model, params, prompts, new_tokens, rules, max_len, drafter=None, draft_params=None) -> dict:
-    rates, tokens, accepted, proposed, rounds = [], [], 0, 0, 0
+def decode_once(model, params, ids, new_tokens, rules, max_len, seed, drafter=None, draft_params=None):
+    """One prompt decoded plainly (drafter None) or speculatively; timings cover the compiled programs only."""
+    if drafter is None:
+        return generate_batch(model, params, [ids], new_tokens, rules, max_len=max_len, seed=seed)
+    return spec.generate(model, params, [ids], new_tokens, rules, drafter=drafter, draft_params=draft_params,
+                         max_len=max_len, seed=seed)  # fmt: skip
+
+
+def measure(model, params, prompts, new_tokens, rules, max_len, settings) -> tuple[dict, list[dict]]:
+    """Plain decoding and every setting (drafter, draft params), taking turns prompt by prompt so that both
+    arms of each speed-up ran under the same machine load: (plain, [per setting]) with tokens/s medians over the
+    prompts, and each setting's median over prompts of its speed-up against plain decoding of the same prompt."""
+    plain = {"rates": [], "tokens": []}
+    got = [{"rates": [], "tokens": [], "ratios": [], "accepted": 0, "proposed": 0, "rounds": 0} for _ in settings]
     for seed, ids in enumerate(prompts):
-        if drafter is None:  # (both time the compiled programs only)
-            out = generate_batch(model, params, [ids], new_tokens, rules, max_len=max_len, seed=seed)
-        else:
-            out = spec.generate(model, params, [ids], new_tokens, rules, drafter=drafter,
-                                draft_params=draft_params, max_len=max_len, seed=seed)  # fmt: skip
-        rates.append(len(out.tokens[0]) / out.decode_seconds)
-        tokens.append(out.tokens[0])
-        if drafter is not None:
-            accepted, proposed, rounds = accepted + out.accepted_K, proposed + out.proposed_K, rounds + out.rounds
-    result = {"tokens_per_s": statistics.median(rates), "tokens": tokens}
-    if drafter is not None:
-        result["acceptance"] = np.round(accepted / np.maximum(proposed, 1), 3).tolist()
-        result["tokens_per_round"] = round(sum(map(len, tokens)) / max(rounds, 1), 2)
-    return result
+        for _ in range(2):  # the first call of a prompt length compiles; time the second
+            base = decode_once(model, params, ids, new_tokens, rules, max_len, seed)
+        plain["rates"].append(len(base.tokens[0]) / base.decode_seconds)
+        plain["tokens"].append(base.tokens[0])
+        for g, (drafter, draft_params) in zip(got, settings, strict=True):
+            for _ in range(2):
+                out = decode_once(model, params, ids, new_tokens, rules, max_len, seed, drafter, draft_params)
+            rate = len(out.tokens[0]) / out.decode_seconds
+            g["rates"].append(rate)
+            g["ratios"].append(rate / plain["rates"][-1])
+            g["tokens"].append(out.tokens[0])
+            g["accepted"], g["proposed"] = g["accepted"] + out.accepted_K, g["proposed"] + out.proposed_K
+            g["rounds"] += out.rounds
+    results = []
+    for g in got:
+        results.append({
+            "tokens_per_s": statistics.median(g["rates"]),
+            "speedup": statistics.median(g["ratios"]),
+            "tokens": g["tokens"],
+            "acceptance": np.round(g["accepted"] / np.maximum(g["proposed"], 1), 3).tolist(),
+            "tokens_per_round": round(sum(map(len, g["tokens"])) / max(g["rounds"], 1), 2),
+        })  # fmt: skip
+    return {"tokens_per_s": statistics.median(plain["rates"]), "tokens": plain["tokens"]}, results
 
 
 def main() -> None:
@@ -76,14 +98,13 @@ def main() -> None:
     prompts = [prompt_ids(tokenizer, t) for t in texts]
     max_len = max(map(len, prompts)) + args.new_tokens
     rules = Rules(temperature=args.temperature)
-    plain = measure(model, params, prompts, args.new_tokens, rules, max_len)
     settings = [("mtp", int(k), spec.MTPDrafter(run.model, int(k)), None) for k in filter(None, args.mtp_k.split(","))]
     if args.draft_workdir:
         draft_run, draft_params, _, _ = load_for_inference(args.draft_workdir)
         for k in filter(None, args.draft_k.split(",")):
             settings.append(("draft", int(k), spec.ModelDrafter(Transformer(draft_run.model), int(k)), draft_params))
-    for mode, k, drafter, draft_params in settings:
-        got = measure(model, params, prompts, args.new_tokens, rules, max_len, drafter, draft_params)
+    plain, results = measure(model, params, prompts, args.new_tokens, rules, max_len, [s[2:] for s in settings])
+    for (mode, k, _, _), got in zip(settings, results, strict=True):
         row = {
             "workdir": args.workdir,
             "step": step,
@@ -98,7 +119,7 @@ def main() -> None:
             "tokens_per_round": got["tokens_per_round"],
             "plain_tokens_per_s": round(plain["tokens_per_s"], 1),
             "speculative_tokens_per_s": round(got["tokens_per_s"], 1),
-            "speedup": round(got["tokens_per_s"] / plain["tokens_per_s"], 3),
+            "speedup": round(got["speedup"], 3),
         }
         if args.temperature == 0:
             row["same_tokens_as_plain"] = got["tokens"] == plain["tokens"]
