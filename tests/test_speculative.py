@@ -156,7 +156,7 @@ def test_a_rejected_draft_leaves_the_cache_as_if_never_written():
     params = unstack_layers(params, net.cfg)
     step = jax.jit(lambda c, t, p: dec.apply({"params": params, "cache": c}, t, p, mutable=["cache"]))
     prompt = jnp.asarray([[3, 1, 4, 1, 5]])
-    cache = init_cache(dec, 1, 16)
+    cache = jax.jit(lambda: init_cache(dec, 1, 16))()
     _, v = step(cache, prompt, jnp.arange(5)[None])
     # Speculative: the next token and three drafts, then all drafts rejected and the next token kept.
     _, spec_v = step(v["cache"], jnp.asarray([[9, 2, 6, 5]]), jnp.arange(5, 9)[None])
