@@ -107,7 +107,7 @@ def test_model_with_kernel_matches_model_with_xla_attention(position, remat):
 def test_remat_policies_keep_the_kernels_output_instead_of_rerunning_it(remat, calls):
     cfg = dataclasses.replace(CFG, remat=remat, attention_impl="cpu_kernel")
     tokens = jnp.zeros((2, 16), jnp.int32)
-    params = Transformer(cfg).init(jax.random.key(0), tokens)
+    params = jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens)
     text = jax.jit(jax.grad(lambda p: Transformer(cfg).apply(p, tokens).sum())).lower(params).as_text()
     assert text.count(cpu_attention.FORWARD) == calls
     assert text.count(cpu_attention.BACKWARD) == 1

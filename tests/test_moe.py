@@ -31,7 +31,7 @@ def with_moe(cfg: ModelConfig = CFG, **moe) -> ModelConfig:
 
 
 def layer_vars(cfg: ModelConfig, x_BTD, seed: int = 0) -> dict:
-    return nn.unbox(MoE(cfg).init(jax.random.key(seed), x_BTD))
+    return nn.unbox(jax.jit(MoE(cfg).init)(jax.random.key(seed), x_BTD))
 
 
 def np_softmax(z):
@@ -297,7 +297,8 @@ def test_layer_pattern_counts_and_param_tree():
 def xla_flops_per_token(cfg: ModelConfig, B: int = 2) -> float:
     T = cfg.max_seq_len
     model = Transformer(cfg)
-    variables = nn.unbox(init_variables(model, jax.random.key(0)))
+    shapes = nn.unbox(jax.eval_shape(lambda: init_variables(model, jax.random.key(0))))
+    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # values do not change the count
 
     def loss(p, tokens):
         logits = model.apply({"params": p, "state": variables["state"]}, tokens[:, :-1])

@@ -146,7 +146,8 @@ def xla_mtp_flops_per_token(cfg: ModelConfig) -> float:
     """XLA's count of one training step's gradient, MTP losses included, per token."""
     T, K = cfg.max_seq_len, cfg.mtp.num_heads
     model = Transformer(cfg)
-    params = nn.unbox(init_variables(model, jax.random.key(0))["params"])
+    shapes = nn.unbox(jax.eval_shape(lambda: init_variables(model, jax.random.key(0))))["params"]
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # values do not change the count
 
     def loss(p, window_BW):
         out, targets_BT = Inputs(extra_tokens=K)(window_BW, model, {"params": p})

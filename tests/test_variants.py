@@ -248,7 +248,7 @@ def decode_logits(cfg, params, tokens_BT, max_len, max_rewind=0, prefill=6):
     """Prefill the first `prefill` tokens, then feed the rest one by one: each step's logits [B, T - prefill, V]."""
     model, step = decoder(cfg, max_rewind)
     apply = functools.partial(step, unstack_layers(params, cfg))
-    cache = init_cache(model, tokens_BT.shape[0], max_len)
+    cache = jax.jit(lambda: init_cache(model, tokens_BT.shape[0], max_len))()
     B, T = tokens_BT.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     logits, v = apply(cache, tokens_BT[:, :prefill], positions[:, :prefill])
