@@ -182,13 +182,21 @@ def _slopes(bias_fn: BiasFn | None):
 
 def pallas_blocker(cfg: ModelConfig, documents: bool = False) -> str | None:
     """Why the Pallas kernels (model/kernels/flash_attention, decode_attention) cannot run `cfg` here, or None:
-    GPUs compile them with Triton, a CPU interprets them (slow, for tests); ALiBi or no bias; one device where they
-    compile (XLA cannot split a Triton call: it would gather every input onto each device)."""
+    GPUs lower them through Pallas' Triton lowering, TPUs through Mosaic (where a head's whole sequence must fit
+    in VMEM), a CPU interprets them (slow, for tests); ALiBi or no bias; one device where they compile (XLA cannot
+    split a Triton call: it would gather every input onto each device). Both lowerings are checked by export on
+    CPU (tests/test_kernel_lowering.py); neither has been compiled or run on a TPU here."""
     backend = jax.default_backend()
-    if backend not in ("cpu", "gpu"):
-        return (
-            f"backend is {backend} (the kernels are written for Pallas' Triton lowering on GPUs; CPUs interpret them)"
-        )
+    if backend not in ("cpu", "gpu", "tpu"):
+        return f"backend is {backend} (the kernels lower for GPUs (Triton) and TPUs (Mosaic); CPUs interpret them)"
+    if backend == "tpu":
+        D, itemsize = cfg.resolved_head_dim, jnp.dtype(cfg.dtype).itemsize
+        need = flash_attention.mosaic_vmem_bytes(cfg.max_seq_len, cfg.group_size, D, D, itemsize)
+        if need > flash_attention.VMEM_BUDGET:
+            return (
+                f"model.max_seq_len={cfg.max_seq_len}: the TPU kernels would hold ~{need / 2**20:.0f} MiB of a head's"
+                f" whole sequence in VMEM (over {flash_attention.VMEM_BUDGET // 2**20} MiB)"
+            )
     if backend == "gpu" and jax.device_count() != 1:
         return f"{jax.device_count()} GPUs (the kernels run on one: XLA would gather their inputs onto each device)"
     if POSITIONS[cfg.position].bias not in (None, AlibiBias):

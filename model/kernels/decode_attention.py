@@ -29,8 +29,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from model.kernels.flash_attention import NEG_INF, as_blocks, block_table, dot_nn, dot_nt, pad_to, round_up, target
-from model.kernels.flash_attention import Target
+from model.kernels.flash_attention import (
+    NEG_INF,
+    Target,
+    as_blocks,
+    block_table,
+    dot_nn,
+    dot_nt,
+    pad_to,
+    round_up,
+    target,
+)
 from model.mask import Mask
 
 

@@ -142,6 +142,19 @@ def target(platform: str | None = None, interpret: bool | None = None) -> Target
     return Target(kind, kind == "cpu" if interpret is None else bool(interpret))
 
 
+VMEM_BUDGET = 16 * 2**20  # bytes a TPU kernel may hold: the smallest default scoped VMEM limit (TPU v5e's)
+
+
+def mosaic_vmem_bytes(T: int, G: int, D: int, Dv: int, itemsize: int) -> int:
+    """An estimate of what the largest TPU kernel holds in VMEM for attention over T tokens, double-buffered: the
+    forward and dq kernels keep a K/V head's whole k and v, the dk/dv kernel its G query heads' whole q and dO and
+    their log-sum-exp and delta rows (each row padded to 8 sublanes); the tiles themselves are small beside them."""
+    T, D, Dv = round_up(T, 128), round_up(D, 128), round_up(Dv, 128)
+    kv = T * (D + Dv) * itemsize
+    q_do = G * T * (D + Dv) * itemsize + 2 * G * T * 8 * 4
+    return 2 * max(kv, q_do)
+
+
 def column(x_1X: jax.Array, lanes: int) -> jax.Array:
     """[1, X] -> [X, 1], through a [lanes, X] broadcast (Mosaic transposes whole tiles; elsewhere lanes = 1)."""
     return jnp.broadcast_to(x_1X, (lanes, x_1X.shape[1])).T[:, :1]
@@ -240,6 +253,12 @@ def scores(st: Static, s, qpos, kpos, qseg, kseg, slope):
     return jnp.where(ok, s, NEG_INF), ok, tanh
 
 
+def kv_head(n, G: int):
+    """The K/V head query head n reads (lax.div: n >= 0, and `//` on a traced int lowers through `sign`, which
+    Mosaic's lowering asks the attached TPU about)."""
+    return lax.div(n, G)
+
+
 def _named(names, refs):
     return dict(zip(names, refs, strict=True))
 
@@ -331,8 +350,8 @@ def _forward(st: Static, dims: Dims, q, k, v, qpos, kpos, qseg, kseg, slopes, ta
     q_block = pl.BlockSpec((None, bq, D), lambda b, n, i: (b, i, n))
     inputs = [
         ("q", q, q_block),
-        ("k", k, pl.BlockSpec((None, S, D), lambda b, n, i: (b, 0, n // G))),
-        ("v", v, pl.BlockSpec((None, S, Dv), lambda b, n, i: (b, 0, n // G))),
+        ("k", k, pl.BlockSpec((None, S, D), lambda b, n, i: (b, 0, kv_head(n, G)))),
+        ("v", v, pl.BlockSpec((None, S, Dv), lambda b, n, i: (b, 0, kv_head(n, G)))),
         *_mask_inputs(
             st,
             qpos,
@@ -443,8 +462,8 @@ def _backward(st: Static, dims: Dims, q, k, v, qpos, kpos, qseg, kseg, slopes, t
     row_block = pl.BlockSpec((None, None, 1, bq), lambda b, n, i: (b, n, 0, i))
     dq_inputs = [
         ("q", q, q_block),
-        ("k", k, pl.BlockSpec((None, S, D), lambda b, n, i: (b, 0, n // G))),
-        ("v", v, pl.BlockSpec((None, S, Dv), lambda b, n, i: (b, 0, n // G))),
+        ("k", k, pl.BlockSpec((None, S, D), lambda b, n, i: (b, 0, kv_head(n, G)))),
+        ("v", v, pl.BlockSpec((None, S, Dv), lambda b, n, i: (b, 0, kv_head(n, G)))),
         ("do", do, pl.BlockSpec((None, bq, Dv), lambda b, n, i: (b, i, n))),
         ("lse", lse, row_block),
         ("delta", delta, row_block),
