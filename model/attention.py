@@ -8,8 +8,11 @@ with q [B, T, N, D], k [B, S, K, D], v [B, S, K, Dv]: query head n reads K/V hea
 are one code path, and K/V are never repeated in memory). `IMPLEMENTATIONS` maps a name to an `Implementation`:
 a function saying why it cannot run a config here (or None) and the attention itself. The plain-JAX reference
 ('xla') always runs; 'pallas' runs the Pallas kernels (model/kernels: flash attention for training, flash-decoding
-for the decode cache), 'cudnn' cuDNN's fused attention; 'auto' takes the first of `AUTO_ORDER` that can. Ring
-attention (parallel/ring.py) is an `Implementation` too, built where the mesh is known and handed to the model.
+for the decode cache), lowered through Pallas' Triton lowering on GPUs and through Mosaic on TPUs, interpreted on
+CPUs (how the tests check them against the reference; that both lowerings succeed is checked by jax.export on CPU,
+tests/test_kernel_lowering.py, but they have never been compiled or run on a GPU or TPU here), 'cudnn' cuDNN's fused
+attention; 'auto' takes the first of `AUTO_ORDER` that can. Ring attention (parallel/ring.py) is an
+`Implementation` too, built where the mesh is known and handed to the model.
 """
 
 from __future__ import annotations

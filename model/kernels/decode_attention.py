@@ -16,7 +16,8 @@ It lowers where flash attention's kernels do (`flash_attention.Target`: interpre
 on GPUs, Mosaic on TPUs) with the same conventions: the rows' positions, ALiBi slopes and log-sum-exp are columns
 [M, 1] (M is a few rows), the slots' positions rows [S / block, 1, block] read by a leading-axis index, the block
 table in SMEM on TPUs. Verified by interpretation on CPU (tests/test_decode_attention.py) and by export for 'cuda'
-and 'tpu' on CPU (tests/test_kernel_lowering.py): never compiled or run on a TPU here.
+and 'tpu' on CPU (tests/test_kernel_lowering.py), which runs Pallas' lowering but not Triton's or Mosaic's
+compilers: never compiled or run on a GPU or TPU here.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ are cut off). A query that sees no key at all gets zeros (the plain-JAX referenc
 
 How this is verified: interpreted on CPU against the reference (tests/test_flash_attention.py), and lowered for
 'cuda' (to Triton's custom call) and 'tpu' (to Mosaic's) with jax.export on CPU (tests/test_kernel_lowering.py).
-Export runs Pallas' lowering only: Triton's and Mosaic's own compilers run on the device, and these kernels have
-not been compiled or run on a TPU here (nor, lowered this way, on a GPU).
+Export runs Pallas' lowering only (to the Triton IR and the Mosaic module the custom calls carry): Triton's and
+Mosaic's own compilers run on the device, and these kernels have never been compiled or run on a GPU or TPU here.
 """
 
 from __future__ import annotations
@@ -101,14 +101,16 @@ class Target:
     def block(self, name: str, requested: int, length: int, rows: bool = False) -> int:
         """The block actually used for `length` entries (shrunk for short lengths); ValueError (one line) when the
         lowering cannot tile it. `rows`: a block of decode rows only ever on sublanes (multiples of 16 on TPUs)."""
+        if requested < 1:
+            raise ValueError(f"{name}={requested}: must be positive")
         if self.mosaic:
             multiple = 16 if rows else 128
             block = min(requested, round_up(length, multiple))
-            if block < 1 or block % multiple:
+            if block % multiple:
                 raise ValueError(f"{name}={requested}: must be a multiple of {multiple} (Mosaic, TPU)")
             return block
         block = min(requested, max(pow2(length), 16))
-        if block < 1 or (not self.interpret and (block < 16 or block & (block - 1))):
+        if not self.interpret and (block < 16 or block & (block - 1)):
             raise ValueError(f"{name}={requested}: must be a power of two >= 16 (Triton, GPU)")
         return block
 
@@ -616,7 +618,7 @@ def flash_attention(
 
 
 def visited_blocks(
-    q, k, v, mask: Mask, *, block_q: int = 128, block_k: int = 64, interpret=None, platform=None, **kw
+    q, k, v, mask: Mask, *, block_q: int | None = None, block_k: int | None = None, interpret=None, platform=None, **kw
 ) -> jax.Array:
     """[B, N, ceil(T / block_q)]: how many key blocks the forward kernel computed for each query block (a debug
     output of the kernel itself, so tests can prove the skipped blocks are skipped)."""
