@@ -128,7 +128,7 @@ class Target:
         if self.mosaic:
             from jax.experimental.pallas import tpu as pltpu
 
-            return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
+            return pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL,) * grid_rank)
         from jax.experimental.pallas import triton as plgpu
 
         return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
