@@ -71,7 +71,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, slopes_ref, table_re
         k_1K = kpos_ref[j]
         if st.alibi:
             s_MK = s_MK - slope_M1 * (q_M1 - k_1K).astype(jnp.float32)
-        ok_MK = (k_1K <= q_M1) & (k_1K >= 0)
+        ok_MK = (k_1K <= q_M1) & (jnp.broadcast_to(k_1K, s_MK.shape) >= 0)  # no broadcast of bools
         if st.window:
             ok_MK &= q_M1 - k_1K < st.window
         s_MK = jnp.where(ok_MK, s_MK, NEG_INF)

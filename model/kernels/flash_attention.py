@@ -247,7 +247,7 @@ def scores(st: Static, s, qpos, kpos, qseg, kseg, slope):
         s = st.softcap * tanh
     if st.alibi:
         s = s - slope * (qpos - kpos).astype(jnp.float32)
-    ok = (kpos <= qpos) & (kpos >= 0)
+    ok = (kpos <= qpos) & (jnp.broadcast_to(kpos, s.shape) >= 0)  # compare at full size: no broadcast of bools
     if st.window:
         ok &= qpos - kpos < st.window
     if st.segments:
