@@ -29,8 +29,9 @@ are cut off). A query that sees no key at all gets zeros (the plain-JAX referenc
 
 How this is verified: interpreted on CPU against the reference (tests/test_flash_attention.py), and lowered for
 'cuda' (to Triton's custom call) and 'tpu' (to Mosaic's) with jax.export on CPU (tests/test_kernel_lowering.py).
-Export runs Pallas' lowering only (to the Triton IR and the Mosaic module the custom calls carry): Triton's and
-Mosaic's own compilers run on the device, and these kernels have never been compiled or run on a GPU or TPU here.
+Export runs Pallas' lowering (with jaxlib 0.10.2, to the Triton IR and the Mosaic module the custom calls carry;
+later jaxlibs also run Triton's compiler in it); Mosaic's compiler runs only on a TPU, and these kernels have never
+been compiled or run on a GPU or TPU here.
 """
 
 from __future__ import annotations
