@@ -3,13 +3,19 @@ jax.export: forward, gradients (the dq and dk/dv kernels through the custom_vjp)
 MQA, causal attention with a sliding window, document ids, ALiBi, a soft-cap, Dv != D, lengths that are not
 multiples of the blocks, bfloat16 and float32. Export runs Pallas' lowering to the Triton / Mosaic custom call
 (with jaxlib 0.10.2 it stops at the Triton IR; later jaxlibs run Triton's compiler during the lowering, to
-`triton_kernel_call_ffi`); Mosaic's compiler runs only on a TPU, so for TPUs this proves the kernels reach it, not
-that they compile. The TPU-shaped kernels (128-blocks, head dims padded to 128, SMEM scalars) are also interpreted against the
-reference, so what Mosaic is handed computes the right thing."""
+`triton_kernel_call_ffi`). Where libtpu is installed, XLA's TPU compiler also compiles them for a compile-only TPU
+(Mosaic's own compiler: the strongest check short of a TPU). The TPU-shaped kernels (128-blocks, head dims padded
+to 128, SMEM scalars) are also interpreted against the reference, so what Mosaic is handed computes the right
+thing."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +31,7 @@ from model.kernels.flash_attention import flash_attention, target
 from model.mask import Mask
 
 # The custom calls each lowering ends in (Triton's: jaxlib <= 0.10.2, later).
+REPO = pathlib.Path(__file__).resolve().parents[1]
 CUSTOM_CALLS = {"cuda": ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi"), "tpu": ("tpu_custom_call",)}
 
 
@@ -171,3 +178,56 @@ def test_pallas_is_allowed_on_a_tpu_and_refused_in_one_line_where_its_blocks_out
     assert pallas_blocker(cfg) is None
     reason = pallas_blocker(dataclasses.replace(cfg, max_seq_len=65536))
     assert reason.startswith("model.max_seq_len=65536: ") and "VMEM" in reason and "\n" not in reason
+
+
+TPU_COMPILE = """
+import jax, jax.numpy as jnp
+from jax.experimental import topologies
+from model.kernels import flash_attention as flash_lib
+from model.kernels.decode_attention import decode_attention
+from model.mask import Mask
+from tests.test_kernel_lowering import CASES, attention_fn, shapes
+
+device = topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]  # compile-only: no TPU attached
+sharding = jax.sharding.SingleDeviceSharding(device)
+on_tpu = lambda *structs: [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for s in structs]
+for c in CASES:
+    f = attention_fn(c, "tpu")
+    grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), (0, 1, 2))
+    jax.jit(grads).lower(*on_tpu(*shapes(c))).compile()
+kpos = jnp.where(jnp.arange(300)[None] < jnp.array([[100], [300]]), jnp.arange(300)[None], -1)
+mask = Mask(jnp.array([[99], [299]]), kpos, window=64)
+dec = lambda q, k, v: decode_attention(q, k, v, mask, softcap=3.0, alibi_slopes=jnp.ones(4), platform="tpu")
+q, kv = jax.ShapeDtypeStruct((2, 1, 4, 64), jnp.bfloat16), jax.ShapeDtypeStruct((2, 2, 300, 64), jnp.bfloat16)
+jax.jit(dec).lower(*on_tpu(q, kv, kv)).compile()
+for T, fits in ((4096, True), (8192, False)):  # the blocker's estimate against Mosaic's own VMEM check
+    est = flash_lib.mosaic_vmem_bytes(T, 2, 128, 128, 2)
+    assert (est <= flash_lib.VMEM_BUDGET) == fits, (T, est)
+    mask = Mask.self_attention(jnp.arange(T)[None], in_order=True)
+    attend = lambda q, k, v: flash_lib.flash_attention(q, k, v, mask, platform="tpu")
+    g = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32)), (0, 1, 2))
+    structs = [jax.ShapeDtypeStruct((1, T, n, 128), jnp.bfloat16) for n in (4, 2, 2)]
+    try:
+        jax.jit(g).lower(*on_tpu(*structs)).compile()
+        compiled = True
+    except Exception as e:
+        assert "vmem" in str(e).lower(), e
+        compiled = False
+    assert compiled == fits, T
+print("compiled for TPU v5e")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (jax[tpu]) is not installed here")
+def test_the_kernels_compile_for_a_tpu_without_one():
+    """With libtpu installed, XLA's TPU compiler runs on a CPU-only machine for a compile-only TPU topology: Mosaic
+    itself compiles the kernels (gradients over the cases above, decode), and a head's sequence just over the
+    blocker's VMEM budget fails Mosaic's VMEM check where one under it compiles."""
+    env = {
+        **os.environ,
+        "TPU_SKIP_MDS_QUERY": "1",
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # a pytest process that found libtpu may hold its lockfile
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run([sys.executable, "-c", TPU_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "compiled for TPU v5e" in run.stdout, run.stderr[-3000:]

@@ -30,8 +30,12 @@ are cut off). A query that sees no key at all gets zeros (the plain-JAX referenc
 How this is verified: interpreted on CPU against the reference (tests/test_flash_attention.py), and lowered for
 'cuda' (to Triton's custom call) and 'tpu' (to Mosaic's) with jax.export on CPU (tests/test_kernel_lowering.py).
 Export runs Pallas' lowering (with jaxlib 0.10.2, to the Triton IR and the Mosaic module the custom calls carry;
-later jaxlibs also run Triton's compiler in it); Mosaic's compiler runs only on a TPU, and these kernels have never
-been compiled or run on a GPU or TPU here.
+later jaxlibs also run Triton's compiler in it). With libtpu installed, the same test file also compiles them through
+XLA's TPU compiler (Mosaic included) for a compile-only TPU topology; that passed for v4, v5e, v5p and v6e with
+libtpu 0.0.42, and `mosaic_vmem_bytes` agreed with Mosaic's VMEM check at 4k (fits) and 8k tokens (does not).
+Once, by hand, the Triton IR of all four kernels (bfloat16 and float32, heads of 64 and 128) compiled to sm_90
+cubin with pip's triton 3.9 (a newer Triton than XLA's), each within an H100's shared memory. The kernels have
+never run on a GPU or TPU here: their speed and their numerics on hardware are unmeasured.
 """
 
 from __future__ import annotations
