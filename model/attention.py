@@ -9,8 +9,8 @@ are one code path, and K/V are never repeated in memory). `IMPLEMENTATIONS` maps
 a function saying why it cannot run a config here (or None) and the attention itself. The plain-JAX reference
 ('xla') always runs; 'pallas' runs the Pallas kernels (model/kernels: flash attention for training, flash-decoding
 for the decode cache), lowered through Pallas' Triton lowering on GPUs and through Mosaic on TPUs, interpreted on
-CPUs (how the tests check them against the reference; that both lowerings succeed is checked by jax.export on CPU,
-tests/test_kernel_lowering.py, but they have never been compiled or run on a GPU or TPU here), 'cudnn' cuDNN's fused
+CPUs (how the tests check them against the reference; tests/test_kernel_lowering.py exports both lowerings on CPU
+and, with libtpu installed, compiles the TPU one; they have never run on a GPU or TPU here), 'cudnn' cuDNN's fused
 attention; 'auto' takes the first of `AUTO_ORDER` that can. Ring attention (parallel/ring.py) is an
 `Implementation` too, built where the mesh is known and handed to the model.
 """
@@ -187,8 +187,9 @@ def pallas_blocker(cfg: ModelConfig, documents: bool = False) -> str | None:
     """Why the Pallas kernels (model/kernels/flash_attention, decode_attention) cannot run `cfg` here, or None:
     GPUs lower them through Pallas' Triton lowering, TPUs through Mosaic (where a head's whole sequence must fit
     in VMEM), a CPU interprets them (slow, for tests); ALiBi or no bias; one device where they compile (XLA cannot
-    split a Triton call: it would gather every input onto each device). Both lowerings are checked by export on
-    CPU (tests/test_kernel_lowering.py); neither has been compiled or run on a TPU here."""
+    split a Triton call: it would gather every input onto each device). Both lowerings are checked on CPU
+    (tests/test_kernel_lowering.py: export, and Mosaic's compiler where libtpu is installed); neither has run on
+    hardware here."""
     backend = jax.default_backend()
     if backend not in ("cpu", "gpu", "tpu"):
         return f"backend is {backend} (the kernels lower for GPUs (Triton) and TPUs (Mosaic); CPUs interpret them)"

@@ -15,9 +15,9 @@ GPU busy even at batch 1.
 It lowers where flash attention's kernels do (`flash_attention.Target`: interpreted on CPUs, Pallas' Triton lowering
 on GPUs, Mosaic on TPUs) with the same conventions: the rows' positions, ALiBi slopes and log-sum-exp are columns
 [M, 1] (M is a few rows), the slots' positions rows [S / block, 1, block] read by a leading-axis index, the block
-table in SMEM on TPUs. Verified by interpretation on CPU (tests/test_decode_attention.py) and by export for 'cuda'
-and 'tpu' on CPU (tests/test_kernel_lowering.py), which runs Pallas' lowering but not Triton's or Mosaic's
-compilers: never compiled or run on a GPU or TPU here.
+table in SMEM on TPUs. Verified by interpretation on CPU (tests/test_decode_attention.py), by export for 'cuda'
+and 'tpu' on CPU and, with libtpu installed, by Mosaic's compiler for a compile-only TPU (tests/test_kernel_lowering.py;
+flash_attention.py's docstring says what else was compiled once by hand): never run on a GPU or TPU here.
 """
 
 from __future__ import annotations
