@@ -8,9 +8,12 @@ with q [B, T, N, D], k [B, S, K, D], v [B, S, K, Dv]: query head n reads K/V hea
 are one code path, and K/V are never repeated in memory). `IMPLEMENTATIONS` maps a name to an `Implementation`:
 a function saying why it cannot run a config here (or None) and the attention itself. The plain-JAX reference
 ('xla') always runs; 'pallas' runs the Pallas kernels (model/kernels: flash attention for training, flash-decoding
-for the decode cache), 'cudnn' cuDNN's fused attention; 'auto' takes the first of `AUTO_ORDER` that can. Ring
-attention (parallel/ring.py) is an `Implementation` too, built where the mesh is known and handed to the model;
-there too a `per_device` implementation (a kernel XLA cannot split) is wrapped to run on each device's shard.
+for the decode cache), lowered through Pallas' Triton lowering on GPUs and through Mosaic on TPUs, interpreted on
+CPUs (how the tests check them against the reference; tests/test_kernel_lowering.py exports both lowerings on CPU
+and, with libtpu installed, compiles the TPU one; they have never run on a GPU or TPU here), 'cudnn' cuDNN's fused
+attention; 'auto' takes the first of `AUTO_ORDER` that can. Ring attention (parallel/ring.py) is an
+`Implementation` too, built where the mesh is known and handed to the model; there too a `per_device`
+implementation (a kernel XLA cannot split) is wrapped to run on each device's shard.
 """
 
 from __future__ import annotations
@@ -183,14 +186,23 @@ def _slopes(bias_fn: BiasFn | None):
 
 def pallas_blocker(cfg: ModelConfig, documents: bool = False) -> str | None:
     """Why the Pallas kernels (model/kernels/flash_attention, decode_attention) cannot run `cfg` here, or None:
-    GPUs compile them with Triton, a CPU interprets them (slow, for tests); ALiBi or no bias. Any device count: a
-    kernel is a per-device program (XLA cannot split a Triton call), so on a mesh training/layout.py runs it inside
-    `jax.shard_map` on each device's batch rows and heads (`Implementation.per_device`)."""
+    GPUs lower them through Pallas' Triton lowering, TPUs through Mosaic (where a head's whole sequence must fit
+    in VMEM), a CPU interprets them (slow, for tests); ALiBi or no bias. Any device count: a kernel is a per-device
+    program (XLA splits neither a Triton nor a Mosaic call), so on a mesh training/layout.py runs it inside
+    `jax.shard_map` on each device's batch rows and heads (`Implementation.per_device`). Both lowerings are
+    checked on CPU (tests/test_kernel_lowering.py: export, and Mosaic's compiler where libtpu is installed);
+    neither has run on hardware here."""
     backend = jax.default_backend()
-    if backend not in ("cpu", "gpu"):
-        return (
-            f"backend is {backend} (the kernels are written for Pallas' Triton lowering on GPUs; CPUs interpret them)"
-        )
+    if backend not in ("cpu", "gpu", "tpu"):
+        return f"backend is {backend} (the kernels lower for GPUs (Triton) and TPUs (Mosaic); CPUs interpret them)"
+    if backend == "tpu":
+        D, itemsize = cfg.resolved_head_dim, jnp.dtype(cfg.dtype).itemsize
+        need = flash_attention.mosaic_vmem_bytes(cfg.max_seq_len, cfg.group_size, D, D, itemsize)
+        if need > flash_attention.VMEM_BUDGET:
+            return (
+                f"model.max_seq_len={cfg.max_seq_len}: the TPU kernels would hold ~{need / 2**20:.0f} MiB of a head's"
+                f" whole sequence in VMEM (over {flash_attention.VMEM_BUDGET // 2**20} MiB)"
+            )
     if POSITIONS[cfg.position].bias not in (None, AlibiBias):
         return f"position {cfg.position!r} adds a bias other than ALiBi's"
     return None

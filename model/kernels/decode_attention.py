@@ -7,9 +7,17 @@ and the T queries are stacked into M = T * G rows, so one program reads each cac
 
 The grid is (batch row, K/V head, row block, split): each split walks its share of the cache in key blocks with an
 online softmax in float32, skipping a block whose slots the mask empties for all its rows (empty slots, or keys
-after the last query or outside the sliding window: a test of the block's smallest/largest position against the
-rows'), and writes its partial output with its log-sum-exp; a final log-sum-exp combine in plain JAX merges the
-splits (Dao et al.'s flash-decoding), so a long cache keeps the whole GPU busy even at batch 1.
+after the last query or outside the sliding window: flash attention's `block_table`, decided before the kernel
+from each block's smallest/largest position), and writes its partial output with its log-sum-exp; a final
+log-sum-exp combine in plain JAX merges the splits (Dao et al.'s flash-decoding), so a long cache keeps the whole
+GPU busy even at batch 1.
+
+It lowers where flash attention's kernels do (`flash_attention.Target`: interpreted on CPUs, Pallas' Triton lowering
+on GPUs, Mosaic on TPUs) with the same conventions: the rows' positions, ALiBi slopes and log-sum-exp are columns
+[M, 1] (M is a few rows), the slots' positions rows [S / block, 1, block] read by a leading-axis index, the block
+table in SMEM on TPUs. Verified by interpretation on CPU (tests/test_decode_attention.py), by export for 'cuda'
+and 'tpu' on CPU and, with libtpu installed, by Mosaic's compiler for a compile-only TPU (tests/test_kernel_lowering.py;
+flash_attention.py's docstring says what else was compiled once by hand): never run on a GPU or TPU here.
 """
 
 from __future__ import annotations
@@ -23,14 +31,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from model.kernels.flash_attention import (
-    BIG,
     NEG_INF,
-    check_blocks,
-    compiler_params,
-    default_interpret,
-    dot_f32,
+    Target,
+    as_blocks,
+    block_table,
+    dot_nn,
+    dot_nt,
     pad_to,
-    pow2,
+    round_up,
+    target,
 )
 from model.mask import Mask
 
@@ -43,54 +52,47 @@ class Static:
     block_k: int
     chunk_blocks: int  # key blocks per split
     alibi: bool
-    interpret: bool
+    target: Target
     count_visits: bool = False  # a debug output: the key blocks each program computed
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, slopes_ref, o_ref, lse_ref, *visits_ref, st: Static):
+def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, slopes_ref, table_ref, o_ref, lse_ref, *visits_ref, st):
     split, bk = pl.program_id(3), st.block_k
-    q_MD, qpos_M = q_ref[...], qpos_ref[...]
-    slope_M1 = slopes_ref[...][:, None] if st.alibi else None
-    q_M1 = qpos_M[:, None]
-    real_M = qpos_M >= 0
-    qmin, qmax = jnp.where(real_M, qpos_M, BIG).min(), jnp.where(real_M, qpos_M, -1).max()
+    q_MD, q_M1 = q_ref[...], qpos_ref[...]
+    slope_M1 = slopes_ref[...] if st.alibi else None
     Mb, Dv = q_MD.shape[0], o_ref.shape[-1]
 
-    def visit(ks, kpos_K, carry):
-        acc_MV, m_M, l_M, visits = carry
-        s_MK = dot_f32(q_MD, k_ref[ks, :]) * st.scale
+    def visit(j, carry):
+        acc_MV, m_M1, l_M1, visits = carry
+        ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
+        s_MK = dot_nt(q_MD, k_ref[ks, :]) * st.scale
         if st.softcap > 0:
             s_MK = st.softcap * jnp.tanh(s_MK / st.softcap)
-        k_1K = kpos_K[None, :]
+        k_1K = kpos_ref[j]
         if st.alibi:
             s_MK = s_MK - slope_M1 * (q_M1 - k_1K).astype(jnp.float32)
-        ok_MK = (k_1K <= q_M1) & (k_1K >= 0)
+        ok_MK = (k_1K <= q_M1) & (jnp.broadcast_to(k_1K, s_MK.shape) >= 0)  # no broadcast of bools
         if st.window:
             ok_MK &= q_M1 - k_1K < st.window
         s_MK = jnp.where(ok_MK, s_MK, NEG_INF)
-        m_new_M = jnp.maximum(m_M, s_MK.max(-1))
-        p_MK = jnp.where(ok_MK, jnp.exp(s_MK - m_new_M[:, None]), 0.0)
-        alpha_M = jnp.exp(m_M - m_new_M)
+        m_new_M1 = jnp.maximum(m_M1, s_MK.max(-1, keepdims=True))
+        p_MK = jnp.where(ok_MK, jnp.exp(s_MK - m_new_M1), 0.0)
+        alpha_M1 = jnp.exp(m_M1 - m_new_M1)
         v_KV = v_ref[ks, :]
-        acc_MV = alpha_M[:, None] * acc_MV + dot_f32(p_MK.astype(v_KV.dtype), v_KV, (1, 0))
-        return acc_MV, m_new_M, alpha_M * l_M + p_MK.sum(-1), visits + 1
+        acc_MV = alpha_M1 * acc_MV + dot_nn(p_MK.astype(v_KV.dtype), v_KV)
+        return acc_MV, m_new_M1, alpha_M1 * l_M1 + p_MK.sum(-1, keepdims=True), visits + 1
 
     def body(j, carry):
-        ks = pl.ds((split * st.chunk_blocks + j) * bk, bk)
-        kpos_K = kpos_ref[ks]
-        real_K = kpos_K >= 0
-        kmin, kmax = jnp.where(real_K, kpos_K, BIG).min(), jnp.where(real_K, kpos_K, -1).max()
-        seen = (kmax >= 0) & (qmax >= 0) & (kmin <= qmax)
-        if st.window:
-            seen &= qmin - kmax < st.window
-        return lax.cond(seen, functools.partial(visit, ks, kpos_K), lambda c: c, carry)
+        j = split * st.chunk_blocks + j
+        return lax.cond(table_ref[0, j] != 0, functools.partial(visit, j), lambda c: c, carry)
 
-    init = (jnp.zeros((Mb, Dv), jnp.float32), jnp.full((Mb,), NEG_INF, jnp.float32), jnp.zeros((Mb,), jnp.float32))
-    acc_MV, m_M, l_M, visits = lax.fori_loop(0, st.chunk_blocks, body, (*init, jnp.int32(0)))
-    seen_M = l_M > 0
-    o_ref[...] = acc_MV / jnp.where(seen_M, l_M, 1.0)[:, None]
-    lse_ref[...] = jnp.where(seen_M, m_M + jnp.log(jnp.where(seen_M, l_M, 1.0)), NEG_INF)
-    if st.count_visits:
+    init = (jnp.zeros((Mb, Dv), jnp.float32), jnp.full((Mb, 1), NEG_INF, jnp.float32), jnp.zeros((Mb, 1), jnp.float32))
+    acc_MV, m_M1, l_M1, visits = lax.fori_loop(0, st.chunk_blocks, body, (*init, jnp.int32(0)))
+    seen_M1 = l_M1 > 0
+    l_M1 = jnp.where(seen_M1, l_M1, 1.0)
+    o_ref[...] = acc_MV / l_M1
+    lse_ref[...] = jnp.where(seen_M1, m_M1 + jnp.log(l_M1), NEG_INF)
+    if st.count_visits:  # a debug output of interpreted kernels
         visits_ref[0][...] = jnp.full((1,), visits, jnp.int32)
 
 
@@ -106,6 +108,7 @@ def _decode(
     block_k,
     num_splits,
     interpret,
+    platform,
     count_visits=False,
 ):
     """(out [B, T, N, Hv], visits [B, K, row blocks, splits] or None)."""
@@ -116,13 +119,13 @@ def _decode(
     if mask.has_segments:
         raise ValueError("decode_attention: the decode cache keeps no document ids (mask has segments)")
     G, M = N // K, T * N // K
-    interpret = default_interpret() if interpret is None else interpret
-    bm, bk = min(block_m, max(pow2(M), 16)), min(block_k, max(pow2(S), 16))
-    check_blocks(interpret, block_m=bm, block_k=bk)
+    tgt = target(platform, interpret)
+    bm = tgt.block("block_m", (128 if tgt.mosaic else 64) if block_m is None else block_m, M, rows=True)
+    bk = tgt.block("block_k", block_k, S)
     splits = max(1, min(num_splits, -(-S // bk)))
     chunk_blocks = -(-S // (splits * bk))
-    Mp, Sp = -(-M // bm) * bm, splits * chunk_blocks * bk
-    Hp, Hvp = (pow2(d) if interpret else max(16, pow2(d)) for d in (H, Hv))
+    Mp, Sp = round_up(M, bm), splits * chunk_blocks * bk
+    Hp, Hvp = tgt.head_dim(H), tgt.head_dim(Hv)
 
     # Row m = t * G + g: query t of head k * G + g.
     q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, M, H)
@@ -133,6 +136,7 @@ def _decode(
     kpos_BS = pad_to(mask.k_positions_BS.astype(jnp.int32), 1, Sp, -1)
     slopes_N = jnp.zeros((N,), jnp.float32) if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
     slopes_KM = pad_to(jnp.tile(slopes_N.reshape(K, G), (1, T)), 1, Mp)
+    table_BMS = block_table(Mask(qpos_BM, kpos_BS, window=mask.window), bm, bk)
     st = Static(
         scale=float(H**-0.5 if scale is None else scale),
         softcap=float(softcap or 0.0),
@@ -140,38 +144,41 @@ def _decode(
         block_k=bk,
         chunk_blocks=chunk_blocks,
         alibi=alibi_slopes is not None,
-        interpret=bool(interpret),
+        target=tgt,
         count_visits=count_visits,
     )
-    nm = Mp // bm
+    nm, nk = Mp // bm, Sp // bk
     visits_spec = pl.BlockSpec((None, None, None, 1), lambda b, h, i, s: (b, h, i, s))
+    grid = (B, K, nm, splits)
     o, lse, *visits = pl.pallas_call(
         functools.partial(_decode_kernel, st=st),
-        grid=(B, K, nm, splits),
+        grid=grid,
         in_specs=[
             pl.BlockSpec((None, None, bm, Hp), lambda b, h, i, s: (b, h, i, 0)),
             pl.BlockSpec((None, None, Sp, Hp), lambda b, h, i, s: (b, h, 0, 0)),
             pl.BlockSpec((None, None, Sp, Hvp), lambda b, h, i, s: (b, h, 0, 0)),
-            pl.BlockSpec((None, bm), lambda b, h, i, s: (b, i)),
-            pl.BlockSpec((None, Sp), lambda b, h, i, s: (b, 0)),
-            pl.BlockSpec((None, bm), lambda b, h, i, s: (h, i)),
+            pl.BlockSpec((None, bm, 1), lambda b, h, i, s: (b, i, 0)),
+            pl.BlockSpec((None, nk, 1, bk), lambda b, h, i, s: (b, 0, 0, 0)),
+            pl.BlockSpec((None, bm, 1), lambda b, h, i, s: (h, i, 0)),
+            pl.BlockSpec((None, None, 1, nk), lambda b, h, i, s: (b, i, 0, 0), memory_space=tgt.scalar_space),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, bm, Hvp), lambda b, h, i, s: (b, h, s, i, 0)),
-            pl.BlockSpec((None, None, None, bm), lambda b, h, i, s: (b, h, s, i)),
+            pl.BlockSpec((None, None, None, bm, 1), lambda b, h, i, s: (b, h, s, i, 0)),
             *([visits_spec] if count_visits else []),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((B, K, splits, Mp, Hvp), jnp.float32),
-            jax.ShapeDtypeStruct((B, K, splits, Mp), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, splits, Mp, 1), jnp.float32),
             *([jax.ShapeDtypeStruct((B, K, nm, splits), jnp.int32)] if count_visits else []),
         ],
-        interpret=st.interpret,
-        compiler_params=compiler_params(st.interpret, Hp),
+        interpret=tgt.interpret,
+        compiler_params=tgt.compiler_params(Hp, len(grid)),
         name="flash_decode",
-    )(q_BKMH, k_BKSH, v_BKSH, qpos_BM, kpos_BS, slopes_KM)
+    )(q_BKMH, k_BKSH, v_BKSH, qpos_BM[:, :, None], as_blocks(kpos_BS, bk), slopes_KM[:, :, None], table_BMS[:, :, None])
 
     # Combine the splits: weights exp(lse_s - logsumexp_s lse_s) (a split that saw nothing has lse -1e30: weight 0).
+    lse = lse[..., 0]
     lse_max_BKM = lse.max(axis=2)
     w_BKsM = jnp.exp(lse - lse_max_BKM[:, :, None])
     out_BKMV = jnp.einsum("bksm,bksmv->bkmv", w_BKsM, o) / w_BKsM.sum(axis=2)[..., None]  # the max split's is 1
@@ -188,20 +195,22 @@ def decode_attention(
     scale: float | None = None,
     softcap: float | None = None,
     alibi_slopes: jax.Array | None = None,
-    block_m: int = 64,
+    block_m: int | None = None,
     block_k: int = 128,
     num_splits: int = 16,
     interpret: bool | None = None,
+    platform: str | None = None,
 ) -> jax.Array:
     """Attention of q [B, T, N, H] over a decode cache k [B, K, S, H], v [B, K, S, Hv] under `mask` (its key
     positions are the cache slots' positions, -1 for empty) -> [B, T, N, Hv]. The cache is cut into at most
-    `num_splits` chunks of whole `block_k` blocks. Forward only (decoding takes no gradients)."""
-    args = (scale, softcap, alibi_slopes, block_m, block_k, num_splits, interpret)
+    `num_splits` chunks of whole `block_k` blocks; rows come in blocks of `block_m` (default 64, 128 on TPUs).
+    `platform` picks the lowering (flash_attention.target). Forward only (decoding takes no gradients)."""
+    args = (scale, softcap, alibi_slopes, block_m, block_k, num_splits, interpret, platform)
     return _decode(q_BTNH, k_BKSH, v_BKSH, mask, *args)[0]
 
 
 def visited_blocks(q_BTNH, k_BKSH, v_BKSH, mask: Mask, **kw) -> jax.Array:
     """[B, K, row blocks, splits]: how many key blocks each program computed (the kernel counts them)."""
-    names = ("scale", "softcap", "alibi_slopes", "block_m", "block_k", "num_splits", "interpret")
-    defaults = (None, None, None, 64, 128, 16, None)
+    names = ("scale", "softcap", "alibi_slopes", "block_m", "block_k", "num_splits", "interpret", "platform")
+    defaults = (None, None, None, None, 128, 16, None, None)
     return _decode(q_BTNH, k_BKSH, v_BKSH, mask, *(kw.get(n, d) for n, d in zip(names, defaults)), True)[1]
