@@ -49,14 +49,26 @@ def run_for(mesh: dict, moe: dict, **groups):
     return with_vocab(tiny_run(model={**MODEL, "moe": moe}, train=STEPS, mesh=mesh, **groups), 257)
 
 
-def losses(mesh: dict, moe: dict, devices=None) -> np.ndarray:
+@functools.cache
+def initial_state(routing: str):
+    """`routing`'s initial train state, made on one device: every layout starts from a copy of it, so the random
+    initialiser (seconds to compile) is compiled once, not once per mesh."""
+    run = run_for({"data": 1}, ROUTINGS[routing])
+    layout = plan(run, jax.devices()[:1])
+    with layout.activate():
+        model, (tx, _) = model_for(run.model, layout), make_optimizer(run.train, run.model)
+        return init_state(model, tx, run.train.seed, shardings=shardings_of(abstract_state(model, tx, layout)))
+
+
+def losses(mesh: dict, routing: str, devices=None) -> np.ndarray:
     """LOGGED at each step of training on fixed text batches, on `mesh` over `devices` (default: all 8)."""
-    run = run_for(mesh, moe)
+    run = run_for(mesh, ROUTINGS[routing])
     layout = plan(run, devices)
+    copy = jax.tree.map(lambda x: x.copy(), initial_state(routing))  # the step donates its state
     with layout.activate():
         model, (tx, schedule) = model_for(run.model, layout), make_optimizer(run.train, run.model)
         shardings = shardings_of(abstract_state(model, tx, layout))
-        state = init_state(model, tx, run.train.seed, shardings=shardings)
+        state = jax.device_put(copy, shardings)
         step = jit_train_step(model, tx, schedule, run, layout, shardings)
         out = []
         for tokens in text_batches(run.data.seq_len)[: run.train.steps]:
@@ -67,12 +79,12 @@ def losses(mesh: dict, moe: dict, devices=None) -> np.ndarray:
 
 @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTINGS.keys())
 def test_expert_meshes_give_the_one_device_losses(routing):
-    want = losses({"data": 1}, ROUTINGS[routing], jax.devices()[:1])
+    want = losses({"data": 1}, routing, jax.devices()[:1])
     assert want[-1, 0] < want[0, 0]  # the losses move: each step's update reaches the next step's loss
     dropped = want[:, LOGGED.index("train/moe_dropped_frac")]
     assert (dropped > 0).all() if ROUTINGS[routing].get("dispatch") == "capacity" else (dropped == 0).all()
     for name, mesh in MESHES.items():
-        np.testing.assert_allclose(losses(mesh, ROUTINGS[routing]), want, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(losses(mesh, routing), want, rtol=1e-5, err_msg=name)
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
@@ -174,10 +186,11 @@ def test_each_device_computes_one_chunk_per_source_not_every_local_expert_over_e
     assert sizes == [(8, 128), (2, 64)]  # the global routing's grouping, then one device's received rows
 
 
-def test_a_checkpoint_from_an_expert_mesh_continues_on_another_mesh(tmp_path):
+def test_a_checkpoint_from_an_expert_mesh_continues_on_another_mesh(tmp_path, text_corpus):
     """Steps 3..4 resumed on (2 expert x 2 fsdp x 2 data) from a (4 expert x 2 data) checkpoint at step 2 give the
     losses of the uninterrupted run: the experts' weights, their optimizer state and the routers' correction bias
-    (non-trained state) move between the meshes."""
+    (non-trained state) move between the meshes. (A small corpus: tokenizing the standard library takes longer
+    than the training.)"""
     import json
     import shutil
 
@@ -185,16 +198,18 @@ def test_a_checkpoint_from_an_expert_mesh_continues_on_another_mesh(tmp_path):
 
     def run(mesh):  # the config test_expert_meshes_give_the_one_device_losses trains on the same mesh
         checkpoint = {"every": 2, "keep": 5, "async_save": False}
-        return run_for(mesh, ROUTINGS["sigmoid capacity"], checkpoint=checkpoint)
+        data = {"corpus": str(text_corpus), "val_fraction": 0.2}
+        return run_for(mesh, ROUTINGS["sigmoid capacity"], checkpoint=checkpoint, data=data)
 
     def losses_in(workdir):
         rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
-    train(run(MESHES["4 expert x 2 data"]), tmp_path, quiet=True)
-    want = losses_in(tmp_path)
-    shutil.rmtree(tmp_path / "checkpoints" / "4")
-    result = train(run(MESHES["2 expert x 2 fsdp x 2 data"]), tmp_path, quiet=True)
-    got = losses_in(tmp_path)
+    workdir = tmp_path / "run"
+    train(run(MESHES["4 expert x 2 data"]), workdir, quiet=True)
+    want = losses_in(workdir)
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    result = train(run(MESHES["2 expert x 2 fsdp x 2 data"]), workdir, quiet=True)
+    got = losses_in(workdir)
     assert result["step"] == 4 and sorted(got) == list(range(1, 5))
     np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)], rtol=1e-5)
