@@ -25,11 +25,12 @@ from training.layout import abstract_state, model_for, plan, shardings_of
 from training.loop import init_state, jit_train_step
 from training.optim import make_optimizer
 
-# One layer and one causal attention block: the expert exchange runs per layer, and each of the eight training
-# programs this module compiles costs the fewer seconds (on the shared fake-device CPUs, compiling is the time).
+# One layer and one causal attention block: the expert exchange runs per layer, and each of the six train steps
+# this module compiles (a routing on one device and on each mesh) costs the fewer seconds (on the shared
+# fake-device CPUs, tracing and compiling are the time).
 MODEL = {"d_model": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "d_ff": 64, "mlp": "moe",
          "causal_blocks": 1}  # fmt: skip
-# One config for every run here, train() ones included: the same mesh then compiles the same program (loaded from
+# One config for every run here, train() ones included: the same mesh then lowers the same train step (loaded from
 # the suite's compilation cache the second time).
 STEPS = {"steps": 4, "batch_size": 8, "log_every": 1, "eval_every": 100, "eval_batches": 1}
 ROUTINGS = {
