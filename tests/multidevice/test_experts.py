@@ -5,6 +5,7 @@ assignments moved by parallel/expert.py's all-to-all, give the 1-device layer ou
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -24,8 +25,14 @@ from training.layout import abstract_state, model_for, plan, shardings_of
 from training.loop import init_state, jit_train_step
 from training.optim import make_optimizer
 
-MODEL = {"d_model": 32, "num_heads": 4, "num_kv_heads": 2, "d_ff": 64, "mlp": "moe"}
-STEPS = {"steps": 5, "batch_size": 8, "log_every": 1, "eval_every": 5, "eval_batches": 1}
+# One layer and one causal attention block: the expert exchange runs per layer, and each of the six train steps
+# this module compiles (a routing on one device and on each mesh) costs the fewer seconds (on the shared
+# fake-device CPUs, tracing and compiling are the time).
+MODEL = {"d_model": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "d_ff": 64, "mlp": "moe",
+         "causal_blocks": 1}  # fmt: skip
+# One config for every run here, train() ones included: the same mesh then lowers the same train step (loaded from
+# the suite's compilation cache the second time).
+STEPS = {"steps": 4, "batch_size": 8, "log_every": 1, "eval_every": 100, "eval_batches": 1}
 ROUTINGS = {
     "softmax dropless": {"num_experts": 4, "top_k": 2, "d_ff_expert": 32, "z_loss_weight": 1e-3},
     "sigmoid capacity": {"num_experts": 4, "top_k": 2, "d_ff_expert": 32, "router": "sigmoid", "n_group": 2,
@@ -36,29 +43,49 @@ MESHES = {
     "4 expert x 2 data": {"data": 2, "expert": 4},
     "2 expert x 2 fsdp x 2 data": {"data": 2, "fsdp": 2, "expert": 2},
 }
+LOGGED = ("train/loss", "train/moe_aux_loss", "train/moe_max_load", "train/moe_dropped_frac")
 
 
-def losses(mesh: dict, moe: dict, devices=None) -> np.ndarray:
-    run = with_vocab(tiny_run(model={**MODEL, "moe": moe}, train=STEPS, mesh=mesh), 257)
-    layout = plan(run, devices)
+def run_for(mesh: dict, moe: dict, **groups):
+    return with_vocab(tiny_run(model={**MODEL, "moe": moe}, train=STEPS, mesh=mesh, **groups), 257)
+
+
+@functools.cache
+def initial_state(routing: str):
+    """`routing`'s initial train state, made on one device: every layout starts from a copy of it, so the random
+    initialiser (seconds to compile) is compiled once, not once per mesh."""
+    run = run_for({"data": 1}, ROUTINGS[routing])
+    layout = plan(run, jax.devices()[:1])
     with layout.activate():
-        model, (tx, schedule) = model_for(run.model, layout), make_optimizer(run.train)
+        model, (tx, _) = model_for(run.model, layout), make_optimizer(run.train, run.model)
+        return init_state(model, tx, run.train.seed, shardings=shardings_of(abstract_state(model, tx, layout)))
+
+
+def losses(mesh: dict, routing: str, devices=None) -> np.ndarray:
+    """LOGGED at each step of training on fixed text batches, on `mesh` over `devices` (default: all 8)."""
+    run = run_for(mesh, ROUTINGS[routing])
+    layout = plan(run, devices)
+    copy = jax.tree.map(lambda x: x.copy(), initial_state(routing))  # the step donates its state
+    with layout.activate():
+        model, (tx, schedule) = model_for(run.model, layout), make_optimizer(run.train, run.model)
         shardings = shardings_of(abstract_state(model, tx, layout))
-        state = init_state(model, tx, run.train.seed, shardings=shardings)
+        state = jax.device_put(copy, shardings)
         step = jit_train_step(model, tx, schedule, run, layout, shardings)
         out = []
         for tokens in text_batches(run.data.seq_len)[: run.train.steps]:
             state, metrics = step(state, global_batch({"tokens": tokens}, layout.batch))
-            out.append([metrics["train/loss"], metrics["train/moe_aux_loss"], metrics["train/moe_max_load"]])
+            out.append([metrics[k] for k in LOGGED])
     return np.asarray(jax.device_get(out))
 
 
 @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTINGS.keys())
 def test_expert_meshes_give_the_one_device_losses(routing):
-    want = losses({"data": 1}, ROUTINGS[routing], jax.devices()[:1])
-    assert want[-1, 0] < want[0, 0]
+    want = losses({"data": 1}, routing, jax.devices()[:1])
+    assert want[-1, 0] < want[0, 0]  # the losses move: each step's update reaches the next step's loss
+    dropped = want[:, LOGGED.index("train/moe_dropped_frac")]
+    assert (dropped > 0).all() if ROUTINGS[routing].get("dispatch") == "capacity" else (dropped == 0).all()
     for name, mesh in MESHES.items():
-        np.testing.assert_allclose(losses(mesh, ROUTINGS[routing]), want, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(losses(mesh, routing), want, rtol=1e-5, err_msg=name)
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
@@ -97,28 +124,42 @@ def test_the_emulated_ragged_all_to_all_gives_the_documented_example():
 EXCHANGES = {"padded": {"exchange": "padded"}, "ragged": {"exchange": "ragged", "ragged": emulated_ragged_all_to_all}}
 
 
+def layer_config(**moe):
+    from tests.test_moe import CFG
+
+    return dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, **moe))
+
+
+def layer_loss(cfg):
+    def loss(v, x):
+        y, aux = MoE(cfg).apply(v, x)
+        return jnp.sum(y**2), aux["moe_dropped_frac"].value
+
+    return jax.value_and_grad(loss, has_aux=True)
+
+
+@functools.cache
+def one_device_layer(dispatch: str, factor: float):
+    """(cfg, variables, x, ((loss, dropped), grads)) of the MoE layer on one device, jitted (shared by the
+    exchanges; eagerly every op would compile on its own)."""
+    cfg = layer_config(dispatch=dispatch, capacity_factor=factor, num_shared_experts=1)
+    x = jax.random.normal(jax.random.key(0), (8, 8, 32))
+    variables = nn.unbox(jax.jit(MoE(cfg).init)(jax.random.key(1), x))
+    with jax.default_device(jax.devices()[0]):
+        return cfg, variables, x, jax.jit(layer_loss(cfg))(variables, x)
+
+
 @pytest.mark.parametrize(
     "dispatch, factor, exchange",
     [("dropless", 1.0, "padded"), ("capacity", 0.75, "padded"), ("dropless", 1.0, "ragged")],
 )
 def test_the_all_to_all_layer_gives_the_one_device_output_and_gradients(dispatch, factor, exchange):
-    from tests.test_moe import CFG
-
-    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch=dispatch, capacity_factor=factor,
-                                                           num_shared_experts=1))  # fmt: skip
-    x = jax.random.normal(jax.random.key(0), (8, 8, 32))
-    variables = nn.unbox(MoE(cfg).init(jax.random.key(1), x))
-
-    def loss(v, x):
-        y, aux = MoE(cfg).apply(v, x)
-        return jnp.sum(y**2), aux["moe_dropped_frac"].value
-
-    (want, dropped), want_grads = jax.value_and_grad(loss, has_aux=True)(variables, x)
+    cfg, variables, x, ((want, dropped), want_grads) = one_device_layer(dispatch, factor)
     assert (dropped > 0) == (dispatch == "capacity")
     mesh = make_mesh(MeshConfig(data=2, expert=4))
     hook = expert_parallel(mesh, ("data", "fsdp", "expert"), **EXCHANGES[exchange])
     with jax.set_mesh(mesh), expert_collectives(hook):
-        (got, _), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables, x)
+        (got, _), grads = jax.jit(layer_loss(cfg))(variables, x)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
@@ -129,11 +170,10 @@ def test_each_device_computes_one_chunk_per_source_not_every_local_expert_over_e
     experts; it receives 4 chunks of 16 rows and its grouped matmul is sized for those 64 rows (plus tile padding),
     where a slot per (expert, source) for every assignment would make 2 x 4 x 16 = 128."""
     from model import moe as moe_lib
-    from tests.test_moe import CFG
 
-    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, num_experts=8, dispatch="dropless"))
-    x = jax.random.normal(jax.random.key(0), (8, 8, 32))
-    variables = nn.unbox(MoE(cfg).init(jax.random.key(1), x))
+    cfg = layer_config(num_experts=8, dispatch="dropless")
+    x = jax.ShapeDtypeStruct((8, 8, 32), jnp.float32)
+    variables = nn.unbox(jax.eval_shape(MoE(cfg).init, jax.random.key(1), x))  # lowering needs only shapes
     sizes, grouped = [], moe_lib.grouped_rows
 
     def recording(num_experts, experts_A, backend=None):
@@ -147,29 +187,30 @@ def test_each_device_computes_one_chunk_per_source_not_every_local_expert_over_e
     assert sizes == [(8, 128), (2, 64)]  # the global routing's grouping, then one device's received rows
 
 
-def test_a_checkpoint_from_an_expert_mesh_continues_on_another_mesh(tmp_path):
+def test_a_checkpoint_from_an_expert_mesh_continues_on_another_mesh(tmp_path, text_corpus):
     """Steps 3..4 resumed on (2 expert x 2 fsdp x 2 data) from a (4 expert x 2 data) checkpoint at step 2 give the
     losses of the uninterrupted run: the experts' weights, their optimizer state and the routers' correction bias
-    (non-trained state) move between the meshes."""
+    (non-trained state) move between the meshes. (A small corpus: tokenizing the standard library takes longer
+    than the training.)"""
     import json
     import shutil
 
     from training.loop import train
 
-    def run(mesh):
-        steps = {**STEPS, "steps": 4, "eval_every": 100}
-        model = {**MODEL, "moe": ROUTINGS["sigmoid capacity"]}
+    def run(mesh):  # the config test_expert_meshes_give_the_one_device_losses trains on the same mesh
         checkpoint = {"every": 2, "keep": 5, "async_save": False}
-        return tiny_run(model=model, train=steps, checkpoint=checkpoint, mesh=mesh)
+        data = {"corpus": str(text_corpus), "val_fraction": 0.2}
+        return run_for(mesh, ROUTINGS["sigmoid capacity"], checkpoint=checkpoint, data=data)
 
     def losses_in(workdir):
         rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
-    train(run(MESHES["4 expert x 2 data"]), tmp_path, quiet=True)
-    want = losses_in(tmp_path)
-    shutil.rmtree(tmp_path / "checkpoints" / "4")
-    result = train(run(MESHES["2 expert x 2 fsdp x 2 data"]), tmp_path, quiet=True)
-    got = losses_in(tmp_path)
+    workdir = tmp_path / "run"
+    train(run(MESHES["4 expert x 2 data"]), workdir, quiet=True)
+    want = losses_in(workdir)
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    result = train(run(MESHES["2 expert x 2 fsdp x 2 data"]), workdir, quiet=True)
+    got = losses_in(workdir)
     assert result["step"] == 4 and sorted(got) == list(range(1, 5))
     np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)], rtol=1e-5)
