@@ -9,13 +9,14 @@ file order or on the machine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
 import os
 import pathlib
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from data.errors import DataError
 
@@ -33,14 +34,17 @@ def is_validation(name: str, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
 
 
-def stdlib_files() -> tuple[pathlib.Path, list[pathlib.Path]]:
+@functools.cache
+def stdlib_files() -> tuple[pathlib.Path, tuple[pathlib.Path, ...]]:
+    """The standard library's .py files, walked once per process (~2-4 s each time on a small VM; what is installed
+    does not change under a running program, and `fingerprint` still reads each file's size and time)."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    files = [p for p in sorted(root.rglob("*.py")) if not skip & set(p.relative_to(root).parts)]
+    files = tuple(p for p in sorted(root.rglob("*.py")) if not skip & set(p.relative_to(root).parts))
     return root, files
 
 
-def resolve_files(spec: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
+def resolve_files(spec: str) -> tuple[pathlib.Path, Sequence[pathlib.Path]]:
     """(root, files) of a file-based corpus spec; names are paths relative to root."""
     if spec == STDLIB:
         return stdlib_files()
