@@ -1,6 +1,7 @@
 """Dense against sparse MLPs at equal active parameters and steps: configs/tiny.py vs configs/ablations/moe.py
 (Mixtral-like softmax top-2 of 8) and configs/ablations/moe_deepseek.py (sigmoid, group-limited, shared expert,
-bias balancing), 2 seeds each, 350 steps (configs/tiny.py's). Results: experiments/results/ablate_moe/, experiments/RESULTS.md.
+bias balancing), 2 seeds each, 350 steps (configs/tiny.py's). Results: experiments/results/ablate_moe/ and
+experiments/RESULTS.md (eval/bpb: DeepSeek-like 2.009, Mixtral-like 2.022, dense 2.037).
 
 python -m experiments.sweep plan experiments/sweeps/ablate_moe.py --out sweeps/moe
 python -m experiments.sweep run sweeps/moe --parallel 1
