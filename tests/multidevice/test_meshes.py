@@ -5,6 +5,7 @@ backward barely moves it). (End-to-end train() runs on meshes: test_sharding.py 
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import numpy as np
@@ -18,8 +19,10 @@ from training.layout import abstract_state, model_for, plan, shardings_of
 from training.loop import init_state, jit_train_step
 from training.optim import make_optimizer
 
-# GQA (8 query heads over 4 K/V heads) so tensor=4 still leaves whole K/V heads on each device.
-MODEL = {"d_model": 32, "num_heads": 8, "num_kv_heads": 4, "d_ff": 64}
+# GQA (8 query heads over 4 K/V heads) so tensor=4 still leaves whole K/V heads on each device. One causal
+# attention block: the meshes are what is tested, and the train steps (tracing and compiling them is the time here)
+# are the smaller (blocked attention on a mesh: tests/multidevice/test_golden_mesh.py).
+MODEL = {"d_model": 32, "num_heads": 8, "num_kv_heads": 4, "d_ff": 64, "causal_blocks": 1}
 STEPS = {"steps": 10, "batch_size": 8, "log_every": 1, "eval_every": 10, "eval_batches": 1}
 
 EOD = 256  # the byte tokenizer's end-of-document id
@@ -31,6 +34,7 @@ MESHES = {
     "2 data x 2 fsdp x 2 tensor": {"data": 2, "fsdp": 2, "tensor": 2},
     "4 sequence x 2 data": {"data": 2, "sequence": 4},
 }
+FRESH = "2 data x 2 fsdp x 2 tensor"  # the mesh that initialises its (fsdp- and tensor-split) params in place
 
 
 @functools.cache
@@ -43,21 +47,49 @@ def text_batches(seq_len: int) -> np.ndarray:
     return stream[:need].reshape(10, 8, seq_len + 1)
 
 
-def losses(mesh: dict, devices=None, data=None, **model) -> dict[str, np.ndarray]:
-    """train/loss and train/grad_norm of 10 steps on fixed text batches, on `mesh` over `devices` (default: all 8).
-    With data.document_mask the text is cut into documents by end-of-document tokens every 37 bytes. (AdamW's
-    update barely depends on a gradient's scale: the gradient's norm at every step is what catches a leaf whose
-    gradient is off by a factor, the losses one whose direction is.)"""
-    run = with_vocab(tiny_run(model={**MODEL, **model}, train=STEPS, mesh=mesh, data=data or {}), 257)
-    batches = text_batches(run.data.seq_len)
-    if run.data.document_mask:
-        batches = batches.copy()
-        batches.reshape(-1)[::37] = EOD
+def run_for(mesh: dict, data: dict | None = None, **model):
+    return with_vocab(tiny_run(model={**MODEL, **model}, train=STEPS, mesh=mesh, data=data or {}), 257)
+
+
+@functools.cache
+def _one_device_state(options: str):
+    data, model = json.loads(options)
+    run = run_for({"data": 1}, data, **model)
+    layout = plan(run, jax.devices()[:1])
+    with layout.activate():
+        model_, (tx, _) = model_for(run.model, layout), make_optimizer(run.train)
+        return init_state(model_, tx, run.train.seed, shardings=shardings_of(abstract_state(model_, tx, layout)))
+
+
+def start(mesh: dict, devices=None, data: dict | None = None, fresh: bool = False, **model):
+    """(run, layout, model, tx, schedule, shardings, initial state) of a run on `mesh` over `devices` (default:
+    all 8). The state is a copy of the one made once per config on one device (the random initialiser takes
+    seconds to compile: once per config, not once per mesh), or (`fresh`) the initialiser run sharded on this mesh:
+    a mesh that does so shows that it makes the 1-device weights."""
+    run = run_for(mesh, data, **model)
+    copy = None if fresh else jax.tree.map(lambda x: x.copy(), _one_device_state(json.dumps([data or {}, model])))
     layout = plan(run, devices)
     with layout.activate():
         model_, (tx, schedule) = model_for(run.model, layout), make_optimizer(run.train)
         shardings = shardings_of(abstract_state(model_, tx, layout))
-        state = init_state(model_, tx, run.train.seed, shardings=shardings)
+        if fresh:
+            state = init_state(model_, tx, run.train.seed, shardings=shardings)
+        else:
+            state = jax.device_put(copy, shardings)  # the train step donates its state: a copy each time
+    return run, layout, model_, tx, schedule, shardings, state
+
+
+def losses(mesh: dict, devices=None, data=None, fresh: bool = False, **model) -> dict[str, np.ndarray]:
+    """train/loss and train/grad_norm of 10 steps on fixed text batches, on `mesh` over `devices` (default: all 8),
+    from `start`'s initial state. With data.document_mask the text is cut into documents by end-of-document tokens
+    every 37 bytes. (AdamW's update barely depends on a gradient's scale: the gradient's norm at every step is what
+    catches a leaf whose gradient is off by a factor, the losses one whose direction is.)"""
+    run, layout, model_, tx, schedule, shardings, state = start(mesh, devices, data, fresh, **model)
+    batches = text_batches(run.data.seq_len)
+    if run.data.document_mask:
+        batches = batches.copy()
+        batches.reshape(-1)[::37] = EOD
+    with layout.activate():
         step = jit_train_step(model_, tx, schedule, run, layout, shardings, EOD)
         out = []
         for tokens in batches:
@@ -78,9 +110,9 @@ def one_device():
     return losses({"data": 1}, jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh", MESHES.values(), ids=MESHES.keys())
-def test_mesh_gives_one_device_losses_and_gradient_norms(mesh, one_device):
-    assert_same_run(losses(mesh), one_device)
+@pytest.mark.parametrize("name", MESHES)
+def test_mesh_gives_one_device_losses_and_gradient_norms(name, one_device):
+    assert_same_run(losses(MESHES[name], fresh=name == FRESH), one_device)
 
 
 def test_ring_attention_keeps_documents_windows_and_alibi_apart():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from tests.multidevice.test_meshes import assert_same_run, losses
+from tests.multidevice.test_meshes import FRESH, assert_same_run, losses
 
 MLA = {
     "attention": "mla",
@@ -24,6 +24,6 @@ def one_device():
     return losses({"data": 1}, jax.devices()[:1], **MLA)
 
 
-@pytest.mark.parametrize("mesh", MESHES.values(), ids=MESHES.keys())
-def test_mla_on_a_mesh_gives_one_device_losses_and_gradient_norms(mesh, one_device):
-    assert_same_run(losses(mesh, **MLA), one_device)
+@pytest.mark.parametrize("name", MESHES)
+def test_mla_on_a_mesh_gives_one_device_losses_and_gradient_norms(name, one_device):
+    assert_same_run(losses(MESHES[name], fresh=name == FRESH, **MLA), one_device)

@@ -59,11 +59,10 @@ def alibi_like(q_pos_BT, k_pos_BS):
 
 
 def random_qkv(seed=0, num_kv_heads=K, value_dim=H):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(keys[0], (B, T, N, H))
-    k = jax.random.normal(keys[1], (B, T, num_kv_heads, H))
-    v = jax.random.normal(keys[2], (B, T, num_kv_heads, value_dim))
-    cotangent = jax.random.normal(keys[3], (B, T, N, value_dim))
+    """From NumPy's generator: JAX's would compile a random program for every shape."""
+    rng = np.random.default_rng(seed)
+    shapes = [(B, T, N, H), (B, T, num_kv_heads, H), (B, T, num_kv_heads, value_dim), (B, T, N, value_dim)]
+    q, k, v, cotangent = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes)
     return q, k, v, cotangent
 
 
@@ -114,7 +113,7 @@ def reference_fn(positions_BT, segments_BT=None, window=0, bias_fn=None, **kwarg
 
 
 def natural_reference(q, k, v, bias_fn=None):
-    return reference_fn(natural_positions(), bias_fn=bias_fn)(q, k, v)
+    return jax.jit(reference_fn(natural_positions(), bias_fn=bias_fn))(q, k, v)
 
 
 def output_and_grads(fn, qkv, cotangent):
@@ -127,7 +126,8 @@ def assert_matches(mesh, order, seed, positions_BT, segments_BT=None, window=0, 
     q, k, v, cotangent = random_qkv(seed, num_kv_heads, value_dim)
     ring = ring_fn(mesh, order, positions_BT, segments_BT, window, **kw)
     ring_out, ring_grads = jax.jit(lambda *qkv: output_and_grads(ring, qkv, cotangent))(q, k, v)
-    ref_out, ref_grads = output_and_grads(reference_fn(positions_BT, segments_BT, window, **kw), (q, k, v), cotangent)
+    reference = reference_fn(positions_BT, segments_BT, window, **kw)  # jitted too: eagerly each op compiles alone
+    ref_out, ref_grads = jax.jit(lambda *qkv: output_and_grads(reference, qkv, cotangent))(q, k, v)
     np.testing.assert_allclose(ring_out, ref_out, **TOL)
     for ring_grad, ref_grad in zip(ring_grads, ref_grads):
         np.testing.assert_allclose(ring_grad, ref_grad, **TOL)
@@ -220,11 +220,14 @@ def test_under_set_mesh_in_scanned_remat_flax_layers():
     Stack = nn.scan(
         nn.remat(Layer), variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast, length=2
     )
-    x_BTD = jax.random.normal(jax.random.key(4), (B, T, 16))
+    rng = np.random.default_rng(4)
+    x_BTD = jnp.asarray(rng.standard_normal((B, T, 16)), jnp.float32)
     positions_BT = jnp.broadcast_to(jnp.asarray(order), (B, T))
     with jax.set_mesh(mesh):
         x_BTD = jax.device_put(x_BTD, NamedSharding(mesh, P("data", "sequence")))
-        params = jax.jit(Stack().init)(jax.random.key(5), x_BTD, positions_BT)
+        # Random weights of the initialiser's shapes (its random program would take seconds to compile).
+        shapes = jax.eval_shape(Stack().init, jax.random.key(5), x_BTD, positions_BT)
+        params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), shapes)
 
         @jax.jit
         def loss_and_grads(params):
