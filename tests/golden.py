@@ -5,8 +5,17 @@ layers can run: the model refactors keep them bit-identical.
     python tests/golden.py --devices 8   # the 8-device mesh path
     add --record to write them into tests/fixtures/golden_losses.json (only when the math changes on purpose)
 
-The values are exact on the machine and jax version that recorded them (the fixture names both); elsewhere XLA
-may fuse differently and the tests compare within float32 rounding.
+What "exact" means. A run's bits are a function of the program and of the environment that compiles and runs it,
+and the fixture records that environment (`machine()`): the jax/jaxlib/numpy versions, the CPU's model, its
+instruction-set flags and cache sizes, the cores the process may use, and the C++ compiler that builds the CPU
+attention kernel. Two machines sold as the same kind differed here: on the 2-core AMD EPYC (family 25 model 17)
+that recorded the values and on another of that kind, the losses agree to step 3 and then drift by up to 5e-6
+relative. Each of these alone changes the bits on one machine: one usable core instead of two (XLA:CPU's Eigen
+contractions split their work by thread count), and the kernel built for 256-bit instead of 512-bit vectors
+(summation order); background load does not (the same bits with two busy processes beside the run, and in
+separate processes). So where the whole fingerprint matches, the losses must be bit-identical; elsewhere they
+must agree within `RTOL`, 10x the largest cross-machine drift seen, which a real change of the math still
+fails (tests/test_golden.py names the mutations checked).
 """
 
 from __future__ import annotations
@@ -31,15 +40,61 @@ PATHS = {
 EIGHT_DEVICES = ("mesh8",)
 
 
-def machine() -> dict:
-    import jax
+# Relative tolerance where the environment differs from the recording's (see the module docstring).
+RTOL = 5e-5
 
-    cpu = platform.processor()
+
+def _cpuinfo(key: str) -> str:
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith(key))
     except (OSError, StopIteration):
-        pass
-    return {"jax": jax.__version__, "cpu": cpu}
+        return platform.processor() if key == "model name" else ""
+
+
+def _caches() -> str:
+    """'L1d:48K L1i:32K L2:2048K L3:32768K' from sysfs (Eigen sizes its matmul blocks by them)."""
+    found = []
+    for index in sorted(pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        found.append(f"L{level}{ {'Data': 'd', 'Instruction': 'i'}.get(kind, '')}:{size}")
+    return " ".join(found)
+
+
+def _compiler() -> str:
+    """The first line of `c++ --version` for the compiler that builds the CPU attention kernel."""
+    import subprocess
+
+    from model.kernels import cpu_attention
+
+    try:
+        done = subprocess.run([cpu_attention._compiler(), "--version"], capture_output=True, text=True)
+        return done.stdout.splitlines()[0] if done.stdout else ""
+    except (cpu_attention.KernelUnavailable, OSError):
+        return "none"
+
+
+def machine() -> dict:
+    """The environment the recorded bits belong to (the module docstring says why each part)."""
+    import hashlib
+
+    import jax
+    import jaxlib
+    import numpy
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "numpy": numpy.__version__,
+        "cpu": _cpuinfo("model name"),
+        "cpu_flags": hashlib.sha256(" ".join(sorted(_cpuinfo("flags").split())).encode()).hexdigest()[:16],
+        "caches": _caches(),
+        "cores": cores,
+        "cxx": _compiler(),
+    }
 
 
 def write_corpus(root: pathlib.Path) -> pathlib.Path:

@@ -13,4 +13,4 @@ def test_mesh_losses_match_the_recording(tmp_path):
     if exact:
         assert got == want, f"{got} != recorded {want}"
     else:
-        np.testing.assert_allclose(got, want, rtol=2e-4)
+        np.testing.assert_allclose(got, want, rtol=golden.RTOL)
