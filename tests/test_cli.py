@@ -56,7 +56,7 @@ def configs(tmp_path_factory):
         (["--config", "configs/tiny.py:model.d_model=abc"], ["d_model", "abc", "cannot be casted"]),
         (["--config.model.d_modle=3"], ["--config.model.d_modle", "'d_modle'", 'Did you mean "d_model"']),
         (["--config.train.lr=inf"], ["train.lr=inf", "finite"]),
-        (["--config.train.warmup_steps=400"], ["train.warmup_steps=400", "train.steps=350"]),
+        (["--config.model.mlp=moe", "--config.mesh.expert=3", "--dry_run"], ["num_experts=8", "mesh.expert=3"]),
         (["--workdir", "{file}/run"], ["file/run", "cannot create train.lock", "Not a directory"]),
     ],
 )
