@@ -5,7 +5,7 @@
     python infer.py --workdir runs/tiny --prompt "def " --beam_size 4 --temperature 0
     python infer.py --workdir runs/tiny --score some_file.py
     python infer.py --hf_dir ~/models/Qwen3-0.6B --prompt "The capital of France is" --temperature 0
-    python infer.py --workdir runs/ablate_mtp --prompt "def " --speculative=mtp --draft_tokens 1
+    python infer.py --workdir runs/ablate_mtp --prompt "def " --speculative=mtp   # one draft per MTP head
     python infer.py --workdir runs/tiny --prompt "def " --speculative=draft --draft_workdir runs/small --draft_tokens 4
 
 A single prompt streams its continuation as it is generated. Every prompt starts a document (it
@@ -58,7 +58,12 @@ _SCORE = flags.DEFINE_string("score", None, "Print the loss, perplexity and bits
 _SPECULATIVE = flags.DEFINE_enum(
     "speculative", None, ["mtp", "draft"], "Speculative decoding, drafting with the model's MTP heads or a draft model."
 )
-_DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Speculative decoding: tokens drafted per verify pass.")
+_DRAFT_TOKENS = flags.DEFINE_integer(
+    "draft_tokens",
+    None,
+    "Speculative decoding: tokens drafted per verify pass (default: one per MTP head with --speculative=mtp, "
+    "4 from a draft model).",
+)
 _DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "--speculative=draft: the draft model's run directory.")
 
 
@@ -89,7 +94,10 @@ def check_flags() -> None:
             _BEAM_SIZE.value == 1 or _KV_CACHE.value,
             "--kv_cache=false: beam search always decodes with the cache",
         ),
-        (_DRAFT_TOKENS.value >= 1, f"--draft_tokens={_DRAFT_TOKENS.value}: must be >= 1"),
+        (
+            _DRAFT_TOKENS.value is None or _DRAFT_TOKENS.value >= 1,
+            f"--draft_tokens={_DRAFT_TOKENS.value}: must be >= 1",
+        ),
         (
             (_SPECULATIVE.value == "draft") == (_DRAFT_WORKDIR.value is not None),
             "--speculative=draft and --draft_workdir go together (the draft model's run directory)",
@@ -183,7 +191,7 @@ def main(argv: list[str]) -> None:
 
     # Imported after the flags are checked: a bad flag answers at once, without starting JAX.
     from model.hf import HFError
-    from sampling.runner import Request, report_speed, run_request, run_speculative, unescape
+    from sampling.runner import Request, draft_tokens, report_speed, run_request, run_speculative, unescape
     from training import hf
     from training.checkpoint import CheckpointError, load_for_inference
     from training.evaluation import score_file
@@ -210,9 +218,12 @@ def main(argv: list[str]) -> None:
         return
 
     draft = None
-    if _SPECULATIVE.value == "mtp" and run.model.mtp.num_heads < _DRAFT_TOKENS.value:
+    k = draft_tokens(run.model, _DRAFT_TOKENS.value or 0, _SPECULATIVE.value or "draft")
+    if _SPECULATIVE.value == "mtp" and not run.model.mtp.num_heads:
+        fail(f"--speculative=mtp: the model at {_WORKDIR.value} has no MTP heads (model.mtp.num_heads=0)")
+    if _SPECULATIVE.value == "mtp" and run.model.mtp.num_heads < k:
         fail(
-            f"--draft_tokens={_DRAFT_TOKENS.value}: the model at {_WORKDIR.value} has "
+            f"--draft_tokens={k}: the model at {_WORKDIR.value} has "
             f"model.mtp.num_heads={run.model.mtp.num_heads} MTP heads, each drafting one token"
         )
     if _SPECULATIVE.value == "draft":
@@ -240,7 +251,7 @@ def main(argv: list[str]) -> None:
         kv_cache=_KV_CACHE.value,
         batch_size=_BATCH_SIZE.value,
         speculative=_SPECULATIVE.value or "",
-        draft_tokens=_DRAFT_TOKENS.value,
+        draft_tokens=k,
     )
     try:
         if request.speculative:

@@ -129,7 +129,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         sample_tokens=200,  # printed at the end of training (0: no sample)
         sample_prompt="def ",
         init_from="",  # a workdir or checkpoint dir: start from its params (not its optimizer state)
-        peak_flops=0.0,  # per-device peak FLOP/s for perf/mfu; 0: known accelerators' table, measured on CPU
+        # Per-device peak FLOP/s for perf/mfu; 0: known accelerators' table, or on CPU a float32 matmul measured once
+        # per machine (best of 5) and cached in $XDG_CACHE_HOME/jax-lm/peak_flops (delete it to measure again).
+        peak_flops=0.0,
     )
     c.checkpoint = dict(
         every=500,  # save every N steps (and always at the end and on SIGTERM or Ctrl-C)

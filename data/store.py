@@ -1,6 +1,7 @@
 """The on-disk token store: each split tokenized once into a flat memmap, documents joined with
 the end-of-document id, cached under a key of (corpus fingerprint, tokenizer fingerprint). Its meta.json
-records each split's length and a checksum of itself; a store that does not match them is rebuilt."""
+records each split's length and checksum, and a checksum of itself; a store that does not match them, or holds
+an id outside the tokenizer's vocabulary, is rebuilt."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import zlib
 
 import numpy as np
 from tqdm import tqdm
@@ -20,7 +22,8 @@ from data.corpus import Document
 from data.errors import DataError
 from data.tokenizer import Tokenizer
 
-FORMAT_VERSION = 2  # 2: meta.json carries its checksum
+FORMAT_VERSION = 3  # 2: meta.json carries its checksum; 3: and each split's (CRC-32)
+CHUNK_BYTES = 1 << 24  # read at a time when checking a split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +68,21 @@ def meta_checksum(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def mismatch(path: pathlib.Path) -> str | None:
-    """Why the store at `path` cannot be used (unreadable or edited metadata, a split file whose length is not
-    the recorded token count), or None when it matches what was written."""
+def scan(file: pathlib.Path, dtype: str) -> tuple[int, int]:
+    """(CRC-32 of the file's bytes, its largest token id; -1 when empty), in one pass of CHUNK_BYTES reads. Checked
+    at every start, so it is cheap: 0.09 s for the 63 MB stdlib store on a shared 2-core machine (blake2b: 0.2 s).
+    A CRC catches damage, not tampering, which is all a cache needs."""
+    crc, largest = 0, -1
+    with file.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+            largest = max(largest, int(np.frombuffer(chunk, dtype).max()))
+    return crc, largest
+
+
+def mismatch(path: pathlib.Path, vocab_size: int) -> str | None:
+    """Why the store at `path` cannot be used (unreadable or edited metadata, a split file whose length or
+    checksum is not the recorded one, an id >= `vocab_size`), or None when it matches what was written."""
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -80,6 +95,12 @@ def mismatch(path: pathlib.Path) -> str | None:
         have = (path / f"{split}.bin").stat().st_size if (path / f"{split}.bin").exists() else None
         if have != want:
             return f"{split}.bin has {'no file' if have is None else f'{have} bytes'}, meta.json records {want}"
+    for split in ("train", "val"):
+        crc, largest = scan(path / f"{split}.bin", meta["dtype"])
+        if crc != meta[split]["crc32"]:
+            return f"{split}.bin does not match its checksum (changed in place)"
+        if largest >= vocab_size:
+            return f"{split}.bin holds token id {largest}, outside the tokenizer's {vocab_size} ids"
     return None
 
 
@@ -99,12 +120,12 @@ def build_token_store(train_docs, val_docs, tokenizer: Tokenizer, cache_dir: pat
     """Opens the cached store for `key`, tokenizing `train_docs()`/`val_docs()` on a miss.
 
     Written into a temporary directory and renamed into place, so a crash never leaves a half-written
-    store under the final name. A cached store that no longer matches its metadata (a truncated or
-    missing split file, an edited meta.json) is removed with a warning and built again, never used.
+    store under the final name. A cached store that no longer matches its metadata (a truncated, missing or
+    overwritten split file, an edited meta.json) is removed with a warning and built again, never used.
     """
     path = cache_dir / key
     if path.exists():
-        reason = mismatch(path)
+        reason = mismatch(path, tokenizer.vocab_size)
         if reason is None:
             return _open(path)
         print(f"warning: token store {path} is damaged ({reason}); building it again", file=sys.stderr, flush=True)
@@ -116,7 +137,8 @@ def build_token_store(train_docs, val_docs, tokenizer: Tokenizer, cache_dir: pat
         meta = {"format_version": FORMAT_VERSION, "dtype": dtype, "tokenizer": tokenizer.name}
         for split, docs in (("train", train_docs()), ("val", val_docs())):
             tokens, nbytes = _tokenize(docs, tokenizer, tmp / f"{split}.bin", dtype)
-            meta[split] = {"documents": len(docs), "tokens": tokens, "bytes": nbytes}
+            crc, _ = scan(tmp / f"{split}.bin", dtype)
+            meta[split] = {"documents": len(docs), "tokens": tokens, "bytes": nbytes, "crc32": crc}
         meta["checksum"] = meta_checksum(meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
@@ -126,8 +148,8 @@ def build_token_store(train_docs, val_docs, tokenizer: Tokenizer, cache_dir: pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if (reason := mismatch(path)) is not None:
-        raise DataError(f"token store {path} does not read back as written ({reason}); is {cache_dir} full?")
+    if (reason := mismatch(path, tokenizer.vocab_size)) is not None:
+        raise DataError(f"token store {path} is not usable as soon as it is built ({reason}); is {cache_dir} full?")
     return _open(path)
 
 

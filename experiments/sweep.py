@@ -25,7 +25,9 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -275,7 +277,7 @@ def run_one(run_dir: str | pathlib.Path) -> dict:
 
     run_dir = pathlib.Path(run_dir)
     planned = json.loads((run_dir / "planned.json").read_text())
-    result = train(from_dict(planned["config"]), run_dir, quiet=True)
+    result = train(from_dict(planned["config"]), run_dir)  # its lines and progress bar: the run's log.txt
     if result.get("preempted"):
         return result
     (run_dir / "done.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -298,12 +300,53 @@ def share_tokenizer(sweep_dir: pathlib.Path, dirs: list[pathlib.Path]) -> None:
             shutil.copyfile(sweep_dir / "tokenizer.json", d / "tokenizer.json")
 
 
+PROGRESS_EVERY = 30.0  # seconds between a run's progress-bar lines in its log.txt and on the sweep's terminal
+
+
 def _local(run_dir: pathlib.Path) -> int:
-    """One run in its own process, as a cluster job would be; its output goes to run_dir/log.txt."""
+    """One run in its own process, as a cluster job would be; its output goes to run_dir/log.txt as it comes, and
+    its progress bar also to this terminal (`relay`)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "experiments.sweep", "run-one", str(run_dir)]
     with open(run_dir / "log.txt", "a") as log:
-        return subprocess.run(
-            [sys.executable, "-m", "experiments.sweep", "run-one", str(run_dir)], stdout=log, stderr=subprocess.STDOUT
-        ).returncode
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        show = lambda line: print(f"  {run_dir.name}: {line}", flush=True)  # noqa: E731
+        relay(iter(lambda: process.stdout.read1(1 << 16), b""), log, show)
+        return process.wait()
+
+
+def relay(chunks, log, show, every: float = PROGRESS_EVERY, clock=time.monotonic) -> None:
+    """Writes a run's output (`chunks` of bytes) to `log` line by line as it arrives. A progress bar redraws itself
+    after each carriage return: of its states, one per `every` seconds and the last become lines of `log` and go to
+    `show`, so the log (and the terminal of a sweep running several runs at once) gets a line per interval, not one
+    per step."""
+    pending, bar, shown_at = "", "", -math.inf
+
+    def line(text: str) -> None:
+        log.write(text + "\n")
+        log.flush()
+
+    for chunk in chunks:
+        pending += chunk.decode("utf-8", errors="replace")
+        *parts, pending = re.split(r"([\r\n])", pending)  # text, separator, text, separator, ...
+        for text, end in zip(parts[::2], parts[1::2]):
+            text = text.rstrip()
+            if not text:  # what clears a bar before a line is written
+                continue
+            if end == "\r":  # a state of the bar, redrawn by the next one
+                bar = text
+                if clock() - shown_at >= every:
+                    line(text)
+                    show(text)
+                    shown_at = clock()
+            elif bar and text.split(":")[0] == bar.split(":")[0]:  # the bar's last state, left on its line at close
+                line(text)
+                show(text)
+                bar = ""
+            else:
+                line(text)
+    if pending.strip():
+        line(pending.rstrip())
 
 
 def run(sweep_dir: pathlib.Path, executor: str = "local", parallel: int = 1, slurm: dict | None = None) -> dict:
@@ -436,7 +479,8 @@ def report(sweep_dir: pathlib.Path) -> str:
     }
     lines = ["| variant | eval/bpb (mean +- std) | seeds |", "| --- | --- | --- |"]
     for label, (mean, std, n) in sorted(stats.items(), key=lambda kv: kv[1][0]):
-        lines.append(f"| {label} | {mean:.4f} +- {std:.4f} | {n} |")
+        spread = f"{std:.4f}" if n > 1 else "n/a"  # one seed has no spread to show
+        lines.append(f"| {label} | {mean:.4f} +- {spread} | {n} |")
     text = "\n".join(lines)
     (sweep_dir / "report.md").write_text(text + "\n")
     _bar_plot(stats, sweep_dir / "report.png")

@@ -35,7 +35,19 @@ class Request:
     kv_cache: bool = True
     batch_size: int = 32
     speculative: str = ""  # '' (plain decoding), 'mtp' or 'draft' (run_speculative)
-    draft_tokens: int = 4
+    draft_tokens: int = 0  # per verify pass; 0: `draft_tokens`' default
+
+
+# Tokens a draft model proposes per verify pass unless told otherwise (MTP heads draft one each).
+DRAFT_MODEL_TOKENS = 4
+
+
+def draft_tokens(cfg: ModelConfig, given: int, drafter: str) -> int:
+    """Tokens drafted per verify pass: `given` when > 0, else one per MTP head of `cfg` for drafter 'mtp' and
+    DRAFT_MODEL_TOKENS for a draft model ('draft')."""
+    if given > 0:
+        return given
+    return cfg.mtp.num_heads if drafter == "mtp" else DRAFT_MODEL_TOKENS
 
 
 @dataclasses.dataclass
@@ -181,7 +193,7 @@ def run_speculative(
     encoded = [prompt_ids(tokenizer, p) for p in request.prompts]
     check_fits(cfg, request, max(len(ids) for ids in encoded))
     eos_id = tokenizer.eod_id if request.eos else -1
-    k = request.draft_tokens
+    k = draft_tokens(cfg, request.draft_tokens, "mtp" if draft is None else "draft")
     if draft is None:
         drafter, draft_params = speculative.MTPDrafter(cfg, k), None
     else:

@@ -50,7 +50,11 @@ def test_sweep_argument_sets_fields_by_bare_or_dotted_name():
         ("train", {"batch_size": 6, "grad_accum": 4}, r"train.batch_size=6: must be divisible by train.grad_accum=4"),
         ("train", {"schedule": "linear"}, r"train.schedule='linear': allowed: cosine, wsd, constant"),
         ("train", {"warmup_steps": -5}, r"train.warmup_steps=-5: must be >= 0"),
-        ("train", {"warmup_steps": 7, "steps": 6}, r"train.warmup_steps=7: must be <= train.steps=6"),
+        (
+            "model",
+            {"mlp": "moe", "moe": {"num_experts": 8, "top_k": 2}, "mesh_expert": 3},
+            r"model.moe.num_experts=8: must be divisible by mesh.expert=3",
+        ),
         ("train", {"lr": float("inf")}, r"train.lr=inf: must be a finite number"),
         ("train", {"weight_decay": float("inf")}, r"train.weight_decay=inf: must be a finite number"),
         ("train", {"peak_flops": float("nan")}, r"train.peak_flops=nan: must be a finite number"),
@@ -59,8 +63,33 @@ def test_sweep_argument_sets_fields_by_bare_or_dotted_name():
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(group, fields, match):
+    expert = fields.pop("mesh_expert", None)
+    config = tiny_config(**{group: fields})
+    if expert is not None:
+        config.mesh.expert = expert
     with pytest.raises(ConfigError, match=match):
-        resolve(tiny_config(**{group: fields}))
+        resolve(config)
+
+
+def test_experts_must_divide_over_the_expert_axis_that_mesh_expert_minus_1_takes():
+    import jax
+
+    from parallel.mesh import MeshError
+    from training.layout import plan
+
+    moe = {"mlp": "moe", "moe": {"num_experts": 8, "top_k": 2}}
+    run = resolve(tiny_config(model=moe, train={"batch_size": 6}, mesh={"data": 1, "expert": -1}))
+    with pytest.raises(MeshError, match=r"model.moe.num_experts=8 does not divide over mesh.expert=3"):
+        plan(run, [jax.devices()[0]] * 3)  # refused before a mesh is built
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_to_it_with_one_warning(capsys):
+    assert resolve(tiny_config(train={"steps": 6, "warmup_steps": 7})).train.warmup_steps == 6
+    assert (
+        capsys.readouterr().err == "warning: train.warmup_steps=7 is more than train.steps=6: warming up over all 6\n"
+    )
+    assert resolve(tiny_config(train={"steps": 6, "warmup_steps": 6})).train.warmup_steps == 6
+    assert capsys.readouterr().err == ""
 
 
 def test_wrong_types_are_rejected():

@@ -173,6 +173,12 @@ def test_bad_data_input_gives_a_one_line_error_naming_it(tmp_path, text_corpus, 
     assert not list(pathlib.Path(tmp_path / "cache").glob(".*"))  # no half-written store left behind
 
 
+def overwrite(file: pathlib.Path, offset: int, data: bytes) -> None:
+    with file.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -181,6 +187,8 @@ def test_bad_data_input_gives_a_one_line_error_naming_it(tmp_path, text_corpus, 
         lambda p: (p / "val.bin").unlink(),
         lambda p: (p / "meta.json").write_text((p / "meta.json").read_text().replace('"tokens": ', '"tokens": 1')),
         lambda p: (p / "meta.json").write_text("{"),
+        lambda p: overwrite(p / "train.bin", 1000, b"\xff\xff"),  # same length, an id no tokenizer of it has
+        lambda p: overwrite(p / "val.bin", 10, b"d\x00"),  # same length, a valid id: only the checksum sees it
     ],
 )
 def test_a_damaged_token_store_is_rebuilt_never_used(text_corpus, tmp_path, capsys, damage):
@@ -203,6 +211,22 @@ def test_a_damaged_token_store_is_rebuilt_never_used(text_corpus, tmp_path, caps
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [store.path.name]  # nothing left aside
     load(cfg, tmp_path / "wd")
     assert capsys.readouterr().err == ""  # the rebuilt store is used as it is
+
+
+def test_a_store_with_ids_outside_the_vocabulary_is_refused_and_one_that_stays_so_is_an_error(tmp_path, text_corpus):
+    from data.store import build_token_store, mismatch
+
+    cfg = DataConfig(corpus=str(text_corpus), seq_len=16, val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    store = load(cfg, tmp_path / "wd").store
+    assert mismatch(store.path, 257) is None
+    assert mismatch(store.path, 200) == "train.bin holds token id 256, outside the tokenizer's 200 ids"
+
+    class Overflowing(ByteTokenizer):  # a tokenizer that gives an id past its vocabulary: rebuilding cannot help
+        vocab_size = 100
+
+    docs, _ = split_documents(str(text_corpus), "text", 0.2)
+    with pytest.raises(DataError, match=r"is not usable as soon as it is built \(train.bin holds token id 256,"):
+        build_token_store(lambda: docs, lambda: docs, Overflowing(), tmp_path / "cache2", "key")
 
 
 @pytest.mark.parametrize("num_tokens", [5, 17, 33, 40])

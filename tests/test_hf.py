@@ -191,6 +191,50 @@ def test_mismatches_are_one_line_errors_naming_the_tensor(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf | {"hidden_act": "gelu"}))
     with pytest.raises(HFError, match="hidden_act='gelu': only 'silu'"):
         model.hf.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    path.write_bytes(path.read_bytes()[:-100])  # an interrupted download
+    with pytest.raises(HFError, match=f"^{path}: not a readable safetensors file") as e:
+        model.hf.load(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_export_into_a_directory_it_cannot_write_is_one_line_before_reading_the_checkpoint(tmp_path, capsys):
+    import os
+
+    from model.hf.__main__ import main
+
+    (tmp_path / "file").write_text("")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    targets = [tmp_path / "file" / "out"] + ([read_only / "out"] if os.geteuid() != 0 else [])  # root writes anyway
+    for out in targets:
+        with pytest.raises(SystemExit) as exit:
+            main(["export", str(tmp_path / "no_workdir"), str(out)])  # refused before the workdir is looked at
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(f"error: {out}: cannot write there") and err.count("\n") == 1
+
+
+def test_an_all_moe_model_exports_as_mixtral_with_the_experts_width(tmp_path):
+    """configs/ablations/moe.py's shape: model.d_ff (the dense MLP's, unused when every layer is MoE) differs from
+    model.moe.d_ff_expert; the export writes the experts' width and transformers computes our logits."""
+    import flax.linen as nn
+    import jax
+
+    from model.moe import MoEConfig
+
+    moe = MoEConfig(num_experts=4, top_k=2, d_ff_expert=32)
+    cfg = model.ModelConfig(vocab_size=VOCAB, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=96,
+                            mlp="moe", moe=moe, max_seq_len=64, tie_embeddings=False)  # fmt: skip
+    variables = nn.unbox(model.init_variables(model.Transformer(cfg), jax.random.key(0)))
+    assert model.hf.save(cfg, variables, tmp_path / "out").architecture == "MixtralForCausalLM"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size"] == 32
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    x = ids(seed=6)
+    ours = model.logits(cfg, variables, x)
+    np.testing.assert_allclose(torch_logits(reloaded.eval(), x), ours, atol=1e-4, rtol=1e-4)
+    back_cfg, back = model.hf.load(tmp_path / "out")
+    assert back_cfg.moe.d_ff_of(back_cfg) == 32
+    np.testing.assert_allclose(model.logits(back_cfg, back, x), ours, atol=1e-5, rtol=1e-5)
 
 
 def test_a_model_no_family_represents_is_refused_on_export(tmp_path):

@@ -103,3 +103,24 @@ def test_a_resumed_interval_counts_only_the_steps_it_timed(tmp_path, text_corpus
     between_steps["seconds"] = 0.0
     result = loop.train(run, tmp_path, quiet=True)
     check_throughput(run, tmp_path, result, between_steps, after_step=6)
+
+
+def test_the_cpu_peak_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
+    """The best of several measurements, written under $XDG_CACHE_HOME/jax-lm and read back by later starts; a
+    machine that differs (here: another JAX version) measures its own."""
+    from training import metrics
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(metrics.time, "sleep", lambda s: None)
+    calls = []
+    monkeypatch.setattr(metrics, "matmul_flops", lambda: calls.append(1) or [2e9, 5e9, 3e9, 1e9, 4e9][len(calls) % 5])
+    metrics.measured_cpu_peak.cache_clear()
+    peak, source = metrics.measured_cpu_peak()
+    assert peak == 5e9 and len(calls) == 5 and "best of 5" in source and str(tmp_path / "jax-lm") in source
+    metrics.measured_cpu_peak.cache_clear()  # a new process
+    cached = metrics.peak_cache_file(metrics.machine())
+    assert metrics.measured_cpu_peak() == (5e9, f"measured float32 matmul, cached in {cached}") and len(calls) == 5
+    monkeypatch.setattr(metrics.jax, "__version__", "0.0.0")
+    metrics.measured_cpu_peak.cache_clear()
+    assert metrics.measured_cpu_peak()[0] == 5e9 and len(calls) == 10
+    metrics.measured_cpu_peak.cache_clear()

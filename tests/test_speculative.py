@@ -172,3 +172,12 @@ def test_a_rejected_draft_leaves_the_cache_as_if_never_written():
     got_logits, _ = step(rewound, jnp.asarray([[7, 7]]), jnp.asarray([[6, 7]]))
     want_logits, _ = step(plain_v["cache"], jnp.asarray([[7, 7]]), jnp.asarray([[6, 7]]))
     np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_draft_tokens_default_to_one_per_mtp_head_and_4_for_a_draft_model():
+    """infer.py --speculative=mtp on configs/ablations/mtp.py (one head) needs no --draft_tokens."""
+    from sampling.runner import draft_tokens
+
+    cfg = ModelConfig(mtp=MTPConfig(num_heads=1))
+    assert draft_tokens(cfg, 0, "mtp") == 1 and draft_tokens(cfg, 0, "draft") == 4
+    assert draft_tokens(ModelConfig(mtp=MTPConfig(num_heads=2)), 0, "mtp") == 2 and draft_tokens(cfg, 3, "draft") == 3

@@ -125,6 +125,9 @@ def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path):
     done = cli("run", str(out), "--parallel", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 runs: 0 done already, 4 to run" in done.stdout and "[4/4]" in done.stdout
+    assert "  position=rope,seed=0: train: 100%" in done.stdout  # each run's progress, as it trains
+    log = (out / "runs" / "position=rope,seed=0" / "log.txt").read_text()
+    assert "compiled the train step" in log and "train: 100%" in log and "\r" not in log
 
     # An interrupted run (no done.json) resumes from its checkpoint, here through submitit's local executor
     # (the SLURM code path); the finished ones are skipped.
@@ -160,6 +163,49 @@ def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path):
         line = next(line for line in done.stdout.splitlines() if line.startswith(f"| {variant} |"))
         assert f"{np.mean(bpbs):.4f} +- {np.std(bpbs, ddof=1):.4f} | 2 |" in line
     assert (out / "report.png").stat().st_size > 0 and (out / "curves.csv").exists()
+
+
+def test_a_runs_output_is_relayed_line_by_line_with_its_progress_bar_once_per_interval():
+    import io
+
+    now = [0.0]
+    out = (
+        b"resuming from ckpt\n\rtrain:   0%| 0/9\rtrain:  11%| 1/9\rtrain:  22%| 2/9\r      \rstep 2: eval/loss 3.1\n"
+        b"\rtrain:  22%| 2/9\rtrain:  33%| 3/9\rtrain: 100%| 9/9\ntrain/loss=2.9  eval/loss=3\n"
+    )
+    chunks = [out[i : i + 5] for i in range(0, len(out), 5)]  # as a pipe may cut it
+
+    def ticking():
+        for chunk in chunks:
+            now[0] += 1.0
+            yield chunk
+
+    log, shown = io.StringIO(), []
+    sweep_lib.relay(ticking(), log, shown.append, every=30.0, clock=lambda: now[0])
+    assert shown == ["train:   0%| 0/9", "train: 100%| 9/9"]
+    assert log.getvalue().splitlines() == [
+        "resuming from ckpt",
+        "train:   0%| 0/9",
+        "step 2: eval/loss 3.1",
+        "train: 100%| 9/9",
+        "train/loss=2.9  eval/loss=3",
+    ]
+    shown.clear()
+    sweep_lib.relay(iter(chunks), io.StringIO(), shown.append, every=0.0)
+    assert len(shown) == 6  # every state of the bar, when asked for every one
+
+
+def test_a_one_seed_ablation_reports_no_spread(tmp_path, monkeypatch):
+    rows = [
+        {"label": "position=rope", "bpb": 2.0},
+        {"label": "position=none", "bpb": 2.1},
+        {"label": "position=none", "bpb": 2.3},
+    ]
+    monkeypatch.setattr(sweep_lib, "collect", lambda sweep_dir: rows)
+    monkeypatch.setattr(sweep_lib, "_bar_plot", lambda stats, path: None)
+    text = sweep_lib.report(tmp_path)
+    assert "| position=rope | 2.0000 +- n/a | 1 |" in text and "| position=none | 2.2000 +- 0.1414 | 2 |" in text
+    assert "nan" not in text
 
 
 def test_bad_sweep_inputs_are_one_line_errors(tmp_path):

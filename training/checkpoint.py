@@ -16,6 +16,7 @@ Every error is a `CheckpointError` with a one-line message; entry points print i
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import sys
 import threading
@@ -224,14 +225,41 @@ class WithoutClosedLoopNoise:
 
 
 def hide_closed_loop_noise() -> None:
-    """Filters sys.stderr from now on (the noise keeps coming after the failed restore returns)."""
+    """Filters sys.stderr from now on (the noise keeps coming after the failed restore returns), and drops what the
+    other reads of a damaged step raise once it has failed: Python reports each of orbax's abandoned read
+    coroutines as 'Exception ignored in: <coroutine ...>' with a traceback and the whole TensorStore spec (tens of
+    lines per array), when it is collected."""
     if not isinstance(sys.stderr, WithoutClosedLoopNoise):
         sys.stderr = WithoutClosedLoopNoise(sys.stderr)
+    if not getattr(sys.unraisablehook, "drops_orbax_reads", False):
+        sys.unraisablehook = _without_orbax_reads(sys.unraisablehook)
+
+
+def _without_orbax_reads(hook):
+    def unraisable(u) -> None:
+        code = getattr(u.object, "cr_code", None)  # a coroutine's
+        if code is None or f"{os.sep}orbax{os.sep}" not in code.co_filename:
+            hook(u)
+
+    unraisable.drops_orbax_reads = True
+    return unraisable
 
 
 def warn_damaged(path: pathlib.Path, error: Exception) -> None:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    print(f"warning: skipping damaged checkpoint {path}: {reason}", file=sys.stderr, flush=True)
+    print(f"warning: skipping damaged checkpoint {path}: {damage(error)}", file=sys.stderr, flush=True)
+
+
+def damage(error: BaseException) -> str:
+    """Why a step does not read back, in one line: the innermost cause's message (tensorstore's names the array and
+    the file), without the TensorStore spec orbax appends as a bound method's repr."""
+    chain = [error]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and cause not in chain:
+        chain.append(cause)
+    for e in reversed(chain):
+        line = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0].strip()
+        if line:
+            return line[:300]
+    return type(error).__name__
 
 
 def stored_config(meta: dict, path: pathlib.Path) -> RunConfig:

@@ -24,6 +24,7 @@ from model.layers import NORMS
 from model.positions import POSITIONS
 from model.transformer import REMAT_POLICIES
 from parallel.config import DEFAULT_RULES, MESH_AXES, MeshConfig
+from training.cli import warn
 from training.optim import SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -175,6 +176,12 @@ def _rules(
         *getattr(ATTENTION_KINDS.get(m.attention), "config_errors", lambda m: [])(m),
         one_of("model.mlp", m.mlp, MLP_KINDS),
         *moe_lib.config_errors(m.moe),
+        (
+            m.mlp != "moe" or mesh.expert < 1 or m.moe.num_experts % mesh.expert == 0,
+            "model.moe.num_experts",
+            m.moe.num_experts,
+            f"must be divisible by mesh.expert={mesh.expert} (each device of the expert axis holds as many experts)",
+        ),
         (m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0 (0: no window)"),
         (m.global_every >= 0, "model.global_every", m.global_every, "must be >= 0 (0: every layer local)"),
         (
@@ -224,12 +231,6 @@ def _rules(
         ),
         one_of("train.schedule", t.schedule, SCHEDULES),
         (t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0"),
-        (
-            t.warmup_steps <= t.steps,
-            "train.warmup_steps",
-            t.warmup_steps,
-            f"must be <= train.steps={t.steps} (the learning rate would never reach train.lr)",
-        ),
         (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]"),
         (0 < t.decay_fraction <= 1, "train.decay_fraction", t.decay_fraction, "must be in (0, 1]"),
         (0 <= t.b1 < 1, "train.b1", t.b1, "must be in [0, 1)"),
@@ -264,6 +265,10 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunConfig:
     typed = {group: _typed(group, cls, dict(raw.get(group, {}))) for group, cls in GROUPS.items()}
     for ok, key, value, allowed in _rules(*typed.values()):
         _check(ok, key, value, allowed)
+    t = typed["train"]
+    if t.warmup_steps > t.steps:  # a short trial run of a config written for longer ones
+        warn(f"train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}: warming up over all {t.steps}")
+        typed["train"] = dataclasses.replace(t, warmup_steps=t.steps)
     typed["model"] = dataclasses.replace(typed["model"], max_seq_len=typed["data"].seq_len)
     return RunConfig(**typed)
 

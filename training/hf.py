@@ -114,6 +114,7 @@ def export(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int |
     out_dir = pathlib.Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise hf_lib.HFError(f"{out_dir}: exists and is not empty (export into a new directory)")
+    hf_lib.check_writable(out_dir)
     run, params, tokenizer, _ = load_for_inference(workdir, step)
     hf_lib.family_for(run.model)  # refuses an unrepresentable model before anything is written
     family = hf_lib.save(run.model, params, out_dir)

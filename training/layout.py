@@ -88,6 +88,8 @@ def plan(run: RunConfig, devices: list | None = None) -> Layout:
             ),
             "heads": ("model.num_heads", m.num_heads),
             "kv_heads": ("model.num_kv_heads", m.num_kv_heads),
+            # training.config checks a given mesh.expert; this, the one that mesh.expert=-1 takes
+            **({"experts": ("model.moe.num_experts", m.moe.num_experts)} if m.mlp == "moe" else {}),
         },
         sizes,
         rules,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from model.config import ModelConfig
@@ -27,7 +28,7 @@ from model.hf.families import EXPORT_ORDER, FAMILIES, Family, HFError
 from model.hf.tensors import Entry
 from model.transformer import Transformer, init_variables, layer_groups, unstack_layers
 
-__all__ = ["FAMILIES", "HFError", "as_variables", "family_for", "load", "read_config", "save"]
+__all__ = ["FAMILIES", "HFError", "as_variables", "check_writable", "family_for", "load", "read_config", "save"]
 
 INDEX = "model.safetensors.index.json"
 
@@ -62,16 +63,27 @@ def _files(hf_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     """Tensor name -> the safetensors file holding it."""
     index = hf_dir / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise HFError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         return {name: hf_dir / file for name, file in weight_map.items()}
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise HFError(f"{hf_dir}: no *.safetensors files (pickled .bin checkpoints are never read)")
     out = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with _safe_open(file) as f:
             out |= {name: file for name in f.keys()}
     return out
+
+
+def _safe_open(file: pathlib.Path):
+    """safe_open(file), or HFError naming the file when it is not a whole safetensors file (a truncated download)."""
+    try:
+        return safe_open(file, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise HFError(f"{file}: not a readable safetensors file ({e}); is it truncated? download it again") from None
 
 
 class _Reader:
@@ -85,7 +97,7 @@ class _Reader:
         if file not in self._open:
             if not file.is_file():
                 raise HFError(f"{file}: no such file (listed for tensor {name!r} in {INDEX})")
-            self._open[file] = safe_open(file, framework="numpy")
+            self._open[file] = _safe_open(file)
         return self._open[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -234,6 +246,25 @@ def save(cfg: ModelConfig, params: Any, out_dir: str | pathlib.Path, *, max_shar
     missing = [k for k in entries if k not in flat]
     if missing:
         raise HFError(f"params have no {'/'.join(missing[0])} (not the variables of this config)")
+    check_writable(out_dir)
+    try:
+        _write(family, cfg, flat, entries, out_dir, max_shard_bytes)
+    except OSError as e:  # e.g. a full disk, or a directory only root's permission bits let through
+        raise HFError(f"{out_dir}: cannot write the checkpoint there ({e.strerror or e})") from None
+    return family
+
+
+def check_writable(out_dir: str | pathlib.Path) -> None:
+    """HFError naming `out_dir` when it cannot be created or written into (checked before anything is read)."""
+    out_dir = pathlib.Path(out_dir).expanduser().absolute()
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise HFError(f"{out_dir}: cannot write there ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise HFError(f"{out_dir}: cannot write there ({existing} is read-only)")
+
+
+def _write(family: Family, cfg: ModelConfig, flat: dict, entries: dict, out_dir: pathlib.Path, max_shard_bytes: int):
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -256,7 +287,6 @@ def save(cfg: ModelConfig, params: Any, out_dir: str | pathlib.Path, *, max_shar
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / INDEX).write_text(json.dumps(index, indent=2))
     (out_dir / "config.json").write_text(json.dumps(family.to_hf(cfg), indent=2) + "\n")
-    return family
 
 
 def _host(x) -> np.ndarray:

@@ -321,7 +321,6 @@ class Mixtral(Mistral):
             (cfg.moe.num_shared_experts == 0, f"model.moe.num_shared_experts={cfg.moe.num_shared_experts}"),
             (cfg.moe.first_dense_layers == 0, f"model.moe.first_dense_layers={cfg.moe.first_dense_layers}"),
             (cfg.moe.every == 1, f"model.moe.every={cfg.moe.every}"),
-            (cfg.moe.d_ff_expert in (0, cfg.d_ff), f"model.moe.d_ff_expert={cfg.moe.d_ff_expert} (not model.d_ff)"),
         ]
         why = next((what for ok, what in checks if not ok), None)
         return why or super().unsupported(dataclasses.replace(cfg, mlp="swiglu"))
@@ -329,6 +328,9 @@ class Mixtral(Mistral):
     def extra_to_hf(self, cfg: ModelConfig) -> dict:
         m = cfg.moe
         return super().extra_to_hf(cfg) | {
+            # Every layer is MoE (checked above), so model.d_ff, the dense MLP's width, is unused: Mixtral's
+            # intermediate_size is the experts' width.
+            "intermediate_size": m.d_ff_of(cfg),
             "num_local_experts": m.num_experts,
             "num_experts_per_tok": m.top_k,
             "router_aux_loss_coef": m.aux_loss_weight,
