@@ -105,12 +105,33 @@ def tiny_run(**groups):
     return resolve(tiny_config(**groups))
 
 
-@pytest.fixture
-def text_corpus(tmp_path) -> pathlib.Path:
-    """A directory of a few small Python-like documents."""
-    root = tmp_path / "corpus"
-    root.mkdir()
+def write_corpus(root: pathlib.Path) -> pathlib.Path:
+    """`root`/corpus: a directory of a few small Python-like documents."""
+    corpus = root / "corpus"
+    corpus.mkdir()
     for i in range(12):
         body = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for j in range(40))
-        (root / f"mod{i}.py").write_text(body)
-    return root
+        (corpus / f"mod{i}.py").write_text(body)
+    return corpus
+
+
+@pytest.fixture
+def text_corpus(tmp_path) -> pathlib.Path:
+    return write_corpus(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def mtp_mla_run(tmp_path_factory) -> tuple[pathlib.Path, dict]:
+    """(workdir, train's result) of a 4-step run of a tiny model with MLA attention and 2 sequential MTP heads:
+    what infer.py's --speculative=mtp and --mla_decode need (tests/test_speculative.py) and what test_mtp.py
+    checks training logs. Trained once per test session (worker)."""
+    from training.loop import train
+
+    root = tmp_path_factory.mktemp("mtp_mla")
+    mla = {"kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
+    run = tiny_run(
+        model={"attention": "mla", "mla": mla, "mtp": {"num_heads": 2, "style": "sequential"}},
+        data={"corpus": str(write_corpus(root)), "seq_len": 16},
+        train={"steps": 4, "eval_every": 4, "log_every": 4},
+    )
+    return root / "run", train(run, root / "run", quiet=True)

@@ -59,7 +59,8 @@ def _caches() -> str:
             level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
         except OSError:
             continue
-        found.append(f"L{level}{ {'Data': 'd', 'Instruction': 'i'}.get(kind, '')}:{size}")
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        found.append(f"L{level}{suffix}:{size}")
     return " ".join(found)
 
 

@@ -1,6 +1,6 @@
 """The Pallas flash-decoding kernel (model/kernels/decode_attention.py), interpreted on CPU, against the plain-JAX
 reference decode: ragged per-row cache lengths, rolling caches, GQA groups, a few queries per row, the blocks it
-skips, and greedy sampling with attention_impl='pallas'."""
+skips, and greedy decoding with attention_impl='pallas'."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from model.attention import reference_decode
 from model.kernels.decode_attention import decode_attention, visited_blocks
 from model.mask import Mask
 from model.positions import AlibiBias
-from sampling.decode import generate_batch
-from sampling.rules import Rules
+from tests.test_variants import distinct_prompts, greedy_against_recomputation
 
 REFERENCE = ModelConfig()
 ON_CPU = jax.default_backend() == "cpu"
@@ -87,17 +86,14 @@ def test_decode_skips_the_blocks_past_each_rows_length():
     np.testing.assert_array_equal(visits.sum(-1), [1, 2, 1])
 
 
-def test_greedy_sampling_with_pallas_attention_gives_the_xla_tokens():
-    """Left-padded prompts, a full cache (layer 1) and a rolling one (layer 0, windowed), GQA, ALiBi: the same
-    greedy continuation."""
+def test_greedy_decoding_with_pallas_attention_equals_xla_recomputation():
+    """Left-padded prompts, a full cache (layer 1) and a rolling one (layer 0, windowed), GQA, ALiBi: every step's
+    logits through the kernel and the cache equal XLA's forward pass without a cache."""
     cfg = ModelConfig(
         vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, max_seq_len=24,
-        sliding_window=4, global_every=2, position="alibi",
+        sliding_window=4, global_every=2, position="alibi", tie_embeddings=False,
     )  # fmt: skip
     params = nn.unbox(jax.jit(lambda key: init_variables(Transformer(cfg), key))(jax.random.key(0)))["params"]
-    prompts = [[3, 7, 9, 11, 2, 5, 8], [4, 6]]
-    tokens = {}
-    for impl in ("pallas", "xla"):
-        model = Transformer(dataclasses.replace(cfg, attention_impl=impl))
-        tokens[impl] = generate_batch(model, params, prompts, 6, Rules(temperature=0.0), max_len=16).tokens
-    assert tokens["pallas"] == tokens["xla"] and all(len(t) == 6 for t in tokens["pallas"])
+    prompts = distinct_prompts(cfg.vocab_size, [7, 2])
+    pallas = dataclasses.replace(cfg, attention_impl="pallas")
+    greedy_against_recomputation(pallas, params, prompts, 8, max_len=16, reference_cfg=cfg)

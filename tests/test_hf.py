@@ -246,12 +246,13 @@ def test_a_model_no_family_represents_is_refused_on_export(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_import_train_export_reload(tmp_path):
-    """import (the CLI) -> a run of its config.py, init_from the import, 5 steps -> export -> transformers loads
-    the trained weights, and infer.py samples straight from the exported Hugging Face directory."""
+def test_import_train_export_reload(tmp_path, capsys):
+    """import (the CLI) -> a run of its config.py, init_from the import, 5 steps -> export (the CLI's, in this
+    process) -> transformers loads the trained weights, and infer.py samples straight from the exported Hugging Face
+    directory."""
     import importlib.util
 
-    from training import hf
+    from model.hf.__main__ import main as hf_command
     from training.config import resolve
     from training.loop import train
 
@@ -274,7 +275,9 @@ def test_import_train_export_reload(tmp_path):
     config.train.update(sample_tokens=0, peak_flops=1e12, lr=1e-2)
     result = train(resolve(config), tmp_path / "tuned", quiet=True)
     assert result["step"] == 5
-    assert hf.export(tmp_path / "tuned", tmp_path / "out").architecture == "LlamaForCausalLM"
+    export = ["export", str(tmp_path / "tuned"), str(tmp_path / "out")]
+    hf_command(export)  # `python -m model.hf export` (its `import` ran above as a process)
+    assert "as LlamaForCausalLM" in capsys.readouterr().err
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
     tuned_cfg, tuned = model.hf.load(tmp_path / "out")
@@ -284,8 +287,9 @@ def test_import_train_export_reload(tmp_path):
         model.logits(tuned_cfg, tuned, x), torch_logits(reloaded.eval(), x), atol=1e-4, rtol=1e-4
     )
     assert not np.allclose(torch_logits(reloaded, x), torch_logits(hf_model, x), atol=1e-3)  # training changed it
-    with pytest.raises(HFError, match="exists and is not empty"):
-        hf.export(tmp_path / "tuned", tmp_path / "out")
+    with pytest.raises(SystemExit) as refused:
+        hf_command(export)
+    assert refused.value.code == 2 and "exists and is not empty" in capsys.readouterr().err
 
     done = run("infer.py", f"--hf_dir={tmp_path / 'out'}", "--prompt=def ", "--temperature=0", "--max_new_tokens=5")
     assert done.returncode == 0, done.stderr

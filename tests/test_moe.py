@@ -88,7 +88,7 @@ def test_sigmoid_router_keeps_the_best_groups_by_their_top2_and_gates_without_th
 # ------------------------------------------------------------------------------------------ losses, bias
 
 
-def test_balancing_loss_is_its_weight_when_uniform_and_grows_with_imbalance():
+def test_balancing_loss_is_one_when_uniform_and_grows_with_imbalance():
     E, T = 4, 8
     uniform = moe_lib.Routing(
         jnp.asarray([[t % E, (t + 1) % E] for t in range(T)]), jnp.ones((T, 2)), jnp.full((T, E), 1 / E)
@@ -101,14 +101,31 @@ def test_balancing_loss_is_its_weight_when_uniform_and_grows_with_imbalance():
         routing = moe_lib.Routing(jnp.asarray(experts), jnp.ones((T, 2)), jnp.asarray(probs, jnp.float32))
         losses.append(float(moe_lib.balance_loss(routing, E)))
     assert losses[0] == pytest.approx(1.0) and losses[0] < losses[1] < losses[2]
-    # Through the layer: a zero router gives uniform probabilities, and the loss adds weight * 1.0.
-    cfg = with_moe(aux_loss_weight=0.03, z_loss_weight=0.002)
-    x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+
+
+def test_the_layers_balancing_loss_and_its_gradient_through_the_probabilities_only_match_numpy():
+    """The layer's term (its weight, and E * sum_e f_e P_e) and d/dW_router against NumPy: f (the assignment
+    fractions) is piecewise constant, so the gradient is x^T dlogits with dlogits = P * (g - sum_e P g), g = E f / T."""
+    cfg = with_moe(aux_loss_weight=0.03)
+    x = jax.random.normal(jax.random.key(2), (2, 8, 32))
     v = layer_vars(cfg, x)
-    v["params"]["router"] = jnp.zeros_like(v["params"]["router"])
-    _, aux = jax.jit(MoE(cfg).apply)(v, x)
-    term = aux["moe_aux_loss"]
-    assert term.weight * float(term.value) == pytest.approx(0.03, rel=1e-6)
+    router = jax.random.normal(jax.random.key(3), v["params"]["router"].shape)  # probabilities far from uniform
+
+    def aux_loss(router):
+        term = MoE(cfg).apply({**v, "params": {**v["params"], "router": router}}, x)[1]["moe_aux_loss"]
+        return term.value, term.weight
+
+    (value, weight), grad = jax.jit(jax.value_and_grad(aux_loss, has_aux=True))(router)
+    assert float(weight) == pytest.approx(0.03)
+    x_TD, w_DE = np.asarray(x, np.float64).reshape(-1, 32), np.asarray(router, np.float64)
+    T, E = x_TD.shape[0], 4
+    probs = np_softmax(x_TD @ w_DE)
+    f = np.bincount(np_topk(probs, 2).ravel(), minlength=E) / (2 * T)
+    assert float(value) == pytest.approx(E * np.sum(f * probs.mean(0)), rel=1e-5)
+    g_E = E * f / T
+    want = x_TD.T @ (probs * (g_E - (probs * g_E).sum(-1, keepdims=True)))
+    assert np.abs(want).max() > 1e-3  # the assignments are uneven: a gradient to find
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-6)
 
 
 def test_z_loss_is_the_mean_squared_logsumexp_of_the_router_logits():

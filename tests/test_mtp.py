@@ -20,11 +20,10 @@ from model.aux import weighted_sum
 from model.config import MTPConfig
 from model.mask import Mask
 from model.transformer import Block
-from tests.conftest import tiny_config, tiny_run
+from tests.conftest import tiny_config
 from tests.test_accounting import BASE, xla_flops_per_token
 from training.config import ConfigError, resolve
 from training.evaluation import Inputs
-from training.loop import train
 
 CFG = ModelConfig(vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_seq_len=16,
                   init_std=0.3)  # fmt: skip
@@ -183,13 +182,8 @@ def test_bad_mtp_config_is_a_one_line_error(mtp, message):
     assert str(e.value) == message
 
 
-def test_training_logs_the_heads_losses_beside_the_main_loss(tmp_path, text_corpus):
-    run = tiny_run(
-        model={"mtp": {"num_heads": 2, "style": "sequential"}},
-        data={"corpus": str(text_corpus), "seq_len": 16},
-        train={"steps": 4, "eval_every": 4, "log_every": 4},
-    )
-    result = train(run, tmp_path / "run", quiet=True)
+def test_training_logs_the_heads_losses_beside_the_main_loss(mtp_mla_run):
+    _, result = mtp_mla_run  # 2 sequential heads (on an MLA model)
     for key in ("train/loss", "train/mtp_loss", "train/mtp_loss_1", "train/mtp_loss_2", "eval/loss", "eval/bpb"):
         assert np.isfinite(result[key]), key
     assert not any(k.startswith("eval/mtp") for k in result)

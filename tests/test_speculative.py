@@ -1,12 +1,13 @@
 """Speculative decoding (sampling/speculative.py): greedy output is plain greedy's for both drafters and several k,
 the MTP drafter accepts exactly the drafts a full forward pass of its heads predicts, rejection sampling draws
 from the target's distribution (chi-squared) where the draft's differs, and a rejected draft leaves the cache as if
-never written."""
+never written; infer.py's --speculative=mtp|draft end to end."""
 
 from __future__ import annotations
 
 import functools
 import itertools
+import re
 
 import flax.linen as nn
 import jax
@@ -181,3 +182,36 @@ def test_draft_tokens_default_to_one_per_mtp_head_and_4_for_a_draft_model():
     cfg = ModelConfig(mtp=MTPConfig(num_heads=1))
     assert draft_tokens(cfg, 0, "mtp") == 1 and draft_tokens(cfg, 0, "draft") == 4
     assert draft_tokens(ModelConfig(mtp=MTPConfig(num_heads=2)), 0, "mtp") == 2 and draft_tokens(cfg, 3, "draft") == 3
+
+
+# ------------------------------------------------------------------------------------------------ infer.py
+
+
+def test_infer_speculative_mtp_and_draft_give_greedy_tokens_report_acceptance_and_keep_k_within_the_heads(
+    mtp_mla_run,
+):
+    """README: `--speculative=mtp --draft_tokens k` (k <= model.mtp.num_heads) and `--speculative=draft
+    --draft_workdir W2` sample through sampling/runner.py, print the samples, and report the acceptance rate per
+    draft position and tokens/s against plain decoding; with --temperature 0 the tokens are plain greedy's. The MTP
+    run also decodes with --mla_decode=naive (the draft run: the default, absorbed), so the two runs' equal text says
+    both MLA decoders and both drafters give the greedy tokens; the model drafting for itself has every draft
+    accepted."""
+    from tests.test_cli import run_cli
+
+    workdir, _ = mtp_mla_run
+    common = ("infer.py", f"--workdir={workdir}", "--prompt=def f", "--temperature=0", "--max_new_tokens=8", "--noeos")
+    mtp = run_cli(*common, "--speculative=mtp", "--mla_decode=naive")  # k: one per head (2)
+    draft = run_cli(*common, "--speculative=draft", f"--draft_workdir={workdir}", "--draft_tokens=3")
+    too_many = run_cli(*common, "--speculative=mtp", "--draft_tokens=3")
+    for done in (mtp, draft):
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.startswith("def f") and len(done.stdout) > len("def f\n"), done.stdout
+    assert mtp.stdout == draft.stdout
+    rate = r"acceptance per draft position \[{}\], [\d.]+ tokens per verify round \| decode [\d,]+ tokens/s vs plain [\d,]+ tokens/s \([\d.]+x\)"  # noqa: E501
+    assert re.search(r"speculative \(mtp heads, k=2\): " + rate.format(r"[\d.]+ [\d.]+"), mtp.stderr), mtp.stderr
+    assert re.search(r"speculative \(draft model, k=3\): " + rate.format("1.000 1.000 1.000"), draft.stderr), (
+        draft.stderr
+    )
+    assert too_many.returncode == 2 and "Traceback" not in too_many.stderr, too_many.stderr[-3000:]
+    last = too_many.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --draft_tokens=3") and "model.mtp.num_heads=2 MTP heads" in last, last

@@ -47,12 +47,15 @@ def test_train_py_exits_1_on_divergence_and_2_on_an_incompatible_checkpoint(tmp_
         params = load_for_inference(tmp_path / "diverged", step)[1]
         assert all(bool(jax.numpy.isfinite(p).all()) for p in jax.tree.leaves(params)), step
 
-    # Resuming the diverged run's last good checkpoint with another model refuses before training.
+    # Resuming the diverged run's last good checkpoint with another model refuses before training; the other model
+    # is set by a nested key on the command line (README: `model.moe.top_k=4`), which reaches the model's config.
     metrics = (tmp_path / "diverged" / "metrics.jsonl").read_bytes()
-    other = train_py(config, tmp_path / "diverged", "--config.model.d_ff=128")
+    other = train_py(config, tmp_path / "diverged", "--config.model.moe.top_k=4")
     assert other.returncode == 2, other.stderr[-3000:]
     last = other.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "model.d_ff=64 in the checkpoint but 128" in last, other.stderr
+    assert last.startswith("error: ") and "model.moe={" in last, other.stderr
+    stored, given = last.split(" in the checkpoint but ")
+    assert "'top_k': 2," in stored and "'top_k': 4," in given, last
     assert (tmp_path / "diverged" / "metrics.jsonl").read_bytes() == metrics
 
 

@@ -23,8 +23,7 @@ from model.gqa import GQA
 from model.mask import Mask, documents
 from model.positions import apply_rope, rope
 from model.rope import RopeScaling, attention_factor
-from sampling.decode import generate_batch
-from sampling.rules import Rules
+from sampling.decode import left_pad
 from tests.conftest import REPO, tiny_run
 from training.config import ConfigError, resolve
 from training.evaluation import Inputs, cross_entropy
@@ -218,21 +217,46 @@ def test_the_cpu_kernel_says_which_mask_parts_it_does_not_run():
 # ----------------------------------------------------------------------------------------------- decoding
 
 
+def distinct_prompts(vocab_size: int, lengths, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(vocab_size)[:n].tolist() for n in lengths]
+
+
+def greedy_against_recomputation(cfg, params, prompts, steps, max_len, reference_cfg=None):
+    """Greedy decoding through the cache (left-padded prompts prefilled, then one token per step), each step's logits
+    against one forward pass of `reference_cfg` (default `cfg`) without a cache over the prompts and their
+    continuations. Checks the picks vary: a row repeating one token proves little, and a freshly initialised model
+    with tied embeddings does just that, echoing its last token (so callers untie them). Returns the tokens [B, N]."""
+    model, step = decoder(cfg, 0)
+    apply = functools.partial(step, unstack_layers(params, cfg))
+    tokens_BP, positions_BP = left_pad(prompts)
+    B, P = tokens_BP.shape
+    logits_BTV, v = apply(jax.jit(lambda: init_cache(model, B, max_len))(), tokens_BP, positions_BP)
+    logits, tokens, position_B = [logits_BTV[:, -1]], [], positions_BP[:, -1]
+    for i in range(steps):
+        tokens.append(np.asarray(jnp.argmax(logits[-1], -1)))
+        if i < steps - 1:
+            position_B = position_B + 1
+            logits_BTV, v = apply(v["cache"], tokens[-1][:, None], position_B[:, None])
+            logits.append(logits_BTV[:, 0])
+    tokens_BN = np.stack(tokens, 1)
+    all_tokens = np.concatenate([tokens_BP, tokens_BN], 1)
+    all_positions = np.concatenate([positions_BP, positions_BP[:, -1:] + 1 + np.arange(steps)], 1)
+    full_BNV = forward(reference_cfg or cfg)({"params": params}, all_tokens, all_positions)[:, P - 1 : P - 1 + steps]
+    np.testing.assert_allclose(jnp.stack(logits, 1), full_BNV, rtol=1e-4, atol=1e-4)
+    assert all(len(set(row)) >= 3 for row in tokens_BN.tolist()), tokens_BN
+    return tokens_BN
+
+
 def test_greedy_decoding_with_the_cache_equals_recomputation_with_every_option():
-    cfg = dataclasses.replace(CFG, **ALL_OPTIONS)
-    params = init(cfg)["params"]
-    prompts = [
-        [3, 7, 9, 11, 2, 5, 8],
-        [4, 6],
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
-    ]  # left-padded, longer than the window
-    run = lambda cache: (
-        generate_batch(  # noqa: E731
-            Transformer(cfg), params, prompts, 12, Rules(temperature=0.0), max_len=28, kv_cache=cache
-        ).tokens
-    )
-    cached = run(True)
-    assert cached == run(False) and all(len(t) == 12 for t in cached)
+    cfg = dataclasses.replace(CFG, **ALL_OPTIONS, tie_embeddings=False)
+    prompts = distinct_prompts(cfg.vocab_size, [7, 2, 11])  # left-padded, longer than the window
+    greedy_against_recomputation(cfg, init(cfg)["params"], prompts, 12, max_len=28)
+
+
+@functools.cache
+def forward(cfg):
+    return jax.jit(Transformer(cfg).apply)
 
 
 @functools.cache

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.moe import MoE, expert_collectives
+from model.moe import MoE, capacity, expert_collectives
 from parallel.config import MeshConfig
 from parallel.expert import expert_parallel
 from parallel.mesh import make_mesh
@@ -154,13 +154,31 @@ def one_device_layer(dispatch: str, factor: float):
         return cfg, variables, x, jax.jit(layer_loss(cfg))(variables, x)
 
 
+def most_rows_one_device_sends_one_expert(cfg, variables, x, devices: int) -> int:
+    """In NumPy: the softmax router's kept assignments (each expert's first `capacity` in assignment order, choice
+    by choice, token by token), counted per (device holding the token, expert)."""
+    from tests.test_moe import np_softmax, np_topk
+
+    T = x.shape[0] * x.shape[1]
+    router = np.asarray(variables["params"]["router"], np.float64)
+    experts_A = np_topk(np_softmax(np.asarray(x, np.float64).reshape(T, -1) @ router), cfg.moe.top_k).T.ravel()
+    token_A = np.tile(np.arange(T), cfg.moe.top_k)
+    rank_A = np.asarray([np.sum(experts_A[:a] == e) for a, e in enumerate(experts_A)])
+    kept = rank_A < capacity(cfg.moe, experts_A.size)
+    sent = np.zeros((devices, cfg.moe.num_experts), int)
+    np.add.at(sent, (token_A[kept] // (T // devices), experts_A[kept]), 1)
+    return int(sent.max())
+
+
 @pytest.mark.parametrize(
     "dispatch, factor, exchange",
-    [("dropless", 1.0, "padded"), ("capacity", 0.75, "padded"), ("dropless", 1.0, "ragged")],
+    [("dropless", 1.0, "padded"), ("capacity", 0.125, "padded"), ("dropless", 1.0, "ragged")],
 )
 def test_the_all_to_all_layer_gives_the_one_device_output_and_gradients(dispatch, factor, exchange):
     cfg, variables, x, ((want, dropped), want_grads) = one_device_layer(dispatch, factor)
     assert (dropped > 0) == (dispatch == "capacity")
+    if dispatch == "capacity":  # a capacity of 4, all of it one expert's rows from one device: the chunk is full
+        assert most_rows_one_device_sends_one_expert(cfg, variables, x, 8) == capacity(cfg.moe, 128) == 4
     mesh = make_mesh(MeshConfig(data=2, expert=4))
     hook = expert_parallel(mesh, ("data", "fsdp", "expert"), **EXCHANGES[exchange])
     with jax.set_mesh(mesh), expert_collectives(hook):
