@@ -86,7 +86,8 @@ def _local(x_TD, experts_TK, gates_TK, kept_TK, w_gate_LDF, w_up_LDF, w_down_LFD
     sorted_A = expert_A[order_A]
     dest_sorted_A = jnp.minimum(sorted_A // L, shards)
     slot_sorted_A = jnp.where(
-        sorted_A < E, dest_sorted_A * chunk + jnp.arange(T * K) - starts_S[jnp.minimum(dest_sorted_A, shards - 1)],
+        sorted_A < E,
+        dest_sorted_A * chunk + jnp.arange(T * K) - starts_S[jnp.minimum(dest_sorted_A, shards - 1)],
         shards * chunk,
     )
     slot_A = jnp.zeros(T * K, jnp.int32).at[order_A].set(slot_sorted_A.astype(jnp.int32))
