@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--set", default="", help="config overrides as key=value,key=value")
     args = parser.parse_args()
 
-    from training.cli import with_fake_device_flags
+    from parallel.cpu_devices import with_fake_device_flags
 
     os.environ["XLA_FLAGS"] = with_fake_device_flags(os.environ.get("XLA_FLAGS", ""), args.devices)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

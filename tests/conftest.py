@@ -10,9 +10,9 @@ import pathlib
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
-from training.cli import with_fake_device_flags  # noqa: E402
+from parallel.cpu_devices import with_fake_device_flags  # noqa: E402
 
-# Collective timeouts long enough for fake devices on a loaded 2-core machine (training/cli.py says why);
+# Collective timeouts long enough for fake devices on a loaded 2-core machine (parallel/cpu_devices.py says why);
 # the subprocesses that start 8 fake devices (tests/test_multidevice.py, test_multihost.py) inherit them.
 os.environ["XLA_FLAGS"] = with_fake_device_flags(os.environ["XLA_FLAGS"])
 

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from parallel.cpu_devices import with_fake_device_flags
 from tests.conftest import REPO, tiny_run
 from training.checkpoint import WithoutClosedLoopNoise
-from training.cli import with_fake_device_flags
 from training.loop import train
 
 

@@ -150,6 +150,34 @@ def test_dry_run_plans_for_fake_devices_without_a_workdir(tmp_path):
         assert line in out, out
 
 
+def test_a_collective_timeout_on_fake_devices_ends_in_one_line(tmp_path, text_corpus):
+    """`--fake_devices` trains for real; when XLA stops the run at a collective timeout (here forced: a timeout of
+    0 s, so the first collective whose devices do not arrive together), the run ends in one line naming what
+    happened and what to do, exit code 1, with XLA's per-thread log in the workdir instead of the terminal."""
+    timeouts = (
+        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=0 --xla_cpu_collective_call_terminate_timeout_seconds=0"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " " + timeouts}
+    workdir = tmp_path / "run"
+    flags = ["--fake_devices=8", "--config.mesh.data=8", f"--workdir={workdir}", f"--config.data.corpus={text_corpus}"]
+    flags += [
+        f"--config.model.{k}={v}"
+        for k, v in dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, d_ff=64).items()
+    ]
+    done = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/tiny.py", *flags, "--config.train.peak_flops=1e12"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert last.startswith("error: 8 fake CPU devices on ") and "waited more than 0 s" in last, last
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    warned = next(i for i, line in enumerate(lines) if line.startswith("warning: fake CPU devices are waiting"))
+    assert lines[warned + 1 :] == [last], done.stderr[-3000:]  # nothing of XLA's or Python's abort in between
+    assert not any("rendezvous.cc" in line for line in lines), done.stderr[-3000:]
+    assert "Termination timeout" in (workdir / "xla_collectives.log").read_text()
+
+
 @pytest.mark.parametrize(
     "config, published",
     [

@@ -132,34 +132,3 @@ def check_new_file(path: str | os.PathLike, flag: str) -> None:
     """Refuses to overwrite an existing file (nothing already on disk is lost)."""
     if pathlib.Path(path).exists():
         fail(f"{flag}={str(path)!r}: already exists; remove it or choose another path")
-
-
-# XLA:CPU aborts a process whose devices wait longer than these for each other at a collective (defaults:
-# a warning at 20 s, abort at 40 s). Fake CPU devices (--xla_force_host_platform_device_count) are threads
-# sharing the host's cores, so under load a rendezvous can starve for that long without any deadlock.
-# Finding (issue 23, the 8-device data=2 x sequence=4 ring run aborted at a collective-permute while some
-# devices sat in an all-gather): it is starvation, not a program-order deadlock. Every device runs the same
-# SPMD program, and XLA:CPU's thunk executor chains all collective thunks of a program on one shared
-# "collective communicator" resource so each device launches them in HLO order
-# (xla/backends/cpu/runtime/resource_use.h: "Collective operations must be executed in the same order as
-# they are defined in the HLO module"); the ring's ppermutes and the sequence group's all-gathers thus meet
-# in the same order on every device. What differs is when each device's threads get a core: on 2 cores
-# shared with other processes, devices arrive at a rendezvous tens of seconds apart. The flag names are
-# the ones jaxlib 0.10's XLA accepts (checked with `strings` on libjax_common.so and by starting JAX with
-# each; `xla_cpu_collective_call_warn_stuck_seconds`, the proto field's name, is rejected as a flag).
-FAKE_DEVICE_XLA_FLAGS = (
-    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
-    "--xla_cpu_collective_call_terminate_timeout_seconds=900",
-    "--xla_cpu_collective_timeout_seconds=900",
-)
-
-
-def with_fake_device_flags(xla_flags: str, count: int | None = None) -> str:
-    """`xla_flags` (an XLA_FLAGS value) plus the collective timeouts above, and `count` fake CPU devices
-    when given (replacing any device count already there); flags already set are kept."""
-    flags_ = [f for f in xla_flags.split() if count is None or "xla_force_host_platform_device_count" not in f]
-    names = {f.split("=")[0] for f in flags_}
-    flags_ += [f for f in FAKE_DEVICE_XLA_FLAGS if f.split("=")[0] not in names]
-    if count is not None:
-        flags_.append(f"--xla_force_host_platform_device_count={count}")
-    return " ".join(flags_)
