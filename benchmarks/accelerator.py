@@ -21,8 +21,8 @@ Every item checks the budget first and is recorded as skipped (with the reason) 
 DIR/accelerator.json (every figure, the device, versions, what was skipped and why, the attention order the figures
 suggest for model.attention.AUTO_ORDER) and DIR/accelerator.md (tables for BENCHMARKS.md) are rewritten after every
 item, so a run cut short still leaves what it measured. Timings are medians of --repeats calls of a compiled
-function, compilation excluded. --smoke runs every stage at toy sizes on CPU (kernels interpreted) in well under
-two minutes; tests/test_accelerator.py runs it.
+function, compilation excluded. --smoke runs every stage at toy sizes on CPU (kernels interpreted) in about a
+minute (under two on a busy 2-core machine); tests/test_accelerator.py runs it.
 
 Needs only jax (with its GPU or TPU plugin), flax, optax and numpy: never grain, tokenizers or tqdm, and where
 ml_collections is missing (a bare GPU image) configs/*.py are read through `config_dict_stand_in`. What is missing is
@@ -593,7 +593,8 @@ def summary(data: dict, out: pathlib.Path) -> str:
         if r["impl"] == "ragged_dot" and "vs_dense" in r:
             lines.append(f"ragged_dot {r['mode']}: {r['tflops']:.3g} TFLOP/s, {r['vs_dense']:.2f}x the dense matmul")
     if data["auto_order"]:
-        lines.append(f"auto ({data['auto_order']['from']}): {' > '.join(data['auto_order']['order'])}")
+        toy = " (toy sizes: not to copy)" if data["smoke"] else ""
+        lines.append(f"auto ({data['auto_order']['from']}): {' > '.join(data['auto_order']['order'])}{toy}")
     lines += [
         f"skipped: {len(data['skipped'])} items, failed: {len(data['failed'])}",
         f"wrote {out / 'accelerator.json'} and {out / 'accelerator.md'}",

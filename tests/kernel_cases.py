@@ -48,6 +48,7 @@ class Case:
     causal: bool = True  # False: every query sees every (real) key
     padding: bool = False  # ragged rows: trailing keys and queries with position -1
     dtype: str = "float32"
+    default_blocks: bool = False  # the kernels' own blocks (training's), not BLOCK
 
 
 CASES = [
@@ -55,6 +56,7 @@ CASES = [
     Case("gqa4-documents-alibi", B=2, T=19, N=8, K=2, D=8, documents=True, alibi=True),
     Case("mqa8-padding-alibi-softcap", T=12, S=17, N=8, K=1, padding=True, alibi=True, softcap=3.0),
     Case("mha-not-causal-bf16", T=5, S=19, N=2, K=2, D=12, causal=False, dtype="bfloat16"),
+    Case("gqa4-causal-bf16-default-blocks", B=1, T=300, N=8, K=2, D=64, dtype="bfloat16", default_blocks=True),
 ]
 # cuDNN's cases: what it runs (bfloat16, causal over the tokens in order, with or without a window), GQA.
 CUDNN_CASES = [
@@ -123,8 +125,10 @@ def check_flash(c: Case) -> None:
     bias_fn = AlibiBias(c.N) if c.alibi else None
     slopes = jnp.asarray(bias_fn.slopes) if c.alibi else None
 
+    blocks = {} if c.default_blocks else dict(block_q=BLOCK, block_k=BLOCK)
+
     def ours(q, k, v):
-        return flash_attention(q, k, v, mask, softcap=c.softcap, alibi_slopes=slopes, block_q=BLOCK, block_k=BLOCK)
+        return flash_attention(q, k, v, mask, softcap=c.softcap, alibi_slopes=slopes, **blocks)
 
     def theirs(q, k, v):
         return reference_attention(REFERENCE, q, k, v, mask, bias_fn=bias_fn, softcap=c.softcap)
@@ -172,6 +176,7 @@ class DecodeCase:
     lengths: tuple[int, ...] = (5, 37, 20)
     num_splits: int = 3
     dtype: str = "float32"
+    default_blocks: bool = False  # the kernel's own block_k and num_splits (decoding's), not BLOCK and num_splits
 
 
 DECODE_CASES = [
@@ -180,6 +185,18 @@ DECODE_CASES = [
     DecodeCase("three-queries-mha-rolling-window-softcap", B=2, T=3, N=4, K=4, window=6, rolling=True, softcap=3.0),
     DecodeCase("two-queries-mqa8", B=3, T=2, N=8, K=1),
     DecodeCase("one-token-gqa2-bf16", B=2, T=1, N=4, K=2, S=30, lengths=(30, 9), num_splits=2, dtype="bfloat16"),
+    DecodeCase(
+        "one-token-gqa4-bf16-default-blocks",
+        B=2,
+        T=1,
+        N=8,
+        K=2,
+        H=64,
+        S=300,
+        lengths=(300, 130),
+        dtype="bfloat16",
+        default_blocks=True,
+    ),
 ]
 
 
@@ -205,11 +222,8 @@ def check_decode(c: DecodeCase) -> None:
     mask = Mask(qpos, kpos, window=c.window)
     bias_fn = AlibiBias(c.N) if c.alibi else None
     slopes = jnp.asarray(bias_fn.slopes) if c.alibi else None
-    kernel = jax.jit(
-        lambda *a: decode_attention(
-            *a, mask, softcap=c.softcap, alibi_slopes=slopes, block_k=BLOCK, num_splits=c.num_splits
-        )
-    )
+    blocks = {} if c.default_blocks else dict(block_k=BLOCK, num_splits=c.num_splits)
+    kernel = jax.jit(lambda *a: decode_attention(*a, mask, softcap=c.softcap, alibi_slopes=slopes, **blocks))
     got = kernel(q, k, v)
     assert got.dtype == jnp.dtype(c.dtype)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
