@@ -22,9 +22,9 @@ from configs.base import apply_arg
 from model import Transformer, flops_per_token, param_counts
 from training.allocator import reuse_freed_memory
 from training.config import RunConfig, resolve, with_vocab
-from training.loop import init_state, make_train_step
 from training.metrics import peak_flops_per_device
 from training.optim import make_optimizer
+from training.step import init_state, make_train_step
 
 
 def load_config(spec: str, vocab: int, overrides: str = "") -> RunConfig:

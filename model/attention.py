@@ -11,7 +11,7 @@ a function saying why it cannot run a config here (or None) and the attention it
 for the decode cache), lowered through Pallas' Triton lowering on GPUs and through Mosaic on TPUs, interpreted on
 CPUs (how the tests check them against the reference; tests/test_kernel_lowering.py exports both lowerings on CPU
 and, with libtpu installed, compiles the TPU one; they have never run on a GPU or TPU here), 'cudnn' cuDNN's fused
-attention; 'auto' takes the first of `AUTO_ORDER` that can. Ring attention (parallel/ring.py) is an
+attention; 'auto' takes the first of the platform's `AUTO_ORDER` that can. Ring attention (parallel/ring.py) is an
 `Implementation` too, built where the mesh is known and handed to the model; there too a `per_device`
 implementation (a kernel XLA cannot split) is wrapped to run on each device's shard.
 """
@@ -273,17 +273,21 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "pallas": Implementation(pallas_blocker, pallas_attention, pallas_decode, per_device=True),
     "cudnn": Implementation(cudnn_blocker, cudnn_attention),  # decoding: the reference (T = 1 is not cuDNN's case)
 }
-# What 'auto' tries, fastest first; the reference last (it always runs). Not 'pallas' (interpreted on CPUs, and not
-# yet measured against XLA and cuDNN on a GPU: BENCHMARKS.md) nor 'cudnn' (not measured either).
-AUTO_ORDER = ("cpu_kernel", "xla")
+# What 'auto' tries on each platform (jax.default_backend()), fastest first; the reference last (it always runs).
+# An order is set from measurements: on CPUs the C++ kernel (BENCHMARKS.md). On GPUs and TPUs nothing is measured
+# yet, so only the reference: benchmarks/accelerator.py measures 'pallas', 'cudnn' and 'xla' (llama_1b's training
+# MFU and attention TFLOP/s) and writes the order its figures give as accelerator.json's "auto_order", to copy here.
+# Never 'pallas' on CPUs (interpreted there, for tests).
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu_kernel", "xla"), "gpu": ("xla",), "tpu": ("xla",)}
 ATTENTION_IMPLS = ("auto", *IMPLEMENTATIONS)  # the values model.attention_impl takes
 
 
 def choose(cfg: ModelConfig, documents: bool = False) -> Implementation:
-    """The implementation `cfg.attention_impl` names, or for 'auto' the first of AUTO_ORDER that can run here;
-    ValueError (one line) when the named one cannot."""
+    """The implementation `cfg.attention_impl` names, or for 'auto' the first of this platform's AUTO_ORDER that can
+    run here; ValueError (one line) when the named one cannot."""
     if cfg.attention_impl == "auto":
-        return next(IMPLEMENTATIONS[n] for n in AUTO_ORDER if IMPLEMENTATIONS[n].blocker(cfg, documents) is None)
+        order = AUTO_ORDER.get(jax.default_backend(), ("xla",))
+        return next(IMPLEMENTATIONS[n] for n in order if IMPLEMENTATIONS[n].blocker(cfg, documents) is None)
     impl = IMPLEMENTATIONS[cfg.attention_impl]
     if (reason := impl.blocker(cfg, documents)) is not None:
         allowed = ", ".join(

@@ -34,7 +34,8 @@ from training.checkpoint import (
     meta_for,
 )
 from training.config import with_vocab
-from training.loop import init_state, make_train_step, resume_targets, train
+from training.loop import resume_targets, train
+from training.step import init_state, make_train_step
 
 # train.py's main in a subprocess, with hooks that interrupt it: argv is the mode, a step, then train.py's
 # flags. Not measuring the CPU's peak FLOP/s only changes perf/mfu.

@@ -1,6 +1,7 @@
 """The Pallas flash-decoding kernel (model/kernels/decode_attention.py), interpreted on CPU, against the plain-JAX
-reference decode: ragged per-row cache lengths, rolling caches, GQA groups, a few queries per row, the blocks it
-skips, and greedy decoding with attention_impl='pallas'."""
+reference decode: ragged per-row cache lengths, rolling caches, GQA groups, a few queries per row (the cases live in
+tests/kernel_cases.py, which benchmarks/accelerator.py also runs compiled on a GPU), the blocks it skips, and greedy
+decoding with attention_impl='pallas' against recomputation."""
 
 from __future__ import annotations
 
@@ -8,69 +9,19 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer, init_variables
-from model.attention import reference_decode
-from model.kernels.decode_attention import decode_attention, visited_blocks
+from model.kernels.decode_attention import visited_blocks
 from model.mask import Mask
-from model.positions import AlibiBias
+from tests.kernel_cases import DECODE_CASES, DecodeCase, cache_problem, check_decode
 from tests.test_variants import distinct_prompts, greedy_against_recomputation
 
-REFERENCE = ModelConfig()
-ON_CPU = jax.default_backend() == "cpu"
-BLOCK = 8 if ON_CPU else 16  # compiled (Triton) kernels tile by powers of two >= 16; interpreted ones by anything
-TOL_F32 = 2e-5 if ON_CPU else 2e-3  # GPUs multiply float32 in TF32 by default
 
-
-def cache_problem(B, T, N, K, H, S, lengths, rolling=False, seed=0, dtype=jnp.float32):
-    """q [B, T, N, H] and a cache [B, K, S, H] whose row b holds lengths[b] tokens (positions 0.., empty slots -1);
-    the T queries are each row's last T tokens. `rolling`: the slots hold the positions shuffled, as a rolling
-    buffer does after wrapping."""
-    rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.normal(size=(B, T, N, H)), dtype)
-    k = jnp.asarray(rng.normal(size=(B, K, S, H)), dtype)
-    v = jnp.asarray(rng.normal(size=(B, K, S, H)), dtype)
-    kpos = np.where(np.arange(S)[None] < np.asarray(lengths)[:, None], np.arange(S)[None], -1)
-    if rolling:
-        kpos = np.stack([rng.permutation(row) for row in kpos])
-    qpos = np.asarray(lengths)[:, None] - T + np.arange(T)[None]
-    return q, k, v, (jnp.asarray(qpos), jnp.asarray(kpos))
-
-
-@pytest.mark.parametrize(
-    "B, T, N, K, window, rolling, alibi, softcap",
-    [
-        (3, 1, 8, 2, 0, False, True, 0.0),  # one new token per row, GQA 4, ALiBi
-        (2, 3, 4, 4, 6, True, False, 3.0),  # speculative verification (3 queries), MHA, rolling window, soft-cap
-        (3, 2, 8, 1, 0, False, False, 0.0),  # MQA: 8 heads on one K/V head
-    ],
-)
-def test_decode_kernel_matches_the_reference_with_ragged_lengths(B, T, N, K, window, rolling, alibi, softcap):
-    H, S = 16, 37
-    lengths = [5, 37, 20][:B]
-    q, k, v, (qpos, kpos) = cache_problem(B, T, N, K, H, S, lengths, rolling)
-    mask = Mask(qpos, kpos, window=window)
-    bias_fn = AlibiBias(N) if alibi else None
-    slopes = jnp.asarray(bias_fn.slopes) if alibi else None
-    kernel = jax.jit(
-        lambda *a: decode_attention(*a, mask, softcap=softcap, alibi_slopes=slopes, block_k=BLOCK, num_splits=3)
-    )
-    got = kernel(q, k, v)
-    want = jax.jit(lambda *a: reference_decode(REFERENCE, *a, mask, bias_fn=bias_fn, softcap=softcap))(q, k, v)
-    np.testing.assert_allclose(got, want, atol=TOL_F32, rtol=TOL_F32)
-
-
-def test_decode_kernel_in_bfloat16():
-    q, k, v, (qpos, kpos) = cache_problem(2, 1, 4, 2, 16, 30, [30, 9], dtype=jnp.bfloat16)
-    mask = Mask(qpos, kpos)
-    got = jax.jit(lambda *a: decode_attention(*a, mask, block_k=BLOCK, num_splits=2))(q, k, v)
-    assert got.dtype == jnp.bfloat16
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    want = jax.jit(lambda *a: reference_decode(REFERENCE, *a, mask))(*f32)
-    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2, rtol=2e-2)
+@pytest.mark.parametrize("c", DECODE_CASES, ids=lambda c: c.name)
+def test_decode_kernel_matches_the_reference(c: DecodeCase):
+    check_decode(c)
 
 
 def test_decode_skips_the_blocks_past_each_rows_length():

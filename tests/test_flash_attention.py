@@ -1,6 +1,7 @@
 """The Pallas flash attention kernels (model/kernels/flash_attention.py), interpreted on CPU, against the plain-JAX
-reference attention: outputs and gradients over every part of the mask, the blocks they skip, and a model's
-gradients with attention_impl='pallas'."""
+reference attention: outputs and gradients over every part of the mask (the cases live in tests/kernel_cases.py,
+which benchmarks/accelerator.py also runs compiled on a GPU), the blocks they skip, and a model's gradients
+with attention_impl='pallas'."""
 
 from __future__ import annotations
 
@@ -13,109 +14,28 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer, init_variables
-from model.attention import AUTO_ORDER, IMPLEMENTATIONS, choose, reference_attention
+from model.attention import AUTO_ORDER, IMPLEMENTATIONS, choose, cudnn_blocker
 from model.kernels import cpu_attention
 from model.kernels import flash_attention as flash_lib
-from model.kernels.flash_attention import flash_attention, visited_blocks
+from model.kernels.flash_attention import visited_blocks
 from model.mask import Mask
-from model.positions import AlibiBias
 from tests.conftest import tiny_run
+from tests.kernel_cases import CASES, CUDNN_CASES, Case, check_cudnn, check_flash, cudnn_config
 from training.config import ConfigError
 from training.evaluation import Inputs, cross_entropy
-
-REFERENCE = ModelConfig(causal_blocks=1)
-ON_CPU = jax.default_backend() == "cpu"
-BLOCK = 8 if ON_CPU else 16  # compiled (Triton) kernels tile by powers of two >= 16; interpreted ones by anything
-TOL_F32 = 2e-5 if ON_CPU else 2e-3  # GPUs multiply float32 in TF32 by default
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One attention problem: B rows of T queries over S keys, N query heads over K K/V heads."""
-
-    name: str
-    B: int = 2
-    T: int = 13
-    S: int | None = None  # None: self-attention (S = T, same tokens in order)
-    N: int = 4
-    K: int = 2
-    D: int = 16
-    Dv: int | None = None
-    window: int = 0
-    documents: bool = False
-    alibi: bool = False
-    softcap: float = 0.0
-    causal: bool = True  # False: every query sees every (real) key
-    padding: bool = False  # ragged rows: trailing keys and queries with position -1
-    dtype: str = "float32"
-
-
-CASES = [
-    Case("gqa2-window-softcap-dv", T=13, window=5, softcap=2.0, Dv=8),
-    Case("gqa4-documents-alibi", B=2, T=19, N=8, K=2, D=8, documents=True, alibi=True),
-    Case("mqa8-padding-alibi-softcap", T=12, S=17, N=8, K=1, padding=True, alibi=True, softcap=3.0),
-    Case("mha-not-causal-bf16", T=5, S=19, N=2, K=2, D=12, causal=False, dtype="bfloat16"),
-]
-
-
-def random_documents(rng, B, T):
-    seg = np.zeros((B, T), np.int32)
-    for b in range(B):
-        for cut in np.sort(rng.choice(np.arange(1, T), size=2, replace=False)):
-            seg[b, cut:] += 1
-    starts = np.array([[np.argmax(seg[b] == seg[b, t]) for t in range(T)] for b in range(B)])
-    return seg, (np.arange(T) - starts).astype(np.int32)
-
-
-def problem(c: Case, seed: int = 0):
-    """(q, k, v, mask, weights of the output rows that see a key) for a case."""
-    rng = np.random.default_rng(seed)
-    S = c.T if c.S is None else c.S
-    dt = jnp.dtype(c.dtype)
-    q = jnp.asarray(rng.normal(size=(c.B, c.T, c.N, c.D)), dt)
-    k = jnp.asarray(rng.normal(size=(c.B, S, c.K, c.D)), dt)
-    v = jnp.asarray(rng.normal(size=(c.B, S, c.K, c.Dv or c.D)), dt)
-    if c.S is None:
-        seg, pos = random_documents(rng, c.B, c.T) if c.documents else (None, np.tile(np.arange(c.T), (c.B, 1)))
-        mask = Mask.self_attention(jnp.asarray(pos), None if seg is None else jnp.asarray(seg), window=c.window)
-        mask = mask.replace(in_order=True)
-    else:  # the queries are the last T of S tokens (or, not causal, after all of them)
-        kpos = np.tile(np.arange(S), (c.B, 1))
-        qpos = np.tile(np.arange(S - c.T, S) + (0 if c.causal else S), (c.B, 1))
-        if c.padding:
-            kpos[0, S - 4 :] = -1
-            qpos[1, :3] = -1
-        mask = Mask(jnp.asarray(qpos), jnp.asarray(kpos), window=c.window)
-    sees_BT = np.asarray(mask.allowed()).any(-1)
-    w = rng.normal(size=(c.B, c.T, c.N, c.Dv or c.D)) * sees_BT[:, :, None, None]
-    return q, k, v, mask, jnp.asarray(w, jnp.float32)
 
 
 @pytest.mark.parametrize("c", CASES, ids=lambda c: c.name)
 def test_forward_and_gradients_match_the_reference(c: Case):
-    q, k, v, mask, w = problem(c)
-    bias_fn = AlibiBias(c.N) if c.alibi else None
-    slopes = jnp.asarray(bias_fn.slopes) if c.alibi else None
+    check_flash(c)
 
-    def loss(f):
-        return lambda q, k, v: (jnp.sum(w * f(q, k, v).astype(jnp.float32)), f(q, k, v))
 
-    ours = lambda q, k, v: flash_attention(  # noqa: E731
-        q, k, v, mask, softcap=c.softcap, alibi_slopes=slopes, block_q=BLOCK, block_k=BLOCK
-    )
-    theirs = lambda q, k, v: reference_attention(REFERENCE, q, k, v, mask, bias_fn=bias_fn, softcap=c.softcap)  # noqa: E731
-    (_, out), grads = jax.jit(jax.value_and_grad(loss(ours), (0, 1, 2), has_aux=True))(q, k, v)
-    up = [x.astype(jnp.float32) for x in (q, k, v)]  # the reference in float32 on the same (rounded) inputs
-    (_, want), want_grads = jax.jit(jax.value_and_grad(loss(theirs), (0, 1, 2), has_aux=True))(*up)
-
-    sees = np.asarray(mask.allowed()).any(-1)[:, :, None, None]
-    tol = dict(atol=TOL_F32, rtol=TOL_F32) if c.dtype == "float32" else dict(atol=3e-2, rtol=3e-2)
-    np.testing.assert_allclose(np.where(sees, out.astype(jnp.float32), 0), np.where(sees, want, 0), **tol)
-    assert not np.asarray(out)[~np.broadcast_to(sees, out.shape)].any()  # a query that sees nothing gets zeros
-    for name, got, ref in zip("qkv", grads, want_grads):
-        assert got.dtype == jnp.dtype(c.dtype), name
-        scale = float(jnp.abs(ref).max())
-        np.testing.assert_allclose(got.astype(jnp.float32), ref, atol=tol["atol"] * max(1.0, scale), rtol=tol["rtol"])
+@pytest.mark.parametrize("c", CUDNN_CASES, ids=lambda c: c.name)
+def test_cudnn_matches_the_reference(c: Case):
+    """cuDNN's fused attention, where it runs (an NVIDIA GPU; benchmarks/accelerator.py runs these there)."""
+    if (reason := cudnn_blocker(cudnn_config(c))) is not None:
+        pytest.skip(reason)
+    check_cudnn(c)
 
 
 def brute_force_visible_blocks(mask: Mask, T: int, S: int, block: int) -> np.ndarray:
@@ -147,7 +67,7 @@ def test_pallas_selected_by_config_and_cudnn_refused_on_cpu_in_one_line(monkeypa
     monkeypatch.setattr(cpu_attention, "unavailable_reason", lambda: "not built here")  # (building it takes seconds)
     cfg = ModelConfig(attention_impl="pallas")
     assert choose(cfg, documents=True) is IMPLEMENTATIONS["pallas"]
-    assert "pallas" not in AUTO_ORDER  # interpreted on CPUs: never chosen for you
+    assert "pallas" not in AUTO_ORDER["cpu"]  # interpreted on CPUs: never chosen for you
     with pytest.raises(ValueError, match=r"attention_impl='cudnn' cannot run here: backend is cpu .*allowed here:"):
         choose(dataclasses.replace(cfg, attention_impl="cudnn"))
     from training.layout import plan

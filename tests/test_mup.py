@@ -11,8 +11,8 @@ import pytest
 from model import Transformer
 from tests.conftest import tiny_run
 from training.config import with_vocab
-from training.loop import init_state, make_train_step
 from training.optim import make_optimizer
+from training.step import init_state, make_train_step
 
 BASE = 32
 

@@ -19,7 +19,8 @@ from training import loop
 from training.checkpoint import checkpoints_dir, list_steps, load_for_inference
 from training.config import resolve
 from training.dry_run import dry_run
-from training.loop import init_state, train
+from training.loop import train
+from training.step import init_state
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,10 @@ import data as data_lib
 from model import Transformer
 from tests.conftest import tiny_run
 from training.config import with_vocab
-from training.loop import cross_entropy, evaluate, init_state, make_eval_step, make_train_step, train
+from training.evaluation import cross_entropy, evaluate, make_eval_step
+from training.loop import train
 from training.optim import SCHEDULES, decay_mask, make_optimizer
+from training.step import init_state, make_train_step
 
 
 def test_cross_entropy_matches_numpy_with_z_loss_and_label_smoothing():

@@ -27,8 +27,8 @@ from sampling.decode import left_pad
 from tests.conftest import REPO, tiny_run
 from training.config import ConfigError, resolve
 from training.evaluation import Inputs, cross_entropy
-from training.loop import init_state, make_train_step
 from training.optim import make_optimizer
+from training.step import init_state, make_train_step
 
 CFG = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, max_seq_len=32)
 YARN = RopeScaling(type="yarn", factor=2.0, original_max_len=16)

@@ -1,5 +1,5 @@
-"""Metric sinks (JSON lines and TensorBoard), the clock that times training steps, and the peak FLOP/s that
-MFU is measured against."""
+"""Metric sinks (JSON lines and TensorBoard), the clock that times training steps, and the peaks figures are
+measured against: FLOP/s for MFU, memory bandwidth for decoding."""
 
 from __future__ import annotations
 
@@ -28,6 +28,33 @@ PEAK_FLOPS = {
     "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
     "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
 }
+
+# Memory bandwidth in bytes/s per chip, what a decode step's cache reads are measured against (the first name found
+# in the device kind counts: the PCIe and 40 GB parts before their families).
+PEAK_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "A100-SXM4-40GB": 1.555e12,
+    "A100-PCIE-40GB": 1.555e12,
+    "A100 80GB PCIe": 1.935e12,
+    "A100": 2.039e12,
+    "L4": 300e9,
+    "TPU v4": 1.2e12,
+    "TPU v5 lite": 819e9,
+    "TPU v5p": 2.765e12,
+    "TPU v5": 2.765e12,
+    "TPU v6 lite": 1.64e12,
+}
+
+
+def peak_bandwidth() -> tuple[float, str] | None:
+    """(memory bytes/s of one device, where the number comes from), or None where the table has no entry (CPUs)."""
+    device = jax.devices()[0]
+    for name, bandwidth in PEAK_BANDWIDTH.items():
+        if device.platform != "cpu" and name.lower() in device.device_kind.lower():
+            return bandwidth, f"table: {name}"
+    return None
 
 
 def matmul_flops(n: int = 2048, repeats: int = 4) -> float:

@@ -22,8 +22,9 @@ from tests.conftest import tiny_run
 from tests.multidevice.test_meshes import text_batches
 from training.config import with_vocab
 from training.layout import abstract_state, model_for, plan, shardings_of
-from training.loop import init_state, jit_train_step
+from training.loop import jit_train_step
 from training.optim import make_optimizer
+from training.step import init_state
 
 # One layer and one causal attention block: the expert exchange runs per layer, and each of the six train steps
 # this module compiles (a routing on one device and on each mesh) costs the fewer seconds (on the shared

@@ -16,8 +16,9 @@ from parallel.sharding import global_batch
 from tests.conftest import tiny_run
 from training.config import with_vocab
 from training.layout import abstract_state, model_for, plan, shardings_of
-from training.loop import init_state, jit_train_step
+from training.loop import jit_train_step
 from training.optim import make_optimizer
+from training.step import init_state
 
 # GQA (8 query heads over 4 K/V heads) so tensor=4 still leaves whole K/V heads on each device. One causal
 # attention block: the meshes are what is tested, and the train steps (tracing and compiling them is the time here)

@@ -20,8 +20,9 @@ from tests.conftest import tiny_run
 from tests.multidevice.test_meshes import EOD, text_batches
 from training.config import ConfigError, with_vocab
 from training.layout import abstract_state, attention_for, model_for, plan, shardings_of
-from training.loop import init_state, jit_train_step
+from training.loop import jit_train_step
 from training.optim import make_optimizer
+from training.step import init_state
 
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 # GQA (4 query heads over 2 K/V heads: one K/V head and its two query heads per tensor shard), ALiBi (each shard

@@ -15,8 +15,9 @@ from tests.conftest import tiny_run
 from tests.multidevice.test_meshes import MODEL, STEPS
 from training.dry_run import dry_run
 from training.layout import abstract_state, plan
-from training.loop import init_state, train
+from training.loop import train
 from training.optim import make_optimizer
+from training.step import init_state
 
 
 def losses(workdir) -> dict[int, float]:
