@@ -24,9 +24,8 @@ item, so a run cut short still leaves what it measured. Timings are medians of -
 function, compilation excluded. --smoke runs every stage at toy sizes on CPU (kernels interpreted) in about a
 minute (under two on a busy 2-core machine); tests/test_accelerator.py runs it.
 
-Needs only jax (with its GPU or TPU plugin), flax, optax and numpy: never grain, tokenizers or tqdm, and where
-ml_collections is missing (a bare GPU image) configs/*.py are read through `config_dict_stand_in`. What is missing is
-said in one line. docs/accelerators.md: how to run it on a lent GPU, and the wheels train.py would need there.
+Needs only jax (with its GPU or TPU plugin), flax, optax, numpy and ml_collections (configs/*.py; a pure-Python wheel
+to carry to a bare GPU image): never grain, tokenizers or tqdm. What is missing is said in one line. docs/accelerators.md: how to run it on a lent GPU, and the wheels train.py would need there.
 """
 
 from __future__ import annotations
@@ -45,12 +44,11 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's packages, whether or not the project is installed
 
-REQUIRED = ("jax", "flax", "optax", "numpy")
+REQUIRED = ("jax", "flax", "optax", "numpy", "ml_collections")
 
 
 def missing(modules) -> list[str]:
@@ -67,7 +65,7 @@ import numpy as np  # noqa: E402
 from model import ModelConfig, Transformer, flops_per_token, param_counts  # noqa: E402
 from model.attention import IMPLEMENTATIONS, choose  # noqa: E402
 from model.mask import Mask  # noqa: E402
-from training.metrics import measured_matmul_flops, peak_bandwidth, peak_flops_per_device  # noqa: E402
+from training.metrics import matmul_flops, peak_bandwidth, peak_flops_per_device  # noqa: E402
 
 ATTENTION_IMPLS = ("pallas", "cudnn", "xla")
 TRAIN_RUNS = [("llama_1b", impl) for impl in IMPLEMENTATIONS] + [("llama_1b_moe", "auto"), ("llama_1b_mla", "auto")]
@@ -317,44 +315,6 @@ def vocab_size(spec: str) -> int:
     return int(spec.removeprefix("bpe:"))
 
 
-def config_dict_stand_in() -> types.ModuleType:
-    """An `ml_collections` module for machines without it (a bare GPU image): its ConfigDict as a dict of groups with
-    attribute access, recursive `update` and `to_dict`, which is all configs/*.py and training.config.resolve use
-    (resolve checks every value's type). Installed by this script only, only where ml_collections is missing."""
-
-    class ConfigDict(dict):
-        def __init__(self, values=(), **kwargs):
-            super().__init__()
-            self.update(values, **kwargs)
-
-        def __getattr__(self, name):
-            try:
-                return self[name]
-            except KeyError:
-                raise AttributeError(name) from None
-
-        def __setattr__(self, name, value):
-            self[name] = value
-
-        def __setitem__(self, name, value):
-            plain_dict = isinstance(value, dict) and not isinstance(value, ConfigDict)
-            super().__setitem__(name, ConfigDict(value) if plain_dict else value)
-
-        def update(self, values=(), **kwargs):
-            for name, value in dict(values, **kwargs).items():
-                if isinstance(value, dict) and isinstance(self.get(name), ConfigDict):
-                    self[name].update(value)
-                else:
-                    self[name] = value
-
-        def to_dict(self) -> dict:
-            return {k: v.to_dict() if isinstance(v, ConfigDict) else v for k, v in self.items()}
-
-    module = types.ModuleType("ml_collections", "A stand-in: benchmarks/accelerator.py's config_dict_stand_in.")
-    module.ConfigDict = ConfigDict
-    return module
-
-
 def train_figures(report: Report, config_name: str, attention_impl: str) -> dict:
     from training.config import resolve, with_vocab
     from training.optim import make_optimizer
@@ -405,7 +365,7 @@ def peak_flops(report: Report, dtype: str) -> float:
     peaks = report.data["peaks"]
     if f"flops_{dtype}" not in peaks:
         if jax.default_backend() == "cpu":
-            found = measured_matmul_flops(256 if report.data["smoke"] else 2048), "measured float32 matmul"
+            found = matmul_flops(256 if report.data["smoke"] else 2048), "measured float32 matmul"
         else:
             found = peak_flops_per_device(dtype)
         peaks[f"flops_{dtype}"], peaks[f"flops_{dtype}_source"] = found
@@ -638,11 +598,6 @@ def main() -> None:
         if not jax.config.jax_compilation_cache_dir:  # a rerun on the same machine loads what the last one compiled
             jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(tempfile.gettempdir()) / "jax_cache"))
     report = Report(args.out, args.budget_s, args.smoke, sizes)
-    report.data["ml_collections"] = "installed"
-    if missing(["ml_collections"]):
-        sys.modules["ml_collections"] = config_dict_stand_in()
-        report.data["ml_collections"] = "missing: configs read through config_dict_stand_in"
-        print("ml_collections is missing: configs/*.py are read through this script's stand-in ConfigDict")
     if jax.default_backend() == "cpu" and not args.smoke:
         report.data["error"] = "no accelerator: jax's backend is cpu"
         report.write()

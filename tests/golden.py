@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 
@@ -42,13 +41,6 @@ EIGHT_DEVICES = ("mesh8",)
 
 # Relative tolerance where the environment differs from the recording's (see the module docstring).
 RTOL = 5e-5
-
-
-def _cpuinfo(key: str) -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith(key))
-    except (OSError, StopIteration):
-        return platform.processor() if key == "model name" else ""
 
 
 def _caches() -> str:
@@ -78,24 +70,14 @@ def _compiler() -> str:
 
 
 def machine() -> dict:
-    """The environment the recorded bits belong to (the module docstring says why each part)."""
-    import hashlib
-
-    import jax
+    """The environment the recorded bits belong to (the module docstring says why each part): what the CPU's
+    measured peak is keyed by (training/metrics.py: CPU model, flags, usable cores, jax), and more."""
     import jaxlib
     import numpy
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "numpy": numpy.__version__,
-        "cpu": _cpuinfo("model name"),
-        "cpu_flags": hashlib.sha256(" ".join(sorted(_cpuinfo("flags").split())).encode()).hexdigest()[:16],
-        "caches": _caches(),
-        "cores": cores,
-        "cxx": _compiler(),
-    }
+    from training.metrics import machine as cpu
+
+    return {**cpu(), "jaxlib": jaxlib.__version__, "numpy": numpy.__version__, "caches": _caches(), "cxx": _compiler()}
 
 
 def write_corpus(root: pathlib.Path) -> pathlib.Path:

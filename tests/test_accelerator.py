@@ -4,7 +4,6 @@ depends on never rots. Checks what it writes, not its figures."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import subprocess
@@ -42,7 +41,8 @@ sys.argv = ["benchmarks/accelerator.py", *sys.argv[2:]]
 runpy.run_path("benchmarks/accelerator.py", run_name="__main__")
 """
 # What an image with jax, flax, optax, orbax and tensorstore lacks (and the script must not need).
-NOT_ON_A_GPU_IMAGE = ("grain", "ml_collections", "tokenizers", "tqdm", "tensorboardX", "safetensors", "torch")
+# ml_collections is carried as a wheel (docs/accelerators.md).
+NOT_ON_A_GPU_IMAGE = ("grain", "tokenizers", "tqdm", "tensorboardX", "safetensors", "torch")
 
 
 def run_without(hidden, *args) -> subprocess.CompletedProcess:
@@ -66,7 +66,6 @@ def test_the_smoke_run_writes_every_stage_with_figures_or_reasons(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "accelerator.json").read_text())
     assert data["smoke"] and data["platform"] == "cpu" and data["device"] and data["jax"]
-    assert data["ml_collections"].startswith("missing")  # hidden: configs were read through the stand-in
     assert set(data["stages"]) == set(STAGES)
     for stage, rows in data["stages"].items():
         assert rows, stage
@@ -103,19 +102,3 @@ def test_a_missing_requirement_is_said_in_one_line(tmp_path):
     result = run_without(("optax",), "--smoke", "--out", str(tmp_path))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("missing: optax (pip install them; docs/accelerators.md")
-
-
-@pytest.mark.parametrize("name", ["llama_1b", "llama_1b_moe", "llama_1b_mla", "ablations.moe_deepseek"])
-def test_configs_read_through_the_stand_in_config_dict_resolve_the_same(name, monkeypatch):
-    from benchmarks.accelerator import config_dict_stand_in
-    from configs import base
-    from training import config as training_config
-
-    config = importlib.import_module(f"configs.{name}")
-    want = training_config.resolve(config.get_config("train.lr=1e-4,model.moe.top_k=2"))
-    stand_in = config_dict_stand_in()
-    monkeypatch.setattr(base, "ml_collections", stand_in)
-    monkeypatch.setattr(training_config, "ml_collections", stand_in)
-    got = config.get_config("train.lr=1e-4,model.moe.top_k=2")
-    assert type(got) is stand_in.ConfigDict and type(got.model.moe) is stand_in.ConfigDict
-    assert training_config.resolve(got) == want

@@ -64,7 +64,7 @@ ALL = [(where, argv) for doc in DOCS for where, argv in fenced_commands(doc)]
 
 def entry_point(argv: list[str]) -> tuple[pathlib.Path | None, list[str]]:
     """(the repository file a `python ...` command runs, its arguments), or (None, argv) for any other tool."""
-    if argv[0] not in PYTHONS:
+    if argv[0] not in PYTHONS or argv[1] == "-c":
         return None, argv
     if argv[1] == "-m":
         module = REPO / argv[2].replace(".", "/")
