@@ -17,7 +17,6 @@ from data import DataConfig, load
 from tests.conftest import REPO, tiny_run
 from training import loop
 from training.checkpoint import checkpoints_dir, list_steps, load_for_inference
-from training.config import resolve
 from training.dry_run import dry_run
 from training.loop import train
 from training.step import init_state
@@ -92,15 +91,6 @@ def test_data_text_field_names_the_jsonl_field_that_holds_the_text(tmp_path):
     data = load(cfg, tmp_path / "wd")
     stream = bytes(int(t) for t in list(data.store.train) + list(data.store.val) if t != data.tokenizer.eod_id)
     assert b"WRONG" not in stream and len(stream) == sum(len(d.encode()) for d in docs)
-
-
-def test_readme_example_config_arguments_resolve():
-    readme = (REPO / "README.md").read_text()
-    examples = re.findall(r"--config (configs/\w+\.py):(\S+)", readme)
-    assert examples
-    for path, arg in examples:
-        module = __import__(f"configs.{path[len('configs/') : -3]}", fromlist=["get_config"])
-        resolve(module.get_config(arg))  # raises ConfigError for an example that cannot run
 
 
 def test_what_readme_tells_users_to_run_is_installed_with_the_package():
