@@ -121,7 +121,13 @@ def expected(path: str) -> tuple[list[float], bool]:
 
 
 if __name__ == "__main__":
-    devices = int(sys.argv[sys.argv.index("--devices") + 1]) if "--devices" in sys.argv else 1
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print (or --record) this checkout's golden losses.")
+    parser.add_argument("--devices", type=int, default=1, choices=(1, 8), help="1: the one-device paths; 8: mesh8")
+    parser.add_argument("--record", action="store_true", help="write them into tests/fixtures/golden_losses.json")
+    args = parser.parse_args()
+    devices = args.devices
     os.environ["XLA_FLAGS"] = f"--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -132,7 +138,7 @@ if __name__ == "__main__":
             os.environ["XDG_CACHE_HOME"] = tmp
             recorded["losses"][name] = losses(name, pathlib.Path(tmp))
         print(name, recorded["losses"][name], flush=True)
-    if "--record" in sys.argv:
+    if args.record:
         recorded["machine"] = machine()
         FIXTURE.write_text(json.dumps(recorded, indent=1) + "\n")
         print(f"wrote {FIXTURE}")
