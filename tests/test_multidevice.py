@@ -1,4 +1,7 @@
-"""Runs tests/multidevice/ in a subprocess whose JAX starts with 8 fake CPU devices (this session has one)."""
+"""Runs tests/multidevice/ in subprocesses whose JAX starts with 8 fake CPU devices (this session has one).
+
+The modules run in two groups, one subprocess each (a JAX start-up, and the programs modules share, paid once per
+group rather than once per module); under xdist the two go to different workers first (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,21 +14,39 @@ import pytest
 from tests.conftest import REPO
 
 MODULES = sorted(p.name for p in (REPO / "tests" / "multidevice").glob("test_*.py"))
-# Seconds each module takes on 2 loaded cores (the longest start first: tests/conftest.py); others: 60.
-SECONDS = {"test_experts.py": 135, "test_meshes.py": 95, "test_mtp_mesh.py": 105, "test_sharding.py": 85,
-           "test_ring.py": 70, "test_mla_mesh.py": 45, "test_pallas_mesh.py": 70, "test_golden_mesh.py": 40}  # fmt: skip
+# Seconds each module takes on 2 loaded cores; a module not listed counts 60. The groups balance these.
+SECONDS = {"test_experts.py": 70, "test_meshes.py": 35, "test_mtp_mesh.py": 42, "test_sharding.py": 48,
+           "test_ring.py": 41, "test_mla_mesh.py": 18, "test_pallas_mesh.py": 19, "test_golden_mesh.py": 24}  # fmt: skip
 
 
-@pytest.mark.parametrize("module", [pytest.param(m, marks=pytest.mark.slow(SECONDS.get(m, 60))) for m in MODULES])
-def test_on_8_devices(module):
+def groups(modules: list[str], count: int = 2) -> list[list[str]]:
+    """`modules` shared out longest first, each to the group with the least so far."""
+    out, loads = [[] for _ in range(count)], [0] * count
+    for module in sorted(modules, key=lambda m: -SECONDS.get(m, 60)):
+        i = loads.index(min(loads))
+        out[i].append(module)
+        loads[i] += SECONDS.get(module, 60)
+    return [sorted(g) for g in out if g]
+
+
+GROUPS = groups(MODULES)
+
+
+@pytest.mark.parametrize(
+    "group",
+    [pytest.param(g, marks=pytest.mark.slow(sum(SECONDS.get(m, 60) for m in g))) for g in GROUPS],
+    ids=["+".join(m.removeprefix("test_").removesuffix(".py") for m in g) for g in GROUPS],
+)
+def test_on_8_devices(group):
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": " ".join([*flags, "--xla_force_host_platform_device_count=8"]),
     }
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"tests/multidevice/{module}"]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    paths = [f"tests/multidevice/{m}" for m in group]
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE", *paths]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-3000:]
     assert "passed" in summary and "skipped" not in summary, summary
