@@ -218,14 +218,10 @@ def main(argv: list[str]) -> None:
         return
 
     draft = None
-    k = draft_tokens(run.model, _DRAFT_TOKENS.value or 0, _SPECULATIVE.value or "draft")
-    if _SPECULATIVE.value == "mtp" and not run.model.mtp.num_heads:
-        fail(f"--speculative=mtp: the model at {_WORKDIR.value} has no MTP heads (model.mtp.num_heads=0)")
-    if _SPECULATIVE.value == "mtp" and run.model.mtp.num_heads < k:
-        fail(
-            f"--draft_tokens={k}: the model at {_WORKDIR.value} has "
-            f"model.mtp.num_heads={run.model.mtp.num_heads} MTP heads, each drafting one token"
-        )
+    try:
+        k = draft_tokens(run.model, _DRAFT_TOKENS.value or 0, _SPECULATIVE.value or "draft")
+    except ValueError as e:
+        fail(f"--speculative={_SPECULATIVE.value} with the model at {_WORKDIR.value}: {e}")
     if _SPECULATIVE.value == "draft":
         try:
             draft_run, draft_params, draft_tokenizer, _ = load_for_inference(_DRAFT_WORKDIR.value)

@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     args.num_kv_heads = args.num_kv_heads or args.num_heads
-    args.seq_len, args.attn = args.prompt_len + args.new_tokens, "sdpa"
+    args.seq_len, args.attn, args.num_experts = args.prompt_len + args.new_tokens, "sdpa", 0  # a dense Llama
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(args).eval()

@@ -44,7 +44,14 @@ DRAFT_MODEL_TOKENS = 4
 
 def draft_tokens(cfg: ModelConfig, given: int, drafter: str) -> int:
     """Tokens drafted per verify pass: `given` when > 0, else one per MTP head of `cfg` for drafter 'mtp' and
-    DRAFT_MODEL_TOKENS for a draft model ('draft')."""
+    DRAFT_MODEL_TOKENS for a draft model ('draft'). MTP heads draft one token each: a ValueError names a `given`
+    above their number, or a model without them."""
+    if drafter == "mtp" and not cfg.mtp.num_heads:
+        raise ValueError("the model has no MTP heads (model.mtp.num_heads=0)")
+    if drafter == "mtp" and given > cfg.mtp.num_heads:
+        raise ValueError(
+            f"--draft_tokens={given}: model.mtp.num_heads={cfg.mtp.num_heads} MTP heads, each drafting one token"
+        )
     if given > 0:
         return given
     return cfg.mtp.num_heads if drafter == "mtp" else DRAFT_MODEL_TOKENS

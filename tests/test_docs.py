@@ -4,8 +4,9 @@ Each command of a ```bash block is checked without running it: its entry point e
 repository, or a tool the install provides), every `--flag` it passes is one that the entry point (or a repository
 module it imports) defines, a `pip install -e ".[X]"` names extras pyproject.toml has, and a train.py command's
 `--config FILE[:ARG]` with its `--config.key=value` overrides loads and passes training/config.py's validation. The
-cheap ones then run end to end, with tiny step counts and a small corpus: README's main Quickstart command (train,
-then sample) and the scoring command that follows it.
+cheap one then runs end to end, with tiny step counts and a small corpus: README's main Quickstart command (train,
+then sample). The other commands' behaviour is what the rest of the suite tests (e.g. tests/test_sampling.py runs
+`infer.py --score`).
 """
 
 from __future__ import annotations
@@ -161,10 +162,9 @@ def test_each_train_command_config_validates(where, argv):
     resolve(values.config)
 
 
-@pytest.mark.slow(40)
-def test_the_quickstart_trains_then_samples_and_scores(tmp_path):
-    """README's first Quickstart command after its install step, with 3 training steps on a small corpus, then
-    docs/sampling.md's scoring command on the same workdir."""
+@pytest.mark.slow(25)
+def test_the_quickstart_trains_then_samples(tmp_path):
+    """README's first Quickstart command after its install step: train (3 steps on a small corpus), then sample."""
     from tests import golden
 
     quickstart = next(a for w, a in ALL if w.startswith("README.md") and "train.py" in a)
@@ -186,6 +186,3 @@ def test_the_quickstart_trains_then_samples_and_scores(tmp_path):
     max_new = sample.index("--max_new_tokens")
     out = run(sample[: max_new + 1] + ["5"] + sample[max_new + 2 :])
     assert out.startswith("def fib(n):"), out
-    score = next(a for w, a in ALL if "--score" in a and "runs/tiny" in a)
-    out = run(score)
-    assert re.search(r"eval/bpb\D+\d", out), out
