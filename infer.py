@@ -15,7 +15,6 @@ stderr. Bad input prints one line and exits with code 2.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -49,9 +48,9 @@ _KV_CACHE = flags.DEFINE_boolean("kv_cache", True, "Decode with the K/V cache (-
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows decoded together for many prompts or samples.")
 _MLA_DECODE = flags.DEFINE_string(
     "mla_decode",
-    "absorbed",
-    "attention='mla' models: decode over the compressed cache with the up-projections absorbed, or 'naive' "
-    "(every step rebuilds full K/V from the cached latent: the reference).",
+    "",
+    "attention='mla' models: 'absorbed' (the default: decode over the compressed cache with the up-projections "
+    "absorbed) or 'naive' (every step rebuilds full K/V from the cached latent: the reference).",
 )
 MLA_DECODES = ("absorbed", "naive")  # model.mla.DECODES (not imported here: that would start JAX)
 _SCORE = flags.DEFINE_string("score", None, "Print the loss, perplexity and bits per byte of this text file.")
@@ -84,7 +83,10 @@ def check_flags() -> None:
         (_MAX_NEW.value >= 1, f"--max_new_tokens={_MAX_NEW.value}: must be >= 1"),
         (_MAX_LEN.value >= 0, f"--max_len={_MAX_LEN.value}: must be >= 0 (0: the model's seq_len)"),
         (_BATCH_SIZE.value >= 1, f"--batch_size={_BATCH_SIZE.value}: must be >= 1"),
-        (_MLA_DECODE.value in MLA_DECODES, f"--mla_decode={_MLA_DECODE.value!r}: one of {', '.join(MLA_DECODES)}"),
+        (
+            _MLA_DECODE.value in ("", *MLA_DECODES),
+            f"--mla_decode={_MLA_DECODE.value!r}: one of {', '.join(MLA_DECODES)}",
+        ),
         (all(_STOP.value), "--stop='': a stop string must not be empty (it would stop every sample at once)"),
         (
             _BEAM_SIZE.value == 1 or _NUM_SAMPLES.value <= _BEAM_SIZE.value,
@@ -191,6 +193,8 @@ def main(argv: list[str]) -> None:
 
     # Imported after the flags are checked: a bad flag answers at once, without starting JAX.
     from model.hf import HFError
+    from model.runtime import DecodeConfig
+    from sampling.decode import decode_errors
     from sampling.runner import Request, draft_tokens, report_speed, run_request, run_speculative, unescape
     from training import hf
     from training.checkpoint import CheckpointError, load_for_inference
@@ -206,9 +210,12 @@ def main(argv: list[str]) -> None:
             loaded = f"loaded step {step} from {_WORKDIR.value}"
     except (CheckpointError, HFError) as e:
         fail(str(e))
-    # How an attention='mla' model decodes is a property of this run of infer.py, not of the checkpoint.
-    mla = dataclasses.replace(run.model.mla, decode=_MLA_DECODE.value)
-    run = dataclasses.replace(run, model=dataclasses.replace(run.model, mla=mla))
+    # How the model decodes is a property of this run of infer.py, not of the checkpoint.
+    decode = DecodeConfig(attention=_MLA_DECODE.value)
+    flag_of = {"attention": "--mla_decode"}
+    for ok, option, value, allowed in decode_errors(run.model, decode):
+        if not ok:
+            fail(f"{flag_of.get(option, option)}={value!r}: {allowed}")
     if text is None:
         check_cache(run, tokenizer, prompts)
     print(loaded, file=sys.stderr)
@@ -248,6 +255,7 @@ def main(argv: list[str]) -> None:
         batch_size=_BATCH_SIZE.value,
         speculative=_SPECULATIVE.value or "",
         draft_tokens=k,
+        decode=decode,
     )
     try:
         if request.speculative:

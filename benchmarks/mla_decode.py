@@ -14,7 +14,6 @@ of --repeats timed runs of one compiled program (compilation excluded); one JSON
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 import jax
@@ -24,6 +23,7 @@ from benchmarks.decode import decode_rate
 from benchmarks.throughput import load_config
 from model import Transformer, param_counts
 from model.cache import init_cache
+from model.runtime import DecodeConfig, Runtime
 from sampling.decode import for_inference
 
 MODELS = {
@@ -57,9 +57,8 @@ def main() -> None:
         config, overrides = MODELS[name]
         run = load_config(config, args.vocab, ",".join(filter(None, [f"data.seq_len={max(contexts)}", overrides])))
         cfg = run.model
-        if cfg.attention == "mla":
-            cfg = dataclasses.replace(cfg, mla=dataclasses.replace(cfg.mla, decode=name.split()[-1]))
-        model = Transformer(cfg)
+        variant = name.split()[-1] if name.startswith("MLA") else ""  # the decode variant the row's name gives
+        model = Transformer(cfg, Runtime.decoding(DecodeConfig(attention=variant)))
         params = jax.jit(lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])()
         row = {
             "model": name,

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 from benchmarks.throughput import load_config
 from model import Transformer
 from model.cache import init_cache
+from model.runtime import Runtime
 
 
 def cache_bytes(cfg, batch: int, max_len: int) -> int:
-    model = Transformer(dataclasses.replace(cfg, scan_layers=False, remat="none"), decode=True)
+    model = Transformer(dataclasses.replace(cfg, scan_layers=False, remat="none"), Runtime.decoding())
     shapes = jax.eval_shape(lambda: init_cache(model, batch, max_len))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 

@@ -56,6 +56,10 @@ class SlotCache(DecodeCache):
         return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=0), self)
 
 
+# How decode caches lay out their slots (DecodeConfig.cache): rows of `size` slots per batch row.
+LAYOUTS: dict[str, type[DecodeCache]] = {"rows": SlotCache}
+
+
 def _is_cache(x) -> bool:
     return isinstance(x, DecodeCache)
 

@@ -17,6 +17,7 @@ from model.config import ModelConfig
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
 from model.positions import POSITIONS
+from model.runtime import TRAINING, Runtime
 
 
 @flax.struct.dataclass
@@ -53,24 +54,23 @@ class KVCache(SlotCache):
 class GQA(nn.Module):
     """Causal self-attention over grouped K/V heads. `window` is this layer's sliding window (0: global).
 
-    With `decode=True` it keeps a `KVCache` in the "cache" collection: `model.init` sizes it from its input
+    Decoding (`rt.decode`) it keeps a `KVCache` in the "cache" collection: `model.init` sizes it from its input
     ([B, max_len]; a windowed layer keeps window + max_rewind slots instead); each later call writes its keys and
-    values and attends over the cache. `impl` replaces the attention implementation `cfg` chooses (e.g. ring
-    attention)."""
+    values and attends over the cache. `rt.hooks.attention` replaces the attention implementation `cfg` chooses
+    (e.g. ring attention)."""
 
     cfg: ModelConfig
     window: int = 0
-    decode: bool = False
-    impl: attention.Implementation | None = None
-    max_rewind: int = 0  # decoding: how many tokens a row may be rewound (the rolling cache's extra slots)
+    rt: Runtime = TRAINING
+    decode_variants = ()  # one way to decode: DecodeConfig.attention must be ''
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, mask: Mask) -> tuple[jax.Array, dict]:
-        cfg = self.cfg
+        cfg, rt = self.cfg, self.rt
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-        q_BTNH = dense(cfg, (N, H), ("embed", "heads", "head_dim"), "query")(x_BTD)
-        k_BTKH = dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), "key")(x_BTD)
-        v_BTKH = dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), "value")(x_BTD)
+        q_BTNH = dense(cfg, rt, (N, H), ("embed", "heads", "head_dim"), "query")(x_BTD)
+        k_BTKH = dense(cfg, rt, (K, H), ("embed", "kv_heads", "head_dim"), "key")(x_BTD)
+        v_BTKH = dense(cfg, rt, (K, H), ("embed", "kv_heads", "head_dim"), "value")(x_BTD)
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
         k_BTKH = nn.with_logical_constraint(k_BTKH, ("batch", "length", "kv_heads", "head_dim"))
         v_BTKH = nn.with_logical_constraint(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
@@ -84,29 +84,30 @@ class GQA(nn.Module):
         if scheme.rotate is not None:
             q_BTNH = scheme.rotate(cfg, q_BTNH, positions_BT)
             k_BTKH = scheme.rotate(cfg, k_BTKH, positions_BT)
-        impl = self.impl or attention.choose(cfg, mask.has_segments)
+        impl = rt.hooks.attention or attention.choose(cfg, mask.has_segments)
         kw = dict(bias_fn=scheme.bias(N) if scheme.bias is not None else None, softcap=cfg.attn_logit_softcap)
         mask = mask.replace(window=self.window)
-        if self.decode:
+        if rt.decode is not None:
             out_BTNH = self._decode(impl, q_BTNH, k_BTKH, v_BTKH, mask, kw)
         else:
             out_BTNH = impl.attend(cfg, q_BTNH, k_BTKH, v_BTKH, mask, **kw)
         out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
-        proj = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "out", num_in=2, std=output_std(cfg))
+        proj = dense(cfg, rt, cfg.d_model, ("heads", "head_dim", "embed"), "out", num_in=2, std=output_std(cfg))
         return proj(out_BTNH), {}
 
     def _decode(self, impl, q_BTNH, k_BTKH, v_BTKH, mask: Mask, kw) -> jax.Array:
         """Attention of this call's tokens over the cache, which it then holds them too."""
         B, T, K, H = k_BTKH.shape
-        initialized = self.has_variable("cache", "kv")
-        rolling = self.window > 0 and self.window + self.max_rewind < T  # T: max_len at init
-        size = self.window + self.max_rewind if rolling else T
-        cache = self.variable("cache", "kv", KVCache.create, B, size, K, H, k_BTKH.dtype, rolling)
+        initialized, rewind = self.has_variable("cache", "kv"), self.rt.max_rewind
+        rolling = self.window > 0 and self.window + rewind < T  # T: max_len at init
+        size = self.window + rewind if rolling else T
+        dtype = jnp.dtype(self.rt.decode.cache_dtype or k_BTKH.dtype)
+        cache = self.variable("cache", "kv", KVCache.create, B, size, K, H, dtype, rolling)
         if not initialized:  # model.init: the input only sizes the cache
             return impl.attend(self.cfg, q_BTNH, k_BTKH, v_BTKH, mask, **kw)
         old = cache.value
         cache.value = old.write(k_BTKH, v_BTKH, mask.q_positions_BT)
-        if old.rolling and T > self.max_rewind + 1:
+        if old.rolling and T > rewind + 1:
             # Writing T tokens may overwrite keys that this call's own first queries still see (a prompt longer
             # than the free slots): attend over the cache as it was plus the new tokens.
             k_BKSH = jnp.concatenate([old.k_BKSH, k_BTKH.transpose(0, 2, 1, 3).astype(old.k_BKSH.dtype)], axis=2)

@@ -15,8 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model import weights
+from model.runtime import TRAINING
+
 if TYPE_CHECKING:  # model.config imports model.moe, which builds on these layers
     from model.config import ModelConfig
+    from model.runtime import Runtime
 
 
 @jax.custom_vjp
@@ -42,33 +46,31 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 class Dense(nn.Module):
-    """A bias-free projection contracting the last `num_in` axes of x; kernel axes are `axes`."""
+    """A bias-free projection contracting the last `num_in` axes of x; its weight "kernel" (axes `axes`) is read
+    through the weight seam in format `fmt` (model/weights.py)."""
 
     cfg: ModelConfig
     features: tuple[int, ...]
     axes: tuple[str, ...]
     num_in: int = 1
     std: float | None = None
+    fmt: str = "float"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, in_shape = self.cfg, x.shape[-self.num_in :]
         init = nn.initializers.normal(hidden_std(cfg) if self.std is None else self.std)
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(init, self.axes),
-            (*in_shape, *self.features),
-            jnp.dtype(cfg.param_dtype),
-        )
-        dtype = jnp.dtype(cfg.dtype)
+        kernel = weights.weight(self, self.fmt, "kernel", init, (*in_shape, *self.features), self.axes, cfg)
         k = math.prod(in_shape)
-        y = matmul(x.reshape(-1, k).astype(dtype), kernel.reshape(k, -1).astype(dtype))
+        y = matmul(x.reshape(-1, k).astype(jnp.dtype(cfg.dtype)), kernel.reshape(k, -1))
         return y.reshape(*x.shape[: -self.num_in], *self.features)
 
 
-def dense(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, *, num_in: int = 1, std=None) -> Dense:
+def dense(
+    cfg: ModelConfig, rt: Runtime, features, axes: tuple[str, ...], name: str, *, num_in: int = 1, std=None
+) -> Dense:
     features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
-    return Dense(cfg, features, axes, num_in=num_in, std=std, name=name)
+    return Dense(cfg, features, axes, num_in=num_in, std=std, fmt=rt.weights, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -113,15 +115,16 @@ class SwiGLU(nn.Module):
     """Shazeer (2020): down(silu(gate(x)) * up(x))."""
 
     cfg: ModelConfig
+    rt: Runtime = TRAINING
     matrices = 3
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict]:
-        cfg = self.cfg
-        gate_BTF = dense(cfg, cfg.d_ff, ("embed", "mlp"), "gate")(x_BTD)
-        up_BTF = dense(cfg, cfg.d_ff, ("embed", "mlp"), "up")(x_BTD)
+        cfg, rt = self.cfg, self.rt
+        gate_BTF = dense(cfg, rt, cfg.d_ff, ("embed", "mlp"), "gate")(x_BTD)
+        up_BTF = dense(cfg, rt, cfg.d_ff, ("embed", "mlp"), "up")(x_BTD)
         h_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
-        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down", std=output_std(cfg))(h_BTF), {}
+        return dense(cfg, rt, cfg.d_model, ("mlp", "embed"), "down", std=output_std(cfg))(h_BTF), {}
 
     @classmethod
     def param_count(cls, cfg: ModelConfig) -> int:
@@ -132,14 +135,15 @@ class SwiGLU(nn.Module):
 
 class GeluMLP(nn.Module):
     cfg: ModelConfig
+    rt: Runtime = TRAINING
     matrices = 2
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict]:
-        cfg = self.cfg
-        h_BTF = nn.gelu(dense(cfg, cfg.d_ff, ("embed", "mlp"), "up")(x_BTD))
+        cfg, rt = self.cfg, self.rt
+        h_BTF = nn.gelu(dense(cfg, rt, cfg.d_ff, ("embed", "mlp"), "up")(x_BTD))
         h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
-        return dense(cfg, cfg.d_model, ("mlp", "embed"), "down", std=output_std(cfg))(h_BTF), {}
+        return dense(cfg, rt, cfg.d_model, ("mlp", "embed"), "down", std=output_std(cfg))(h_BTF), {}
 
     param_count = classmethod(SwiGLU.param_count.__func__)
     matmul_params = param_count
@@ -159,25 +163,37 @@ def output_std(cfg: ModelConfig) -> float:
     return hidden_std(cfg) / (2 * cfg.num_layers) ** 0.5
 
 
-def token_embedding(cfg: ModelConfig) -> nn.Embed:
+class Embed(nn.Module):
+    """The token embedding table "embedding" [vocab, d_model], read through the weight seam: looked up by token
+    ids, and with tied embeddings also the output head (`attend`). Computes what flax's nn.Embed does."""
+
+    cfg: ModelConfig
+    rt: Runtime
+
+    def setup(self):
+        init = nn.initializers.normal(self.cfg.init_std)
+        shape = (self.cfg.vocab_size, self.cfg.d_model)
+        self.table_VD = weights.weight(self, self.rt.weights, "embedding", init, shape, ("vocab", "embed"), self.cfg)
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        return jnp.take(self.table_VD, tokens_BT, axis=0)
+
+    def attend(self, x_BTD: jax.Array) -> jax.Array:
+        return jnp.dot(x_BTD.astype(self.table_VD.dtype), self.table_VD.T)
+
+
+def token_embedding(cfg: ModelConfig, rt: Runtime) -> Embed:
     """The token embedding ("embed"), created in the calling module (the transformer; MTP drafting reuses it)."""
-    return nn.Embed(
-        cfg.vocab_size,
-        cfg.d_model,
-        dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.dtype(cfg.param_dtype),
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
-        name="embed",
-    )
+    return Embed(cfg, rt, name="embed")
 
 
-def output_head(cfg: ModelConfig, embedding: nn.Embed):
+def output_head(cfg: ModelConfig, rt: Runtime, embedding: Embed):
     """`logits_of(hidden_BTD, norm=None)` -> float32 logits_BTV: the final norm ("final_norm"; `norm`, a head's
     own norm module, replaces it), the unembedding (tied, or "head") and muP's multiplier and the logit softcap.
     Created once in the calling module and called by every head that shares it (the main head, the multi-token
     prediction heads)."""
     final_norm = NORMS[cfg.norm](cfg, name="final_norm")
-    head = None if cfg.tie_embeddings else dense(cfg, cfg.vocab_size, ("embed", "vocab"), "head", std=cfg.init_std)
+    head = None if cfg.tie_embeddings else dense(cfg, rt, cfg.vocab_size, ("embed", "vocab"), "head", std=cfg.init_std)
 
     def logits_of(x_BTD: jax.Array, norm: nn.Module | None = None) -> jax.Array:
         x_BTD = (final_norm if norm is None else norm)(x_BTD)

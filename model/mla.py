@@ -24,7 +24,7 @@ Decoding caches, per token and layer, only the normed latent and the rotated rop
 By default ('absorbed') attention runs over that cache as one shared K/V head: the nope query is moved into latent
 space through the key up-projection (q_nope W_uk^T), so logits are q_latent . latent + q_rope . rope_key, and the
 value up-projection W_uv is applied after the weighted sum of latents; no step rebuilds full K/V. The reference
-('naive', `cfg.mla.decode`) rebuilds every head's keys and values from the cached latent at every step.
+('naive', `DecodeConfig.attention`: infer.py's --mla_decode) rebuilds every head's keys and values from the cached latent at every step.
 """
 
 from __future__ import annotations
@@ -36,17 +36,21 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from model import attention
+from model import attention, weights
 from model import rope as rope_lib
 from model.cache import SlotCache
 from model.config import MLAConfig, ModelConfig
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
 from model.positions import rope
+from model.runtime import TRAINING, Runtime
 
 __all__ = ["MLA", "MLACache", "MLAConfig", "DECODES", "config_errors"]
 
-DECODES = ("absorbed", "naive")  # the values of cfg.mla.decode (infer.py --mla_decode)
+DECODES = (
+    "absorbed",
+    "naive",
+)  # the decode variants (DecodeConfig.attention, infer.py --mla_decode); the default first
 
 
 @flax.struct.dataclass
@@ -94,57 +98,58 @@ class MLA(nn.Module):
     """Causal Multi-head Latent Attention. `window` is this layer's sliding window (0: global).
 
     With `decode=True` it keeps an `MLACache` in the "cache" collection, sized by `model.init` from its input as
-    model.gqa.GQA's is; `cfg.mla.decode` says how it attends over it. `impl` replaces the implementation `cfg`
-    chooses (e.g. ring attention)."""
+    model.gqa.GQA's is; `rt.decode.attention` (one of `decode_variants`) says how it attends over it.
+    `rt.hooks.attention` replaces the implementation `cfg` chooses (e.g. ring attention)."""
 
     cfg: ModelConfig
     window: int = 0
-    decode: bool = False
-    impl: attention.Implementation | None = None
-    max_rewind: int = 0
+    rt: Runtime = TRAINING
+    decode_variants = DECODES  # what DecodeConfig.attention may name for this kind
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, mask: Mask) -> tuple[jax.Array, dict]:
-        cfg, m = self.cfg, self.cfg.mla
+        cfg, m, rt = self.cfg, self.cfg.mla, self.rt
         N, C, P, R, V = cfg.num_heads, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
         if m.q_lora_rank:
-            q_BTQ = dense(cfg, m.q_lora_rank, ("embed", None), "q_down")(x_BTD)
+            q_BTQ = dense(cfg, rt, m.q_lora_rank, ("embed", None), "q_down")(x_BTD)
             q_BTQ = RMSNorm(cfg, None, name="q_norm")(q_BTQ)
-            q_BTNE = dense(cfg, (N, P + R), (None, "heads", "head_dim"), "q_up")(q_BTQ)
+            q_BTNE = dense(cfg, rt, (N, P + R), (None, "heads", "head_dim"), "q_up")(q_BTQ)
         else:
-            q_BTNE = dense(cfg, (N, P + R), ("embed", "heads", "head_dim"), "query")(x_BTD)
+            q_BTNE = dense(cfg, rt, (N, P + R), ("embed", "heads", "head_dim"), "query")(x_BTD)
         q_BTNE = nn.with_logical_constraint(q_BTNE, ("batch", "length", "heads", "head_dim"))
-        kv_BTX = dense(cfg, C + R, ("embed", None), "kv_down")(x_BTD)
+        kv_BTX = dense(cfg, rt, C + R, ("embed", None), "kv_down")(x_BTD)
         latent_BTC = RMSNorm(cfg, None, name="kv_norm")(kv_BTX[..., :C])
         positions_BT = mask.q_positions_BT
         k_rope_BTR = rope(cfg, deinterleave(kv_BTX[..., None, C:]), positions_BT)[:, :, 0]
         q_nope_BTNP = q_BTNE[..., :P]
         q_rope_BTNR = rope(cfg, deinterleave(q_BTNE[..., P:]), positions_BT)
         # Per head the nope key (W_uk), then the value (W_uv).
-        kv_up = dense(cfg, (N, P + V), (None, "heads", "head_dim"), "kv_up")
+        kv_up = dense(cfg, rt, (N, P + V), (None, "heads", "head_dim"), "kv_up")
 
         # The C++ kernel checks head_dim: this kind's query/key head is P + R wide (values V; others fall back).
-        impl = self.impl or attention.choose(dataclasses.replace(cfg, head_dim=P + R), mask.has_segments)
+        impl = rt.hooks.attention or attention.choose(dataclasses.replace(cfg, head_dim=P + R), mask.has_segments)
         kw = dict(softcap=cfg.attn_logit_softcap, scale=softmax_scale(cfg))
         mask = mask.replace(window=self.window)
         latent_BTL = jnp.concatenate([latent_BTC, k_rope_BTR.astype(latent_BTC.dtype)], axis=-1)
-        if self.decode and self.has_variable("cache", "latent"):
+        if rt.decode is not None and self.has_variable("cache", "latent"):
             out_BTNV = self._decode(impl, kv_up, q_nope_BTNP, q_rope_BTNR, latent_BTL, mask, kw)
         else:
-            if self.decode:  # model.init: the input only sizes the cache
+            if rt.decode is not None:  # model.init: the input only sizes the cache
                 self._cache(latent_BTL)
             q_BTNE = jnp.concatenate([q_nope_BTNP, q_rope_BTNR], axis=-1)
             k_BTNE, v_BTNV = full_keys_values(kv_up(latent_BTC), k_rope_BTR, P)
             out_BTNV = impl.attend(cfg, q_BTNE, k_BTNE, v_BTNV, mask, **kw)
         out_BTNV = nn.with_logical_constraint(out_BTNV, ("batch", "length", "heads", "head_dim"))
-        proj = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), "out", num_in=2, std=output_std(cfg))
+        proj = dense(cfg, rt, cfg.d_model, ("heads", "head_dim", "embed"), "out", num_in=2, std=output_std(cfg))
         return proj(out_BTNV), {}
 
     def _cache(self, latent_BTL: jax.Array):
         B, T, L = latent_BTL.shape  # T: max_len at init
-        rolling = self.window > 0 and self.window + self.max_rewind < T
-        size = self.window + self.max_rewind if rolling else T
-        return self.variable("cache", "latent", MLACache.create, B, size, L, latent_BTL.dtype, rolling)
+        rewind = self.rt.max_rewind
+        rolling = self.window > 0 and self.window + rewind < T
+        size = self.window + rewind if rolling else T
+        dtype = jnp.dtype(self.rt.decode.cache_dtype or latent_BTL.dtype)
+        return self.variable("cache", "latent", MLACache.create, B, size, L, dtype, rolling)
 
     def _decode(self, impl, kv_up, q_nope_BTNP, q_rope_BTNR, latent_BTL, mask: Mask, kw) -> jax.Array:
         """Attention of this call's tokens over the cache, which then holds them too."""
@@ -152,28 +157,27 @@ class MLA(nn.Module):
         cache = self._cache(latent_BTL)
         old = cache.value
         cache.value = old.write(latent_BTL, mask.q_positions_BT)
-        if old.rolling and latent_BTL.shape[1] > self.max_rewind + 1:
+        if old.rolling and latent_BTL.shape[1] > self.rt.max_rewind + 1:
             # As in GQA: a prompt longer than the free slots overwrites keys its own first queries still see.
             latent_BSL = jnp.concatenate([old.latent_BSL, latent_BTL.astype(old.latent_BSL.dtype)], axis=1)
             k_pos_BS = jnp.concatenate([old.pos_BS, mask.q_positions_BT.astype(jnp.int32)], axis=1)
         else:
             latent_BSL, k_pos_BS = cache.value.latent_BSL, cache.value.pos_BS
         over = Mask(mask.q_positions_BT, k_pos_BS, window=mask.window)
-        if cfg.mla.decode == "naive":  # rebuild every head's keys and values from the latents
+        if (self.rt.decode.attention or DECODES[0]) == "naive":  # rebuild every head's keys and values from the latents
             k_BSNE, v_BSNV = full_keys_values(kv_up(latent_BSL[..., :C]), latent_BSL[..., C:], P)
             q_BTNE = jnp.concatenate([q_nope_BTNP, q_rope_BTNR], axis=-1)
             return impl.decode(cfg, q_BTNE, k_BSNE.transpose(0, 2, 1, 3), v_BSNV.transpose(0, 2, 1, 3), over, **kw)
         # Absorbed: q_nope . (W_uk latent) = (q_nope W_uk^T) . latent, and sum_s p_s W_uv latent_s = W_uv sum_s p_s
         # latent_s, so the cache is one K/V head [latent | rope key] shared by all N query heads. Its rope part is
         # also summed as "value" (R of C + R extra channels) rather than copying the latent out of the cache.
-        kernel_CNF = nn.unbox(self.variables["params"]["kv_up"]["kernel"])
-        dtype = jnp.dtype(cfg.dtype)
+        kernel_CNF = weights.read(self.rt.weights, self.variables["params"]["kv_up"], "kernel", cfg)
         w_uk_CNP, w_uv_CNV = kernel_CNF[..., :P], kernel_CNF[..., P:]
-        q_latent_BTNC = jnp.einsum("btnp,cnp->btnc", q_nope_BTNP, w_uk_CNP.astype(dtype))
+        q_latent_BTNC = jnp.einsum("btnp,cnp->btnc", q_nope_BTNP, w_uk_CNP)
         q_BTNL = jnp.concatenate([q_latent_BTNC, q_rope_BTNR.astype(q_latent_BTNC.dtype)], axis=-1)
         cache_B1SL = latent_BSL[:, None]
         out_BTNL = impl.decode(cfg, q_BTNL, cache_B1SL, cache_B1SL, over, **kw)
-        return jnp.einsum("btnc,cnv->btnv", out_BTNL[..., :C], w_uv_CNV.astype(dtype))
+        return jnp.einsum("btnc,cnv->btnv", out_BTNL[..., :C], w_uv_CNV)
 
     # -- counts (per layer) --------------------------------------------------------------------------------------
     @staticmethod
@@ -208,7 +212,6 @@ class MLA(nn.Module):
             (m.q_lora_rank >= 0, key + "q_lora_rank", m.q_lora_rank, "must be >= 0 (0: no query compression)"),
             *positive,
             (m.qk_rope_head_dim % 2 == 0, key + "qk_rope_head_dim", m.qk_rope_head_dim, "must be even (RoPE pairs)"),
-            (m.decode in DECODES, key + "decode", m.decode, f"one of {', '.join(DECODES)}"),
             (
                 cfg.position == "rope",
                 "model.position",

@@ -28,8 +28,6 @@ expert's assignments / the mean) and moe_dropped_frac, each averaged over the Mo
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
@@ -40,11 +38,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model import weights
 from model.aux import Aux
 from model.layers import SwiGLU, hidden_std, output_std
+from model.runtime import TRAINING
+
+normal = nn.initializers.normal
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
+    from model.runtime import Runtime
 
 NAME = "moe"  # its key in model.kinds.MLP_KINDS
 DENSE = "swiglu"  # the kind of its dense layers
@@ -282,54 +285,36 @@ def experts_ffn(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_
     return jnp.einsum("ktd,kt->td", y_AD.reshape(K, T, D), gates_KT)
 
 
-# The collectives hook: how the experts run when they are split over devices (parallel/expert.py), or None (here,
-# through `experts_ffn`). Set by whoever lays the model out on a mesh (training/layout.py), for the code traced
-# inside `expert_collectives(fn)`: fn(x_TD, experts_TK, gates_TK, kept_TK, w_gate, w_up, w_down, capacity, ffn) -> y_TD,
-# where `ffn` (`grouped_ffn`) is how the experts compute the rows that reach them.
-_COLLECTIVES: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("moe_collectives", default=None)
-
-
-@contextlib.contextmanager
-def expert_collectives(fn: Callable | None):
-    token = _COLLECTIVES.set(fn)
-    try:
-        yield
-    finally:
-        _COLLECTIVES.reset(token)
-
-
 # ------------------------------------------------------------------------------------------------- the layer
 
 
 class MoE(nn.Module):
-    """The MoE MLP kind: `x_BTD -> (y_BTD, aux)`."""
+    """The MoE MLP kind: `x_BTD -> (y_BTD, aux)`. When the mesh splits experts over devices, `rt.hooks.experts`
+    (parallel/expert.py) moves each assignment to its expert's device and back; else `experts_ffn` runs here."""
 
     cfg: ModelConfig
+    rt: Runtime = TRAINING
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict]:
-        cfg, m = self.cfg, self.cfg.moe
+        cfg, m, rt = self.cfg, self.cfg.moe, self.rt
         B, T, D = x_BTD.shape
         E, F, dtype = m.num_experts, m.d_ff_of(cfg), jnp.dtype(cfg.dtype)
-        pdtype = jnp.dtype(cfg.param_dtype)
         x_TD = x_BTD.reshape(B * T, D)
 
-        router_DE = self.param(
-            "router", nn.with_logical_partitioning(nn.initializers.normal(hidden_std(cfg)), ("embed", None)), (D, E),
-            pdtype,
-        )  # fmt: skip
+        router_init = normal(hidden_std(cfg))
+        router_DE = weights.weight(self, rt.weights, "router", router_init, (D, E), ("embed", None), cfg, jnp.float32)
         bias = self.variable("state", "bias", nn.with_logical_partitioning(jnp.zeros, (None,)), (E,), jnp.float32)
         x_router_TD = x_TD.astype(jnp.float32)
         if m.router_noise > 0 and self.has_rng("noise"):
             jitter = jax.random.uniform(self.make_rng("noise"), x_router_TD.shape, jnp.float32, -1.0, 1.0)
             x_router_TD = x_router_TD * (1.0 + m.router_noise * jitter)
-        logits_TE = x_router_TD @ router_DE.astype(jnp.float32)
+        logits_TE = x_router_TD @ router_DE  # float32, whatever the compute dtype
         bias_E = jax.lax.stop_gradient(nn.unbox(bias.value))
         routing = ROUTERS[m.router](m, logits_TE, bias_E)
 
         def expert_weights(name, shape, axes, std):
-            init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
-            return self.param(name, init, shape, pdtype).astype(dtype)
+            return weights.weight(self, rt.weights, name, normal(std), shape, axes, cfg)
 
         w_gate = expert_weights("gate", (E, D, F), ("experts", "embed", "mlp"), hidden_std(cfg))
         w_up = expert_weights("up", (E, D, F), ("experts", "embed", "mlp"), hidden_std(cfg))
@@ -337,7 +322,7 @@ class MoE(nn.Module):
 
         experts_A = routing.experts_TK.T.reshape(-1)
         rows = DISPATCHES[m.dispatch](m, experts_A)
-        if (collectives := _COLLECTIVES.get()) is None:
+        if (collectives := rt.hooks.experts) is None:
             y_TD = experts_ffn(x_TD.astype(dtype), routing, w_gate, w_up, w_down, rows)
         else:
             kept_TK = (rows.row_A < rows.num_rows).reshape(-1, B * T).T
@@ -345,7 +330,7 @@ class MoE(nn.Module):
             y_TD = collectives(x_TD.astype(dtype), *args)
         if m.num_shared_experts:
             shared = dataclasses.replace(cfg, d_ff=m.num_shared_experts * F)
-            y_TD = y_TD + SwiGLU(shared, name="shared")(x_TD[None])[0][0].astype(y_TD.dtype)
+            y_TD = y_TD + SwiGLU(shared, rt, name="shared")(x_TD[None])[0][0].astype(y_TD.dtype)
 
         counts_E = jnp.bincount(experts_A, length=E).astype(jnp.float32)
         mean_load = experts_A.shape[0] / E

@@ -17,7 +17,7 @@ predicting the token d + 1 after each position t (the main head predicts t + 1):
   logits go through the main model's whole output head (final norm + unembedding).
 
 Every MTP block is a full layer of the model's attention and MLP kinds with global attention (window 0), so it
-keeps its own decode cache. A style is a module `(cfg, decode, impl, max_rewind)` called
+keeps its own decode cache. A style is a module `(cfg, rt)` (rt: model/runtime.py) called
 `(trunk_BTD, ahead_BTA, mask, embedding, logits_of, choose=None) -> (logits_KBTV, ahead_BTA)` with static
 `lookahead(cfg)` (the furthest column of `ahead_BTA` its inputs read: how far drafting lags), `param_count(cfg)`,
 `matmul_params(cfg)` and `attention_flops(cfg, context)`. `ahead_BTA[b, t, j]` is the token j + 1 after
@@ -38,14 +38,15 @@ from model.config import LayerSpec, ModelConfig, MTPConfig
 from model.kinds import ATTENTION_KINDS, MLP_KINDS
 from model.layers import NORMS, dense, output_head, token_embedding
 from model.mask import Mask
+from model.runtime import Runtime
 
 Choose = Callable[[int, jax.Array, jax.Array], jax.Array]
 
 
-def _block(cfg: ModelConfig, decode: bool, impl, max_rewind: int, name: str):
+def _block(cfg: ModelConfig, rt: Runtime, name: str):
     from model import transformer  # the transformer builds the heads; its Block is theirs too
 
-    return transformer.Block(cfg, block_spec(cfg), decode, impl, max_rewind, name=name)
+    return transformer.Block(cfg, block_spec(cfg), rt, name=name)
 
 
 def block_spec(cfg: ModelConfig) -> LayerSpec:
@@ -63,9 +64,7 @@ def _block_params(cfg: ModelConfig) -> tuple[int, int]:
 
 class Sequential(nn.Module):
     cfg: ModelConfig
-    decode: bool = False
-    impl: object = None
-    max_rewind: int = 0
+    rt: Runtime
 
     @nn.compact
     def __call__(self, trunk_BTD, ahead_BTA, mask: Mask, embedding, logits_of, choose: Choose | None = None):
@@ -76,8 +75,8 @@ class Sequential(nn.Module):
             x_BTE = jnp.concatenate(
                 [norm(cfg, name=f"embed_norm_{d}")(e_BTD), norm(cfg, name=f"hidden_norm_{d}")(h_BTD)], axis=-1
             )
-            x_BTD = dense(cfg, cfg.d_model, ("mlp", "embed"), f"proj_{d}")(x_BTE)
-            h_BTD, _ = _block(cfg, self.decode, self.impl, self.max_rewind, f"block_{d}")(x_BTD, mask)
+            x_BTD = dense(cfg, self.rt, cfg.d_model, ("mlp", "embed"), f"proj_{d}")(x_BTE)
+            h_BTD, _ = _block(cfg, self.rt, f"block_{d}")(x_BTD, mask)
             logits.append(logits_of(h_BTD, norm(cfg, name=f"head_norm_{d}")))
             if choose is not None:
                 ahead_BTA = choose(d, logits[-1], ahead_BTA)
@@ -100,15 +99,13 @@ class Sequential(nn.Module):
 
 class Parallel(nn.Module):
     cfg: ModelConfig
-    decode: bool = False
-    impl: object = None
-    max_rewind: int = 0
+    rt: Runtime
 
     @nn.compact
     def __call__(self, trunk_BTD, ahead_BTA, mask: Mask, embedding, logits_of, choose: Choose | None = None):
         logits = []
         for d in range(1, self.cfg.mtp.num_heads + 1):
-            h_BTD, _ = _block(self.cfg, self.decode, self.impl, self.max_rewind, f"block_{d}")(trunk_BTD, mask)
+            h_BTD, _ = _block(self.cfg, self.rt, f"block_{d}")(trunk_BTD, mask)
             logits.append(logits_of(h_BTD))
             if choose is not None:
                 ahead_BTA = choose(d, logits[-1], ahead_BTA)
@@ -130,11 +127,11 @@ class Parallel(nn.Module):
 STYLES: dict[str, type[nn.Module]] = {"sequential": Sequential, "parallel": Parallel}
 
 
-def heads(cfg: ModelConfig, decode: bool = False, impl=None, max_rewind: int = 0, *, name: str = "mtp"):
+def heads(cfg: ModelConfig, rt: Runtime, *, name: str = "mtp"):
     """The MTP module of `cfg` (None when cfg.mtp.num_heads is 0)."""
     if cfg.mtp.num_heads == 0:
         return None
-    return STYLES[cfg.mtp.style](cfg, decode, impl, max_rewind, name=name)
+    return STYLES[cfg.mtp.style](cfg, rt, name=name)
 
 
 def extra_tokens(cfg: ModelConfig) -> int:
@@ -196,14 +193,14 @@ class Drafter(nn.Module):
     decoding drafts with."""
 
     cfg: ModelConfig
-    max_rewind: int = 0
+    rt: Runtime  # decoding
 
     @nn.compact
     def __call__(self, trunk_BTD, ahead_BTA, positions_BT, choose: Choose | None = None):
-        embedding = token_embedding(self.cfg)
-        logits_of = output_head(self.cfg, embedding)
+        embedding = token_embedding(self.cfg, self.rt)
+        logits_of = output_head(self.cfg, self.rt, embedding)
         mask = Mask.self_attention(positions_BT)
-        return heads(self.cfg, True, None, self.max_rewind)(trunk_BTD, ahead_BTA, mask, embedding, logits_of, choose)
+        return heads(self.cfg, self.rt)(trunk_BTD, ahead_BTA, mask, embedding, logits_of, choose)
 
     @staticmethod
     def params_of(params: dict) -> dict:

@@ -16,7 +16,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from model import attention as attention_lib
 from model import mtp as mtp_lib
 from model.aux import Aux, mean_over_layers
 from model.config import LayerSpec, ModelConfig
@@ -25,6 +24,7 @@ from model.kinds import ATTENTION_KINDS, MLP_KINDS
 from model.layers import NORMS, output_head, token_embedding
 from model.mask import Mask
 from model.positions import POSITIONS
+from model.runtime import TRAINING, Hooks, Runtime
 
 # What a rematerialised block keeps for the backward pass (None: remat off). Bar 'full', each also keeps the attention
 # kernels' (C++ CPU, Pallas) output and log-sum-exp (O(T) per row; rerunning the kernel would cost a whole forward).
@@ -79,24 +79,22 @@ def layer_groups(cfg: ModelConfig) -> tuple[Group, ...]:
 class Block(nn.Module):
     cfg: ModelConfig
     spec: LayerSpec
-    decode: bool = False
-    impl: attention_lib.Implementation | None = None
-    max_rewind: int = 0
+    rt: Runtime = TRAINING
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, mask: Mask):
         cfg, spec, norm = self.cfg, self.spec, NORMS[self.cfg.norm]
-        attn = ATTENTION_KINDS[spec.attention](cfg, spec.window, self.decode, self.impl, self.max_rewind, name="attn")
+        attn = ATTENTION_KINDS[spec.attention](cfg, spec.window, self.rt, name="attn")
         h_BTD, attn_aux = attn(norm(cfg, name="attn_norm")(x_BTD), mask)
         x_BTD = x_BTD + h_BTD
-        h_BTD, mlp_aux = MLP_KINDS[spec.mlp](cfg, name="mlp")(norm(cfg, name="mlp_norm")(x_BTD))
+        h_BTD, mlp_aux = MLP_KINDS[spec.mlp](cfg, self.rt, name="mlp")(norm(cfg, name="mlp_norm")(x_BTD))
         x_BTD = x_BTD + h_BTD
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
         return x_BTD, {**attn_aux, **mlp_aux}  # (carry, output) so the same module runs under nn.scan
 
 
-def _block_class(cfg: ModelConfig, decode: bool, unrolled: bool) -> type[nn.Module]:
-    if REMAT_POLICIES[cfg.remat] is None or decode:
+def _block_class(cfg: ModelConfig, rt: Runtime, unrolled: bool) -> type[nn.Module]:
+    if REMAT_POLICIES[cfg.remat] is None or rt.decode is not None:
         return Block
     # Inside a loop XLA cannot merge a layer's recomputation with its forward pass, but once layers are unrolled
     # (a Python loop, scan_unroll > 1, several layers per unit) it would, undoing remat, unless CSE is prevented.
@@ -108,17 +106,13 @@ class Unit(nn.Module):
 
     cfg: ModelConfig
     unit: tuple[LayerSpec, ...]
-    decode: bool = False
-    impl: attention_lib.Implementation | None = None
-    max_rewind: int = 0
+    rt: Runtime = TRAINING
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, mask: Mask):
-        block, aux = _block_class(self.cfg, self.decode, unrolled=True), []
+        block, aux = _block_class(self.cfg, self.rt, unrolled=True), []
         for j, spec in enumerate(self.unit):
-            x_BTD, terms = block(self.cfg, spec, self.decode, self.impl, self.max_rewind, name=f"block_{j}")(
-                x_BTD, mask
-            )
+            x_BTD, terms = block(self.cfg, spec, self.rt, name=f"block_{j}")(x_BTD, mask)
             aux.append(terms)
         return x_BTD, aux
 
@@ -140,10 +134,10 @@ def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
 
 
 class Transformer(nn.Module):
-    """`decode=True` adds each layer's decode cache (see its attention kind) for incremental sampling; params are
-    the same. `attention` replaces the implementation `cfg.attention_impl` chooses (e.g. ring attention).
-    `max_rewind` is how far decoding may rewind a row (speculative decoding), which sliding-window layers' rolling
-    caches keep room for. Non-trained state (the "state" collection) changes only where the caller makes it
+    """`rt` (model/runtime.py) says how it runs: decoding (`rt.decode`, a DecodeConfig) adds each layer's decode
+    cache (see its attention kind) for incremental sampling, with the same params; `rt.hooks` carry the mesh's
+    collectives (e.g. ring attention replacing the implementation `cfg.attention_impl` chooses); `rt.weights` is
+    the format every weight is read in (model/weights.py). Non-trained state (the "state" collection) changes only where the caller makes it
     mutable: the train step does, evaluation and decoding do not.
 
     With `scan_layers`, each layer group is one `nn.scan` whose loop runs `scan_unroll` layers per trip. The loop
@@ -153,9 +147,7 @@ class Transformer(nn.Module):
     configs/tiny.py's training step on a CPU and 1.31x on configs/bench_10m.py's in bf16 on an H200)."""
 
     cfg: ModelConfig
-    decode: bool = False
-    attention: attention_lib.Implementation | None = None
-    max_rewind: int = 0
+    rt: Runtime = TRAINING
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, segments_BT=None) -> jax.Array:
         """Float32 logits [B, T, vocab] (see `forward`)."""
@@ -180,7 +172,8 @@ class Transformer(nn.Module):
         in_order = positions_BT is None if in_order is None else in_order
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-        embedding = token_embedding(cfg)
+        rt = self.rt
+        embedding = token_embedding(cfg, rt)
         x_BTD = embedding(tokens_BT)
         scheme = POSITIONS[cfg.position]
         if scheme.embed is not None:
@@ -188,13 +181,12 @@ class Transformer(nn.Module):
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
 
         mask = Mask.self_attention(positions_BT, segments_BT, in_order=in_order)
-        args = (self.decode, self.attention, self.max_rewind)
         aux: list[dict[str, Aux]] = []
         if cfg.scan_layers:
             for g in layer_groups(cfg):
                 p = len(g.unit)
                 if p == 1:
-                    body, extra = _block_class(cfg, self.decode, unrolled=cfg.scan_unroll > 1), (g.unit[0],)
+                    body, extra = _block_class(cfg, rt, unrolled=cfg.scan_unroll > 1), (g.unit[0],)
                 else:
                     body, extra = Unit, (g.unit,)
                 stack = nn.scan(
@@ -206,18 +198,18 @@ class Transformer(nn.Module):
                     metadata_params={nn.PARTITION_NAME: "layers"},
                     unroll=min(g.repeats, max(1, cfg.scan_unroll // p)),
                 )
-                x_BTD, terms = stack(cfg, *extra, *args, name=g.name)(x_BTD, mask)
+                x_BTD, terms = stack(cfg, *extra, rt, name=g.name)(x_BTD, mask)
                 aux.extend(terms if p > 1 else [terms])
         else:
-            block = _block_class(cfg, self.decode, unrolled=True)
+            block = _block_class(cfg, rt, unrolled=True)
             for i, spec in enumerate(cfg.layer_specs()):
-                x_BTD, terms = block(cfg, spec, *args, name=f"layer_{i}")(x_BTD, mask)
+                x_BTD, terms = block(cfg, spec, rt, name=f"layer_{i}")(x_BTD, mask)
                 aux.append(terms)
 
         hidden_BTD = x_BTD
-        logits_of = output_head(cfg, embedding)
+        logits_of = output_head(cfg, rt, embedding)
         out = Output(logits_of(hidden_BTD), hidden_BTD, mean_over_layers(aux))
-        if ahead_BTA is not None and (heads := mtp_lib.heads(cfg, *args, name="mtp")) is not None:
+        if ahead_BTA is not None and (heads := mtp_lib.heads(cfg, rt, name="mtp")) is not None:
             mtp_logits_KBTV, _ = heads(hidden_BTD, ahead_BTA, mask, embedding, logits_of)
             out = out.replace(
                 mtp_logits_KBTV=mtp_logits_KBTV, aux={**out.aux, **mtp_lib.losses(cfg, mtp_logits_KBTV, ahead_BTA)}
@@ -231,7 +223,8 @@ def init_variables(model: Transformer, rng: jax.Array) -> dict:
     attention splits the batch, which a 1-row dummy cannot be)."""
     dummy_BT = jnp.zeros((1, model.cfg.max_seq_len), jnp.int32)
     ahead_BTA = jnp.zeros((*dummy_BT.shape, 1 + mtp_lib.extra_tokens(model.cfg)), jnp.int32)  # the MTP heads too
-    variables = model.clone(attention=None, decode=False).init(rng, dummy_BT, ahead_BTA=ahead_BTA, method="forward")
+    plain = model.clone(rt=dataclasses.replace(model.rt, decode=None, hooks=Hooks()))
+    variables = plain.init(rng, dummy_BT, ahead_BTA=ahead_BTA, method="forward")
     return {k: v for k, v in variables.items() if k in ("params", "state")}
 
 

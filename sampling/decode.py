@@ -18,8 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from model import Transformer, unstack_layers
-from model.cache import init_cache
+from model import ModelConfig, Transformer, unstack_layers
+from model.cache import LAYOUTS, init_cache
+from model.kinds import ATTENTION_KINDS
+from model.runtime import DecodeConfig, Runtime
+from model.weights import FORMATS
 from sampling.rules import Rules, pick
 
 # on_token(tokens_B, step) -> stop_B: called on the host with each new token of every row while
@@ -36,11 +39,45 @@ class Generation:
     decode_seconds: float
 
 
-def for_inference(model: Transformer, decode: bool = True) -> Transformer:
+def for_inference(model: Transformer, kv_cache: bool = True) -> Transformer:
     """The same network for sampling: remat off (no backward pass), layers unrolled (inside the decode
-    loop a scanned stack would copy its stacked cache every step), with or without the cache. Its
-    params are `unrolled(params)`, taken inside the jitted programs (slicing there is free)."""
-    return Transformer(dataclasses.replace(model.cfg, remat="none", scan_layers=False), decode=decode)
+    loop a scanned stack would copy its stacked cache every step), with the cache as `model.rt.decode` says
+    (default: `DecodeConfig()`) or without one (`kv_cache=False`: each step recomputes), reading weights in the
+    decode config's format. Its params are `unrolled(params)`, taken inside the jitted programs (slicing there is
+    free)."""
+    decode = model.rt.decode or DecodeConfig()
+    rt = Runtime(decode=decode if kv_cache else None, hooks=model.rt.hooks, weights=decode.weights)
+    return Transformer(dataclasses.replace(model.cfg, remat="none", scan_layers=False), rt)
+
+
+def with_rewind(model: Transformer, max_rewind: int) -> Transformer:
+    """`model` (decoding) with room to rewind rows by `max_rewind` tokens (speculative decoding)."""
+    decode = dataclasses.replace(model.rt.decode or DecodeConfig(), max_rewind=max_rewind)
+    return model.clone(rt=dataclasses.replace(model.rt, decode=decode))
+
+
+def decode_errors(cfg: ModelConfig, decode: DecodeConfig) -> list[tuple[bool, str, object, str]]:
+    """(condition that must hold, option, value, what is allowed) for decoding `cfg` as `decode` says: checked
+    before anything compiles (infer.py names the options as its flags)."""
+    variants = sorted({v for s in cfg.layer_specs() for v in ATTENTION_KINDS[s.attention].decode_variants})
+    kinds = sorted({s.attention for s in cfg.layer_specs()})
+    return [
+        (
+            decode.attention in ("", *variants),
+            "attention",
+            decode.attention,
+            f"model.attention={'/'.join(kinds)} decodes as: {', '.join(variants) or 'its one way (no variants)'}",
+        ),
+        (decode.weights in FORMATS, "weights", decode.weights, f"one of {', '.join(FORMATS)}"),
+        (decode.cache in LAYOUTS, "cache", decode.cache, f"one of {', '.join(LAYOUTS)}"),
+        (
+            decode.cache_dtype in ("", "float32", "bfloat16", "float16"),
+            "cache_dtype",
+            decode.cache_dtype,
+            "'' (the compute dtype), float32, bfloat16 or float16",
+        ),
+        (decode.max_rewind >= 0, "max_rewind", decode.max_rewind, "must be >= 0"),
+    ]
 
 
 def unrolled(weights, model: Transformer) -> dict:
@@ -184,7 +221,7 @@ def generate_batch(
         raise ValueError(f"a prompt of {P} tokens leaves no room in a cache of max_len={max_len}")
     statics = dict(rules=rules, steps=steps, on_token=on_token)
     sampling_args = (np.uint32(seed), np.int32(first_row), np.int32(eos_id))
-    net = for_inference(model, decode=kv_cache)
+    net = for_inference(model, kv_cache)
     if kv_cache:
         prefill = _prefill.lower(params, tokens_BP, positions_BP, model=net, max_len=max_len).compile()
         (logits_BV, cache, positions_B), prefill_seconds = _timed(prefill, params, tokens_BP, positions_BP)

@@ -12,6 +12,7 @@ import numpy as np
 from data.tokenizer import Tokenizer
 from model import ModelConfig, Transformer
 from model.positions import POSITIONS
+from model.runtime import DecodeConfig, Runtime
 from sampling import speculative
 from sampling.beam import beam_search
 from sampling.decode import DONE, generate_batch, prompt_ids
@@ -36,6 +37,7 @@ class Request:
     batch_size: int = 32
     speculative: str = ""  # '' (plain decoding), 'mtp' or 'draft' (run_speculative)
     draft_tokens: int = 0  # per verify pass; 0: `draft_tokens`' default
+    decode: DecodeConfig = DecodeConfig()  # how the model decodes (cache, weight format, the kind's variant)
 
 
 # Tokens a draft model proposes per verify pass unless told otherwise (MTP heads draft one each).
@@ -128,7 +130,7 @@ def check_fits(m: ModelConfig, request: Request, longest_prompt: int) -> None:
 
 def run_request(cfg: ModelConfig, params, tokenizer: Tokenizer, request: Request, out: TextIO) -> Speeds:
     """Writes every prompt's samples (or best beams) to `out`; returns the measured speeds."""
-    model = Transformer(cfg)
+    model = Transformer(cfg, Runtime.decoding(request.decode))
     encoded = [prompt_ids(tokenizer, p) for p in request.prompts]
     check_fits(cfg, request, max(len(ids) for ids in encoded))
     eos_id = tokenizer.eod_id if request.eos else -1
@@ -196,13 +198,13 @@ def run_speculative(
     """Samples every prompt with speculative decoding (drafting with the model's MTP heads, or with `draft`'s
     (config, params) model), writes them to `out`, and reports to `err` the acceptance rate per draft position
     and tokens/s against plain decoding of the same prompts (run after it, same rules and seed)."""
-    model = Transformer(cfg)
+    model = Transformer(cfg, Runtime.decoding(request.decode))
     encoded = [prompt_ids(tokenizer, p) for p in request.prompts]
     check_fits(cfg, request, max(len(ids) for ids in encoded))
     eos_id = tokenizer.eod_id if request.eos else -1
     k = draft_tokens(cfg, request.draft_tokens, "mtp" if draft is None else "draft")
     if draft is None:
-        drafter, draft_params = speculative.MTPDrafter(cfg, k), None
+        drafter, draft_params = speculative.MTPDrafter(cfg, k, request.decode), None
     else:
         drafter, draft_params = speculative.ModelDrafter(Transformer(draft[0]), k), draft[1]
     rules = Rules(request.temperature, request.top_k, request.top_p, request.min_p)

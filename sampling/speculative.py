@@ -29,6 +29,7 @@ import numpy as np
 from model import Transformer, unstack_layers
 from model import mtp as mtp_lib
 from model.cache import init_cache, rewind
+from model.runtime import DecodeConfig, Runtime
 from sampling.decode import DEFAULT_RULES, left_pad, row_keys
 from sampling.rules import Rules, filtered
 
@@ -77,6 +78,12 @@ class MTPDrafter:
 
     cfg: object  # the target's ModelConfig
     k: int
+    decode: DecodeConfig = DecodeConfig()  # the target's (the heads' blocks are its kinds)
+
+    @property
+    def runtime(self) -> Runtime:
+        """How the heads decode: as the target does, with room to rewind a chunk."""
+        return Runtime.decoding(dataclasses.replace(self.decode, max_rewind=self.chunk))
 
     @property
     def lag(self) -> int:
@@ -91,7 +98,7 @@ class MTPDrafter:
 
     def prefill(self, dparams, tokens_BP, positions_BP, out, size):
         B, P = tokens_BP.shape
-        drafter = mtp_lib.Drafter(self.cfg, max_rewind=self.chunk)
+        drafter = mtp_lib.Drafter(self.cfg, self.runtime)
         trunk_BLD = jnp.zeros((B, size, self.cfg.d_model), out.hidden_BTD.dtype).at[:, :P].set(out.hidden_BTD)
         dummy = (jnp.zeros((B, size, self.cfg.d_model)), jnp.zeros((B, size, self.cfg.mtp.num_heads + 1), jnp.int32))
         cache = drafter.init(jax.random.key(0), *dummy, jnp.zeros((B, size), jnp.int32))["cache"]
@@ -118,7 +125,7 @@ class MTPDrafter:
             return jnp.where(lands_BCA, token_B[:, None, None], ahead_BCA)
 
         cache = rewind(state["cache"], start_B)
-        drafter = mtp_lib.Drafter(self.cfg, max_rewind=self.chunk)
+        drafter = mtp_lib.Drafter(self.cfg, self.runtime)
         (logits_KBCV, ahead_BCA), variables = drafter.apply(
             {"params": dparams, "cache": cache}, trunk_BCD, ahead_BCA, positions_BC, choose, mutable=["cache"]
         )
@@ -218,9 +225,9 @@ class SpeculativeGeneration:
 
 
 def _net(model: Transformer, rewind_room: int) -> Transformer:
-    from sampling.decode import for_inference
+    from sampling.decode import for_inference, with_rewind
 
-    return for_inference(model).clone(max_rewind=rewind_room)
+    return with_rewind(for_inference(model), rewind_room)
 
 
 @functools.partial(jax.jit, static_argnames=("target", "drafter", "rules", "size"))

@@ -414,7 +414,7 @@ def test_a_preempted_moe_run_resumes_bit_identically_bias_included(tmp_path, tex
     want = jax.jit(model.apply)(weights, tokens)
     from sampling.decode import for_inference, unrolled
 
-    net = for_inference(model, decode=False)
+    net = for_inference(model, kv_cache=False)
     np.testing.assert_allclose(jax.jit(net.apply)(unrolled(weights, net), tokens), want, rtol=1e-5, atol=1e-5)
 
 

@@ -22,7 +22,7 @@ from model.cache import init_cache, rewind
 from model.config import MTPConfig
 from sampling import Rules, generate_batch
 from sampling import speculative as spec
-from sampling.decode import for_inference
+from sampling.decode import for_inference, with_rewind
 
 GREEDY = Rules(temperature=0)
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [4]]
@@ -153,7 +153,7 @@ def test_speculative_sampling_follows_the_target_model_not_the_draft():
 
 def test_a_rejected_draft_leaves_the_cache_as_if_never_written():
     net, params = model("sequential", 2)
-    dec = for_inference(net).clone(max_rewind=4)
+    dec = with_rewind(for_inference(net), 4)
     params = unstack_layers(params, net.cfg)
     step = jax.jit(lambda c, t, p: dec.apply({"params": params, "cache": c}, t, p, mutable=["cache"]))
     prompt = jnp.asarray([[3, 1, 4, 1, 5]])

@@ -23,6 +23,7 @@ from model.gqa import GQA
 from model.mask import Mask, documents
 from model.positions import apply_rope, rope
 from model.rope import RopeScaling, attention_factor
+from model.runtime import DecodeConfig, Runtime
 from sampling.decode import left_pad
 from tests.conftest import REPO, tiny_run
 from training.config import ConfigError, resolve
@@ -263,7 +264,8 @@ def forward(cfg):
 def decoder(cfg, max_rewind):
     """The decoding model of `cfg` and its jitted step (params, cache, tokens, positions), compiled once per shape
     for every call of decode_logits with this config."""
-    model = Transformer(dataclasses.replace(cfg, scan_layers=False), decode=True, max_rewind=max_rewind)
+    rt = Runtime.decoding(DecodeConfig(max_rewind=max_rewind))
+    model = Transformer(dataclasses.replace(cfg, scan_layers=False), rt)
     step = jax.jit(lambda prm, c, t, p: model.apply({"params": prm, "cache": c}, t, p, mutable=["cache"]))
     return model, step
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from model.aux import Aux
 from model.kinds import MLP_KINDS
 from model.layers import SwiGLU
+from model.runtime import TRAINING, Runtime
 
 AUX_WEIGHT = 0.5
 MOMENTUM = 0.75
@@ -19,6 +20,7 @@ MOMENTUM = 0.75
 
 class ToyMLP(nn.Module):
     cfg: object
+    rt: Runtime = TRAINING
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array):
@@ -29,7 +31,7 @@ class ToyMLP(nn.Module):
             (x_BTD.shape[-1],),
             jnp.float32,
         )
-        y_BTD, _ = SwiGLU(self.cfg, name="inner")(x_BTD - nn.unbox(mean.value).astype(x_BTD.dtype))
+        y_BTD, _ = SwiGLU(self.cfg, self.rt, name="inner")(x_BTD - nn.unbox(mean.value).astype(x_BTD.dtype))
         if self.is_mutable_collection("state") and not self.is_initializing():
             batch_mean_D = jax.lax.stop_gradient(jnp.mean(x_BTD.astype(jnp.float32), axis=(0, 1)))
             mean.value = MOMENTUM * nn.unbox(mean.value) + (1 - MOMENTUM) * batch_mean_D

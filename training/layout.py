@@ -29,8 +29,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model import ModelConfig, Transformer, init_variables
-from model import moe as moe_lib
 from model.attention import IMPLEMENTATIONS, Implementation, choose
+from model.runtime import TRAINING, Hooks, Runtime
 from parallel import sharding
 from parallel.expert import expert_parallel
 from parallel.mesh import MeshError, check_divisible, make_mesh, mesh_axes, resolve_sizes
@@ -62,12 +62,8 @@ class Layout:
 
     @contextlib.contextmanager
     def activate(self):
-        """The context in which the model's logical annotations place activations on this mesh, and MoE layers
-        move assignments to their experts' devices by all-to-all when the mesh splits experts (parallel/expert.py)."""
-        experts = None
-        if self.mesh.shape["expert"] > 1:
-            experts = expert_parallel(self.mesh, mesh_axes(self.rules["batch"]))
-        with sharding.activate(self.mesh, self.rules), moe_lib.expert_collectives(experts):
+        """The context in which the model's logical annotations place activations on this mesh."""
+        with sharding.activate(self.mesh, self.rules):
             yield
 
     @property
@@ -212,9 +208,18 @@ def check_attention(run: RunConfig, layout: Layout) -> None:
         )
 
 
-def model_for(cfg: ModelConfig, layout: Layout) -> Transformer:
-    """The model as this layout runs it: with the attention the layout imposes (`attention_for`)."""
-    return Transformer(cfg, attention=attention_for(cfg, layout))
+def hooks_for(cfg: ModelConfig, layout: Layout) -> Hooks:
+    """The collectives the model needs on this layout: the attention it imposes (`attention_for`), and when the
+    mesh splits experts, the all-to-all that moves MoE assignments to their experts' devices (parallel/expert.py)."""
+    experts = None
+    if layout.mesh.shape["expert"] > 1:
+        experts = expert_parallel(layout.mesh, mesh_axes(layout.rules["batch"]))
+    return Hooks(attention=attention_for(cfg, layout), experts=experts)
+
+
+def model_for(cfg: ModelConfig, layout: Layout, rt: Runtime = TRAINING) -> Transformer:
+    """The model as this layout runs it (`rt` with the layout's hooks)."""
+    return Transformer(cfg, dataclasses.replace(rt, hooks=hooks_for(cfg, layout)))
 
 
 def sequence_order(seq_len: int, layout: Layout) -> np.ndarray | None:

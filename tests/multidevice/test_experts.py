@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.moe import MoE, capacity, expert_collectives
+from model.moe import MoE, capacity
+from model.runtime import TRAINING, Hooks
 from parallel.config import MeshConfig
 from parallel.expert import expert_parallel
 from parallel.mesh import make_mesh
@@ -136,9 +137,9 @@ def layer_config(**moe):
     return dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, **moe))
 
 
-def layer_loss(cfg):
+def layer_loss(cfg, rt=TRAINING):
     def loss(v, x):
-        y, aux = MoE(cfg).apply(v, x)
+        y, aux = MoE(cfg, rt).apply(v, x)
         return jnp.sum(y**2), aux["moe_dropped_frac"].value
 
     return jax.value_and_grad(loss, has_aux=True)
@@ -182,8 +183,10 @@ def test_the_all_to_all_layer_gives_the_one_device_output_and_gradients(dispatch
         assert most_rows_one_device_sends_one_expert(cfg, variables, x, 8) == capacity(cfg.moe, 128) == 4
     mesh = make_mesh(MeshConfig(data=2, expert=4))
     hook = expert_parallel(mesh, ("data", "fsdp", "expert"), **EXCHANGES[exchange])
-    with jax.set_mesh(mesh), expert_collectives(hook):
-        (got, _), grads = jax.jit(layer_loss(cfg))(variables, x)
+    with jax.set_mesh(mesh):
+        (got, _), grads = jax.jit(layer_loss(cfg, dataclasses.replace(TRAINING, hooks=Hooks(experts=hook))))(
+            variables, x
+        )
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
@@ -206,8 +209,9 @@ def test_each_device_computes_one_chunk_per_source_not_every_local_expert_over_e
 
     monkeypatch.setattr(moe_lib, "grouped_rows", recording)
     mesh = make_mesh(MeshConfig(data=2, expert=4))
-    with jax.set_mesh(mesh), expert_collectives(expert_parallel(mesh, ("data", "fsdp", "expert"))):
-        jax.jit(lambda v, x: MoE(cfg).apply(v, x)).lower(variables, x)
+    rt = dataclasses.replace(TRAINING, hooks=Hooks(experts=expert_parallel(mesh, ("data", "fsdp", "expert"))))
+    with jax.set_mesh(mesh):
+        jax.jit(lambda v, x: MoE(cfg, rt).apply(v, x)).lower(variables, x)
     assert sizes == [(8, 128), (2, 64)]  # the global routing's grouping, then one device's received rows
 
 
