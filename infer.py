@@ -7,6 +7,7 @@
     python infer.py --hf_dir ~/models/Qwen3-0.6B --prompt "The capital of France is" --temperature 0
     python infer.py --workdir runs/ablate_mtp --prompt "def " --speculative=mtp   # one draft per MTP head
     python infer.py --workdir runs/tiny --prompt "def " --speculative=draft --draft_workdir runs/small --draft_tokens 4
+    python infer.py --workdir runs/tiny --prompt "def " --mesh data=2,tensor=4 --fake_devices 8   # decode on a mesh
 
 A single prompt streams its continuation as it is generated. Every prompt starts a document (it
 follows the end-of-document token, as documents do in training). Prefill and decode speeds go to
@@ -22,6 +23,7 @@ import sys
 
 from absl import app, flags, logging
 
+from parallel.cpu_devices import raise_collective_timeouts, with_fake_device_flags
 from training.cli import fail, parse_flags, read_text, warn
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (or a checkpoint directory) to load.")
@@ -64,6 +66,13 @@ _DRAFT_TOKENS = flags.DEFINE_integer(
     "4 from a draft model).",
 )
 _DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "--speculative=draft: the draft model's run directory.")
+_MESH = flags.DEFINE_string(
+    "mesh",
+    "",
+    "Decode on a mesh of this machine's devices, e.g. data=2,tensor=4: rows split over data, attention heads and "
+    "MLP units over tensor, weights placed by the sharding rules ('': one device).",
+)
+_FAKE_DEVICES = flags.DEFINE_integer("fake_devices", None, "Decode on this many fake CPU devices (to try --mesh).")
 
 
 def check_flags() -> None:
@@ -103,6 +112,14 @@ def check_flags() -> None:
         (
             (_SPECULATIVE.value == "draft") == (_DRAFT_WORKDIR.value is not None),
             "--speculative=draft and --draft_workdir go together (the draft model's run directory)",
+        ),
+        (
+            not (_MESH.value and _SPECULATIVE.value),
+            f"--mesh={_MESH.value!r}: speculative decoding runs on one device (drop --mesh or --speculative)",
+        ),
+        (
+            _FAKE_DEVICES.value is None or _FAKE_DEVICES.value >= 1,
+            f"--fake_devices={_FAKE_DEVICES.value}: must be >= 1",
         ),
         (
             _SPECULATIVE.value is None or (_BEAM_SIZE.value == 1 and _KV_CACHE.value),
@@ -190,10 +207,16 @@ def main(argv: list[str]) -> None:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     check_flags()
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    if _FAKE_DEVICES.value is not None:  # before JAX starts its backends
+        os.environ["XLA_FLAGS"] = with_fake_device_flags(os.environ.get("XLA_FLAGS", ""), _FAKE_DEVICES.value)
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    raise_collective_timeouts()
 
     # Imported after the flags are checked: a bad flag answers at once, without starting JAX.
     from model.hf import HFError
     from model.runtime import DecodeConfig
+    from parallel.decoding import decode_mesh
+    from parallel.mesh import MeshError
     from sampling.decode import decode_errors
     from sampling.runner import Request, draft_tokens, report_speed, run_request, run_speculative, unescape
     from training import hf
@@ -216,6 +239,11 @@ def main(argv: list[str]) -> None:
     for ok, option, value, allowed in decode_errors(run.model, decode):
         if not ok:
             fail(f"{flag_of.get(option, option)}={value!r}: {allowed}")
+    if _MESH.value:
+        try:
+            decode_mesh(run.model, _MESH.value)  # a mesh that does not fit fails here, before anything compiles
+        except MeshError as e:
+            fail(str(e))
     if text is None:
         check_cache(run, tokenizer, prompts)
     print(loaded, file=sys.stderr)
@@ -256,6 +284,7 @@ def main(argv: list[str]) -> None:
         speculative=_SPECULATIVE.value or "",
         draft_tokens=k,
         decode=decode,
+        mesh=_MESH.value,
     )
     try:
         if request.speculative:

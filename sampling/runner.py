@@ -13,6 +13,7 @@ from data.tokenizer import Tokenizer
 from model import ModelConfig, Transformer
 from model.positions import POSITIONS
 from model.runtime import DecodeConfig, Runtime
+from parallel import decoding
 from sampling import speculative
 from sampling.beam import beam_search
 from sampling.decode import DONE, generate_batch, prompt_ids
@@ -38,6 +39,7 @@ class Request:
     speculative: str = ""  # '' (plain decoding), 'mtp' or 'draft' (run_speculative)
     draft_tokens: int = 0  # per verify pass; 0: `draft_tokens`' default
     decode: DecodeConfig = DecodeConfig()  # how the model decodes (cache, weight format, the kind's variant)
+    mesh: str = ""  # decode on a mesh of the local devices, e.g. 'data=2,tensor=4' (parallel/decoding.py); '': one
 
 
 # Tokens a draft model proposes per verify pass unless told otherwise (MTP heads draft one each).
@@ -133,6 +135,20 @@ def run_request(cfg: ModelConfig, params, tokenizer: Tokenizer, request: Request
     model = Transformer(cfg, Runtime.decoding(request.decode))
     encoded = [prompt_ids(tokenizer, p) for p in request.prompts]
     check_fits(cfg, request, max(len(ids) for ids in encoded))
+    if not request.mesh:
+        return _run(model, params, tokenizer, request, encoded, out, shards=1)
+    mesh, rules = decoding.decode_mesh(cfg, request.mesh)
+    shards = decoding.row_shards(mesh, rules)
+    if request.beam_size > 1 and request.beam_size % shards:
+        raise ValueError(f"--beam_size={request.beam_size}: must divide over the {shards} row shards of --mesh")
+    with decoding.activate(mesh, rules):
+        params = decoding.place_weights(params, cfg, mesh, rules)
+        return _run(model, params, tokenizer, request, encoded, out, shards)
+
+
+def _run(model, params, tokenizer, request: Request, encoded: list[list[int]], out: TextIO, shards: int) -> Speeds:
+    """run_request's decoding, each batch of rows padded (with copies of its last prompt) to a multiple of
+    `shards`, the mesh's row shards."""
     eos_id = tokenizer.eod_id if request.eos else -1
     speeds = Speeds()
     if request.beam_size > 1:
@@ -152,16 +168,18 @@ def run_request(cfg: ModelConfig, params, tokenizer: Tokenizer, request: Request
     stream = len(rows) == 1
     for first in range(0, len(rows), request.batch_size):
         chunk = rows[first : first + request.batch_size]
+        prompts = [encoded[i] for i, _ in chunk]
+        prompts += [prompts[-1]] * (-len(prompts) % shards)
         watcher = None
         if stream or request.stop:
-            watcher = Watcher(tokenizer, len(chunk), request.stop, eos_id, out if stream else None)
+            watcher = Watcher(tokenizer, len(prompts), request.stop, eos_id, out if stream else None)
         if stream:
             out.write(request.prompts[0])
             out.flush()
         generation = generate_batch(
             model,
             params,
-            [encoded[i] for i, _ in chunk],
+            prompts,
             request.max_new_tokens,
             rules,
             max_len=request.max_len,

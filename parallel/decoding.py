@@ -1,0 +1,71 @@
+"""Decoding on a mesh (infer.py --mesh data=D,tensor=T): the mesh, the weights placed on it by the logical rules,
+and the context in which the decode programs trace.
+
+Rows of the batch split over `data` (and `fsdp`), attention heads and the MLP's hidden units over `tensor`
+(Megatron: each device holds its heads' query/key/value columns and the matching rows of the output projection,
+and its heads' part of the decode cache), as training lays out the same params. The decode programs are the
+one-device ones (sampling/decode.py): the model's logical annotations place activations and caches, and GSPMD
+adds the collectives, so tokens equal the one-device ones (tests/multidevice/test_sharded_decode.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from model import ModelConfig, Transformer, init_variables
+from parallel import sharding
+from parallel.config import DEFAULT_RULES, MeshConfig
+from parallel.mesh import MeshError, check_divisible, make_mesh, mesh_axes, resolve_sizes
+
+DECODE_AXES = ("data", "fsdp", "tensor")  # sequence (ring attention) and expert (all-to-all) axes train only
+
+
+def parse_mesh(spec: str) -> MeshConfig:
+    """'data=2,tensor=4' -> MeshConfig (axes not named span 1 device); MeshError (one line) on anything else."""
+    sizes: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        axis, sep, value = item.partition("=")
+        if not sep or axis not in DECODE_AXES or not value.lstrip("-").isdigit():
+            raise MeshError(f"--mesh={spec!r}: expected axis=devices,... with axes among {', '.join(DECODE_AXES)}")
+        if axis in sizes:
+            raise MeshError(f"--mesh={spec!r}: {axis} appears twice")
+        sizes[axis] = int(value)
+    if not sizes:
+        raise MeshError(f"--mesh={spec!r}: name at least one axis, e.g. data=2,tensor=4")
+    return MeshConfig(**{"data": 1, **sizes})
+
+
+def decode_mesh(cfg: ModelConfig, spec: str, devices: list | None = None) -> tuple[Mesh, dict[str, str]]:
+    """The mesh `spec` describes over `devices` (default: all) and the rules that place the model on it; MeshError
+    when it does not fit the devices or the model's heads."""
+    mesh_cfg = parse_mesh(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    rules = dict(DEFAULT_RULES)
+    heads = {"heads": ("model.num_heads", cfg.num_heads), "kv_heads": ("model.num_kv_heads", cfg.num_kv_heads)}
+    try:
+        check_divisible(heads, resolve_sizes(mesh_cfg, len(devices)), rules)
+    except MeshError as e:
+        raise MeshError(f"--mesh={spec!r}: {e}") from None
+    return make_mesh(mesh_cfg, devices), rules
+
+
+def row_shards(mesh: Mesh, rules: dict[str, str]) -> int:
+    """How many pieces a batch of rows is split into (decoding pads its rows to a multiple of this)."""
+    return math.prod(mesh.shape[axis] for axis in mesh_axes(rules["batch"]))
+
+
+def place_weights(weights: Any, cfg: ModelConfig, mesh: Mesh, rules: dict[str, str]) -> Any:
+    """`weights` (params, or {"params", "state"}) on `mesh`, each leaf sharded as its logical axis names say (as
+    training places them)."""
+    boxed = jax.eval_shape(lambda: init_variables(Transformer(cfg), jax.random.key(0)))
+    placed = sharding.shardings(boxed, mesh, rules)
+    if isinstance(weights, dict) and "params" in weights:
+        return {name: jax.device_put(tree, placed[name]) for name, tree in weights.items()}
+    return jax.device_put(weights, placed["params"])
+
+
+activate = sharding.activate

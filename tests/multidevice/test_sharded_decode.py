@@ -1,0 +1,65 @@
+"""Decoding on a mesh (parallel/decoding.py, infer.py --mesh) gives the one-device tokens: greedy, rows split over
+`data`, heads over `tensor`, for GQA and MLA (both of MLA's decode variants)."""
+
+from __future__ import annotations
+
+import io
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from data.tokenizer import ByteTokenizer
+from model import ModelConfig, Transformer, init_variables
+from model.runtime import DecodeConfig
+from parallel.decoding import decode_mesh, parse_mesh, place_weights
+from parallel.mesh import MeshError
+from sampling.runner import Request, run_request
+
+# Random weights with a large init: greedy continuations that differ from row to row and from step to step.
+BASE = dict(vocab_size=257, d_model=64, num_layers=2, num_heads=8, d_ff=128, max_seq_len=48, init_std=0.3)
+KINDS = {
+    "gqa": ModelConfig(**BASE, num_kv_heads=4),
+    "mla": ModelConfig(
+        **BASE, attention="mla", mla=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    ),  # fmt: skip
+}
+PROMPTS = ["def f(x):", "import os", "class A", "x = [1, 2,"]  # four rows: two per data shard
+
+
+def samples(cfg: ModelConfig, params, **request) -> list[str]:
+    out = io.StringIO()
+    request = Request(PROMPTS, max_new_tokens=12, max_len=40, temperature=0.0, eos=False, **request)
+    run_request(cfg, params, ByteTokenizer(), request, out)
+    return out.getvalue().split("=== ")[1:]
+
+
+@pytest.mark.parametrize("kind,variant", [("gqa", ""), ("mla", "absorbed"), ("mla", "naive")])
+def test_decoding_on_a_data_by_tensor_mesh_gives_the_one_device_tokens(kind, variant):
+    cfg = KINDS[kind]
+    params = jax.device_get(nn.unbox(init_variables(Transformer(cfg), jax.random.key(3))["params"]))
+    decode = DecodeConfig(attention=variant)
+    one = samples(cfg, params, decode=decode)
+    assert len({s.split("\n", 1)[1] for s in one}) == len(PROMPTS)  # the rows differ: a mix-up would show
+    assert all(len(set(s.split("\n", 1)[1][-12:])) > 3 for s in one)  # and no row repeats one token
+    assert samples(cfg, params, decode=decode, mesh="data=2,tensor=4") == one
+
+
+def test_a_mesh_that_does_not_fit_is_one_line():
+    with pytest.raises(MeshError, match=r"^--mesh='data=1,tensor=8': model.num_kv_heads=4 does not divide"):
+        decode_mesh(KINDS["gqa"], "data=1,tensor=8")
+    with pytest.raises(MeshError, match="axes among data, fsdp, tensor"):
+        parse_mesh("sequence=2")
+    with pytest.raises(MeshError, match="spans 6 devices but there are 8"):
+        decode_mesh(KINDS["gqa"], "data=3,tensor=2")
+    np.testing.assert_equal(parse_mesh("tensor=8").sizes()["data"], 1)
+
+
+def test_the_weights_are_placed_by_the_rules():
+    cfg = KINDS["gqa"]
+    mesh, rules = decode_mesh(cfg, "data=2,tensor=4")
+    params = place_weights(nn.unbox(init_variables(Transformer(cfg), jax.random.key(0))["params"]), cfg, mesh, rules)
+    query = params["layers"]["attn"]["query"]["kernel"]  # [layers, embed, heads, head_dim]
+    assert query.sharding.spec[2] == "tensor"
+    assert query.addressable_shards[0].data.shape == (2, 64, 2, 8)  # 8 heads over 4 devices
