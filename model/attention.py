@@ -25,6 +25,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from model.cache import KVView
 from model.config import ModelConfig
 from model.kernels import cpu_attention, decode_attention, flash_attention
 from model.mask import Mask
@@ -143,8 +144,9 @@ def reference_attention(
     return jnp.concatenate(outs, axis=1)
 
 
-def reference_decode(cfg, q_BTNH, k_BKSH, v_BKSH, mask: Mask, *, bias_fn=None, softcap=0.0, scale=None):
-    """Attention of new queries over a decode cache laid out [B, K, S, H] (`mask` says which slots are visible)."""
+def reference_decode(cfg, q_BTNH, view: KVView, *, bias_fn=None, softcap=0.0, scale=None):
+    """Attention of new queries over a decode cache's keys and values (`view.mask` says which slots are visible)."""
+    (k_BKSH, v_BKSH), mask = view.dense(), view.mask
     bias = bias_fn(mask.q_positions_BT, mask.k_positions_BS) if bias_fn is not None else None
     return attend_kv_major(q_BTNH, k_BKSH, v_BKSH, mask.allowed(), bias, softcap=softcap, scale=scale)
 
@@ -214,10 +216,10 @@ def pallas_attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask: Mask, *, bias_fn=None, s
     return flash_attention.flash_attention(q_BTNH, k_BSKH, v_BSKH, mask, **kw)
 
 
-def pallas_decode(cfg, q_BTNH, k_BKSH, v_BKSH, mask: Mask, *, bias_fn=None, softcap=0.0, scale=None):
+def pallas_decode(cfg, q_BTNH, view: KVView, *, bias_fn=None, softcap=0.0, scale=None):
     """Decoding attention over the [B, K, S, H] cache as Pallas flash-decoding (per-row lengths, split cache)."""
     kw = dict(scale=scale, softcap=softcap, alibi_slopes=_slopes(bias_fn))
-    return decode_attention.decode_attention(q_BTNH, k_BKSH, v_BKSH, mask, **kw)
+    return decode_attention.decode_attention(q_BTNH, *view.dense(), view.mask, **kw)
 
 
 def cudnn_blocker(cfg: ModelConfig, documents: bool = False) -> str | None:
@@ -255,7 +257,9 @@ def cudnn_attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask: Mask, *, bias_fn=None, so
 class Implementation:
     """An attention implementation: `blocker(cfg, documents)` says why it cannot run `cfg`'s attention on this
     backend (None: it can), `attend(cfg, q_BTNH, k_BSKH, v_BSKH, mask, *, bias_fn, softcap, scale)` computes it
-    over a layer's own tokens, `decode` (same arguments, K/V laid out [B, K, S, H]) over a decode cache.
+    over a layer's own tokens, `decode(cfg, q_BTNH, view, *, bias_fn, softcap, scale)` over a decode cache's keys
+    and values (a `model.cache.KVView`: dense [B, K, S, H] for rows; a paged layout's pages, which an
+    implementation that cannot read pages gathers with `view.dense()`).
 
     `per_device`: `attend` is one device's program (a Pallas or custom call) that XLA cannot split over a mesh
     (it would gather every input onto each device); training/layout.py then runs it on each device's own batch

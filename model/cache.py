@@ -1,34 +1,103 @@
-"""Decode caches as a whole: every attention kind keeps its own cache object in the "cache" collection (GQA's
-`KVCache`, ...); these functions act on all of them without knowing their fields."""
+"""Decode caches: the cache interface, its layouts (`LAYOUTS`, chosen by `DecodeConfig.cache`), and functions that
+act on a whole model's caches without knowing their fields.
+
+An attention kind says what it caches per token (GQA: keys and values; MLA: its latent and rope key) as named
+arrays, each with one slot axis; a layout says where each row's tokens go. A layout is a flax.struct dataclass
+made by `create(batch, size, fields, rolling)` that provides
+- `write(new, pos_BT) -> (cache, view)`: writes each row's T new tokens (`new`: name -> [B, T, ...]) at that row's
+  next slots and returns the arrays this call's queries read, with the position of every slot they see
+  (`CacheView`; -1: empty, which no query reads);
+- `rewind(written_B)` (speculative decoding's rejected drafts), `select_rows(rows_B)` (beam search) and
+  `written_B` (tokens each row has written).
+The attention kind turns a view into the keys and values an attention implementation reads (`KVView`), which
+`Implementation.decode` takes: a paged layout hands over its pages and each row's page table there, and
+implementations that cannot read pages call `KVView.dense()`.
+
+`Rows` (the one layout so far) keeps `size` slots per row. A rolling cache (sliding-window layers) writes slot
+(written % size), so it keeps the last `size` tokens: `size` is the window plus how far a row may be rewound.
+"""
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from model.mask import Mask
+
+SLOTS = None  # marks the slot axis in a field's shape (see Rows.create)
+
+
+@flax.struct.dataclass
+class CacheView:
+    """What one decoding call reads from a layout: its arrays (name -> the layout's storage, e.g. [B, K, S, H]
+    for rows) and the position of every slot (-1: empty)."""
+
+    arrays: dict[str, jax.Array]
+    k_positions_BS: jax.Array
+
+
+@flax.struct.dataclass
+class KVView:
+    """Keys [B, K, S, H] and values [B, K, S, Hv] of the slots each row may read, and the mask over them: what
+    `Implementation.decode` takes. Rows keep them dense; `dense()` is where a paged layout gathers its pages."""
+
+    k_BKSH: jax.Array
+    v_BKSH: jax.Array
+    mask: Mask
+
+    def dense(self) -> tuple[jax.Array, jax.Array]:
+        return self.k_BKSH, self.v_BKSH
+
 
 class DecodeCache:
-    """What a kind's cache (a flax.struct dataclass) provides: `select_rows(rows_B)` (beam search reorders rows)
-    and `rewind(written_B)` (each row forgets what it wrote after its first written_B tokens), and `written_B`,
-    how many tokens each row has written."""
+    """The interface every layout provides (see the module docstring)."""
 
-    def select_rows(self, rows_B: jax.Array):
+    written_B: jax.Array
+
+    def write(self, new: dict[str, jax.Array], pos_BT: jax.Array) -> tuple[DecodeCache, CacheView]:
         raise NotImplementedError
 
-    def rewind(self, written_B: jax.Array):
+    def select_rows(self, rows_B: jax.Array) -> DecodeCache:
+        raise NotImplementedError
+
+    def rewind(self, written_B: jax.Array) -> DecodeCache:
         raise NotImplementedError
 
 
-class SlotCache(DecodeCache):
-    """A row-major cache of `size` slots per row, the base of the kinds' caches (model.gqa.KVCache,
-    model.mla.MLACache): subclasses are flax.struct dataclasses with the fields `pos_BS` (each slot's token
-    position; -1: empty, which no query reads), `written_B` (tokens each row has written) and a static `rolling`,
-    besides their own [B, S, ...] arrays. A rolling cache (sliding-window layers) writes slot (written % size), so
-    it keeps the last `size` tokens: `size` is the window plus how far a row may be rewound."""
+@flax.struct.dataclass
+class Rows(DecodeCache):
+    """`size` slots per batch row. `arrays` maps each field to [B, ..., size (at its slot axis), ...]; `pos_BS`
+    is each slot's token position (-1: empty), `written_B` how many tokens each row has written."""
+
+    arrays: dict[str, jax.Array]
+    pos_BS: jax.Array
+    written_B: jax.Array
+    window: int = flax.struct.field(pytree_node=False, default=0)  # > 0: a rolling cache for this sliding window
+    slot_axes: tuple[tuple[str, int], ...] = flax.struct.field(pytree_node=False, default=())
+
+    @classmethod
+    def create(cls, batch: int, max_len: int, fields: dict[str, tuple[tuple, object]], window: int, rewind: int):
+        """A cache for rows of up to `max_len` tokens; a sliding-window layer (`window` > 0) whose window plus
+        `rewind` (how far a row may be rewound) is shorter keeps only that many slots, rolling. `fields`: name ->
+        (per-row shape with SLOTS where the slot axis goes, dtype), e.g. GQA's keys {"k": ((K, SLOTS, H), dtype)}
+        are stored [B, K, slots, H], as attention reads them."""
+        rolling = 0 < window and window + rewind < max_len
+        size = window + rewind if rolling else max_len
+        arrays, axes = {}, []
+        for name, (shape, dtype) in fields.items():
+            arrays[name] = jnp.zeros((batch, *(size if d is SLOTS else d for d in shape)), dtype)
+            axes.append((name, 1 + shape.index(SLOTS)))
+        empty = jnp.full((batch, size), -1, jnp.int32)
+        return cls(arrays, empty, jnp.zeros((batch,), jnp.int32), window if rolling else 0, tuple(axes))
 
     @property
     def size(self) -> int:
         return self.pos_BS.shape[1]
+
+    @property
+    def rolling(self) -> bool:
+        return self.window > 0
 
     def next_slots(self, T: int) -> tuple[jax.Array, jax.Array, jax.Array, int]:
         """Where a write of T tokens per row goes: (written_B after it, rows_BT, slot_BT, kept), the slots of the
@@ -40,7 +109,30 @@ class SlotCache(DecodeCache):
         rows_BT = jnp.broadcast_to(jnp.arange(slot_BT.shape[0])[:, None], slot_BT.shape)
         return written_B, rows_BT, slot_BT, kept
 
-    def rewind(self, written_B: jax.Array):
+    def write(self, new: dict[str, jax.Array], pos_BT: jax.Array) -> tuple[Rows, CacheView]:
+        T = pos_BT.shape[1]
+        written_B, rows_BT, slot_BT, kept = self.next_slots(T)
+        arrays = dict(self.arrays)
+        for name, axis in self.slot_axes:
+            # [rows, :, ..., slots]: the indexed axes come first in the update, so new values go in as [B, T, ...].
+            index = (rows_BT, *[slice(None)] * (axis - 1), slot_BT)
+            arrays[name] = arrays[name].at[index].set(new[name][:, -kept:].astype(arrays[name].dtype))
+        pos = pos_BT.astype(jnp.int32)
+        written = self.replace(arrays=arrays, pos_BS=self.pos_BS.at[rows_BT, slot_BT].set(pos[:, -kept:]))
+        written = written.replace(written_B=written_B)
+        if not (self.rolling and T > self.size - self.window + 1):
+            return written, CacheView(written.arrays, written.pos_BS)
+        # Writing T tokens may overwrite keys that this call's own first queries still see (more tokens than the
+        # rewind room of a rolling cache: a prompt): they read the cache as it was plus the new tokens.
+        joined = {
+            name: jnp.concatenate(
+                [self.arrays[name], jnp.moveaxis(new[name], 1, axis).astype(self.arrays[name].dtype)], axis
+            )  # fmt: skip
+            for name, axis in self.slot_axes
+        }
+        return written, CacheView(joined, jnp.concatenate([self.pos_BS, pos], axis=1))
+
+    def rewind(self, written_B: jax.Array) -> Rows:
         """Forgets every token a row wrote after its first `written_B` (speculative decoding's rejected drafts):
         their slots read as empty again."""
         written_B = jnp.minimum(written_B, self.written_B)
@@ -52,12 +144,12 @@ class SlotCache(DecodeCache):
             forget_BS = slot_S >= written_B[:, None]
         return self.replace(pos_BS=jnp.where(forget_BS, -1, self.pos_BS), written_B=written_B)
 
-    def select_rows(self, rows_B: jax.Array):
+    def select_rows(self, rows_B: jax.Array) -> Rows:
         return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=0), self)
 
 
-# How decode caches lay out their slots (DecodeConfig.cache): rows of `size` slots per batch row.
-LAYOUTS: dict[str, type[DecodeCache]] = {"rows": SlotCache}
+# How decode caches lay out their slots (DecodeConfig.cache). A new layout (pages of a shared pool) is one entry.
+LAYOUTS: dict[str, type[DecodeCache]] = {"rows": Rows}
 
 
 def _is_cache(x) -> bool:
@@ -66,7 +158,7 @@ def _is_cache(x) -> bool:
 
 def init_cache(model, batch: int, max_len: int) -> dict:
     """An empty cache for rows of up to `max_len` tokens (call inside jit: the forward pass that sizes it is dead
-    code there). `model` is a Transformer with decode=True."""
+    code there). `model` is a decoding Transformer (`model.rt.decode` set)."""
     return model.init(jax.random.key(0), jnp.zeros((batch, max_len), jnp.int32))["cache"]
 
 

@@ -1,18 +1,17 @@
 """The 'gqa' attention kind: multi-head attention with grouped K/V heads (MHA, GQA and MQA are one module).
 
-It owns its projections (with optional per-head QK-norm), its decode cache (`KVCache`: keys, values and the
-position of every slot; a rolling buffer for sliding-window layers) and its parameter and FLOP counts.
+It owns its projections (with optional per-head QK-norm), what its decode cache holds (keys and values laid out
+[B, K, slots, H], in the layout `DecodeConfig.cache` names: model/cache.py) and its parameter and FLOP counts.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from model import attention
-from model.cache import SlotCache
+from model.cache import LAYOUTS, SLOTS, KVView
 from model.config import ModelConfig
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
@@ -20,41 +19,10 @@ from model.positions import POSITIONS
 from model.runtime import TRAINING, Runtime
 
 
-@flax.struct.dataclass
-class KVCache(SlotCache):
-    """A row-major decode cache of `size` slots per row: keys and values [B, K, size, H] (laid out as attention
-    reads them), the position of each slot's token (-1: empty, which no query reads) and how many tokens each
-    row has written. A `rolling` cache (sliding-window layers) writes slot (written % size), so it keeps the
-    last `size` tokens: `size` is the window plus how far a row may be rewound."""
-
-    k_BKSH: jax.Array
-    v_BKSH: jax.Array
-    pos_BS: jax.Array
-    written_B: jax.Array
-    rolling: bool = flax.struct.field(pytree_node=False, default=False)
-
-    @classmethod
-    def create(cls, batch: int, size: int, kv_heads: int, head_dim: int, dtype, rolling: bool) -> KVCache:
-        zeros = jnp.zeros((batch, kv_heads, size, head_dim), dtype)
-        empty = jnp.full((batch, size), -1, jnp.int32)
-        return cls(zeros, zeros, empty, jnp.zeros((batch,), jnp.int32), rolling)
-
-    def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array, pos_BT: jax.Array) -> KVCache:
-        """Writes T tokens per row at each row's next slots (a rolling cache keeps only the last `size`)."""
-        written_B, rows_BT, slot_BT, kept = self.next_slots(k_BTKH.shape[1])
-        k_BTKH, v_BTKH, pos_BT = k_BTKH[:, -kept:], v_BTKH[:, -kept:], pos_BT[:, -kept:]
-        return self.replace(
-            k_BKSH=self.k_BKSH.at[rows_BT, :, slot_BT].set(k_BTKH.astype(self.k_BKSH.dtype)),
-            v_BKSH=self.v_BKSH.at[rows_BT, :, slot_BT].set(v_BTKH.astype(self.v_BKSH.dtype)),
-            pos_BS=self.pos_BS.at[rows_BT, slot_BT].set(pos_BT.astype(jnp.int32)),
-            written_B=written_B,
-        )
-
-
 class GQA(nn.Module):
     """Causal self-attention over grouped K/V heads. `window` is this layer's sliding window (0: global).
 
-    Decoding (`rt.decode`) it keeps a `KVCache` in the "cache" collection: `model.init` sizes it from its input
+    Decoding (`rt.decode`) it keeps its keys and values in the "cache" collection: `model.init` sizes it from its input
     ([B, max_len]; a windowed layer keeps window + max_rewind slots instead); each later call writes its keys and
     values and attends over the cache. `rt.hooks.attention` replaces the attention implementation `cfg` chooses
     (e.g. ring attention)."""
@@ -97,27 +65,17 @@ class GQA(nn.Module):
 
     def _decode(self, impl, q_BTNH, k_BTKH, v_BTKH, mask: Mask, kw) -> jax.Array:
         """Attention of this call's tokens over the cache, which it then holds them too."""
-        B, T, K, H = k_BTKH.shape
-        initialized, rewind = self.has_variable("cache", "kv"), self.rt.max_rewind
-        rolling = self.window > 0 and self.window + rewind < T  # T: max_len at init
-        size = self.window + rewind if rolling else T
-        dtype = jnp.dtype(self.rt.decode.cache_dtype or k_BTKH.dtype)
-        cache = self.variable("cache", "kv", KVCache.create, B, size, K, H, dtype, rolling)
+        B, T, K, H = k_BTKH.shape  # T: max_len at init
+        initialized, decode = self.has_variable("cache", "kv"), self.rt.decode
+        dtype = jnp.dtype(decode.cache_dtype or k_BTKH.dtype)
+        fields = {"k": ((K, SLOTS, H), dtype), "v": ((K, SLOTS, H), dtype)}  # laid out as attention reads them
+        create = LAYOUTS[decode.cache].create
+        cache = self.variable("cache", "kv", create, B, T, fields, self.window, decode.max_rewind)
         if not initialized:  # model.init: the input only sizes the cache
             return impl.attend(self.cfg, q_BTNH, k_BTKH, v_BTKH, mask, **kw)
-        old = cache.value
-        cache.value = old.write(k_BTKH, v_BTKH, mask.q_positions_BT)
-        if old.rolling and T > rewind + 1:
-            # Writing T tokens may overwrite keys that this call's own first queries still see (a prompt longer
-            # than the free slots): attend over the cache as it was plus the new tokens.
-            k_BKSH = jnp.concatenate([old.k_BKSH, k_BTKH.transpose(0, 2, 1, 3).astype(old.k_BKSH.dtype)], axis=2)
-            v_BKSH = jnp.concatenate([old.v_BKSH, v_BTKH.transpose(0, 2, 1, 3).astype(old.v_BKSH.dtype)], axis=2)
-            k_pos_BS = jnp.concatenate([old.pos_BS, mask.q_positions_BT.astype(jnp.int32)], axis=1)
-        else:
-            new = cache.value
-            k_BKSH, v_BKSH, k_pos_BS = new.k_BKSH, new.v_BKSH, new.pos_BS
-        over = Mask(mask.q_positions_BT, k_pos_BS, window=mask.window)
-        return impl.decode(self.cfg, q_BTNH, k_BKSH, v_BKSH, over, **kw)
+        cache.value, view = cache.value.write({"k": k_BTKH, "v": v_BTKH}, mask.q_positions_BT)
+        over = Mask(mask.q_positions_BT, view.k_positions_BS, window=mask.window)
+        return impl.decode(self.cfg, q_BTNH, KVView(view.arrays["k"], view.arrays["v"], over), **kw)
 
     # -- counts (per layer) --------------------------------------------------------------------------------------
     @staticmethod

@@ -20,7 +20,8 @@ DeepSeek-V3 weights load by reshape and transpose alone.
 
 The softmax scale is (P + R)^-0.5 times YaRN's mscale^2 (`model.rope.softmax_mscale`).
 
-Decoding caches, per token and layer, only the normed latent and the rotated rope key (C + R values, `MLACache`).
+Decoding caches, per token and layer, only the normed latent and the rotated rope key (C + R values: the field
+"latent" [B, slots, C + R], in the layout `DecodeConfig.cache` names, model/cache.py).
 By default ('absorbed') attention runs over that cache as one shared K/V head: the nope query is moved into latent
 space through the key up-projection (q_nope W_uk^T), so logits are q_latent . latent + q_rope . rope_key, and the
 value up-projection W_uv is applied after the weighted sum of latents; no step rebuilds full K/V. The reference
@@ -32,54 +33,24 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from model import attention, weights
 from model import rope as rope_lib
-from model.cache import SlotCache
+from model.cache import LAYOUTS, SLOTS, KVView
 from model.config import MLAConfig, ModelConfig
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
 from model.positions import rope
 from model.runtime import TRAINING, Runtime
 
-__all__ = ["MLA", "MLACache", "MLAConfig", "DECODES", "config_errors"]
+__all__ = ["MLA", "MLAConfig", "DECODES", "config_errors"]
 
 DECODES = (
     "absorbed",
     "naive",
 )  # the decode variants (DecodeConfig.attention, infer.py --mla_decode); the default first
-
-
-@flax.struct.dataclass
-class MLACache(SlotCache):
-    """A row-major decode cache of `size` slots per row: `latent_BSL`, each slot's normed latent followed by its
-    rotated rope key (L = kv_lora_rank + qk_rope_head_dim: the absorbed decoder reads both as one shared key and
-    the latent part as the value), the position of each slot's token (-1: empty, which no query reads) and how
-    many tokens each row has written. A `rolling` cache (sliding-window layers) writes slot (written % size) and
-    keeps the last `size` tokens, as model.gqa.KVCache does."""
-
-    latent_BSL: jax.Array
-    pos_BS: jax.Array
-    written_B: jax.Array
-    rolling: bool = flax.struct.field(pytree_node=False, default=False)
-
-    @classmethod
-    def create(cls, batch: int, size: int, width: int, dtype, rolling: bool) -> MLACache:
-        empty = jnp.full((batch, size), -1, jnp.int32)
-        return cls(jnp.zeros((batch, size, width), dtype), empty, jnp.zeros((batch,), jnp.int32), rolling)
-
-    def write(self, latent_BTL: jax.Array, pos_BT: jax.Array) -> MLACache:
-        """Writes T tokens per row at each row's next slots (a rolling cache keeps only the last `size`)."""
-        written_B, rows_BT, slot_BT, kept = self.next_slots(latent_BTL.shape[1])
-        latent_BTL, pos_BT = latent_BTL[:, -kept:], pos_BT[:, -kept:]
-        return self.replace(
-            latent_BSL=self.latent_BSL.at[rows_BT, slot_BT].set(latent_BTL.astype(self.latent_BSL.dtype)),
-            pos_BS=self.pos_BS.at[rows_BT, slot_BT].set(pos_BT.astype(jnp.int32)),
-            written_B=written_B,
-        )
 
 
 def deinterleave(x: jax.Array) -> jax.Array:
@@ -97,7 +68,7 @@ def softmax_scale(cfg: ModelConfig) -> float:
 class MLA(nn.Module):
     """Causal Multi-head Latent Attention. `window` is this layer's sliding window (0: global).
 
-    With `decode=True` it keeps an `MLACache` in the "cache" collection, sized by `model.init` from its input as
+    Decoding (`rt.decode`) it keeps its latents in the "cache" collection, sized by `model.init` from its input as
     model.gqa.GQA's is; `rt.decode.attention` (one of `decode_variants`) says how it attends over it.
     `rt.hooks.attention` replaces the implementation `cfg` chooses (e.g. ring attention)."""
 
@@ -145,29 +116,24 @@ class MLA(nn.Module):
 
     def _cache(self, latent_BTL: jax.Array):
         B, T, L = latent_BTL.shape  # T: max_len at init
-        rewind = self.rt.max_rewind
-        rolling = self.window > 0 and self.window + rewind < T
-        size = self.window + rewind if rolling else T
-        dtype = jnp.dtype(self.rt.decode.cache_dtype or latent_BTL.dtype)
-        return self.variable("cache", "latent", MLACache.create, B, size, L, dtype, rolling)
+        decode = self.rt.decode
+        fields = {"latent": ((SLOTS, L), jnp.dtype(decode.cache_dtype or latent_BTL.dtype))}
+        create = LAYOUTS[decode.cache].create
+        return self.variable("cache", "latent", create, B, T, fields, self.window, decode.max_rewind)
 
     def _decode(self, impl, kv_up, q_nope_BTNP, q_rope_BTNR, latent_BTL, mask: Mask, kw) -> jax.Array:
         """Attention of this call's tokens over the cache, which then holds them too."""
         cfg, C, P = self.cfg, self.cfg.mla.kv_lora_rank, self.cfg.mla.qk_nope_head_dim
         cache = self._cache(latent_BTL)
-        old = cache.value
-        cache.value = old.write(latent_BTL, mask.q_positions_BT)
-        if old.rolling and latent_BTL.shape[1] > self.rt.max_rewind + 1:
-            # As in GQA: a prompt longer than the free slots overwrites keys its own first queries still see.
-            latent_BSL = jnp.concatenate([old.latent_BSL, latent_BTL.astype(old.latent_BSL.dtype)], axis=1)
-            k_pos_BS = jnp.concatenate([old.pos_BS, mask.q_positions_BT.astype(jnp.int32)], axis=1)
-        else:
-            latent_BSL, k_pos_BS = cache.value.latent_BSL, cache.value.pos_BS
+        cache.value, view = cache.value.write({"latent": latent_BTL}, mask.q_positions_BT)
+        latent_BSL, k_pos_BS = view.arrays["latent"], view.k_positions_BS
         over = Mask(mask.q_positions_BT, k_pos_BS, window=mask.window)
         if (self.rt.decode.attention or DECODES[0]) == "naive":  # rebuild every head's keys and values from the latents
             k_BSNE, v_BSNV = full_keys_values(kv_up(latent_BSL[..., :C]), latent_BSL[..., C:], P)
             q_BTNE = jnp.concatenate([q_nope_BTNP, q_rope_BTNR], axis=-1)
-            return impl.decode(cfg, q_BTNE, k_BSNE.transpose(0, 2, 1, 3), v_BSNV.transpose(0, 2, 1, 3), over, **kw)
+            return impl.decode(
+                cfg, q_BTNE, KVView(k_BSNE.transpose(0, 2, 1, 3), v_BSNV.transpose(0, 2, 1, 3), over), **kw
+            )
         # Absorbed: q_nope . (W_uk latent) = (q_nope W_uk^T) . latent, and sum_s p_s W_uv latent_s = W_uv sum_s p_s
         # latent_s, so the cache is one K/V head [latent | rope key] shared by all N query heads. Its rope part is
         # also summed as "value" (R of C + R extra channels) rather than copying the latent out of the cache.
@@ -176,7 +142,7 @@ class MLA(nn.Module):
         q_latent_BTNC = jnp.einsum("btnp,cnp->btnc", q_nope_BTNP, w_uk_CNP)
         q_BTNL = jnp.concatenate([q_latent_BTNC, q_rope_BTNR.astype(q_latent_BTNC.dtype)], axis=-1)
         cache_B1SL = latent_BSL[:, None]
-        out_BTNL = impl.decode(cfg, q_BTNL, cache_B1SL, cache_B1SL, over, **kw)
+        out_BTNL = impl.decode(cfg, q_BTNL, KVView(cache_B1SL, cache_B1SL, over), **kw)
         return jnp.einsum("btnc,cnv->btnv", out_BTNL[..., :C], w_uv_CNV)
 
     # -- counts (per layer) --------------------------------------------------------------------------------------

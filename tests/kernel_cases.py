@@ -17,6 +17,7 @@ import numpy as np
 
 from model import ModelConfig
 from model.attention import cudnn_attention, cudnn_blocker, reference_attention, reference_decode
+from model.cache import KVView
 from model.kernels.decode_attention import decode_attention
 from model.kernels.flash_attention import flash_attention
 from model.mask import Mask
@@ -227,7 +228,8 @@ def check_decode(c: DecodeCase) -> None:
     got = kernel(q, k, v)
     assert got.dtype == jnp.dtype(c.dtype)
     up = [x.astype(jnp.float32) for x in (q, k, v)]
-    want = jax.jit(lambda *a: reference_decode(REFERENCE, *a, mask, bias_fn=bias_fn, softcap=c.softcap))(*up)
+    reference = lambda q, k, v: reference_decode(REFERENCE, q, KVView(k, v, mask), bias_fn=bias_fn, softcap=c.softcap)  # noqa: E731
+    want = jax.jit(reference)(*up)
     tol = TOL_F32 if c.dtype == "float32" else 2e-2
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=tol, rtol=tol)
 

@@ -25,6 +25,7 @@ from jax import export
 
 from model import ModelConfig
 from model.attention import IMPLEMENTATIONS, pallas_blocker, reference_attention, reference_decode
+from model.cache import KVView
 from model.kernels import flash_attention as flash_lib
 from model.kernels.decode_attention import decode_attention
 from model.kernels.flash_attention import flash_attention, target
@@ -148,7 +149,7 @@ def test_the_kernels_tpu_shapes_interpreted_match_the_reference():
     qd = jnp.asarray(rng.normal(size=(2, 1, 4, 64)), jnp.float32)
     kd, vd = (jnp.asarray(rng.normal(size=(2, 2, 150, 64)), jnp.float32) for _ in range(2))
     got = jax.jit(lambda *a: decode_attention(*a, dmask, softcap=3.0, platform="tpu", interpret=True))(qd, kd, vd)
-    want = reference_decode(ModelConfig(), qd, kd, vd, dmask, softcap=3.0)
+    want = reference_decode(ModelConfig(), qd, KVView(kd, vd, dmask), softcap=3.0)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 

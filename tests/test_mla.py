@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from model import ModelConfig, Transformer, flops_per_token, init_variables, param_counts
-from model.cache import rewind
+from model.cache import Rows, rewind
 from model.config import MLAConfig
 from model.mask import Mask
-from model.mla import MLA, MLACache
+from model.mla import MLA
 from model.rope import RopeScaling, inverse_frequencies
 from tests.test_variants import decode_logits, distinct_prompts, greedy_against_recomputation
 from training.config import ConfigError, resolve
@@ -185,23 +185,20 @@ def test_later_tokens_do_not_change_earlier_logits():
 # ----------------------------------------------------------------------------------------- decoding
 
 
-def decoding(cfg: ModelConfig, mode: str) -> ModelConfig:
-    return dataclasses.replace(cfg, mla=dataclasses.replace(cfg.mla, decode=mode))
-
-
 def test_absorbed_decoding_equals_naive_decoding_equals_the_full_forward():
     # Windowed layers (rolling caches) between global ones (full caches), under YaRN's scales.
     cfg = dataclasses.replace(CFG, rope_scaling=YARN, sliding_window=4, global_every=2)
     params = init(cfg)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16)))
     full = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)[:, 5:15]
-    absorbed, cache, _ = decode_logits(decoding(cfg, "absorbed"), params, tokens, max_len=16)
-    naive, _, _ = decode_logits(decoding(cfg, "naive"), params, tokens, max_len=16)
+    absorbed, cache, _ = decode_logits(cfg, params, tokens, max_len=16, variant="absorbed")
+    naive, _, _ = decode_logits(cfg, params, tokens, max_len=16, variant="naive")
     np.testing.assert_allclose(absorbed, naive, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(absorbed, full, rtol=1e-5, atol=1e-5)
     # The cache holds the latent and the rope key only (a windowed layer's rolling cache keeps its window).
-    caches = jax.tree.leaves(cache, is_leaf=lambda c: isinstance(c, MLACache))
-    assert {c.latent_BSL.shape[2] for c in caches} == {cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim}
+    caches = jax.tree.leaves(cache, is_leaf=lambda c: isinstance(c, Rows))
+    assert {tuple(c.arrays) for c in caches} == {("latent",)}
+    assert {c.arrays["latent"].shape[2] for c in caches} == {cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim}
     assert {c.size for c in caches} == {4, 16}
 
 
@@ -210,7 +207,7 @@ def test_absorbed_and_naive_greedy_decoding_equal_recomputation():
     params = init(cfg)
     prompts = distinct_prompts(cfg.vocab_size, [7, 2, 11])  # left-padded, longer than the window
     absorbed, naive = (
-        greedy_against_recomputation(decoding(cfg, mode), params, prompts, 12, max_len=28, reference_cfg=cfg)
+        greedy_against_recomputation(cfg, params, prompts, 12, max_len=28, variant=mode)
         for mode in ("absorbed", "naive")
     )
     np.testing.assert_array_equal(absorbed, naive)

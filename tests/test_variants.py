@@ -223,12 +223,13 @@ def distinct_prompts(vocab_size: int, lengths, seed: int = 0) -> list[list[int]]
     return [rng.permutation(vocab_size)[:n].tolist() for n in lengths]
 
 
-def greedy_against_recomputation(cfg, params, prompts, steps, max_len, reference_cfg=None):
+def greedy_against_recomputation(cfg, params, prompts, steps, max_len, reference_cfg=None, variant=""):
     """Greedy decoding through the cache (left-padded prompts prefilled, then one token per step), each step's logits
     against one forward pass of `reference_cfg` (default `cfg`) without a cache over the prompts and their
     continuations. Checks the picks vary: a row repeating one token proves little, and a freshly initialised model
-    with tied embeddings does just that, echoing its last token (so callers untie them). Returns the tokens [B, N]."""
-    model, step = decoder(cfg, 0)
+    with tied embeddings does just that, echoing its last token (so callers untie them). `variant`: the attention
+    kind's decode variant (DecodeConfig.attention). Returns the tokens [B, N]."""
+    model, step = decoder(cfg, 0, variant)
     apply = functools.partial(step, unstack_layers(params, cfg))
     tokens_BP, positions_BP = left_pad(prompts)
     B, P = tokens_BP.shape
@@ -261,18 +262,18 @@ def forward(cfg):
 
 
 @functools.cache
-def decoder(cfg, max_rewind):
+def decoder(cfg, max_rewind, variant=""):
     """The decoding model of `cfg` and its jitted step (params, cache, tokens, positions), compiled once per shape
     for every call of decode_logits with this config."""
-    rt = Runtime.decoding(DecodeConfig(max_rewind=max_rewind))
+    rt = Runtime.decoding(DecodeConfig(attention=variant, max_rewind=max_rewind))
     model = Transformer(dataclasses.replace(cfg, scan_layers=False), rt)
     step = jax.jit(lambda prm, c, t, p: model.apply({"params": prm, "cache": c}, t, p, mutable=["cache"]))
     return model, step
 
 
-def decode_logits(cfg, params, tokens_BT, max_len, max_rewind=0, prefill=6):
+def decode_logits(cfg, params, tokens_BT, max_len, max_rewind=0, prefill=6, variant=""):
     """Prefill the first `prefill` tokens, then feed the rest one by one: each step's logits [B, T - prefill, V]."""
-    model, step = decoder(cfg, max_rewind)
+    model, step = decoder(cfg, max_rewind, variant)
     apply = functools.partial(step, unstack_layers(params, cfg))
     cache = jax.jit(lambda: init_cache(model, tokens_BT.shape[0], max_len))()
     B, T = tokens_BT.shape

@@ -149,7 +149,7 @@ def head_shards(layout: Layout) -> int:
 def per_device_implementation(impl: Implementation, layout: Layout) -> Implementation:
     """`impl.attend` run by every device on its own batch rows and heads (`jax.shard_map`): q, k and v split
     along batch over the `batch` rule's axes and along heads over the `heads` rule's axes, the mask by rows, the
-    bias by heads; the sequence whole. Decoding keeps `impl.decode` (sampling runs on one device)."""
+    bias by heads; the sequence whole. Decoding keeps `impl.decode` (on a mesh, XLA gathers its inputs)."""
     mesh, batch, heads = layout.mesh, _sharding_axes(layout, "batch"), _sharding_axes(layout, "heads")
     shards = head_shards(layout)
     x_spec = PartitionSpec(batch or None, None, heads or None, None)
