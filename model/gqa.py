@@ -6,6 +6,8 @@ position of every slot; a rolling buffer for sliding-window layers) and its para
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -13,10 +15,12 @@ import jax.numpy as jnp
 
 from model import attention
 from model.cache import SlotCache
-from model.config import ModelConfig
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
 from model.positions import POSITIONS
+
+if TYPE_CHECKING:  # model.config imports the kinds (model/kinds.py)
+    from model.config import ModelConfig
 
 
 @flax.struct.dataclass

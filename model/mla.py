@@ -30,6 +30,7 @@ value up-projection W_uv is applied after the weighted sum of latents; no step r
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import flax.struct
@@ -39,14 +40,31 @@ import jax.numpy as jnp
 from model import attention
 from model import rope as rope_lib
 from model.cache import SlotCache
-from model.config import MLAConfig, ModelConfig
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
 from model.positions import rope
 
+if TYPE_CHECKING:  # model.config builds ModelConfig from the kinds' groups, this one's MLAConfig among them
+    from model.config import ModelConfig
+
 __all__ = ["MLA", "MLACache", "MLAConfig", "DECODES", "config_errors"]
 
 DECODES = ("absorbed", "naive")  # the values of cfg.mla.decode (infer.py --mla_decode)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention's sizes, `cfg.mla` (DeepSeek-V2/V3's names)."""
+
+    q_lora_rank: int = 0  # width of the compressed query (0: queries projected straight from d_model)
+    kv_lora_rank: int = 128  # width of the latent keys and values are rebuilt from (what decoding caches)
+    qk_nope_head_dim: int = 64  # per-head query/key channels without RoPE (rebuilt from the latent)
+    qk_rope_head_dim: int = 32  # per-head query channels with RoPE; the key's are one vector shared by all heads
+    v_head_dim: int = 64  # per-head value channels
+    # How decoding attends over the cache: 'absorbed' (the up-projections folded into the query and the output)
+    # or 'naive' (full K/V rebuilt from the cached latent, the reference). Not a training config key: infer.py's
+    # --mla_decode sets it (training.config.DERIVED), and both give the same logits.
+    decode: str = "absorbed"
 
 
 @flax.struct.dataclass
@@ -102,6 +120,8 @@ class MLA(nn.Module):
     decode: bool = False
     impl: attention.Implementation | None = None
     max_rewind: int = 0
+
+    config_group = ("mla", MLAConfig)
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, mask: Mask) -> tuple[jax.Array, dict]:

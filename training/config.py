@@ -14,12 +14,9 @@ from typing import Any
 import ml_collections
 
 from data.config import DataConfig
-from model import moe as moe_lib
-from model import mtp as mtp_lib
 from model import rope as rope_lib
 from model.attention import ATTENTION_IMPLS
-from model.config import ModelConfig
-from model.kinds import ATTENTION_KINDS, MLP_KINDS
+from model.config import TABLES, ModelConfig
 from model.layers import NORMS
 from model.positions import POSITIONS
 from model.transformer import REMAT_POLICIES
@@ -171,17 +168,9 @@ def _rules(
         ),
         (m.head_dim >= 0, "model.head_dim", m.head_dim, "must be >= 0 (0: d_model // num_heads)"),
         *rope_lib.scaling_errors(m.rope_scaling),
-        *mtp_lib.config_errors(m.mtp),
-        one_of("model.attention", m.attention, ATTENTION_KINDS),
-        *getattr(ATTENTION_KINDS.get(m.attention), "config_errors", lambda m: [])(m),
-        one_of("model.mlp", m.mlp, MLP_KINDS),
-        *moe_lib.config_errors(m.moe),
-        (
-            m.mlp != "moe" or mesh.expert < 1 or m.moe.num_experts % mesh.expert == 0,
-            "model.moe.num_experts",
-            m.moe.num_experts,
-            f"must be divisible by mesh.expert={mesh.expert} (each device of the expert axis holds as many experts)",
-        ),
+        *[one_of(f"model.{key}", m.choice(key), table) for key, table in TABLES.items()],
+        *[rule for kind in m.kinds() for rule in getattr(kind, "config_errors", lambda m: [])(m)],
+        *[rule for kind in m.kinds() for rule in getattr(kind, "mesh_errors", lambda m, mesh: [])(m, mesh)],
         (m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0 (0: no window)"),
         (m.global_every >= 0, "model.global_every", m.global_every, "must be >= 0 (0: every layer local)"),
         (
