@@ -1,4 +1,5 @@
-"""Every config key with its default; other configs start from `base.get_config()`.
+"""Every config key with its default; other configs start from `base.get_config()`. The typed configs' dataclasses
+(training.config.GROUPS) have the same defaults: tests/test_config.py checks that they agree.
 
 Sweeps pass a string argument: `configs/tiny.py:d_model=256,train.lr=1e-3` sets model.d_model
 and train.lr (a bare key must name a field of exactly one group).

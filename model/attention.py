@@ -21,15 +21,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from model.cache import KVView
-from model.config import ModelConfig
 from model.kernels import cpu_attention, decode_attention, flash_attention
 from model.mask import Mask
 from model.positions import POSITIONS, AlibiBias
+
+if TYPE_CHECKING:  # model.config imports the kinds (model/kinds.py), which build on this module
+    from model.config import ModelConfig
 
 NEG_INF = -1e30
 

@@ -1,45 +1,61 @@
 """The typed, frozen model configuration: the only thing model/ reads.
 
+`ModelConfig` is the settings every model has (`ModelConfigBase`) plus one field per config group that an entry
+of the tables declares (`config_group = (name, dataclass)`, model/kinds.py): `cfg.moe` (model/moe.py's
+MoEConfig), `cfg.mla` (model/mla.py's MLAConfig), `cfg.mtp` (model/mtp.py's MTPConfig). A new kind with
+settings of its own is its module and its table entry; nothing here names it. Imports run one way: this module
+imports the tables, whose modules import it only for type checking.
+
 Built and validated from a ConfigDict by `training.config`; model code trusts it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-from model.moe import MoEConfig
+from model import mtp
+from model.kinds import ATTENTION_KINDS, MLP_KINDS, LayerSpec
 from model.rope import RopeScaling
 
+__all__ = ["GROUPS", "TABLES", "LayerSpec", "ModelConfig", "ModelConfigBase", "derived", "settable_fields"]
+
+# The tables a config chooses entries from, by the key that chooses (a dotted key is a field of a group).
+TABLES: dict[str, dict[str, type]] = {"attention": ATTENTION_KINDS, "mlp": MLP_KINDS, "mtp.style": mtp.STYLES}
+
+
+def _groups() -> dict[str, type]:
+    groups = {}
+    for table in TABLES.values():
+        for entry in table.values():
+            if (group := getattr(entry, "config_group", None)) is not None:
+                name, cls = group
+                if groups.setdefault(name, cls) is not cls:
+                    raise TypeError(f"two config groups named {name!r}: {groups[name].__name__}, {cls.__name__}")
+    return groups
+
+
+# Group name -> its frozen dataclass, as the tables' entries declare them when this module is imported (an entry
+# added to a table later, as tests/toy_kinds.py adds one, is chosen and checked but brings no group).
+GROUPS: dict[str, type] = _groups()
+
+
+def derived(default, source: str):
+    """A field filled in from elsewhere, not a config key: `source` says from what (training.config refuses it in a
+    config, `settable_fields` leaves it out)."""
+    return dataclasses.field(default=default, metadata={"derived": source})
+
+
+def settable_fields(cls) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that a config may set (all but the derived ones)."""
+    return [f for f in dataclasses.fields(cls) if "derived" not in f.metadata]
+
 
 @dataclasses.dataclass(frozen=True)
-class MLAConfig:
-    """Multi-head Latent Attention's sizes (`model.attention='mla'`, model/mla.py; DeepSeek-V2/V3's names).
+class ModelConfigBase:
+    """Every model's settings; ModelConfig adds the kinds' config groups."""
 
-    Lives here rather than in model/mla.py because ModelConfig holds it and model/mla.py imports ModelConfig."""
-
-    q_lora_rank: int = 0  # width of the compressed query (0: queries projected straight from d_model)
-    kv_lora_rank: int = 128  # width of the latent keys and values are rebuilt from (what decoding caches)
-    qk_nope_head_dim: int = 64  # per-head query/key channels without RoPE (rebuilt from the latent)
-    qk_rope_head_dim: int = 32  # per-head query channels with RoPE; the key's are one vector shared by all heads
-    v_head_dim: int = 64  # per-head value channels
-    # How decoding attends over the cache: 'absorbed' (the up-projections folded into the query and the output)
-    # or 'naive' (full K/V rebuilt from the cached latent, the reference). Not a training config key: infer.py's
-    # --mla_decode sets it (training.config.DERIVED), and both give the same logits.
-    decode: str = "absorbed"
-
-
-@dataclasses.dataclass(frozen=True)
-class MTPConfig:
-    """Multi-token prediction heads (model/mtp.py owns them): `num_heads` extra depths, 0 = off."""
-
-    num_heads: int = 0  # depth d predicts the token d + 1 after each position (beside the main head's next one)
-    style: str = "sequential"  # a key of model.mtp.STYLES: 'sequential' (DeepSeek-V3) or 'parallel' (Gloeckle et al.)
-    loss_weight: float = 0.3  # the training loss adds loss_weight * (mean over depths of the heads' cross-entropy)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 257
+    vocab_size: int = derived(257, "the tokenizer's vocabulary")
     d_model: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -48,20 +64,17 @@ class ModelConfig:
     d_ff: int = 1024
     attention: str = "gqa"  # a key of model.kinds.ATTENTION_KINDS
     mlp: str = "swiglu"  # a key of model.kinds.MLP_KINDS
-    moe: MoEConfig = MoEConfig()  # experts, routing and dispatch of model.mlp='moe' (model/moe.py)
     norm: str = "rmsnorm"  # a key of model.layers.NORMS
     norm_eps: float = 1e-6
     position: str = "rope"  # a key of model.positions.POSITIONS
     rope_theta: float = 10_000.0
     rope_scaling: RopeScaling = RopeScaling()  # context extension: linear, llama3 or yarn (model/rope.py)
-    mla: MLAConfig = MLAConfig()  # sizes of attention='mla' (unused by other kinds)
-    mtp: MTPConfig = MTPConfig()  # multi-token prediction heads (model/mtp.py)
     sliding_window: int = 0  # keys at query position - key position >= window are masked (0: no window)
     global_every: int = 0  # with a window: layer i attends globally when (i + 1) % global_every == 0 (0: none)
     qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3, OLMo 2)
     attn_logit_softcap: float = 0.0  # attention logits -> cap * tanh(logits / cap) (Gemma 2; 0: off)
     final_logit_softcap: float = 0.0  # output logits -> cap * tanh(logits / cap) (0: off)
-    max_seq_len: int = 256  # table size of learned positions; longest sequence of the model
+    max_seq_len: int = derived(256, "data.seq_len")  # learned positions' table size; the model's longest sequence
     tie_embeddings: bool = True
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype of activations and matmuls
@@ -75,14 +88,18 @@ class ModelConfig:
     mup_base_width: int = 256  # d_model at which muP and SP coincide (where the learning rate was tuned)
 
     def __post_init__(self):
-        if isinstance(self.rope_scaling, dict):  # read back from a config.json
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        if isinstance(self.moe, dict):
-            object.__setattr__(self, "moe", MoEConfig(**self.moe))
-        if isinstance(self.mla, dict):
-            object.__setattr__(self, "mla", MLAConfig(**self.mla))
-        if isinstance(self.mtp, dict):
-            object.__setattr__(self, "mtp", MTPConfig(**self.mtp))
+        for field in dataclasses.fields(self):  # a group read back from a config.json is a dict
+            value, default = getattr(self, field.name), field.default
+            if isinstance(value, dict) and dataclasses.is_dataclass(default):
+                object.__setattr__(self, field.name, type(default)(**value))
+
+    def choice(self, key: str) -> str:
+        """The value of a key of TABLES, e.g. `choice("mtp.style")` is `self.mtp.style`."""
+        return functools.reduce(getattr, key.split("."), self)
+
+    def kinds(self) -> list[type]:
+        """The entries of TABLES this config chooses (unknown keys left out: training.config rejects them)."""
+        return [table[self.choice(key)] for key, table in TABLES.items() if self.choice(key) in table]
 
     @property
     def resolved_head_dim(self) -> int:
@@ -105,8 +122,6 @@ class ModelConfig:
     def mlp_of(self, layer: int) -> str:
         """Layer `layer`'s MLP kind: `model.mlp`, unless that kind has a per-layer pattern (`layer_kind`: MoE
         keeps some layers dense)."""
-        from model.kinds import MLP_KINDS  # the kinds import this module
-
         pattern = getattr(MLP_KINDS.get(self.mlp), "layer_kind", None)
         return self.mlp if pattern is None else pattern(self, layer)
 
@@ -118,10 +133,10 @@ class ModelConfig:
         return self.sliding_window
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-    """One layer's kinds: layers with equal specs have the same parameters' shapes and run the same code."""
-
-    attention: str  # a key of model.kinds.ATTENTION_KINDS
-    window: int  # sliding window of its attention (0: global)
-    mlp: str  # a key of model.kinds.MLP_KINDS
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [(name, cls, dataclasses.field(default=cls())) for name, cls in GROUPS.items()],
+    bases=(ModelConfigBase,),
+    frozen=True,
+    namespace={"__module__": __name__, "__doc__": "ModelConfigBase's settings and the kinds' config groups."},
+)

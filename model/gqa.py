@@ -6,17 +6,21 @@ It owns its projections (with optional per-head QK-norm), what its decode cache 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from model import attention
 from model.cache import LAYOUTS, SLOTS, KVView
-from model.config import ModelConfig
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
 from model.positions import POSITIONS
 from model.runtime import TRAINING, Runtime
+
+if TYPE_CHECKING:  # model.config imports the kinds (model/kinds.py)
+    from model.config import ModelConfig
 
 
 class GQA(nn.Module):

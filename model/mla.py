@@ -31,6 +31,7 @@ value up-projection W_uv is applied after the weighted sum of latents; no step r
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -39,18 +40,28 @@ import jax.numpy as jnp
 from model import attention, weights
 from model import rope as rope_lib
 from model.cache import LAYOUTS, SLOTS, KVView
-from model.config import MLAConfig, ModelConfig
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
 from model.positions import rope
 from model.runtime import TRAINING, Runtime
 
+if TYPE_CHECKING:  # model.config builds ModelConfig from the kinds' groups, this one's MLAConfig among them
+    from model.config import ModelConfig
+
 __all__ = ["MLA", "MLAConfig", "DECODES", "config_errors"]
 
-DECODES = (
-    "absorbed",
-    "naive",
-)  # the decode variants (DecodeConfig.attention, infer.py --mla_decode); the default first
+DECODES = ("absorbed", "naive")  # decode variants (DecodeConfig.attention, infer.py --mla_decode); the default first
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention's sizes, `cfg.mla` (DeepSeek-V2/V3's names)."""
+
+    q_lora_rank: int = 0  # width of the compressed query (0: queries projected straight from d_model)
+    kv_lora_rank: int = 128  # width of the latent keys and values are rebuilt from (what decoding caches)
+    qk_nope_head_dim: int = 64  # per-head query/key channels without RoPE (rebuilt from the latent)
+    qk_rope_head_dim: int = 32  # per-head query channels with RoPE; the key's are one vector shared by all heads
+    v_head_dim: int = 64  # per-head value channels
 
 
 def deinterleave(x: jax.Array) -> jax.Array:
@@ -76,6 +87,8 @@ class MLA(nn.Module):
     window: int = 0
     rt: Runtime = TRAINING
     decode_variants = DECODES  # what DecodeConfig.attention may name for this kind
+
+    config_group = ("mla", MLAConfig)
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, mask: Mask) -> tuple[jax.Array, dict]:

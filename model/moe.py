@@ -295,6 +295,8 @@ class MoE(nn.Module):
     cfg: ModelConfig
     rt: Runtime = TRAINING
 
+    config_group = (NAME, MoEConfig)
+
     @nn.compact
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict]:
         cfg, m, rt = self.cfg, self.cfg.moe, self.rt
@@ -343,6 +345,23 @@ class MoE(nn.Module):
             "moe_dropped_frac": Aux(rows.dropped),
         }
         return y_TD.reshape(B, T, D).astype(x_BTD.dtype), aux
+
+    @staticmethod
+    def config_errors(cfg: ModelConfig) -> list[tuple[bool, str, object, str]]:
+        return config_errors(cfg.moe)
+
+    @staticmethod
+    def mesh_errors(cfg: ModelConfig, mesh) -> list[tuple[bool, str, object, str]]:
+        """`mesh` a parallel.config.MeshConfig (read, never imported: model/ knows no meshes)."""
+        m = cfg.moe
+        return [
+            (
+                mesh.expert < 1 or m.num_experts % mesh.expert == 0,
+                _KEY + "num_experts",
+                m.num_experts,
+                f"must be divisible by mesh.expert={mesh.expert} (each device of the expert axis holds as many experts)",
+            )
+        ]
 
     @staticmethod
     def layer_kind(cfg: ModelConfig, layer: int) -> str:

@@ -23,30 +23,55 @@ keeps its own decode cache. A style is a module `(cfg, rt)` (rt: model/runtime.p
 `matmul_params(cfg)` and `attention_flops(cfg, context)`. `ahead_BTA[b, t, j]` is the token j + 1 after
 position t (column 0: the main head's target); `choose(d, logits_BTV, ahead_BTA)` (drafting) may fill in the
 tokens depth d has just drafted before the next depth reads them.
+
+As model/kinds.py's entries do, each entry of STYLES declares its config group, `model.mtp` (MTPConfig), and its
+rules (`config_group`, `config_errors`); model.config chooses an entry of STYLES by `model.mtp.style`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from model.aux import Aux
-from model.config import LayerSpec, ModelConfig, MTPConfig
-from model.kinds import ATTENTION_KINDS, MLP_KINDS
+from model.block import Block
+from model.kinds import ATTENTION_KINDS, MLP_KINDS, LayerSpec
 from model.layers import NORMS, dense, output_head, token_embedding
 from model.mask import Mask
 from model.runtime import Runtime
 
+if TYPE_CHECKING:  # model.config builds ModelConfig from the groups of STYLES' entries, MTPConfig among them
+    from model.config import ModelConfig
+
 Choose = Callable[[int, jax.Array, jax.Array], jax.Array]
 
 
-def _block(cfg: ModelConfig, rt: Runtime, name: str):
-    from model import transformer  # the transformer builds the heads; its Block is theirs too
+@dataclasses.dataclass(frozen=True)
+class MTPConfig:
+    """Multi-token prediction heads, `cfg.mtp`: `num_heads` extra depths, 0 = off."""
 
-    return transformer.Block(cfg, block_spec(cfg), rt, name=name)
+    num_heads: int = 0  # depth d predicts the token d + 1 after each position (beside the main head's next one)
+    style: str = "sequential"  # a key of STYLES: 'sequential' (DeepSeek-V3) or 'parallel' (Gloeckle et al.)
+    loss_weight: float = 0.3  # the training loss adds loss_weight * (mean over depths of the heads' cross-entropy)
+
+
+def config_errors(cfg: ModelConfig) -> list[tuple[bool, str, object, str]]:
+    """training.config's rules for model.mtp (model.mtp.style, the key of STYLES, is checked with the tables'):
+    (condition, key, value, what is allowed)."""
+    m = cfg.mtp
+    return [
+        (m.num_heads >= 0, "model.mtp.num_heads", m.num_heads, "must be >= 0 (0: no multi-token prediction)"),
+        (m.loss_weight >= 0, "model.mtp.loss_weight", m.loss_weight, "must be >= 0"),
+    ]
+
+
+def _block(cfg: ModelConfig, rt: Runtime, name: str):
+    return Block(cfg, block_spec(cfg), rt, name=name)
 
 
 def block_spec(cfg: ModelConfig) -> LayerSpec:
@@ -65,6 +90,9 @@ def _block_params(cfg: ModelConfig) -> tuple[int, int]:
 class Sequential(nn.Module):
     cfg: ModelConfig
     rt: Runtime
+
+    config_group = ("mtp", MTPConfig)
+    config_errors = staticmethod(config_errors)
 
     @nn.compact
     def __call__(self, trunk_BTD, ahead_BTA, mask: Mask, embedding, logits_of, choose: Choose | None = None):
@@ -100,6 +128,9 @@ class Sequential(nn.Module):
 class Parallel(nn.Module):
     cfg: ModelConfig
     rt: Runtime
+
+    config_group = ("mtp", MTPConfig)
+    config_errors = staticmethod(config_errors)
 
     @nn.compact
     def __call__(self, trunk_BTD, ahead_BTA, mask: Mask, embedding, logits_of, choose: Choose | None = None):
@@ -176,15 +207,6 @@ def matmul_params(cfg: ModelConfig) -> int:
 def attention_flops(cfg: ModelConfig, seq_len: int) -> int:
     spec = block_spec(cfg)
     return cfg.mtp.num_heads * ATTENTION_KINDS[spec.attention].attention_flops(cfg, seq_len)
-
-
-def config_errors(m: MTPConfig) -> list[tuple[bool, str, object, str]]:
-    """training.config's rules for model.mtp: (condition, key, value, what is allowed)."""
-    return [
-        (m.num_heads >= 0, "model.mtp.num_heads", m.num_heads, "must be >= 0 (0: no multi-token prediction)"),
-        (m.style in STYLES, "model.mtp.style", m.style, f"allowed: {', '.join(STYLES)}"),
-        (m.loss_weight >= 0, "model.mtp.loss_weight", m.loss_weight, "must be >= 0"),
-    ]
 
 
 class Drafter(nn.Module):

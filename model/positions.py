@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import rope as rope_lib
-from model.config import ModelConfig
+
+if TYPE_CHECKING:  # model.config imports the kinds (model/kinds.py), which build on this module
+    from model.config import ModelConfig
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 
 from model import mtp as mtp_lib
 from model.aux import Aux, mean_over_layers
+from model.block import Block
 from model.config import LayerSpec, ModelConfig
 from model.kernels import cpu_attention, flash_attention
-from model.kinds import ATTENTION_KINDS, MLP_KINDS
-from model.layers import NORMS, output_head, token_embedding
+from model.layers import output_head, token_embedding
 from model.mask import Mask
 from model.positions import POSITIONS
 from model.runtime import TRAINING, Hooks, Runtime
@@ -74,23 +74,6 @@ def layer_groups(cfg: ModelConfig) -> tuple[Group, ...]:
     if len(runs) == 1:
         return (Group(*runs[0], "layers"),)
     return tuple(Group(*run, f"layers_{g}") for g, run in enumerate(runs))
-
-
-class Block(nn.Module):
-    cfg: ModelConfig
-    spec: LayerSpec
-    rt: Runtime = TRAINING
-
-    @nn.compact
-    def __call__(self, x_BTD: jax.Array, mask: Mask):
-        cfg, spec, norm = self.cfg, self.spec, NORMS[self.cfg.norm]
-        attn = ATTENTION_KINDS[spec.attention](cfg, spec.window, self.rt, name="attn")
-        h_BTD, attn_aux = attn(norm(cfg, name="attn_norm")(x_BTD), mask)
-        x_BTD = x_BTD + h_BTD
-        h_BTD, mlp_aux = MLP_KINDS[spec.mlp](cfg, self.rt, name="mlp")(norm(cfg, name="mlp_norm")(x_BTD))
-        x_BTD = x_BTD + h_BTD
-        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
-        return x_BTD, {**attn_aux, **mlp_aux}  # (carry, output) so the same module runs under nn.scan
 
 
 def _block_class(cfg: ModelConfig, rt: Runtime, unrolled: bool) -> type[nn.Module]:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
 from configs import base
+from model.config import settable_fields
 from tests.conftest import REPO, tiny_config
-from training.config import ConfigError, resolve
+from training.config import GROUPS, ConfigError, resolve
 
 
 def test_the_default_configs_resolve():
@@ -18,6 +20,37 @@ def test_the_default_configs_resolve():
     from configs import tiny
 
     assert resolve(tiny.get_config()).train.steps > 0
+
+
+def default_mismatches(group: str, cls, values: dict) -> list[str]:
+    """Where configs/base.py's `values` for `group` and the dataclass `cls` disagree, nested groups included."""
+    fields = {f.name: f for f in settable_fields(cls)}
+    out = []
+    for name in sorted(set(fields) | set(values)):
+        key = f"{group}.{name}"
+        if name not in fields:
+            out.append(f"{key}: in configs/base.py, not a field of {cls.__name__}")
+            continue
+        field = fields[name]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if name not in values:
+            out.append(f"{key}: a field of {cls.__name__} (default {default!r}) missing from configs/base.py")
+        elif dataclasses.is_dataclass(default):
+            out += default_mismatches(key, type(default), values[name])
+        elif values[name] != default or type(values[name]) is not type(default):
+            out.append(f"{key}: {values[name]!r} in configs/base.py, {default!r} in {cls.__name__}")
+    return out
+
+
+def test_base_config_and_the_dataclasses_have_the_same_defaults():
+    """Defaults live in one place: configs/base.py says what the dataclasses do (derived fields aside)."""
+    config = base.get_config().to_dict()
+    assert set(config) == set(GROUPS)
+    assert [m for group, cls in GROUPS.items() for m in default_mismatches(group, cls, config[group])] == []
+    assert default_mismatches("model", GROUPS["model"], {**config["model"], "d_model": 64, "bogus": 1}) == [
+        "model.bogus: in configs/base.py, not a field of ModelConfig",
+        "model.d_model: 64 in configs/base.py, 256 in ModelConfig",
+    ]
 
 
 def test_sweep_argument_sets_fields_by_bare_or_dotted_name():

@@ -395,7 +395,7 @@ def test_deepseek_mtp_layer_loads_as_the_sequential_head_and_exports_back(tmp_pa
     import jax
 
     from model import mtp as mtp_lib
-    from model.config import MTPConfig
+    from model.mtp import MTPConfig
 
     hf_model = build("deepseek_v3", tmp_path / "hf")
     assert hf_model.config.num_nextn_predict_layers == 1  # transformers' default, but save_pretrained drops layer L

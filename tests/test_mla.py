@@ -16,9 +16,8 @@ import pytest
 
 from model import ModelConfig, Transformer, flops_per_token, init_variables, param_counts
 from model.cache import Rows, rewind
-from model.config import MLAConfig
 from model.mask import Mask
-from model.mla import MLA
+from model.mla import MLA, MLAConfig
 from model.rope import RopeScaling, inverse_frequencies
 from tests.test_variants import decode_logits, distinct_prompts, greedy_against_recomputation
 from training.config import ConfigError, resolve

@@ -17,9 +17,9 @@ from data.pipeline import Windows
 from model import ModelConfig, Transformer, flops_per_token, init_variables, param_counts
 from model import mtp as mtp_lib
 from model.aux import weighted_sum
-from model.config import MTPConfig
+from model.block import Block
 from model.mask import Mask
-from model.transformer import Block
+from model.mtp import MTPConfig
 from tests.conftest import tiny_config
 from tests.test_accounting import BASE, xla_flops_per_token
 from training.config import ConfigError, resolve

@@ -19,7 +19,7 @@ from scipy import stats
 from model import ModelConfig, Transformer, init_variables, unstack_layers
 from model import mtp as mtp_lib
 from model.cache import init_cache, rewind
-from model.config import MTPConfig
+from model.mtp import MTPConfig
 from sampling import Rules, generate_batch
 from sampling import speculative as spec
 from sampling.decode import for_inference, with_rewind

@@ -18,9 +18,9 @@ import pytest
 
 from model import ModelConfig, Transformer, init_variables, unstack_layers, weights
 from model.cache import init_cache
-from model.config import MLAConfig, MTPConfig
-from model.mla import DECODES
+from model.mla import DECODES, MLAConfig
 from model.moe import MoEConfig
+from model.mtp import MTPConfig
 from model.runtime import DecodeConfig, Runtime
 
 MATMUL = ("kernel", "embedding", "router", "gate", "up", "down")  # the leaves matmuls read; the rest: norms, state

@@ -14,12 +14,9 @@ from typing import Any
 import ml_collections
 
 from data.config import DataConfig
-from model import moe as moe_lib
-from model import mtp as mtp_lib
 from model import rope as rope_lib
 from model.attention import ATTENTION_IMPLS
-from model.config import ModelConfig
-from model.kinds import ATTENTION_KINDS, MLP_KINDS
+from model.config import TABLES, ModelConfig, settable_fields
 from model.layers import NORMS
 from model.positions import POSITIONS
 from model.transformer import REMAT_POLICIES
@@ -88,14 +85,11 @@ GROUPS = {
     "checkpoint": CheckpointConfig,
     "mesh": MeshConfig,
 }
-# Fields filled in from elsewhere (the tokenizer, data.seq_len), not set by users.
-# model.mla.decode is how decoding runs (infer.py --mla_decode), not part of what is trained.
-DERIVED = {"model": {"vocab_size", "max_seq_len"}, "model.mla": {"decode"}}
 
 
 def _typed(group: str, cls, values: dict) -> Any:
     hints = typing.get_type_hints(cls)
-    allowed = [f.name for f in dataclasses.fields(cls) if f.name not in DERIVED.get(group, ())]
+    allowed = [f.name for f in settable_fields(cls)]  # derived fields (model.vocab_size, ...) are filled in later
     kwargs = {}
     for key, value in values.items():
         if key not in allowed:
@@ -171,17 +165,9 @@ def _rules(
         ),
         (m.head_dim >= 0, "model.head_dim", m.head_dim, "must be >= 0 (0: d_model // num_heads)"),
         *rope_lib.scaling_errors(m.rope_scaling),
-        *mtp_lib.config_errors(m.mtp),
-        one_of("model.attention", m.attention, ATTENTION_KINDS),
-        *getattr(ATTENTION_KINDS.get(m.attention), "config_errors", lambda m: [])(m),
-        one_of("model.mlp", m.mlp, MLP_KINDS),
-        *moe_lib.config_errors(m.moe),
-        (
-            m.mlp != "moe" or mesh.expert < 1 or m.moe.num_experts % mesh.expert == 0,
-            "model.moe.num_experts",
-            m.moe.num_experts,
-            f"must be divisible by mesh.expert={mesh.expert} (each device of the expert axis holds as many experts)",
-        ),
+        *[one_of(f"model.{key}", m.choice(key), table) for key, table in TABLES.items()],
+        *[rule for kind in m.kinds() for rule in getattr(kind, "config_errors", lambda m: [])(m)],
+        *[rule for kind in m.kinds() for rule in getattr(kind, "mesh_errors", lambda m, mesh: [])(m, mesh)],
         (m.sliding_window >= 0, "model.sliding_window", m.sliding_window, "must be >= 0 (0: no window)"),
         (m.global_every >= 0, "model.global_every", m.global_every, "must be >= 0 (0: every layer local)"),
         (
@@ -284,6 +270,9 @@ def from_dict(d: dict) -> RunConfig:
 
 
 def _rebuilt(cls, values: dict):
+    """`cls` from stored values. A key no field has any more was moved out by a newer version and is dropped:
+    model.mla.decode, how an MLA model decodes, is infer.py's --mla_decode (model.runtime.DecodeConfig) now."""
     hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
     nested = {k: _rebuilt(hints[k], v) for k, v in values.items() if dataclasses.is_dataclass(hints.get(k))}
-    return cls(**{**values, **nested})
+    return cls(**{k: v for k, v in {**values, **nested}.items() if k in names})

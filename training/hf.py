@@ -17,9 +17,9 @@ from configs import base
 from data.tokenizer import HFTokenizer, Tokenizer, load_file
 from model import Transformer
 from model import hf as hf_lib
-from model.config import ModelConfig
+from model.config import ModelConfig, settable_fields
 from training.checkpoint import Checkpointer, CheckpointError, checkpoints_dir, load_for_inference, meta_for
-from training.config import DERIVED, CheckpointConfig, RunConfig, resolve, with_vocab
+from training.config import CheckpointConfig, RunConfig, resolve, with_vocab
 from training.layout import Layout, abstract_variables, shardings_of
 
 TRAIN_SEQ_LEN = 2048  # the training windows of the config an import writes (at most the model's context)
@@ -28,14 +28,13 @@ TRAIN_SEQ_LEN = 2048  # the training windows of the config an import writes (at 
 def model_values(cfg: ModelConfig) -> dict:
     """`cfg` as config-file values (what `resolve` derives left out, nested groups included)."""
 
-    def settable(group: str, values: dict) -> dict:
+    def settable(obj) -> dict:
         return {
-            k: settable(f"{group}.{k}", v) if isinstance(v, dict) else v
-            for k, v in values.items()
-            if k not in DERIVED.get(group, ())
+            f.name: settable(value) if dataclasses.is_dataclass(value := getattr(obj, f.name)) else value
+            for f in settable_fields(type(obj))
         }
 
-    return settable("model", dataclasses.asdict(cfg))
+    return settable(cfg)
 
 
 def run_for(cfg: ModelConfig, tokenizer_path: pathlib.Path, seq_len: int) -> RunConfig:

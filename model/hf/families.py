@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 
 from model import mtp as mtp_lib
-from model.config import LayerSpec, MLAConfig, ModelConfig, MTPConfig
+from model.config import LayerSpec, ModelConfig
 from model.hf.tensors import Entry, experts, linear, stored
+from model.mla import MLAConfig
 from model.moe import MoEConfig
+from model.mtp import MTPConfig
 from model.rope import RopeScaling
 
 
