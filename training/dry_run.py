@@ -22,9 +22,10 @@ import jax.numpy as jnp
 from data.tokenizer import planned_vocab_size
 from model import flops_per_token, param_counts
 from training.config import RunConfig, with_vocab
-from training.layout import abstract_state, model_for, plan, shardings_of
+from training.layout import model_for, plan
 from training.loop import jit_train_step
 from training.optim import make_optimizer
+from training.state import abstract_state, shardings_of
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")

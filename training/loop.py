@@ -38,19 +38,10 @@ from training.checkpoint import (
 )
 from training.config import RunConfig, with_vocab
 from training.evaluation import Inputs, evaluate, make_eval_step
-from training.layout import (
-    Layout,
-    TrainState,
-    abstract_params,
-    abstract_state,
-    host_copy,
-    model_for,
-    plan,
-    sequence_order,
-    shardings_of,
-)
+from training.layout import Layout, abstract_params, host_copy, model_for, plan, sequence_order
 from training.metrics import MetricsWriter, StepClock, mfu_warning, peak_flops
 from training.optim import SCHEDULES, make_optimizer
+from training.state import TrainState, abstract_state, shardings_of
 from training.step import init_state, make_train_step
 from training.workdir import hold_workdir
 

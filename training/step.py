@@ -18,7 +18,7 @@ from model import Transformer, init_variables
 from model.aux import weighted_sum
 from training.config import TrainConfig
 from training.evaluation import Inputs, cross_entropy, variables_of
-from training.layout import TrainState
+from training.state import TrainState
 
 
 def make_train_step(
