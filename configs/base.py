@@ -133,6 +133,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Per-device peak FLOP/s for perf/mfu; 0: known accelerators' table, or on CPU a float32 matmul measured once
         # per machine (best of 5) and cached in $XDG_CACHE_HOME/jax-lm/peak_flops (delete it to measure again).
         peak_flops=0.0,
+        objective="lm",  # what the step minimises (training/objectives.py OBJECTIVES): lm (next-token cross-entropy)
+        # Regular expressions over parameter paths ('layers/mlp/up/kernel'), each matched anywhere in a path (re.search);
+        # only the params some pattern matches train, the rest get no gradient and no optimizer state. (): all.
+        trainable=(),
     )
     c.checkpoint = dict(
         every=500,  # save every N steps (and always at the end and on SIGTERM or Ctrl-C)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+# What a training batch may carry (a train objective names the fields it reads: training/objectives.py), with their
+# dtypes: the windows [B, T+1] (+ multi-token prediction's extra targets), and per target (loss_weights) or per input
+# token (segment_ids) [B, T].
+BATCH_FIELDS = {"tokens": "int32", "loss_weights": "float32", "segment_ids": "int32"}
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:

@@ -2,7 +2,8 @@
 
 Training draws fixed-length windows of `seq_len + 1` tokens (inputs plus shifted targets) from the
 concatenated token stream, shuffled by seed and reshuffled every epoch, through a grain iterator
-whose position (in windows) is checkpointed. Validation batches are a fixed set of windows spread evenly
+whose position (in windows) is checkpointed; each batch carries the fields the train objective asks for
+(data.config.BATCH_FIELDS), all computed from its windows. Validation batches are a fixed set of windows spread evenly
 over the validation split, the same for any batch size.
 """
 
@@ -16,7 +17,7 @@ import grain
 import numpy as np
 
 from data import corpus
-from data.config import DataConfig
+from data.config import BATCH_FIELDS, DataConfig
 from data.errors import DataError
 from data.store import TokenStore, build_token_store, default_cache_dir, store_key
 from data.tokenizer import Tokenizer, build_tokenizer
@@ -40,10 +41,11 @@ class Data:
         shard_count: int = 1,
         start_window: int = 0,
         extra_tokens: int = 0,
+        fields: tuple[str, ...] = ("tokens",),
     ):
         """A checkpointable grain iterator of {'tokens': int32 [batch_size // shard_count, seq_len + 1 + extra]}
         (`extra_tokens`: the further targets multi-token prediction heads need; windows still start every
-        seq_len tokens).
+        seq_len tokens), plus the other `fields` (`stack_windows`).
 
         The stream is one fixed sequence of windows per seed (shuffled, reshuffled every epoch); the iterator
         starts at its window `start_window` and cuts it into global batches of `batch_size`, so a run resumed
@@ -52,12 +54,19 @@ class Data:
         [i * rows, (i + 1) * rows) of each, rows = batch_size // shard_count, so a run gives the same
         losses on one host or several, and resumes on any number of hosts.
         """
+        if unknown := [f for f in fields if f not in BATCH_FIELDS]:
+            raise DataError(
+                f"data.corpus={self.cfg.corpus!r}: gives no {unknown[0]!r} field (batches carry {', '.join(BATCH_FIELDS)})"
+            )
         windows = Windows(self.store.train, self.cfg.seq_len, extra_tokens)
+        batch_fn = functools.partial(
+            stack_windows, fields=fields, seq_len=self.cfg.seq_len, eod_id=self.tokenizer.eod_id
+        )
         ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
         if start_window:
             ds = ds[start_window:]
         # Global batch k is local batches k * shard_count .. k * shard_count + shard_count - 1, in shard order.
-        ds = ds.batch(batch_size // shard_count, batch_fn=stack_windows)[shard_index::shard_count]
+        ds = ds.batch(batch_size // shard_count, batch_fn=batch_fn)[shard_index::shard_count]
         return iter(ds)
 
     def validation_batches(self, batch_size: int, num_batches: int) -> list[dict]:
@@ -116,8 +125,16 @@ def _rows(rows: np.ndarray, mask: np.ndarray, start: int, count: int) -> dict:
     return {"tokens": rows[start : start + count], "mask": mask[start : start + count]}
 
 
-def stack_windows(windows) -> dict:
-    return {"tokens": np.stack(windows)}
+def stack_windows(windows, fields: tuple[str, ...] = ("tokens",), seq_len: int = 0, eod_id: int = 0) -> dict:
+    """A batch of the windows with `fields`: a pretraining stream weighs every target 1 (loss_weights), and its
+    segment_ids are the documents that model.mask.documents finds in the inputs (a new one at every `eod_id`)."""
+    tokens = np.stack(windows)
+    batch = {"tokens": tokens}
+    if "loss_weights" in fields:
+        batch["loss_weights"] = np.ones((len(tokens), seq_len), np.float32)
+    if "segment_ids" in fields:
+        batch["segment_ids"] = np.cumsum(tokens[:, :seq_len] == eod_id, axis=1, dtype=np.int32)
+    return batch
 
 
 def load(cfg: DataConfig, workdir: pathlib.Path) -> Data:

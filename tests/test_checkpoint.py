@@ -1,5 +1,5 @@
-"""Checkpoints: bit-identical resumption after SIGKILL and SIGTERM, damaged and incompatible checkpoints,
-divergence, init_from, restoring onto another device layout, and loading for inference."""
+"""Checkpoints: bit-identical resumption after SIGKILL and SIGTERM (frozen params included), damaged and incompatible
+checkpoints, divergence, init_from, restoring onto another device layout, and loading for inference."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ import pytest
 
 import data as data_lib
 import tests.toy_kinds  # noqa: F401  (registers model.mlp='toy')
+import tests.toy_objectives  # noqa: F401  (registers train.objective='toy_anchored')
 from data.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_from_dict, tokenizer_to_dict, train_bpe
+from model import Transformer
 from tests.conftest import REPO, tiny_run
 from training import loop
 from training.checkpoint import (
@@ -35,6 +37,7 @@ from training.checkpoint import (
 )
 from training.config import with_vocab
 from training.loop import resume_targets, train
+from training.optim import make_optimizer
 from training.step import init_state, make_train_step
 
 # train.py's main in a subprocess, with hooks that interrupt it: argv is the mode, a step, then train.py's
@@ -105,15 +108,17 @@ def test_runs_killed_or_preempted_anywhere_resume_bit_identically(tmp_path, text
     log_every=2: SIGKILLed while saving step 6, the run resumes from step 3, whose checkpoint holds step 3's
     metrics, which the resumed run must average into the row it logs at step 4. The toy MLP (tests/toy_kinds.py)
     keeps non-trained state that changes its output: the losses are bit-identical only if the state came back
-    exactly (the default SwiGLU is the toy MLP without that state)."""
+    exactly (the default SwiGLU is the toy MLP without that state). The toy objective toy_anchored
+    (tests/toy_objectives.py) pulls the params toward a frozen copy of the initial ones, saved in every checkpoint:
+    the same holds for it, and the last checkpoint's copy is the initial params, bit for bit."""
     groups = {
         "model": {"mlp": "toy"},
         "data": {"corpus": str(text_corpus), "val_fraction": 0.2},
-        "train": {"steps": 12, "log_every": 2, "eval_every": 100},
+        "train": {"steps": 12, "log_every": 2, "eval_every": 100, "objective": "toy_anchored"},
         "checkpoint": {"every": 3},
     }
     config = tmp_path / "config.py"
-    config.write_text(f"import tests.toy_kinds\nfrom tests.conftest import tiny_config\n\n\ndef get_config(arg=None):\n    return tiny_config(**{groups!r})\n")  # fmt: skip
+    config.write_text(f"import tests.toy_kinds\nimport tests.toy_objectives\nfrom tests.conftest import tiny_config\n\n\ndef get_config(arg=None):\n    return tiny_config(**{groups!r})\n")  # fmt: skip
     # Every run compiles the same programs: a shared compilation cache makes all but the first start quickly.
     env = subprocess_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # fmt: skip
 
@@ -151,9 +156,18 @@ def test_runs_killed_or_preempted_anywhere_resume_bit_identically(tmp_path, text
 
     run(workdir)
     assert curve(workdir) == reference
-    for name in ("eval/loss", "train/toy_aux"):
+    for name in ("eval/loss", "train/toy_aux", "train/anchor"):
         assert curve(workdir, name) == curve(tmp_path / "reference", name), name
     assert curve(workdir, "train/toy_aux") and (checkpoints_dir(workdir) / "12" / "model_state").is_dir()
+    assert all(anchor > 0 for _, anchor in curve(workdir, "train/anchor"))
+
+    run_config = with_vocab(tiny_run(**groups), 257)
+    model, (tx, _) = Transformer(run_config.model), make_optimizer(run_config.train)
+    initial = init_state(model, tx, run_config.train.seed).params
+    checkpointer = Checkpointer(checkpoints_dir(workdir))
+    frozen = checkpointer.restore(lambda stored: {"frozen": initial}).arrays["frozen"]
+    checkpointer.close()
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((np.asarray(x) == np.asarray(y)).all()), frozen, initial))
 
 
 def test_one_run_per_workdir_and_ctrl_c_saves_once_and_aborts_twice(tmp_path, text_corpus):
@@ -351,11 +365,13 @@ def test_init_from_takes_another_runs_params_and_load_for_inference_finds_steps(
 
     given = []
 
-    def spy(model, tx, seed, params=None, shardings=None):
+    def spy(model, tx, seed, params=None, shardings=None, frozen=False):
         given.append(params)
-        return init_state(model, tx, seed, params, shardings)
+        return init_state(model, tx, seed, params, shardings, frozen)
 
-    b = tiny_run(data=data, train={"steps": 2, "eval_every": 100, "init_from": str(a)}, checkpoint={"every": 2})
+    # b's objective keeps a frozen copy of the params it starts from: a's, which its checkpoints point to.
+    b_train = {"steps": 2, "eval_every": 100, "init_from": str(a), "objective": "toy_anchored"}
+    b = tiny_run(data=data, train=b_train, checkpoint={"every": 2})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "init_state", spy)
         train(b, tmp_path / "b")
@@ -366,9 +382,21 @@ def test_init_from_takes_another_runs_params_and_load_for_inference_finds_steps(
     checkpointer.close()
     counts = [int(x) for x in jax.tree.leaves(restored.arrays["opt_state"]) if x.dtype == jnp.int32]
     assert counts and all(c == 2 for c in counts)  # a fresh optimizer state, 2 steps old (a's was 4)
+    assert restored.train["frozen_from"] == str(checkpoints_dir(a) / "4")
+    assert not (restored.path / "frozen").exists()  # not saved twice
 
-    train(b, tmp_path / "b")
+    reloaded = []
+
+    def frozen_spy(*args):
+        reloaded.append(loop_restored_frozen(*args))
+        return reloaded[-1]
+
+    loop_restored_frozen = loop.restored_frozen
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "restored_frozen", frozen_spy)
+        train(b, tmp_path / "b")
     assert f"train.init_from={str(a)!r} ignored" in capsys.readouterr().out
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), reloaded[-1], params))
     regrouped = dataclasses.replace(
         b, model=dataclasses.replace(b.model, causal_blocks=1, scan_unroll=2)
     )  # same params

@@ -93,6 +93,9 @@ def test_sweep_argument_sets_fields_by_bare_or_dotted_name():
         ("train", {"peak_flops": float("nan")}, r"train.peak_flops=nan: must be a finite number"),
         ("model", {"rope_theta": float("inf")}, r"model.rope_theta=inf: must be a finite number"),
         ("data", {"val_fraction": float("nan")}, r"data.val_fraction=nan: must be a finite number"),
+        ("train", {"objective": "dpo"}, r"^train.objective='dpo': allowed: lm"),
+        ("train", {"trainable": ("mlp", "(")}, r"^train.trainable=\('mlp', '\('\): '\(' is not a regular expression"),
+        ("train", {"trainable": ("mlp", 3)}, r"^train.trainable=\('mlp', 3\): expected a tuple of strings"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(group, fields, match):
@@ -152,6 +155,11 @@ def run_cli(*args, cwd=REPO):
         ("--config.model.position=xpos", "model.position='xpos'"),
         ("--config.model.not_a_key=1", "not_a_key"),
         ("--config.data.corpus=/no/such/dir", "data.corpus='/no/such/dir': no such file or directory"),
+        ("--config.train.objective=dpo", "train.objective='dpo': allowed: lm"),
+        (
+            "--config.train.trainable=('layers/mlp/', 'lm_head')",
+            "train.trainable=('layers/mlp/', 'lm_head'): 'lm_head' matches no parameter path",
+        ),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, override, expected):

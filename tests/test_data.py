@@ -86,6 +86,28 @@ def test_iterator_state_restores_the_exact_continuation(text_corpus, tmp_path):
         np.testing.assert_array_equal(next(fresh)["tokens"], want)
 
 
+def test_batches_carry_the_fields_an_objective_asks_for(text_corpus, tmp_path):
+    """loss_weights of ones per target and the segment_ids model.mask.documents finds in the inputs, which give the
+    model the positions the end-of-document path does; the tokens as without them."""
+    import jax.numpy as jnp
+
+    from model.mask import documents
+    from training.evaluation import segment_positions
+
+    data = load(DataConfig(corpus=str(text_corpus), seq_len=16, val_fraction=0.2, cache_dir=str(tmp_path)), tmp_path)
+    fields = ("tokens", "loss_weights", "segment_ids")
+    rows = len(data.store.train) // 16  # one batch: the whole epoch, so some windows cross documents
+    batch = next(data.train_iterator(rows, seed=0, fields=fields))
+    np.testing.assert_array_equal(batch["tokens"], next(data.train_iterator(rows, seed=0))["tokens"])
+    assert batch["loss_weights"].shape == (rows, 16) and (batch["loss_weights"] == 1).all()
+    segments, positions = documents(jnp.asarray(batch["tokens"][:, :16]), data.tokenizer.eod_id)
+    np.testing.assert_array_equal(batch["segment_ids"], segments)
+    assert batch["segment_ids"].dtype == np.int32 and batch["segment_ids"].max() > 0
+    np.testing.assert_array_equal(segment_positions(jnp.asarray(batch["segment_ids"])), positions)
+    with pytest.raises(DataError, match=r"gives no 'chosen' field \(batches carry tokens, loss_weights"):
+        data.train_iterator(8, seed=0, fields=("tokens", "chosen"))
+
+
 def test_validation_batches_are_fixed_and_do_not_depend_on_the_batch_size(text_corpus, tmp_path):
     data = load(DataConfig(corpus=str(text_corpus), seq_len=16, val_fraction=0.2, cache_dir=str(tmp_path)), tmp_path)
     val = np.asarray(data.store.val)

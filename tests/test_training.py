@@ -1,7 +1,9 @@
-"""Loss, schedules, optimizer masking, gradient accumulation, metrics, determinism and learning."""
+"""Loss, objectives, schedules, optimizer masking, trainable subsets, gradient accumulation, metrics, determinism and
+learning."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,12 +13,15 @@ import numpy as np
 import pytest
 
 import data as data_lib
+import tests.toy_objectives  # noqa: F401  (registers train.objective='toy_second_half')
 from model import Transformer
+from model.transformer import Output
 from tests.conftest import tiny_run
 from training.config import with_vocab
-from training.evaluation import cross_entropy, evaluate, make_eval_step
+from training.evaluation import Inputs, cross_entropy, evaluate, make_eval_step
 from training.loop import train
-from training.optim import SCHEDULES, decay_mask, make_optimizer
+from training.objectives import OBJECTIVES
+from training.optim import SCHEDULES, decay_mask, make_optimizer, trainable_mask
 from training.step import init_state, make_train_step
 
 
@@ -32,6 +37,70 @@ def test_cross_entropy_matches_numpy_with_z_loss_and_label_smoothing():
     loss, got_nll = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), z_loss=1e-3, label_smoothing=smooth)
     np.testing.assert_allclose(got_nll, nll, rtol=1e-5)
     np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+class LogitsAsParams:
+    """A stand-in model whose logits are its params: the gradient of an objective's loss with respect to them."""
+
+    def apply(self, variables, *args, mutable=(), **kwargs):
+        out = Output(variables["params"], None, {})
+        return (out, {}) if mutable else out
+
+
+def test_an_objective_weighs_its_targets_and_its_loss_and_logit_gradient_match_numpy():
+    """tests/toy_objectives.py's toy_second_half (lm with the first half of every window's targets weighted 0),
+    through the train step: its loss is the NumPy weighted mean of the NumPy cross-entropy of the model's logits,
+    and its gradient with respect to the logits is w * (softmax - onehot) / sum(w)."""
+    run = with_vocab(tiny_run(train={"objective": "toy_second_half", "batch_size": 2}), 64)
+    t, T = run.train, run.data.seq_len
+    model, (tx, schedule) = Transformer(run.model), make_optimizer(run.train)
+    state = init_state(model, tx, seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (2, T + 1), 0, 64)
+    out, _ = Inputs()(tokens, model, {"params": state.params})
+    logits = np.asarray(out.logits_BTV, np.float64)
+    targets = np.asarray(tokens[:, 1:])
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    w = np.broadcast_to(np.arange(T) >= T // 2, (2, T)).astype(np.float64)
+    _, metrics = jax.jit(make_train_step(model, tx, schedule, t))(state, {"tokens": tokens})
+    assert float(metrics["train/loss"]) == pytest.approx((w * nll).sum() / w.sum(), rel=1e-5)
+
+    def loss(logits_BTV):
+        batch = {"tokens": tokens}
+        return OBJECTIVES["toy_second_half"].loss(LogitsAsParams(), Inputs(), t, {"params": logits_BTV}, {}, batch, {})
+
+    grad = jax.grad(lambda x: loss(x).total)(out.logits_BTV)
+    softmax = np.exp(logits - log_z[..., None])
+    onehot = np.eye(64)[targets]
+    np.testing.assert_allclose(grad, w[..., None] * (softmax - onehot) / w.sum(), atol=1e-7)
+
+
+def test_only_the_trainable_params_change_and_only_they_get_optimizer_state():
+    """train.trainable selects the MLPs and the final norm: after a step only those params moved, the optimizer
+    state holds AdamW's two moments for them and nothing for the rest, and muP's scaling and weight decay's mask
+    give the selected leaves the updates they get without a mask."""
+    patterns = ("layers/mlp/", "^final_norm")
+    run = with_vocab(tiny_run(train={"trainable": patterns, "batch_size": 2}), 64)
+    model, (tx, schedule) = Transformer(run.model), make_optimizer(run.train)
+    state = init_state(model, tx, seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (2, run.data.seq_len + 1), 0, 64)
+    new, metrics = jax.jit(make_train_step(model, tx, schedule, run.train))(state, {"tokens": tokens})
+    mask = trainable_mask(patterns, state.params)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), state.params, new.params)
+    assert changed == mask and 0 < sum(jax.tree.leaves(mask)) < len(jax.tree.leaves(mask))
+    selected = sum(p.size for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask)) if m)
+    assert sum(x.size for x in jax.tree.leaves(new.opt_state)) == 2 * selected + 2  # + Adam's and the lr's counters
+    assert np.isfinite(metrics["train/grad_norm"])
+
+    mup = dataclasses.replace(run.model, parametrization="mup", mup_base_width=16)
+    no_clip = dataclasses.replace(run.train, grad_clip=0.0)
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    updates = []
+    for t in (no_clip, dataclasses.replace(no_clip, trainable=())):
+        mup_tx, _ = make_optimizer(t, mup)
+        updates.append(mup_tx.update(grads, mup_tx.init(state.params), state.params)[0])
+    for masked, full, m in zip(*map(jax.tree.leaves, (*updates, mask))):
+        np.testing.assert_array_equal(masked, full if m else np.zeros_like(full))
 
 
 def test_schedules_follow_their_formulas():

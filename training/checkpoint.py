@@ -4,9 +4,11 @@ layout, and loading one for inference.
 Each step directory holds these items:
 - `params`, `opt_state`: the arrays (orbax StandardSave), restored onto the shardings the caller asks for;
 - `model_state`: the model's non-trained variables (e.g. a router's bias), only for models that keep any;
+- `frozen`: the frozen params an objective trains beside (training/objectives.py), only where they are not another
+  checkpoint's params: a run whose frozen params came from `train.init_from` records that step directory instead;
 - `train`: JSON with the step, the RNG key data, the position in the training stream ({"windows": consumed})
   and the per-step metrics of the current log interval, so a resumed run logs exactly what an uninterrupted
-  one would;
+  one would; with frozen params, `frozen_from`: the step directory that holds them (null: the `frozen` item);
 - `meta`: JSON with the format version, the resolved config and the tokenizer, so a step directory alone
   is enough to sample from.
 
@@ -34,7 +36,7 @@ from model import ModelConfig, Transformer, init_variables
 from training.config import CheckpointConfig, RunConfig, from_dict
 
 FORMAT_VERSION = 1
-ITEMS = ("params", "opt_state", "model_state", "train", "meta")
+ITEMS = ("params", "opt_state", "model_state", "frozen", "train", "meta")
 
 # Where restored arrays go: one jax.sharding.Sharding for all, a pytree of Shardings matching the targets (a dict
 # by item name), or a function from each abstract leaf to its Sharding. None: the first device.

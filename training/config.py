@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from typing import Any
 
@@ -22,6 +23,7 @@ from model.positions import POSITIONS
 from model.transformer import REMAT_POLICIES
 from parallel.config import DEFAULT_RULES, MESH_AXES, MeshConfig
 from training.cli import warn
+from training.objectives import OBJECTIVES
 from training.optim import SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -56,6 +58,8 @@ class TrainConfig:
     sample_prompt: str = "def "
     init_from: str = ""
     peak_flops: float = 0.0
+    objective: str = "lm"
+    trainable: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,10 @@ def _typed(group: str, cls, values: dict) -> Any:
             value = float(value)
         if want is int and isinstance(value, float) and value.is_integer():
             value = int(value)
+        if want is tuple and isinstance(value, list):
+            value = tuple(value)
+        if want is tuple and isinstance(value, tuple) and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{group}.{key}={value!r}: expected a tuple of strings")
         if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
             raise ConfigError(f"{group}.{key}={value!r}: expected {want.__name__}")
         if want is float and not math.isfinite(value):  # inf and nan pass every range check below
@@ -133,6 +141,16 @@ def _mesh_rules(overrides: dict) -> dict[str, str]:
             raise ConfigError(f"mesh.rules.{name}={rule!r}: a mesh axis appears twice")
         rules[name] = ",".join(axes)
     return rules
+
+
+def _regex_error(patterns: tuple[str, ...]) -> str | None:
+    """Why one of `patterns` is not a regular expression, or None."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            return f"{pattern!r} is not a regular expression ({e})"
+    return None
 
 
 def _check(ok: bool, key: str, value, allowed: str) -> None:
@@ -227,6 +245,14 @@ def _rules(
         (t.peak_flops >= 0, "train.peak_flops", t.peak_flops, "must be >= 0 (0: the device table, or measured on CPU)"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)"),
         (t.sample_tokens >= 0, "train.sample_tokens", t.sample_tokens, "must be >= 0"),
+        one_of("train.objective", t.objective, OBJECTIVES),
+        (
+            t.objective not in OBJECTIVES or "segment_ids" not in OBJECTIVES[t.objective].fields or d.document_mask,
+            "train.objective",
+            t.objective,
+            "reads segment_ids (documents): needs data.document_mask=True",
+        ),
+        (_regex_error(t.trainable) is None, "train.trainable", t.trainable, _regex_error(t.trainable)),
         (
             t.batch_size % t.grad_accum == 0,
             "train.batch_size",
@@ -275,4 +301,5 @@ def _rebuilt(cls, values: dict):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     nested = {k: _rebuilt(hints[k], v) for k, v in values.items() if dataclasses.is_dataclass(hints.get(k))}
-    return cls(**{k: v for k, v in {**values, **nested}.items() if k in names})
+    tuples = {k: tuple(v) for k, v in values.items() if typing.get_origin(hints.get(k)) is tuple}  # JSON lists
+    return cls(**{k: v for k, v in {**values, **nested, **tuples}.items() if k in names})

@@ -19,12 +19,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from data.config import BATCH_FIELDS
 from data.tokenizer import planned_vocab_size
 from model import flops_per_token, param_counts
 from training.config import RunConfig, with_vocab
-from training.layout import abstract_state, model_for, plan, shardings_of
-from training.loop import jit_train_step
+from training.layout import model_for, plan
+from training.loop import check_trainable, jit_train_step
+from training.objectives import OBJECTIVES
 from training.optim import make_optimizer
+from training.state import abstract_state, shardings_of
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
@@ -59,11 +62,19 @@ def dry_run(run: RunConfig) -> dict:
     run = with_vocab(run, planned_vocab_size(run.data.tokenizer))
     t = run.train
     layout = plan(run)
+    check_trainable(run)
+    objective = OBJECTIVES[t.objective]
     with layout.activate():
         model = model_for(run.model, layout)
         tx, schedule = make_optimizer(t, run.model)
-        abstract = abstract_state(model, tx, layout)
-        batch = {"tokens": jax.ShapeDtypeStruct((t.batch_size, run.data.seq_len + 1), jnp.int32, sharding=layout.batch)}
+        abstract = abstract_state(model, tx, layout, frozen=objective.frozen)
+        shapes = {"tokens": (t.batch_size, run.data.seq_len + 1)}
+        batch = {
+            f: jax.ShapeDtypeStruct(
+                shapes.get(f, (t.batch_size, run.data.seq_len)), BATCH_FIELDS[f], sharding=layout.batch
+            )
+            for f in objective.fields
+        }
         step = jit_train_step(model, tx, schedule, run, layout, shardings_of(abstract))
         compiled = step.lower(abstract, batch).compile()
     memory = compiled.memory_analysis()

@@ -45,15 +45,21 @@ class Inputs:
     def for_eval(self) -> Inputs:
         return dataclasses.replace(self, extra_tokens=0)
 
-    def __call__(self, tokens_BT1: jax.Array, model: Transformer, variables: dict, **kw) -> tuple[Output, jax.Array]:
-        """(the model's output, targets), permuted alike when the layout is."""
+    def __call__(
+        self, tokens_BT1: jax.Array, model: Transformer, variables: dict, segments_BT: jax.Array | None = None, **kw
+    ) -> tuple[Output, jax.Array]:
+        """(the model's output, targets), permuted alike when the layout is. `segments_BT` (a batch's segment_ids,
+        one per input token) keeps attention inside segments, positions restarting at each, in place of the
+        documents that `eod_id` finds."""
         ahead_BTA = None
         if self.extra_tokens:
             ahead_BTA = mtp_lib.ahead(tokens_BT1, 1 + self.extra_tokens)
             tokens_BT1 = tokens_BT1[:, : -self.extra_tokens]
         inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-        positions_BT = segments_BT = None
-        if self.eod_id is not None:
+        positions_BT = None
+        if segments_BT is not None:
+            positions_BT = segment_positions(segments_BT)
+        elif self.eod_id is not None:
             segments_BT, positions_BT = documents(inputs_BT, self.eod_id)
         if self.order_T is not None:
             if positions_BT is None:
@@ -75,6 +81,16 @@ class Inputs:
 
     def permute(self, x_BT: jax.Array) -> jax.Array:
         return x_BT if self.order_T is None else x_BT[:, self.order_T]
+
+
+def segment_positions(segments_BT: jax.Array) -> jax.Array:
+    """Positions counting from 0 at each segment's first token (and at the window's), as `documents` gives them."""
+    T = segments_BT.shape[1]
+    starts_BT = jnp.concatenate(
+        [jnp.zeros_like(segments_BT[:, :1], bool), segments_BT[:, 1:] != segments_BT[:, :-1]], axis=1
+    )
+    index_T = jnp.arange(T, dtype=jnp.int32)
+    return index_T - jax.lax.cummax(jnp.where(starts_BT, index_T, 0), axis=1)
 
 
 def variables_of(params, model_state=None) -> dict:

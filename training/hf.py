@@ -20,7 +20,8 @@ from model import hf as hf_lib
 from model.config import ModelConfig, settable_fields
 from training.checkpoint import Checkpointer, CheckpointError, checkpoints_dir, load_for_inference, meta_for
 from training.config import CheckpointConfig, RunConfig, resolve, with_vocab
-from training.layout import Layout, abstract_variables, shardings_of
+from training.layout import Layout, abstract_variables
+from training.state import shardings_of
 
 TRAIN_SEQ_LEN = 2048  # the training windows of the config an import writes (at most the model's context)
 

@@ -1,4 +1,4 @@
-"""Where a run's arrays live: its mesh, the model variant the mesh needs, and the train state's shardings.
+"""Where a run's arrays live: its mesh, the model variant the mesh needs, and the shardings of its variables.
 
 Everything here is decided from the config and the device count, before anything compiles, so a mesh
 that does not fit the run fails with a one-line error and nothing on disk touched.
@@ -19,12 +19,10 @@ import functools
 import math
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -36,15 +34,6 @@ from parallel.expert import expert_parallel
 from parallel.mesh import MeshError, check_divisible, make_mesh, mesh_axes, resolve_sizes
 from parallel.ring import ring_attention, zigzag_order
 from training.config import ConfigError, RunConfig
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array
-    model_state: Any = flax.struct.field(default_factory=dict)  # non-trained variables, e.g. a router's bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,31 +233,6 @@ def abstract_variables(model: Transformer, layout: Layout) -> dict:
 
 def abstract_params(model: Transformer, layout: Layout) -> Any:
     return abstract_variables(model, layout)["params"]
-
-
-def abstract_state(model: Transformer, tx: optax.GradientTransformation, layout: Layout) -> TrainState:
-    """The train state's shapes, dtypes and shardings; allocates nothing. The optimizer's moments take
-    their params' shardings (FSDP shards them with the params: ZeRO-3); counters and the RNG key are replicated."""
-    variables = abstract_variables(model, layout)
-    params = variables["params"]
-    opt_state = jax.eval_shape(tx.init, params)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, opt_state, param_shardings, transform_non_params=lambda _: layout.replicated
-    )
-    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    rep, key = layout.replicated, jax.eval_shape(lambda: jax.random.key(0))
-    return TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-        params=params,
-        opt_state=jax.tree.map(place, opt_state, opt_shardings),
-        rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
-        model_state=variables["state"],
-    )
-
-
-def shardings_of(abstract: Any) -> Any:
-    return jax.tree.map(lambda x: x.sharding, abstract)
 
 
 def host_copy(tree: Any) -> Any:

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -36,21 +37,14 @@ from training.checkpoint import (
     meta_for,
     restore_params,
 )
-from training.config import RunConfig, with_vocab
+from training.checkpoint import abstract_params as model_params
+from training.config import ConfigError, RunConfig, with_vocab
 from training.evaluation import Inputs, evaluate, make_eval_step
-from training.layout import (
-    Layout,
-    TrainState,
-    abstract_params,
-    abstract_state,
-    host_copy,
-    model_for,
-    plan,
-    sequence_order,
-    shardings_of,
-)
+from training.layout import Layout, abstract_params, host_copy, model_for, plan, sequence_order
 from training.metrics import MetricsWriter, StepClock, mfu_warning, peak_flops
-from training.optim import SCHEDULES, make_optimizer
+from training.objectives import OBJECTIVES
+from training.optim import SCHEDULES, make_optimizer, path_name, unmatched
+from training.state import TrainState, abstract_state, shardings_of
 from training.step import init_state, make_train_step
 from training.workdir import hold_workdir
 
@@ -82,6 +76,18 @@ def jit_train_step(
     )
 
 
+def check_trainable(run: RunConfig) -> None:
+    """ConfigError (one line) when a train.trainable pattern selects no parameter of the model (a typo would
+    otherwise freeze what it meant to train); reads only the params' abstract shapes."""
+    patterns = run.train.trainable
+    if patterns and (missed := unmatched(patterns, params := model_params(run.model))):
+        example = path_name(jax.tree_util.tree_leaves_with_path(params)[-1][0])
+        raise ConfigError(
+            f"train.trainable={patterns!r}: {missed[0]!r} matches no parameter path (re.search over paths like "
+            f"{example!r})"
+        )
+
+
 def describe(run: RunConfig) -> str:
     counts = param_counts(run.model)
     fpt = flops_per_token(run.model, run.data.seq_len)
@@ -105,6 +111,11 @@ def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig, l
     """Abstract params and optimizer state for resuming `run` from a checkpoint written with `stored`, placed
     as `layout` shards them (whatever mesh wrote them)."""
     check_same(stored, run, directory, ("model", "data"), RESUME_IGNORES)
+    if stored.train.trainable != run.train.trainable:  # the optimizer state holds moments for the trained params only
+        raise CheckpointError(
+            f"{directory}: train.trainable={stored.train.trainable!r} in the checkpoint but {run.train.trainable!r} "
+            "in this config (use another workdir, or the checkpoint's value)"
+        )
     run = with_vocab(run, stored.model.vocab_size)
     model, (tx, _) = Transformer(run.model), make_optimizer(run.train, run.model)
     if layout is None:
@@ -114,10 +125,12 @@ def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig, l
     return arrays_of(abstract)
 
 
-def arrays_of(state: TrainState) -> dict:
-    """The array items of a checkpoint (model_state only where the model keeps any, as older checkpoints lack it)."""
+def arrays_of(state: TrainState, frozen_from: str | None = None) -> dict:
+    """The array items of a checkpoint (model_state only where the model keeps any, as older checkpoints lack it;
+    the frozen params only where the state holds some that are not the checkpoint `frozen_from` already holds)."""
     arrays = {"params": state.params, "opt_state": state.opt_state}
-    return arrays | ({"model_state": state.model_state} if jax.tree.leaves(state.model_state) else {})
+    arrays |= {"model_state": state.model_state} if jax.tree.leaves(state.model_state) else {}
+    return arrays | ({"frozen": state.frozen} if jax.tree.leaves(state.frozen) and frozen_from is None else {})
 
 
 def init_from_check(run: RunConfig, path: str, stored: RunConfig) -> None:
@@ -155,6 +168,12 @@ def find_start(
             )
         if t.init_from:
             log(f"train.init_from={t.init_from!r} ignored: the workdir has checkpoints, resuming instead")
+        if OBJECTIVES[t.objective].frozen and "frozen_from" not in restored.train:
+            raise CheckpointError(
+                f"{restored.path}: holds no frozen model, which train.objective={t.objective!r} needs (resume with "
+                f"the checkpoint's train.objective={restored.run.train.objective!r}, or start another workdir from "
+                "it with train.init_from)"
+            )
         return restored, restored
     if t.init_from:
         source = restore_params(
@@ -200,11 +219,23 @@ def restored_state(restored: Restored, layout: Layout) -> TrainState:
     return TrainState(step, params, opt_state, jax.device_put(rng, layout.replicated), model_state)
 
 
-def train_record(state: TrainState, data_state: dict, pending_host: list[dict]) -> dict:
-    """The `train` item of a checkpoint: what besides the arrays a resumed run needs to continue exactly."""
+def restored_frozen(restored: Restored, checkpointer: Checkpointer, abstract: Any) -> Any:
+    """The frozen params of a resumed run, placed as `abstract` (the params' ShapeDtypeStructs) says: from the
+    checkpoint they were loaded from when its `train` item names one (`frozen_from`), else its own `frozen` item."""
+    frozen_from = restored.train["frozen_from"]
+    if frozen_from is not None:
+        return restore_params(frozen_from, abstract=lambda cfg: abstract).arrays["params"]
+    return checkpointer.restore(lambda run: {"frozen": abstract}, step=restored.step).arrays["frozen"]
+
+
+def train_record(state: TrainState, data_state: dict, pending_host: list[dict], frozen_from: str | None = None) -> dict:
+    """The `train` item of a checkpoint: what besides the arrays a resumed run needs to continue exactly. For a
+    state with frozen params, `frozen_from`: the step directory they were loaded from and are reloaded from on
+    resume (None: the `frozen` item holds them)."""
     rng = {"impl": str(jax.random.key_impl(state.rng)), "data": jax.device_get(jax.random.key_data(state.rng)).tolist()}
     pending = [{name: float(value) for name, value in m.items()} for m in pending_host]
-    return {"step": int(state.step), "rng": rng, "data": data_state, "pending": pending}
+    record = {"step": int(state.step), "rng": rng, "data": data_state, "pending": pending}
+    return record | ({"frozen_from": frozen_from} if jax.tree.leaves(state.frozen) else {})
 
 
 def check_finite(pending_host: list[dict], step: int, saved: int | None) -> None:
@@ -291,6 +322,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
     # A mesh that does not fit, or an attention implementation that cannot run here, fails before anything is read
     # or written.
     layout = plan(run, devices)
+    check_trainable(run)
+    objective = OBJECTIVES[t.objective]
     lead = jax.process_index() == 0
     quiet = quiet or not lead
     log = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
@@ -307,12 +340,18 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             model = model_for(run.model, layout)
             inputs = inputs_for(run, layout, data.tokenizer.eod_id)
             tx, schedule = make_optimizer(t, run.model)
-            state_shardings = shardings_of(abstract_state(model, tx, layout))
+            abstract = abstract_state(model, tx, layout, frozen=objective.frozen)
+            state_shardings = shardings_of(abstract)
+            frozen_from = None  # the checkpoint that holds the frozen params (None: ours do)
             if restored is not None:
                 state = restored_state(restored, layout)
+                if objective.frozen:
+                    frozen_from = restored.train["frozen_from"]
+                    state = state.replace(frozen=restored_frozen(restored, checkpointer, abstract.frozen))
             else:
                 params = source.arrays["params"] if source else None
-                state = init_state(model, tx, t.seed, params, state_shardings)
+                state = init_state(model, tx, t.seed, params, state_shardings, frozen=objective.frozen)
+                frozen_from = str(source.path) if source and objective.frozen else None
             start = restored.step if restored else 0
             if lead:
                 workdir.mkdir(parents=True, exist_ok=True)
@@ -331,7 +370,13 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             first_row, rows = process_rows(layout.batch, t.batch_size)
             start_window = stream_position(restored) if restored is not None else 0
             train_iter = data.train_iterator(
-                t.batch_size, t.seed, first_row // rows, t.batch_size // rows, start_window, inputs.extra_tokens
+                t.batch_size,
+                t.seed,
+                first_row // rows,
+                t.batch_size // rows,
+                start_window,
+                inputs.extra_tokens,
+                objective.fields,
             )
             pending: list[dict] = []  # per-step metrics of the current log interval
             if restored is not None:
@@ -414,7 +459,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                     clock.pause(state)  # nor is saving
                     host = jax.device_get(pending)
                     check_finite(host, step, saved)  # never checkpoint a diverged state
-                    checkpointer.save(step, arrays_of(state), train_record(state, data_state, host), meta)
+                    record = train_record(state, data_state, host, frozen_from)
+                    checkpointer.save(step, arrays_of(state, frozen_from), record, meta)
                     saved = step
                 clock.resume()
                 if stopped:

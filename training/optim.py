@@ -1,7 +1,9 @@
-"""Learning-rate schedules (one function each, selected in `SCHEDULES`) and the AdamW optimizer."""
+"""Learning-rate schedules (one function each, selected in `SCHEDULES`), the AdamW optimizer, and which params it
+trains (`train.trainable`)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -74,12 +76,42 @@ def mup_learning_rates(width_mult: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def path_name(path) -> str:
+    """A parameter's path as train.trainable's patterns see it: its keys joined by '/', e.g. layers/mlp/up/kernel."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def trainable_mask(patterns: tuple[str, ...], params):
+    """True for the params that train: those whose path (`path_name`) some pattern matches anywhere (re.search;
+    anchor with ^ and $ for whole paths), all of them when there are no patterns."""
+    compiled = [re.compile(p) for p in patterns]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not compiled or any(p.search(path_name(path)) for p in compiled), params
+    )
+
+
+def unmatched(patterns: tuple[str, ...], params) -> list[str]:
+    """The patterns that select no parameter of `params` (arrays or abstract ones)."""
+    names = [path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    return [p for p in patterns if not any(re.search(p, name) for name in names)]
+
+
 def make_optimizer(t: TrainConfig, model: ModelConfig | None = None) -> tuple[optax.GradientTransformation, Schedule]:
     """Global-norm clipping then AdamW on `schedule`; under muP (`model.parametrization='mup'`) the hidden
-    matrices' steps, weight decay included, are scaled by 1 / width_mult."""
+    matrices' steps, weight decay included, are scaled by 1 / width_mult. With `train.trainable`, only the params it
+    selects: the others get zero updates and no optimizer state (`optax.multi_transform` hands each transform only
+    its own leaves, so the clipping norm is the trainable ones' too)."""
     schedule = SCHEDULES[t.schedule](t)
     adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
     clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
     if model is not None and model.parametrization == "mup":
-        return optax.chain(clip, adamw, mup_learning_rates(model.width_mult)), schedule
-    return optax.chain(clip, adamw), schedule
+        tx = optax.chain(clip, adamw, mup_learning_rates(model.width_mult))
+    else:
+        tx = optax.chain(clip, adamw)
+    if not t.trainable:
+        return tx, schedule
+
+    def labels(params):
+        return jax.tree.map(lambda train: "train" if train else "frozen", trainable_mask(t.trainable, params))
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels), schedule

@@ -22,9 +22,10 @@ from parallel.sharding import global_batch
 from tests.conftest import tiny_run
 from tests.multidevice.test_meshes import text_batches
 from training.config import with_vocab
-from training.layout import abstract_state, model_for, plan, shardings_of
+from training.layout import model_for, plan
 from training.loop import jit_train_step
 from training.optim import make_optimizer
+from training.state import abstract_state, shardings_of
 from training.step import init_state
 
 # One layer and one causal attention block: the expert exchange runs per layer, and each of the six train steps

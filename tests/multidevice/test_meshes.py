@@ -15,9 +15,10 @@ from data.corpus import stdlib_files
 from parallel.sharding import global_batch
 from tests.conftest import tiny_run
 from training.config import with_vocab
-from training.layout import abstract_state, model_for, plan, shardings_of
+from training.layout import model_for, plan
 from training.loop import jit_train_step
 from training.optim import make_optimizer
+from training.state import abstract_state, shardings_of
 from training.step import init_state
 
 # GQA (8 query heads over 4 K/V heads) so tensor=4 still leaves whole K/V heads on each device. One causal

@@ -19,9 +19,10 @@ from parallel.sharding import global_batch
 from tests.conftest import tiny_run
 from tests.multidevice.test_meshes import EOD, text_batches
 from training.config import ConfigError, with_vocab
-from training.layout import abstract_state, attention_for, model_for, plan, shardings_of
+from training.layout import attention_for, model_for, plan
 from training.loop import jit_train_step
 from training.optim import make_optimizer
+from training.state import abstract_state, shardings_of
 from training.step import init_state
 
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}

@@ -14,9 +14,10 @@ from model import Transformer
 from tests.conftest import tiny_run
 from tests.multidevice.test_meshes import MODEL, STEPS
 from training.dry_run import dry_run
-from training.layout import abstract_state, plan
+from training.layout import plan
 from training.loop import train
 from training.optim import make_optimizer
+from training.state import abstract_state
 from training.step import init_state
 
 

@@ -1,0 +1,56 @@
+"""The train state: what one optimizer step reads and writes, its abstract shapes and where its arrays live.
+
+`frozen` holds a model that rides along untrained (an objective's reference, e.g. the params the run started from):
+no gradients reach it, the optimizer keeps nothing for it, and it is sharded as the params are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from model import Transformer
+from training.layout import Layout, abstract_variables
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    model_state: Any = flax.struct.field(default_factory=dict)  # non-trained variables, e.g. a router's bias
+    frozen: Any = flax.struct.field(default_factory=dict)  # a frozen copy of params, for objectives that need one
+
+
+def abstract_state(
+    model: Transformer, tx: optax.GradientTransformation, layout: Layout, frozen: bool = False
+) -> TrainState:
+    """The train state's shapes, dtypes and shardings; allocates nothing. The optimizer's moments take
+    their params' shardings (FSDP shards them with the params: ZeRO-3); counters and the RNG key are replicated.
+    With `frozen`, the state also holds a frozen copy of the params, placed as they are."""
+    variables = abstract_variables(model, layout)
+    params = variables["params"]
+    opt_state = jax.eval_shape(tx.init, params)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, opt_state, param_shardings, transform_non_params=lambda _: layout.replicated
+    )
+    place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    rep, key = layout.replicated, jax.eval_shape(lambda: jax.random.key(0))
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+        params=params,
+        opt_state=jax.tree.map(place, opt_state, opt_shardings),
+        rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
+        model_state=variables["state"],
+        frozen=params if frozen else {},
+    )
+
+
+def shardings_of(abstract: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, abstract)
