@@ -193,7 +193,7 @@ def pallas_blocker(cfg: ModelConfig, documents: bool = False) -> str | None:
     """Why the Pallas kernels (model/kernels/flash_attention, decode_attention) cannot run `cfg` here, or None:
     GPUs lower them through Pallas' Triton lowering, TPUs through Mosaic (where a head's whole sequence must fit
     in VMEM), a CPU interprets them (slow, for tests); ALiBi or no bias. Any device count: a kernel is a per-device
-    program (XLA splits neither a Triton nor a Mosaic call), so on a mesh training/layout.py runs it inside
+    program (XLA splits neither a Triton nor a Mosaic call), so on a mesh parallel/hooks.py runs it inside
     `jax.shard_map` on each device's batch rows and heads (`Implementation.per_device`). Both lowerings are
     checked on CPU (tests/test_kernel_lowering.py: export, and Mosaic's compiler where libtpu is installed);
     neither has run on hardware here."""
@@ -265,7 +265,7 @@ class Implementation:
     implementation that cannot read pages gathers with `view.dense()`).
 
     `per_device`: `attend` is one device's program (a Pallas or custom call) that XLA cannot split over a mesh
-    (it would gather every input onto each device); training/layout.py then runs it on each device's own batch
+    (it would gather every input onto each device); parallel/hooks.py then runs it on each device's own batch
     rows and heads inside `jax.shard_map`, handing it a bias function over those heads only."""
 
     blocker: Callable[[ModelConfig, bool], str | None]

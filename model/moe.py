@@ -364,6 +364,11 @@ class MoE(nn.Module):
         ]
 
     @staticmethod
+    def mesh_dims(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
+        """The dimensions it splits over the mesh: logical name -> (the config key that sets it, its size)."""
+        return {"experts": (_KEY + "num_experts", cfg.moe.num_experts)}
+
+    @staticmethod
     def layer_kind(cfg: ModelConfig, layer: int) -> str:
         return NAME if cfg.moe.sparse(layer) else DENSE
 

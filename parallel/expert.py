@@ -1,7 +1,7 @@
 """Expert parallelism: an MoE layer's experts split over the `expert` mesh axis, assignments moved to the device
 holding their expert and back by all-to-all inside `shard_map`.
 
-Installed by training/layout.py as model/moe.py's collectives hook (`moe.expert_collectives`) when
+Built by parallel/hooks.py into the model's hooks (`Hooks.experts`, model/runtime.py) when
 `mesh.expert > 1`; the model itself never sees the mesh. Routing, capacity and the balancing terms stay outside,
 global, so an expert-parallel run computes what one device computes.
 

@@ -110,8 +110,8 @@ def test_bad_values_name_key_value_and_what_is_allowed(group, fields, match):
 def test_experts_must_divide_over_the_expert_axis_that_mesh_expert_minus_1_takes():
     import jax
 
+    from parallel.layout import plan
     from parallel.mesh import MeshError
-    from training.layout import plan
 
     moe = {"mlp": "moe", "moe": {"num_experts": 8, "top_k": 2}}
     run = resolve(tiny_config(model=moe, train={"batch_size": 6}, mesh={"data": 1, "expert": -1}))

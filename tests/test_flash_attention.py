@@ -21,7 +21,6 @@ from model.kernels.flash_attention import visited_blocks
 from model.mask import Mask
 from tests.conftest import tiny_run
 from tests.kernel_cases import CASES, CUDNN_CASES, Case, check_cudnn, check_flash, cudnn_config
-from training.config import ConfigError
 from training.evaluation import Inputs, cross_entropy
 
 
@@ -70,9 +69,10 @@ def test_pallas_selected_by_config_and_cudnn_refused_on_cpu_in_one_line(monkeypa
     assert "pallas" not in AUTO_ORDER["cpu"]  # interpreted on CPUs: never chosen for you
     with pytest.raises(ValueError, match=r"attention_impl='cudnn' cannot run here: backend is cpu .*allowed here:"):
         choose(dataclasses.replace(cfg, attention_impl="cudnn"))
-    from training.layout import plan
+    from parallel.layout import plan
+    from parallel.mesh import MeshError
 
-    with pytest.raises(ConfigError, match="attention_impl='cudnn' cannot run here: backend is cpu") as e:
+    with pytest.raises(MeshError, match="attention_impl='cudnn' cannot run here: backend is cpu") as e:
         plan(tiny_run(model={"attention_impl": "cudnn"}))
     assert "\n" not in str(e.value)
 

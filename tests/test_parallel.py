@@ -13,11 +13,11 @@ import pytest
 from model import param_counts
 from parallel.config import DEFAULT_RULES, MeshConfig
 from parallel.distributed import DistributedError, initialize
+from parallel.layout import plan
 from parallel.mesh import MeshError, resolve_sizes
 from parallel.sharding import logical_rules
 from tests.conftest import REPO, tiny_config, tiny_run
 from training.config import ConfigError, resolve, with_vocab
-from training.layout import plan
 
 
 def test_minus_one_takes_the_remaining_devices():

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from data.config import BATCH_FIELDS
 from data.tokenizer import planned_vocab_size
 from model import flops_per_token, param_counts
+from parallel.layout import model_for, plan
 from training.config import RunConfig, with_vocab
-from training.layout import model_for, plan
 from training.loop import check_trainable, jit_train_step
 from training.objectives import OBJECTIVES
 from training.optim import make_optimizer

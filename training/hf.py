@@ -18,9 +18,9 @@ from data.tokenizer import HFTokenizer, Tokenizer, load_file
 from model import Transformer
 from model import hf as hf_lib
 from model.config import ModelConfig, settable_fields
+from parallel.layout import Layout, abstract_variables
 from training.checkpoint import Checkpointer, CheckpointError, checkpoints_dir, load_for_inference, meta_for
 from training.config import CheckpointConfig, RunConfig, resolve, with_vocab
-from training.layout import Layout, abstract_variables
 from training.state import shardings_of
 
 TRAIN_SEQ_LEN = 2048  # the training windows of the config an import writes (at most the model's context)

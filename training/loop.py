@@ -25,6 +25,7 @@ from data.tokenizer import tokenizer_to_dict
 from model import Transformer, flops_per_token, param_counts
 from model import mtp as mtp_lib
 from model.positions import POSITIONS
+from parallel.layout import Layout, abstract_params, host_copy, model_for, plan, sequence_order
 from parallel.sharding import global_batch, process_rows, replicated_batch
 from sampling import generate, prompt_ids
 from training.checkpoint import (
@@ -40,7 +41,6 @@ from training.checkpoint import (
 from training.checkpoint import abstract_params as model_params
 from training.config import ConfigError, RunConfig, with_vocab
 from training.evaluation import Inputs, evaluate, make_eval_step
-from training.layout import Layout, abstract_params, host_copy, model_for, plan, sequence_order
 from training.metrics import MetricsWriter, StepClock, mfu_warning, peak_flops
 from training.objectives import OBJECTIVES
 from training.optim import SCHEDULES, make_optimizer, path_name, unmatched

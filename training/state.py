@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from model import Transformer
-from training.layout import Layout, abstract_variables
+from parallel.layout import Layout, abstract_variables
 
 
 @flax.struct.dataclass

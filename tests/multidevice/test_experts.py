@@ -17,12 +17,12 @@ from model.moe import MoE, capacity
 from model.runtime import TRAINING, Hooks
 from parallel.config import MeshConfig
 from parallel.expert import expert_parallel
+from parallel.layout import model_for, plan
 from parallel.mesh import make_mesh
 from parallel.sharding import global_batch
 from tests.conftest import tiny_run
 from tests.multidevice.test_meshes import text_batches
 from training.config import with_vocab
-from training.layout import model_for, plan
 from training.loop import jit_train_step
 from training.optim import make_optimizer
 from training.state import abstract_state, shardings_of

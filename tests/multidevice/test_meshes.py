@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from data.corpus import stdlib_files
+from parallel.layout import model_for, plan
 from parallel.sharding import global_batch
 from tests.conftest import tiny_run
 from training.config import with_vocab
-from training.layout import model_for, plan
 from training.loop import jit_train_step
 from training.optim import make_optimizer
 from training.state import abstract_state, shardings_of

@@ -1,4 +1,4 @@
-"""The Pallas kernels on a mesh (training/layout.py's per-device wrapper): every device runs the kernel on its own
+"""The Pallas kernels on a mesh (parallel/hooks.py's per-device wrapper): every device runs the kernel on its own
 batch rows and heads inside `jax.shard_map`, so a sharded run trains as one device with XLA's attention does, and
 no q, k or v is gathered around the kernel. (Interpreted on CPU: the smallest shapes.)"""
 
@@ -15,11 +15,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from model.attention import IMPLEMENTATIONS
 from model.mask import Mask
 from model.positions import AlibiBias
+from parallel.hooks import attention_for
+from parallel.layout import model_for, plan
+from parallel.mesh import MeshError
 from parallel.sharding import global_batch
 from tests.conftest import tiny_run
 from tests.multidevice.test_meshes import EOD, text_batches
-from training.config import ConfigError, with_vocab
-from training.layout import attention_for, model_for, plan
+from training.config import with_vocab
 from training.loop import jit_train_step
 from training.optim import make_optimizer
 from training.state import abstract_state, shardings_of
@@ -87,7 +89,7 @@ def test_no_all_gather_of_q_k_v_around_the_kernel():
 def test_head_counts_that_do_not_split_and_sequence_parallelism():
     # K/V heads kept whole by the rules but query heads split: the kernel would split a GQA group.
     rules = {"kv_heads": ""}
-    with pytest.raises(ConfigError, match=r"model.num_kv_heads=2 must|num_kv_heads=2 and") as e:
+    with pytest.raises(MeshError, match=r"model.num_kv_heads=2 must|num_kv_heads=2 and") as e:
         _layout({"data": 2, "tensor": 4, "rules": rules}, num_heads=8, num_kv_heads=2)
     assert "\n" not in str(e.value) and "attention_impl='pallas'" in str(e.value)
     # mesh.sequence > 1: ring attention, whatever model.attention_impl names.

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from model import Transformer
+from parallel.layout import plan
 from tests.conftest import tiny_run
 from tests.multidevice.test_meshes import MODEL, STEPS
 from training.dry_run import dry_run
-from training.layout import plan
 from training.loop import train
 from training.optim import make_optimizer
 from training.state import abstract_state
