@@ -148,7 +148,7 @@ class ModelDrafter:
     round it rewinds to the pending token's predecessor and reads it and the pending token (the predecessor may
     be an accepted draft it never read), then drafts k - 1 more one by one."""
 
-    model: Transformer  # the drafter, decode=True, layers unrolled
+    model: Transformer  # the drafter, decoding (rt.decode set), layers unrolled
     k: int
 
     def params_of(self, target_params, draft_params):

@@ -1,8 +1,8 @@
 """Flash-decoding in Pallas: a few new queries per row against the decode cache, split over the cache length.
 
 q [B, T, N, H] (T = 1 when sampling, a few when verifying speculative drafts, the prompt when prefilling) attends
-over a cache laid out [B, K, S, H] (model/gqa.py's `KVCache`) whose slots carry positions (-1: empty), so each row
-has its own length and a rolling cache's slots need not be in order. The G = N / K query heads sharing a K/V head
+over a cache laid out [B, K, S, H] (model/gqa.py's keys and values in model/cache.py's `Rows` layout) whose
+slots carry positions (-1: empty), so each row has its own length and a rolling cache's slots need not be in order. The G = N / K query heads sharing a K/V head
 and the T queries are stacked into M = T * G rows, so one program reads each cached key once for all of them.
 
 The grid is (batch row, K/V head, row block, split): each split walks its share of the cache in key blocks with an
