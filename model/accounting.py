@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from model import mtp as mtp_lib
+from model import heads as heads_lib
 from model.config import ModelConfig
 from model.kinds import ATTENTION_KINDS, MLP_KINDS
 from model.layers import NORMS
@@ -38,8 +38,9 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
         shared = attention.param_count(cfg) + 2 * norm_params
         total += shared + mlp.param_count(cfg)
         active += shared + mlp.matmul_params(cfg)
-    total += mtp_lib.param_count(cfg)  # multi-token prediction heads: every token uses all of them in training
-    active += mtp_lib.param_count(cfg)
+    for head in heads_lib.active(cfg).values():  # extra heads: every token uses all of a head where it runs
+        total += head.param_count(cfg)
+        active += head.param_count(cfg)
     embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     if POSITIONS[cfg.position].bounded:
         embedding += cfg.max_seq_len * cfg.d_model
@@ -65,8 +66,9 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> int:
     """Matmul FLOPs per token: 2N forward with N the active parameters (6N training, Kaplan et al.) plus the
-    attention term. Training also runs the multi-token prediction heads (their blocks and shared output head)."""
+    attention term, and the extra heads' (model/heads.py) where they run (training-only ones in training only)."""
     forward = 2 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
-    if training:
-        forward += 2 * mtp_lib.matmul_params(cfg) + mtp_lib.attention_flops(cfg, seq_len)
+    for head in heads_lib.active(cfg).values():
+        if training or not head.training_only:
+            forward += 2 * head.matmul_params(cfg) + head.attention_flops(cfg, seq_len)
     return 3 * forward if training else forward

@@ -19,10 +19,14 @@ predicting the token d + 1 after each position t (the main head predicts t + 1):
 Every MTP block is a full layer of the model's attention and MLP kinds with global attention (window 0), so it
 keeps its own decode cache. A style is a module `(cfg, rt)` (rt: model/runtime.py) called
 `(trunk_BTD, ahead_BTA, mask, embedding, logits_of, choose=None) -> (logits_KBTV, ahead_BTA)` with static
-`lookahead(cfg)` (the furthest column of `ahead_BTA` its inputs read: how far drafting lags), `param_count(cfg)`,
-`matmul_params(cfg)` and `attention_flops(cfg, context)`. `ahead_BTA[b, t, j]` is the token j + 1 after
-position t (column 0: the main head's target); `choose(d, logits_BTV, ahead_BTA)` (drafting) may fill in the
-tokens depth d has just drafted before the next depth reads them.
+`lookahead(cfg)` (the furthest column of `ahead_BTA` its inputs read: how far drafting lags), `param_count(cfg)`
+and `matmul_params(cfg)`. `ahead_BTA[b, t, j]` is the token j + 1 after position t (column 0: the main head's
+target); `choose(d, logits_BTV, ahead_BTA)` (drafting) may fill in the tokens depth d has just drafted before the
+next depth reads them.
+
+`Head` is MTP's entry in the extra heads' table (model/heads.py, "mtp"): when it is on, how many more tokens a
+training window carries, its module, its losses and its counts; the transformer, the accounting and the training
+inputs reach MTP only through that table. `Drafter` runs the heads alone for speculative decoding.
 
 As model/kinds.py's entries do, each entry of STYLES declares its config group, `model.mtp` (MTPConfig), and its
 rules (`config_group`, `config_errors`); model.config chooses an entry of STYLES by `model.mtp.style`.
@@ -158,24 +162,6 @@ class Parallel(nn.Module):
 STYLES: dict[str, type[nn.Module]] = {"sequential": Sequential, "parallel": Parallel}
 
 
-def heads(cfg: ModelConfig, rt: Runtime, *, name: str = "mtp"):
-    """The MTP module of `cfg` (None when cfg.mtp.num_heads is 0)."""
-    if cfg.mtp.num_heads == 0:
-        return None
-    return STYLES[cfg.mtp.style](cfg, rt, name=name)
-
-
-def extra_tokens(cfg: ModelConfig) -> int:
-    """Tokens a training window carries beyond the main head's seq_len + 1 (depth d's targets run d further)."""
-    return cfg.mtp.num_heads
-
-
-def ahead(window_BW: jax.Array, columns: int) -> jax.Array:
-    """ahead_BTA from windows of T + columns tokens: column j is the token j + 1 after each of the first T."""
-    T = window_BW.shape[1] - columns
-    return jnp.stack([window_BW[:, 1 + j : 1 + j + T] for j in range(columns)], axis=-1)
-
-
 def losses(cfg: ModelConfig, logits_KBTV: jax.Array, ahead_BTA: jax.Array) -> dict[str, Aux]:
     """`mtp_loss` (the mean over depths, weighted by loss_weight in the training loss) and `mtp_loss_<d>` (logged
     only): each depth's mean cross-entropy against its targets (column d of ahead_BTA). No z-loss or label
@@ -193,20 +179,40 @@ def lookahead(cfg: ModelConfig) -> int:
     return STYLES[cfg.mtp.style].lookahead(cfg)
 
 
-def param_count(cfg: ModelConfig) -> int:
-    return STYLES[cfg.mtp.style].param_count(cfg) if cfg.mtp.num_heads else 0
+class Head:
+    """Multi-token prediction as the entry "mtp" of the extra heads' table (model/heads.py): on when
+    model.mtp.num_heads > 0, run in training only, its module the style's, params under "mtp"."""
 
+    training_only = True
+    losses = staticmethod(losses)
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """Weights each token is multiplied by in the heads' forward pass, their shared output head included."""
-    if cfg.mtp.num_heads == 0:
-        return 0
-    return STYLES[cfg.mtp.style].matmul_params(cfg) + cfg.mtp.num_heads * cfg.d_model * cfg.vocab_size
+    @staticmethod
+    def active(cfg: ModelConfig) -> bool:
+        return cfg.mtp.num_heads > 0
 
+    @staticmethod
+    def extra_tokens(cfg: ModelConfig) -> int:
+        return cfg.mtp.num_heads  # depth d's targets run d further than the main head's
 
-def attention_flops(cfg: ModelConfig, seq_len: int) -> int:
-    spec = block_spec(cfg)
-    return cfg.mtp.num_heads * ATTENTION_KINDS[spec.attention].attention_flops(cfg, seq_len)
+    @staticmethod
+    def forward(cfg: ModelConfig, rt: Runtime, name: str, trunk_BTD, ahead_BTA, mask: Mask, embedding, logits_of):
+        """Float32 logits [K, B, T, V] of the K depths."""
+        logits_KBTV, _ = STYLES[cfg.mtp.style](cfg, rt, name=name)(trunk_BTD, ahead_BTA, mask, embedding, logits_of)
+        return logits_KBTV
+
+    @staticmethod
+    def param_count(cfg: ModelConfig) -> int:
+        return STYLES[cfg.mtp.style].param_count(cfg)
+
+    @staticmethod
+    def matmul_params(cfg: ModelConfig) -> int:
+        """The heads' weights each token is multiplied by, their shared output head included."""
+        return STYLES[cfg.mtp.style].matmul_params(cfg) + cfg.mtp.num_heads * cfg.d_model * cfg.vocab_size
+
+    @staticmethod
+    def attention_flops(cfg: ModelConfig, seq_len: int) -> int:
+        spec = block_spec(cfg)
+        return cfg.mtp.num_heads * ATTENTION_KINDS[spec.attention].attention_flops(cfg, seq_len)
 
 
 class Drafter(nn.Module):
@@ -222,7 +228,8 @@ class Drafter(nn.Module):
         embedding = token_embedding(self.cfg, self.rt)
         logits_of = output_head(self.cfg, self.rt, embedding)
         mask = Mask.self_attention(positions_BT)
-        return heads(self.cfg, self.rt)(trunk_BTD, ahead_BTA, mask, embedding, logits_of, choose)
+        heads = STYLES[self.cfg.mtp.style](self.cfg, self.rt, name="mtp")  # the transformer's name for them (HEADS)
+        return heads(trunk_BTD, ahead_BTA, mask, embedding, logits_of, choose)
 
     @staticmethod
     def params_of(params: dict) -> dict:

@@ -16,7 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from model import mtp as mtp_lib
+from model import heads as heads_lib
 from model.aux import Aux, mean_over_layers
 from model.block import Block
 from model.config import LayerSpec, ModelConfig
@@ -44,7 +44,7 @@ class Output:
     logits_BTV: jax.Array  # float32
     hidden_BTD: jax.Array  # the last layer's output, before the final norm (for extra heads)
     aux: dict[str, Aux]  # named auxiliary terms, averaged over the layers that produce them
-    mtp_logits_KBTV: jax.Array | None = None  # float32 logits of the multi-token prediction depths (model/mtp.py)
+    extra: dict[str, jax.Array] = flax.struct.field(default_factory=dict)  # float32 logits of each extra head that ran
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,8 @@ class Transformer(nn.Module):
         with positions restarting at each document) keeps attention inside documents. `in_order`: the tokens are
         in sequence order, so no key after its query is ever visible (default: positions were not given).
         `ahead_BTA` (training): column j holds the token j + 1 after each position (column 0: the targets), for
-        the multi-token prediction heads, which then run and add their losses to `aux` (model/mtp.py)."""
+        the extra heads the config turns on (model/heads.py), which then run (their logits in `extra`, under
+        their names) and add their losses to `aux`."""
         cfg = self.cfg
         in_order = positions_BT is None if in_order is None else in_order
         if positions_BT is None:
@@ -192,20 +193,21 @@ class Transformer(nn.Module):
         hidden_BTD = x_BTD
         logits_of = output_head(cfg, rt, embedding)
         out = Output(logits_of(hidden_BTD), hidden_BTD, mean_over_layers(aux))
-        if ahead_BTA is not None and (heads := mtp_lib.heads(cfg, rt, name="mtp")) is not None:
-            mtp_logits_KBTV, _ = heads(hidden_BTD, ahead_BTA, mask, embedding, logits_of)
-            out = out.replace(
-                mtp_logits_KBTV=mtp_logits_KBTV, aux={**out.aux, **mtp_lib.losses(cfg, mtp_logits_KBTV, ahead_BTA)}
-            )
+        for name, head in heads_lib.active(cfg).items():
+            if ahead_BTA is None and head.training_only:
+                continue
+            logits = head.forward(cfg, rt, name, hidden_BTD, ahead_BTA, mask, embedding, logits_of)
+            aux_terms = {} if ahead_BTA is None else head.losses(cfg, logits, ahead_BTA)
+            out = out.replace(extra={**out.extra, name: logits}, aux={**out.aux, **aux_terms})
         return out
 
 
 def init_variables(model: Transformer, rng: jax.Array) -> dict:
     """The model's initial variables ({"params": ...} plus {"state": ...} where a layer keeps non-trained state),
-    boxed with their logical axis names, the multi-token prediction heads' included. Plain attention: variables do not depend on how attention is computed (ring
-    attention splits the batch, which a 1-row dummy cannot be)."""
+    boxed with their logical axis names, the extra heads' included (model/heads.py). Plain attention: variables do
+    not depend on how attention is computed (ring attention splits the batch, which a 1-row dummy cannot be)."""
     dummy_BT = jnp.zeros((1, model.cfg.max_seq_len), jnp.int32)
-    ahead_BTA = jnp.zeros((*dummy_BT.shape, 1 + mtp_lib.extra_tokens(model.cfg)), jnp.int32)  # the MTP heads too
+    ahead_BTA = jnp.zeros((*dummy_BT.shape, 1 + heads_lib.extra_tokens(model.cfg)), jnp.int32)  # the heads run too
     plain = model.clone(rt=dataclasses.replace(model.rt, decode=None, hooks=Hooks()))
     variables = plain.init(rng, dummy_BT, ahead_BTA=ahead_BTA, method="forward")
     return {k: v for k, v in variables.items() if k in ("params", "state")}

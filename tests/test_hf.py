@@ -394,7 +394,7 @@ def test_deepseek_mtp_layer_loads_as_the_sequential_head_and_exports_back(tmp_pa
     (what save_pretrained writes) loads without heads."""
     import jax
 
-    from model import mtp as mtp_lib
+    from model import heads as heads_lib
     from model.mtp import MTPConfig
 
     hf_model = build("deepseek_v3", tmp_path / "hf")
@@ -407,9 +407,9 @@ def test_deepseek_mtp_layer_loads_as_the_sequential_head_and_exports_back(tmp_pa
     assert cfg.mtp == MTPConfig(num_heads=1, style="sequential")
     window_BW = ids(batch=2, length=24 + 2, seed=6)
     forward = jax.jit(lambda v, t, a: model.Transformer(cfg).apply(v, t, ahead_BTA=a, method="forward"))
-    out = forward(variables, window_BW[:, :-2], mtp_lib.ahead(window_BW, 2))
+    out = forward(variables, window_BW[:, :-2], heads_lib.ahead(window_BW, 2))
     want = torch_mtp_logits(hf_model, mtp, window_BW[:, :-1])
-    np.testing.assert_allclose(out.mtp_logits_KBTV[0], want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out.extra["mtp"][0], want, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(out.logits_BTV, torch_logits(hf_model, window_BW[:, :-2]), atol=1e-4, rtol=1e-4)
 
     model.hf.save(cfg, variables, tmp_path / "out")

@@ -121,12 +121,14 @@ def test_model_imports_run_one_way():
 
 def test_the_graph_is_what_the_modules_say():
     """The reader sees the edges that matter: config imports the tables, the kinds import config only for type
-    checking, and the transformer's blocks come from model.block."""
+    checking, the transformer's blocks come from model.block, and its extra heads from model.heads."""
     found = imports(REPO, "model")
     assert {"model.kinds", "model.mtp"} <= found["model.config"][0]
     for kind in ("model.gqa", "model.mla", "model.moe", "model.mtp", "model.block", "model.attention"):
         assert "model.config" not in found[kind][0] and "model.config" in found[kind][2], kind
     assert "model.block" in found["model.transformer"][0] and "model.block" in found["model.mtp"][0]
+    for user in ("model.transformer", "model.accounting"):  # they reach MTP only through the extra heads' table
+        assert "model.heads" in found[user][0] and "model.mtp" not in found[user][2], user
 
 
 def _package(root: pathlib.Path, files: dict[str, str]) -> pathlib.Path:

@@ -15,6 +15,7 @@ import pytest
 
 from data.pipeline import Windows
 from model import ModelConfig, Transformer, flops_per_token, init_variables, param_counts
+from model import heads as heads_lib
 from model import mtp as mtp_lib
 from model.aux import weighted_sum
 from model.block import Block
@@ -46,7 +47,7 @@ def test_each_depth_targets_the_token_d_plus_one_ahead():
     rng = np.random.default_rng(0)
     T, K = 12, 3
     window_BW = rng.integers(0, 40, (2, T + 1 + K)).astype(np.int32)
-    ahead_BTA = np.asarray(mtp_lib.ahead(jnp.asarray(window_BW), K + 1))
+    ahead_BTA = np.asarray(heads_lib.ahead(jnp.asarray(window_BW), K + 1))
     for t in range(T):
         for j in range(K + 1):
             np.testing.assert_array_equal(ahead_BTA[:, t, j], window_BW[:, t + 1 + j])
@@ -55,10 +56,10 @@ def test_each_depth_targets_the_token_d_plus_one_ahead():
     params = nn.unbox(jit_init(model, 0))
     out, targets_BT = jax.jit(lambda w: Inputs(extra_tokens=K)(w, model, params))(jnp.asarray(window_BW))
     np.testing.assert_array_equal(targets_BT, window_BW[:, 1 : T + 1])
-    assert out.logits_BTV.shape == (2, T, 40) and out.mtp_logits_KBTV.shape == (K, 2, T, 40)
+    assert out.logits_BTV.shape == (2, T, 40) and out.extra["mtp"].shape == (K, 2, T, 40)
     eval_inputs = jax.jit(lambda w: Inputs(extra_tokens=K).for_eval()(w, model, params))
     eval_out, eval_targets_BT = eval_inputs(jnp.asarray(window_BW[:, : T + 1]))
-    assert eval_out.mtp_logits_KBTV is None and "mtp_loss" not in eval_out.aux
+    assert "mtp" not in eval_out.extra and "mtp_loss" not in eval_out.aux
     np.testing.assert_array_equal(eval_targets_BT, targets_BT)
     np.testing.assert_allclose(eval_out.logits_BTV, out.logits_BTV, rtol=1e-6, atol=1e-6)  # the heads change nothing
 
@@ -111,9 +112,9 @@ def test_heads_and_per_depth_losses_match_an_independent_computation(style):
     )
     window_BW = jax.random.randint(jax.random.key(2), (3, 16 + 1 + 2), 0, 40)
     out, _ = jax.jit(lambda w: Inputs(extra_tokens=2)(w, model, {"params": params}))(window_BW)
-    tokens_BT, ahead_BTA = window_BW[:, :16], mtp_lib.ahead(window_BW, 3)
+    tokens_BT, ahead_BTA = window_BW[:, :16], heads_lib.ahead(window_BW, 3)
     want_KBTV = by_hand(cfg, params, tokens_BT, ahead_BTA)
-    np.testing.assert_allclose(out.mtp_logits_KBTV, want_KBTV, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out.extra["mtp"], want_KBTV, rtol=1e-4, atol=1e-4)
 
     w = np.asarray(window_BW)
     for d in (1, 2):

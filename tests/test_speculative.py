@@ -17,7 +17,7 @@ import pytest
 from scipy import stats
 
 from model import ModelConfig, Transformer, init_variables, unstack_layers
-from model import mtp as mtp_lib
+from model import heads as heads_lib
 from model.cache import init_cache, rewind
 from model.mtp import MTPConfig
 from sampling import Rules, generate_batch
@@ -51,9 +51,9 @@ def heads_forward(net):
     K = net.cfg.mtp.num_heads
 
     def drafts(params, tokens):
-        ahead = mtp_lib.ahead(tokens, K + 1)
+        ahead = heads_lib.ahead(tokens, K + 1)
         out = net.apply({"params": params}, tokens[:, : -K - 1], ahead_BTA=ahead, method=Transformer.forward)
-        return jnp.argmax(out.mtp_logits_KBTV[:, 0], -1)
+        return jnp.argmax(out.extra["mtp"][:, 0], -1)
 
     return jax.jit(drafts)
 

@@ -118,7 +118,7 @@ def setup(cfg: ModelConfig):
 
 def run(model, variables, tokens_BT, ahead_BTA):
     out = model.apply(variables, tokens_BT, ahead_BTA=ahead_BTA, method="forward")
-    return out.logits_BTV, out.mtp_logits_KBTV
+    return out.logits_BTV, out.extra.get("mtp")
 
 
 def read_each(fmt: Perturbed, params: dict, calls: dict[str, int] | None = None):

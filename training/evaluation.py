@@ -12,7 +12,7 @@ import numpy as np
 
 import data as data_lib
 from model import Output, Transformer
-from model import mtp as mtp_lib
+from model import heads as heads_lib
 from model.mask import documents
 
 
@@ -35,8 +35,8 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, z_loss: float = 
 class Inputs:
     """How a batch of windows [B, T+1] becomes the model's inputs: `order_T` is ring attention's zig-zag layout
     (None: in order), `eod_id` the end-of-document token when attention stays inside documents (None: it doesn't).
-    With `extra_tokens` (training with multi-token prediction heads) windows are [B, T+1+extra] and the model
-    also gets each position's further targets (model/mtp.py); evaluation uses `for_eval()`, the main head only."""
+    With `extra_tokens` (training with extra heads, model/heads.py) windows are [B, T+1+extra] and the model also
+    gets each position's further targets (`ahead_BTA`); evaluation uses `for_eval()`, the main head only."""
 
     order_T: np.ndarray | None = None
     eod_id: int | None = None
@@ -53,7 +53,7 @@ class Inputs:
         documents that `eod_id` finds."""
         ahead_BTA = None
         if self.extra_tokens:
-            ahead_BTA = mtp_lib.ahead(tokens_BT1, 1 + self.extra_tokens)
+            ahead_BTA = heads_lib.ahead(tokens_BT1, 1 + self.extra_tokens)
             tokens_BT1 = tokens_BT1[:, : -self.extra_tokens]
         inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
         positions_BT = None

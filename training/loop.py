@@ -23,7 +23,7 @@ from tqdm import tqdm
 import data as data_lib
 from data.tokenizer import tokenizer_to_dict
 from model import Transformer, flops_per_token, param_counts
-from model import mtp as mtp_lib
+from model import heads as heads_lib
 from model.positions import POSITIONS
 from parallel.layout import Layout, abstract_params, host_copy, model_for, plan, sequence_order
 from parallel.sharding import global_batch, process_rows, replicated_batch
@@ -55,7 +55,7 @@ def inputs_for(run: RunConfig, layout: Layout, eod_id: int | None) -> Inputs:
     if run.data.document_mask and eod_id is None:
         raise ValueError("data.document_mask needs the tokenizer's end-of-document id")
     order_T = sequence_order(run.data.seq_len, layout)
-    return Inputs(order_T, eod_id if run.data.document_mask else None, mtp_lib.extra_tokens(run.model))
+    return Inputs(order_T, eod_id if run.data.document_mask else None, heads_lib.extra_tokens(run.model))
 
 
 def jit_train_step(
