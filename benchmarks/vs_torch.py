@@ -31,6 +31,21 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+def mixtral_flags(m) -> dict[str, str]:
+    """MixtralForCausalLM with our experts: each of width d_ff_expert."""
+    e = m.moe
+    return {
+        "--d_ff": str(e.d_ff_of(m)),
+        "--num_experts": str(e.num_experts),
+        "--top_k": str(e.top_k),
+        "--aux_loss_weight": str(e.aux_loss_weight),
+    }
+
+
+# torch_llama.py's flags for our MLP kind (model.mlp), over the dense SwiGLU ones; a kind not here runs as SwiGLU.
+TORCH_MLP_FLAGS = {"moe": mixtral_flags}
+
+
 def last_json(output: str) -> dict:
     return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
 
@@ -52,18 +67,17 @@ def main() -> None:
 
     run = load_config(args.config, args.vocab)
     m, d, t = run.model, run.data, run.train
+    flags = {
+        "--steps": str(args.steps), "--d_model": str(m.d_model), "--num_layers": str(m.num_layers),
+        "--num_heads": str(m.num_heads), "--num_kv_heads": str(m.num_kv_heads), "--d_ff": str(m.d_ff),
+        "--vocab": str(args.vocab), "--seq_len": str(d.seq_len), "--batch": str(t.batch_size),
+    }  # fmt: skip
+    if m.mlp in TORCH_MLP_FLAGS:
+        flags |= TORCH_MLP_FLAGS[m.mlp](m)
     torch_cmd = [
-        args.torch_python, str(HERE / "torch_llama.py"), "--json", "--steps", str(args.steps),
-        "--d_model", str(m.d_model), "--num_layers", str(m.num_layers), "--num_heads", str(m.num_heads),
-        "--num_kv_heads", str(m.num_kv_heads), "--d_ff", str(m.d_ff), "--vocab", str(args.vocab),
-        "--seq_len", str(d.seq_len), "--batch", str(t.batch_size),
+        args.torch_python, str(HERE / "torch_llama.py"), "--json", *(x for flag in flags.items() for x in flag),
         *(["--tie_embeddings"] if m.tie_embeddings else []),
     ]  # fmt: skip
-    if m.mlp == "moe":  # Mixtral: experts of width d_ff_expert
-        e = m.moe
-        torch_cmd[torch_cmd.index("--d_ff") + 1] = str(e.d_ff_of(m))
-        torch_cmd += ["--num_experts", str(e.num_experts), "--top_k", str(e.top_k),
-                      "--aux_loss_weight", str(e.aux_loss_weight)]  # fmt: skip
     ours_cmd = [
         sys.executable,
         str(HERE / "throughput.py"),

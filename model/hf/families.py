@@ -9,6 +9,8 @@ the key, in either direction.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import ClassVar
 
 from model import mtp as mtp_lib
 from model.config import LayerSpec, ModelConfig
@@ -98,6 +100,22 @@ def _dtype(hf: dict) -> str:
     return value
 
 
+def swiglu_entries(p: str, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Entry]:
+    return {
+        ("params", *prefix, "gate", "kernel"): linear(p + "gate_proj.weight"),
+        ("params", *prefix, "up", "kernel"): linear(p + "up_proj.weight"),
+        ("params", *prefix, "down", "kernel"): linear(p + "down_proj.weight"),
+    }
+
+
+# A layer's MLP as a family stores it: (cfg, the layer's prefix "model.layers.{i}.") -> its entries, as (collection,
+# *path in the MLP).
+MLPEntries = Callable[[ModelConfig, str], dict[tuple[str, ...], Entry]]
+
+# Keys of `Family.kinds` whose choice builds something only in some models: MTP's style, only with MTP heads.
+_BUILT_WHEN: dict[str, Callable[[ModelConfig], bool]] = {"mtp.style": lambda cfg: cfg.mtp.num_heads > 0}
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """Llama's layout, which the other dense families extend: GQA attention with RoPE (half-split pairs, as
@@ -105,6 +123,20 @@ class Family:
 
     architecture: str = "LlamaForCausalLM"
     model_type: str = "llama"
+
+    # The kinds it stores, by the config key that chooses them from its table (`cfg.choice(key)`: model.config's
+    # TABLES, model.layers.NORMS, model.moe.ROUTERS, ...): a model choosing another is one it cannot represent. A
+    # family without `mtp.style` stores no MTP heads.
+    kinds: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention": ("gqa",),
+        "mlp": ("swiglu",),
+        "norm": ("rmsnorm",),
+        "position": ("rope",),
+    }
+    # What the refusal of another kind adds, by key, where the choice alone does not say why.
+    kind_notes: ClassVar[dict[str, str]] = {}
+    # Each layer's MLP, by its kind (`LayerSpec.mlp`: `model.mlp` or, for MoE, a dense kind on some layers).
+    mlps: ClassVar[dict[str, MLPEntries]] = {"swiglu": lambda cfg, p: swiglu_entries(p + "mlp.")}
 
     # -- config.json -> ModelConfig ------------------------------------------------------------------------------
     def from_hf(self, hf: dict) -> ModelConfig:
@@ -148,17 +180,26 @@ class Family:
     def unsupported(self, cfg: ModelConfig) -> str | None:
         """Why this family cannot represent `cfg` (None: it can)."""
         checks = [
-            (cfg.attention == "gqa", f"model.attention={cfg.attention!r}"),
-            (cfg.mlp == "swiglu", f"model.mlp={cfg.mlp!r}"),
-            (cfg.norm == "rmsnorm", f"model.norm={cfg.norm!r}"),
-            (cfg.position == "rope", f"model.position={cfg.position!r}"),
+            *self.kind_checks(cfg),
             (cfg.attn_logit_softcap == 0, f"model.attn_logit_softcap={cfg.attn_logit_softcap}"),
             (cfg.final_logit_softcap == 0, f"model.final_logit_softcap={cfg.final_logit_softcap}"),
             (cfg.width_mult == 1.0, f"model.parametrization={cfg.parametrization!r} (logits divided by the width)"),
-            (cfg.mtp.num_heads == 0, f"model.mtp.num_heads={cfg.mtp.num_heads} (only DeepSeek-V3 stores MTP layers)"),
+            (
+                cfg.mtp.num_heads == 0 or "mtp.style" in self.kinds,
+                f"model.mtp.num_heads={cfg.mtp.num_heads} (only DeepSeek-V3 stores MTP layers)",
+            ),
             *self.own_checks(cfg),
         ]
         return next((what for ok, what in checks if not ok), None)
+
+    def kind_checks(self, cfg: ModelConfig) -> list[tuple[bool, str]]:
+        """Each kind `cfg` builds is one of `kinds`."""
+        checks = []
+        for key, allowed in self.kinds.items():
+            built = key not in _BUILT_WHEN or _BUILT_WHEN[key](cfg)
+            note = f" ({self.kind_notes[key]})" if key in self.kind_notes else ""
+            checks.append((not built or cfg.choice(key) in allowed, f"model.{key}={cfg.choice(key)!r}{note}"))
+        return checks
 
     def own_checks(self, cfg: ModelConfig) -> list[tuple[bool, str]]:
         return [
@@ -226,7 +267,9 @@ class Family:
             ("params", "mlp_norm", "scale"): stored(p + "post_attention_layernorm.weight"),
         }
         out |= {("params", "attn", *k): e for k, e in self.attention_entries(cfg, p + "self_attn.").items()}
-        for (collection, *k), e in self.mlp_entries(cfg, spec.mlp, p).items():
+        if spec.mlp not in self.mlps:
+            raise HFError(f"{self.architecture}: model.mlp={spec.mlp!r}")
+        for (collection, *k), e in self.mlps[spec.mlp](cfg, p).items():
             out[(collection, "mlp", *k)] = e
         return out
 
@@ -240,18 +283,6 @@ class Family:
         if cfg.qk_norm:
             out |= {("q_norm", "scale"): stored(p + "q_norm.weight"), ("k_norm", "scale"): stored(p + "k_norm.weight")}
         return out
-
-    def mlp_entries(self, cfg: ModelConfig, kind: str, p: str) -> dict[tuple[str, ...], Entry]:
-        """A layer's MLP of kind `kind` (a key of model.kinds.MLP_KINDS), as (collection, *path in the MLP)."""
-        return swiglu_entries(p + "mlp.")
-
-
-def swiglu_entries(p: str, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Entry]:
-    return {
-        ("params", *prefix, "gate", "kernel"): linear(p + "gate_proj.weight"),
-        ("params", *prefix, "up", "kernel"): linear(p + "up_proj.weight"),
-        ("params", *prefix, "down", "kernel"): linear(p + "down_proj.weight"),
-    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +326,16 @@ class Mistral(Family):
         return {"sliding_window": cfg.sliding_window or None}
 
 
+def mixtral_moe_entries(cfg: ModelConfig, p: str) -> dict[tuple[str, ...], Entry]:
+    p, E = p + "block_sparse_moe.", cfg.moe.num_experts
+    return {
+        ("params", "router"): linear(p + "gate.weight"),
+        ("params", "gate"): experts(p + "experts.{e}.w1.weight", E),
+        ("params", "up"): experts(p + "experts.{e}.w3.weight", E),
+        ("params", "down"): experts(p + "experts.{e}.w2.weight", E),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Mixtral(Mistral):
     """Mistral's attention with a sparse MoE MLP in every layer: a softmax router over all experts, the top k
@@ -302,6 +343,8 @@ class Mixtral(Mistral):
 
     architecture: str = "MixtralForCausalLM"
     model_type: str = "mixtral"
+    kinds: ClassVar[dict[str, tuple[str, ...]]] = {**Mistral.kinds, "mlp": ("moe",), "moe.router": ("softmax",)}
+    mlps: ClassVar[dict[str, MLPEntries]] = {"moe": mixtral_moe_entries}
 
     def extra_from_hf(self, hf: dict) -> dict:
         moe = MoEConfig(
@@ -314,18 +357,15 @@ class Mixtral(Mistral):
         )
         return super().extra_from_hf(hf) | {"mlp": "moe", "moe": moe}
 
-    def unsupported(self, cfg: ModelConfig) -> str | None:
-        checks = [
-            (cfg.mlp == "moe", f"model.mlp={cfg.mlp!r}"),
-            (cfg.moe.router == "softmax", f"model.moe.router={cfg.moe.router!r}"),
+    def own_checks(self, cfg: ModelConfig) -> list[tuple[bool, str]]:
+        return [
             (cfg.moe.norm_topk_prob, "model.moe.norm_topk_prob=False"),
             (cfg.moe.routed_scaling == 1.0, f"model.moe.routed_scaling={cfg.moe.routed_scaling}"),
             (cfg.moe.num_shared_experts == 0, f"model.moe.num_shared_experts={cfg.moe.num_shared_experts}"),
             (cfg.moe.first_dense_layers == 0, f"model.moe.first_dense_layers={cfg.moe.first_dense_layers}"),
             (cfg.moe.every == 1, f"model.moe.every={cfg.moe.every}"),
+            *super().own_checks(cfg),
         ]
-        why = next((what for ok, what in checks if not ok), None)
-        return why or super().unsupported(dataclasses.replace(cfg, mlp="swiglu"))
 
     def extra_to_hf(self, cfg: ModelConfig) -> dict:
         m = cfg.moe
@@ -340,14 +380,19 @@ class Mixtral(Mistral):
             "output_router_logits": False,
         }
 
-    def mlp_entries(self, cfg: ModelConfig, kind: str, p: str) -> dict[tuple[str, ...], Entry]:
-        p, E = p + "block_sparse_moe.", cfg.moe.num_experts
-        return {
-            ("params", "router"): linear(p + "gate.weight"),
-            ("params", "gate"): experts(p + "experts.{e}.w1.weight", E),
-            ("params", "up"): experts(p + "experts.{e}.w3.weight", E),
-            ("params", "down"): experts(p + "experts.{e}.w2.weight", E),
-        }
+
+def deepseek_moe_entries(cfg: ModelConfig, p: str) -> dict[tuple[str, ...], Entry]:
+    p, E = p + "mlp.", cfg.moe.num_experts
+    out = {
+        ("params", "router"): linear(p + "gate.weight"),
+        ("state", "bias"): stored(p + "gate.e_score_correction_bias"),
+        ("params", "gate"): experts(p + "experts.{e}.gate_proj.weight", E),
+        ("params", "up"): experts(p + "experts.{e}.up_proj.weight", E),
+        ("params", "down"): experts(p + "experts.{e}.down_proj.weight", E),
+    }
+    if cfg.moe.num_shared_experts:
+        out |= swiglu_entries(p + "shared_experts.", ("shared",))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +411,15 @@ class DeepseekV3(Family):
 
     architecture: str = "DeepseekV3ForCausalLM"
     model_type: str = "deepseek_v3"
+    kinds: ClassVar[dict[str, tuple[str, ...]]] = {
+        **Family.kinds,
+        "attention": ("mla",),
+        "mlp": ("moe",),
+        "moe.router": ("sigmoid",),
+        "mtp.style": ("sequential",),
+    }
+    kind_notes: ClassVar[dict[str, str]] = {"mtp.style": "DeepSeek-V3's MTP layers are sequential"}
+    mlps: ClassVar[dict[str, MLPEntries]] = {**Family.mlps, "moe": deepseek_moe_entries}  # its first layers dense
 
     def from_hf(self, hf: dict) -> ModelConfig:
         _require(hf, "rope_interleave", (True,), True)
@@ -404,19 +458,6 @@ class DeepseekV3(Family):
         if cfg.mtp.num_heads and f"model.layers.{cfg.num_layers}.eh_proj.weight" not in names:
             return dataclasses.replace(cfg, mtp=MTPConfig())
         return cfg
-
-    def unsupported(self, cfg: ModelConfig) -> str | None:
-        checks = [
-            (cfg.attention == "mla", f"model.attention={cfg.attention!r}"),
-            (cfg.mlp == "moe", f"model.mlp={cfg.mlp!r}"),
-            (cfg.moe.router == "sigmoid", f"model.moe.router={cfg.moe.router!r}"),
-            (
-                cfg.mtp.num_heads == 0 or cfg.mtp.style == "sequential",
-                f"model.mtp.style={cfg.mtp.style!r} (DeepSeek-V3's MTP layers are sequential)",
-            ),
-        ]
-        why = next((what for ok, what in checks if not ok), None)
-        return why or super().unsupported(dataclasses.replace(cfg, attention="gqa", mlp="swiglu", mtp=MTPConfig()))
 
     def own_checks(self, cfg: ModelConfig) -> list[tuple[bool, str]]:
         return [
@@ -488,22 +529,6 @@ class DeepseekV3(Family):
                 ("q_up", "kernel"): linear(p + "q_b_proj.weight"),
             }
         return out | {("query", "kernel"): linear(p + "q_proj.weight")}
-
-    def mlp_entries(self, cfg: ModelConfig, kind: str, p: str) -> dict[tuple[str, ...], Entry]:
-        p = p + "mlp."
-        if kind != "moe":
-            return swiglu_entries(p)
-        E = cfg.moe.num_experts
-        out = {
-            ("params", "router"): linear(p + "gate.weight"),
-            ("state", "bias"): stored(p + "gate.e_score_correction_bias"),
-            ("params", "gate"): experts(p + "experts.{e}.gate_proj.weight", E),
-            ("params", "up"): experts(p + "experts.{e}.up_proj.weight", E),
-            ("params", "down"): experts(p + "experts.{e}.down_proj.weight", E),
-        }
-        if cfg.moe.num_shared_experts:
-            out |= swiglu_entries(p + "shared_experts.", ("shared",))
-        return out
 
     def ignored(self, cfg: ModelConfig, name: str) -> bool:
         """Also, for a model loaded without MTP heads, the multi-token prediction layer after the last
