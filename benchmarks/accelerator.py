@@ -64,6 +64,7 @@ import numpy as np  # noqa: E402
 
 from model import ModelConfig, Transformer, flops_per_token, param_counts  # noqa: E402
 from model.attention import IMPLEMENTATIONS, choose  # noqa: E402
+from model.cache import KVView  # noqa: E402
 from model.mask import Mask  # noqa: E402
 from training.metrics import matmul_flops, peak_bandwidth, peak_flops_per_device  # noqa: E402
 
@@ -292,7 +293,7 @@ def decode_stage(report: Report) -> None:
                     if (reason := impl.blocker(cfg, False)) is not None:
                         raise Skip(reason)
                     t = seconds_per_call(
-                        lambda q, k, v: impl.decode(cfg, q, k, v, mask), q, k, v, repeats=report.sizes.repeats
+                        lambda q, k, v: impl.decode(cfg, q, KVView(k, v, mask)), q, k, v, repeats=report.sizes.repeats
                     )
                     row = {"step_ms": t * 1e3, "cache_gb_per_s": cache_bytes / t / 1e9}
                     if bandwidth:

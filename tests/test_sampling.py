@@ -289,7 +289,6 @@ def test_infer_score_equals_the_training_eval_of_the_same_text(trained):
             ["--prompt", "x", "--mla_decode", "naive"],
             "--mla_decode='naive': model.attention=gqa decodes as: its one way",
         ),
-        (["--prompt", "x", "--mesh", "tensor=3"], "--mesh='tensor=3': mesh tensor=3 spans 3 devices but there are 1"),
     ],
 )
 def test_infer_bad_input_is_one_line_and_exit_code_2(trained, args, match):
