@@ -114,8 +114,8 @@ def check_flags() -> None:
             "--speculative=draft and --draft_workdir go together (the draft model's run directory)",
         ),
         (
-            not (_MESH.value and _SPECULATIVE.value),
-            f"--mesh={_MESH.value!r}: speculative decoding runs on one device (drop --mesh or --speculative)",
+            not (_MESH.value and (_SPECULATIVE.value or _BEAM_SIZE.value > 1)),
+            f"--mesh={_MESH.value!r}: beam search and speculative decoding run on one device (drop --mesh)",
         ),
         (
             _FAKE_DEVICES.value is None or _FAKE_DEVICES.value >= 1,

@@ -137,10 +137,10 @@ def run_request(cfg: ModelConfig, params, tokenizer: Tokenizer, request: Request
     check_fits(cfg, request, max(len(ids) for ids in encoded))
     if not request.mesh:
         return _run(model, params, tokenizer, request, encoded, out, shards=1)
+    if request.beam_size > 1:
+        raise ValueError(f"--mesh={request.mesh!r}: beam search decodes on one device (drop --mesh or --beam_size)")
     mesh, rules = decoding.decode_mesh(cfg, request.mesh)
     shards = decoding.row_shards(mesh, rules)
-    if request.beam_size > 1 and request.beam_size % shards:
-        raise ValueError(f"--beam_size={request.beam_size}: must divide over the {shards} row shards of --mesh")
     with decoding.activate(mesh, rules):
         params = decoding.place_weights(params, cfg, mesh, rules)
         return _run(model, params, tokenizer, request, encoded, out, shards)
