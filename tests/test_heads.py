@@ -79,13 +79,13 @@ def test_a_head_added_to_the_table_is_built_trained_and_counted(monkeypatch):
     assert heads_lib.extra_tokens(dataclasses.replace(CFG, mtp=MTPConfig(num_heads=2))) == 2  # the furthest reader
 
     model = Transformer(CFG)
-    params = nn.unbox(init_variables(model, jax.random.key(0))["params"])
+    params = nn.unbox(jax.jit(lambda: init_variables(model, jax.random.key(0)))()["params"])  # jitted: eager is slow
     assert params["toy"]["out"]["kernel"].shape == (32, 40)
     assert param_counts(CFG).total == base_counts.total + 32 * 40 == sum(x.size for x in jax.tree.leaves(params))
     assert flops_per_token(CFG, 16) == base_train + 6 * 32 * 40 and flops_per_token(CFG, 16, False) == base_eval
 
     window_BW = jax.random.randint(jax.random.key(1), (2, 16 + 2), 0, 40)
-    out, _ = Inputs(extra_tokens=1)(window_BW, model, {"params": params})
+    out, _ = jax.jit(lambda w, p: Inputs(extra_tokens=1)(w, model, {"params": p}))(window_BW, params)
     want_BTV = np.asarray(out.hidden_BTD) @ np.asarray(params["toy"]["out"]["kernel"])
     np.testing.assert_allclose(out.extra["toy"], want_BTV, rtol=1e-5, atol=1e-5)
     logp_BTV = jax.nn.log_softmax(want_BTV)
@@ -93,5 +93,7 @@ def test_a_head_added_to_the_table_is_built_trained_and_counted(monkeypatch):
     assert out.aux["toy_loss"].weight == 0.5
     np.testing.assert_allclose(out.aux["toy_loss"].value, want_loss, rtol=1e-5)
 
-    eval_out, _ = Inputs(extra_tokens=1).for_eval()(window_BW[:, :-1], model, {"params": params})
+    eval_out, _ = jax.jit(lambda w, p: Inputs(extra_tokens=1).for_eval()(w, model, {"params": p}))(
+        window_BW[:, :-1], params
+    )
     assert eval_out.extra == {} and "toy_loss" not in eval_out.aux

@@ -43,7 +43,10 @@ def env_with_devices(count: int) -> dict:
     return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={count}"]),
+        # Backend optimisations off (both sides alike): the comparison is between these processes, not a recording.
+        "XLA_FLAGS": " ".join(
+            [*flags, f"--xla_force_host_platform_device_count={count}", "--xla_backend_optimization_level=0"]
+        ),
     }
 
 

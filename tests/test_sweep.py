@@ -42,7 +42,8 @@ def write_sweep(path, body: dict) -> str:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # XLA's backend optimisations off: these runs' programs compile once each and run a few steps.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     return subprocess.run(
         [sys.executable, "-m", "experiments.sweep", *args],
         cwd=REPO,

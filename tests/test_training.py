@@ -56,7 +56,7 @@ def test_an_objective_weighs_its_targets_and_its_loss_and_logit_gradient_match_n
     model, (tx, schedule) = Transformer(run.model), make_optimizer(run.train)
     state = init_state(model, tx, seed=0)
     tokens = jax.random.randint(jax.random.key(1), (2, T + 1), 0, 64)
-    out, _ = Inputs()(tokens, model, {"params": state.params})
+    out, _ = jax.jit(lambda p: Inputs()(tokens, model, {"params": p}))(state.params)  # jitted: eager is slow
     logits = np.asarray(out.logits_BTV, np.float64)
     targets = np.asarray(tokens[:, 1:])
     log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
