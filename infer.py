@@ -215,7 +215,7 @@ def main(argv: list[str]) -> None:
     # Imported after the flags are checked: a bad flag answers at once, without starting JAX.
     from model.hf import HFError
     from model.runtime import DecodeConfig
-    from parallel.decoding import decode_mesh
+    from parallel.decoding import decode_layout
     from parallel.mesh import MeshError
     from sampling.decode import decode_errors
     from sampling.runner import Request, draft_tokens, report_speed, run_request, run_speculative, unescape
@@ -241,7 +241,7 @@ def main(argv: list[str]) -> None:
             fail(f"{flag_of.get(option, option)}={value!r}: {allowed}")
     if _MESH.value:
         try:
-            decode_mesh(run.model, _MESH.value)  # a mesh that does not fit fails here, before anything compiles
+            decode_layout(run.model, _MESH.value)  # a mesh that does not fit fails here, before anything compiles
         except MeshError as e:
             fail(str(e))
     if text is None:

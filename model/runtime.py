@@ -60,8 +60,5 @@ class Runtime:
     def max_rewind(self) -> int:
         return self.decode.max_rewind if self.decode is not None else 0
 
-    def for_training(self) -> Runtime:
-        return dataclasses.replace(self, decode=None)
-
 
 TRAINING = Runtime()

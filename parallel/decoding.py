@@ -14,11 +14,10 @@ import math
 from typing import Any
 
 import jax
-from jax.sharding import Mesh
 
-from model import ModelConfig, Transformer, init_variables
-from parallel import sharding
+from model import ModelConfig, Transformer
 from parallel.config import DEFAULT_RULES, MeshConfig
+from parallel.layout import Layout, abstract_variables
 from parallel.mesh import MeshError, check_divisible, make_mesh, mesh_axes, resolve_sizes
 
 DECODE_AXES = ("data", "fsdp", "tensor")  # sequence (ring attention) and expert (all-to-all) axes train only
@@ -39,8 +38,8 @@ def parse_mesh(spec: str) -> MeshConfig:
     return MeshConfig(**{"data": 1, **sizes})
 
 
-def decode_mesh(cfg: ModelConfig, spec: str, devices: list | None = None) -> tuple[Mesh, dict[str, str]]:
-    """The mesh `spec` describes over `devices` (default: all) and the rules that place the model on it; MeshError
+def decode_layout(cfg: ModelConfig, spec: str, devices: list | None = None) -> Layout:
+    """The mesh `spec` describes over `devices` (default: all), with the rules that place the model on it; MeshError
     when it does not fit the devices or the model's heads."""
     mesh_cfg = parse_mesh(spec)
     devices = list(jax.devices() if devices is None else devices)
@@ -50,22 +49,17 @@ def decode_mesh(cfg: ModelConfig, spec: str, devices: list | None = None) -> tup
         check_divisible(heads, resolve_sizes(mesh_cfg, len(devices)), rules)
     except MeshError as e:
         raise MeshError(f"--mesh={spec!r}: {e}") from None
-    return make_mesh(mesh_cfg, devices), rules
+    return Layout(make_mesh(mesh_cfg, devices), rules)
 
 
-def row_shards(mesh: Mesh, rules: dict[str, str]) -> int:
+def row_shards(layout: Layout) -> int:
     """How many pieces a batch of rows is split into (decoding pads its rows to a multiple of this)."""
-    return math.prod(mesh.shape[axis] for axis in mesh_axes(rules["batch"]))
+    return math.prod(layout.mesh.shape[axis] for axis in mesh_axes(layout.rules["batch"]))
 
 
-def place_weights(weights: Any, cfg: ModelConfig, mesh: Mesh, rules: dict[str, str]) -> Any:
-    """`weights` (params, or {"params", "state"}) on `mesh`, each leaf sharded as its logical axis names say (as
-    training places them)."""
-    boxed = jax.eval_shape(lambda: init_variables(Transformer(cfg), jax.random.key(0)))
-    placed = sharding.shardings(boxed, mesh, rules)
+def place_weights(weights: Any, cfg: ModelConfig, layout: Layout) -> Any:
+    """`weights` (params, or {"params", "state"}) on the layout's mesh, each leaf sharded as training places it."""
+    placed = jax.tree.map(lambda x: x.sharding, abstract_variables(Transformer(cfg), layout))
     if isinstance(weights, dict) and "params" in weights:
         return {name: jax.device_put(tree, placed[name]) for name, tree in weights.items()}
     return jax.device_put(weights, placed["params"])
-
-
-activate = sharding.activate

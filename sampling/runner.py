@@ -139,11 +139,10 @@ def run_request(cfg: ModelConfig, params, tokenizer: Tokenizer, request: Request
         return _run(model, params, tokenizer, request, encoded, out, shards=1)
     if request.beam_size > 1:
         raise ValueError(f"--mesh={request.mesh!r}: beam search decodes on one device (drop --mesh or --beam_size)")
-    mesh, rules = decoding.decode_mesh(cfg, request.mesh)
-    shards = decoding.row_shards(mesh, rules)
-    with decoding.activate(mesh, rules):
-        params = decoding.place_weights(params, cfg, mesh, rules)
-        return _run(model, params, tokenizer, request, encoded, out, shards)
+    layout = decoding.decode_layout(cfg, request.mesh)
+    with layout.activate():
+        params = decoding.place_weights(params, cfg, layout)
+        return _run(model, params, tokenizer, request, encoded, out, decoding.row_shards(layout))
 
 
 def _run(model, params, tokenizer, request: Request, encoded: list[list[int]], out: TextIO, shards: int) -> Speeds:

@@ -13,7 +13,7 @@ import pytest
 from data.tokenizer import ByteTokenizer
 from model import ModelConfig, Transformer, init_variables
 from model.runtime import DecodeConfig
-from parallel.decoding import decode_mesh, parse_mesh, place_weights
+from parallel.decoding import decode_layout, parse_mesh, place_weights
 from parallel.mesh import MeshError
 from sampling.runner import Request, run_request
 
@@ -25,7 +25,7 @@ KINDS = {
         **BASE, attention="mla", mla=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
     ),  # fmt: skip
 }
-PROMPTS = ["def f(x):", "import os", "class A", "x = [1, 2,"]  # four rows: two per data shard
+PROMPTS = ["def f(x):", "import os", "class A"]  # three rows: the mesh pads them to two per data shard
 
 
 def samples(cfg: ModelConfig, params, **request) -> list[str]:
@@ -49,18 +49,18 @@ def test_decoding_on_a_data_by_tensor_mesh_gives_the_one_device_tokens(kind, var
 
 def test_a_mesh_that_does_not_fit_is_one_line():
     with pytest.raises(MeshError, match=r"^--mesh='data=1,tensor=8': model.num_kv_heads=4 does not divide"):
-        decode_mesh(KINDS["gqa"], "data=1,tensor=8")
+        decode_layout(KINDS["gqa"], "data=1,tensor=8")
     with pytest.raises(MeshError, match="axes among data, fsdp, tensor"):
         parse_mesh("sequence=2")
     with pytest.raises(MeshError, match="spans 6 devices but there are 8"):
-        decode_mesh(KINDS["gqa"], "data=3,tensor=2")
+        decode_layout(KINDS["gqa"], "data=3,tensor=2")
     np.testing.assert_equal(parse_mesh("tensor=8").sizes()["data"], 1)
 
 
 def test_the_weights_are_placed_by_the_rules():
     cfg = KINDS["gqa"]
-    mesh, rules = decode_mesh(cfg, "data=2,tensor=4")
-    params = place_weights(nn.unbox(init_variables(Transformer(cfg), jax.random.key(0))["params"]), cfg, mesh, rules)
+    layout = decode_layout(cfg, "data=2,tensor=4")
+    params = place_weights(nn.unbox(init_variables(Transformer(cfg), jax.random.key(0))["params"]), cfg, layout)
     query = params["layers"]["attn"]["query"]["kernel"]  # [layers, embed, heads, head_dim]
     assert query.sharding.spec[2] == "tensor"
     assert query.addressable_shards[0].data.shape == (1, 64, 2, 8)  # 8 heads over 4 devices
