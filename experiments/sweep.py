@@ -3,7 +3,7 @@
     python -m experiments.sweep plan experiments/sweeps/isoflop_stdlib.py --out sweeps/iso
     python -m experiments.sweep run sweeps/iso [--executor local|slurm] [--parallel N]
     python -m experiments.sweep collect sweeps/iso     # -> runs.csv, curves.csv
-    python -m experiments.sweep report sweeps/iso      # ablations: eval/bpb mean +- std per variant
+    python -m experiments.sweep report sweeps/iso      # ablations: eval/bpb mean +- std per variant (+ downstream)
 
 A sweep file's `get_sweep()` returns a dict: `config` (a config file, optionally `path:arg`), `overrides`
 ({"group.field": value} for every run), and either `isoflop` (budgets, sizes, spread, tokens_per_param,
@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from data.tokenizer import planned_vocab_size
+from experiments.bootstrap import paired_bootstrap
 from experiments.plan import Family, PlanError, Planned, plan_budget, plan_optimal, table
 from model import flops_per_token, param_counts
 from training.cli import where
@@ -413,7 +414,8 @@ def collect(sweep_dir: pathlib.Path) -> list[dict]:
         counts = param_counts(run.model)
         per_token = flops_per_token(run.model, run.data.seq_len)
         tokens_per_step = run.train.batch_size * run.data.seq_len
-        evals = [m for m in _metrics(run_dir) if "eval/loss" in m]
+        metrics = _metrics(run_dir)
+        evals = [m for m in metrics if "eval/loss" in m]
         for m in evals:
             tokens = m["step"] * tokens_per_step
             curves.append(
@@ -441,12 +443,35 @@ def collect(sweep_dir: pathlib.Path) -> list[dict]:
         row.update({k: v for k, v in planned.items() if k.startswith("predicted_loss")})
         if "variant" in planned:
             row["label"] = planned["label"]
+        row.update(downstream_aggregates(run_dir, metrics))
         rows.append(row)
     if not rows:
         raise SweepError(f"{sweep_dir}: no finished runs to collect")
     _write_csv(sweep_dir / "runs.csv", rows)
     _write_csv(sweep_dir / "curves.csv", curves)
     return rows
+
+
+def downstream_aggregates(run_dir: pathlib.Path, metrics: list[dict]) -> dict[str, float]:
+    """A run's latest downstream scores as runs.csv columns `<task>/<metric>`: the last metrics.jsonl record with
+    `eval/<task>/<metric>` keys (the aggregates as the training hook logged them), else downstream.json (a
+    per-document metric's mean, an aggregate-only one such as perplexity as it is); none without either."""
+    for record in reversed(metrics):
+        found = {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/") and k.count("/") == 2}
+        if found:
+            return found
+    path = run_dir / "downstream.json"
+    if not path.exists():
+        return {}
+    found = {}
+    for task, scores in json.loads(path.read_text()).get("tasks", {}).items():
+        for metric, value in scores.items():
+            if isinstance(value, dict):
+                if value:
+                    found[f"{task}/{metric}"] = float(np.mean([float(v) for v in value.values()]))
+            elif value is not None:
+                found[f"{task}/{metric}"] = float(value)
+    return found
 
 
 def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
@@ -462,7 +487,10 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 def report(sweep_dir: pathlib.Path) -> str:
     """An ablation's eval/bpb mean +- std (over seeds) per variant as a markdown table, with a bar plot
-    (report.png); or, for a `plan-optimal` sweep, its predictions against the observed eval loss (report.md)."""
+    (report.png); or, for a `plan-optimal` sweep, its predictions against the observed eval loss (report.md).
+
+    Where runs have a downstream.json (`train.eval_tasks`), the table gains each per-document task metric's mean
+    per variant, and a second table sets each variant against the grid's first (`downstream_report`)."""
     rows = collect(sweep_dir)
     if any(key.startswith("predicted_loss") for key in rows[0]):
         text = verification_report(rows)
@@ -477,14 +505,87 @@ def report(sweep_dir: pathlib.Path) -> str:
         label: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v))
         for label, v in by_label.items()
     }
-    lines = ["| variant | eval/bpb (mean +- std) | seeds |", "| --- | --- | --- |"]
+    scores = per_document_scores(sweep_dir, rows)
+    columns = sorted({metric for by_metric in scores.values() for metric in by_metric})
+    lines = [
+        "| variant | eval/bpb (mean +- std) | seeds |" + "".join(f" {c} |" for c in columns),
+        "| --- | --- | --- |" + " --- |" * len(columns),
+    ]
     for label, (mean, std, n) in sorted(stats.items(), key=lambda kv: kv[1][0]):
         spread = f"{std:.4f}" if n > 1 else "n/a"  # one seed has no spread to show
-        lines.append(f"| {label} | {mean:.4f} +- {spread} | {n} |")
+        runs = scores.get(label, {})
+        means = [
+            f"{np.mean([np.mean(list(r.values())) for r in runs[c]]):.4f}" if c in runs else "n/a" for c in columns
+        ]
+        lines.append(f"| {label} | {mean:.4f} +- {spread} | {n} |" + "".join(f" {m} |" for m in means))
+    if columns:
+        lines += ["", *downstream_report(sweep_dir, rows, scores, columns)]
     text = "\n".join(lines)
     (sweep_dir / "report.md").write_text(text + "\n")
     _bar_plot(stats, sweep_dir / "report.png")
     return text
+
+
+def per_document_scores(sweep_dir: pathlib.Path, rows: list[dict]) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """label -> `task/metric` -> one {doc_id: score} per run of the variant whose downstream.json has that metric
+    per document (the means over documents: acc, exact_match, ...; not aggregate-only ones such as perplexity)."""
+    scores: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for row in rows:
+        path = sweep_dir / "runs" / row["name"] / "downstream.json" if "name" in row else None
+        if path is None or not path.exists():
+            continue
+        for task, metrics in json.loads(path.read_text()).get("tasks", {}).items():
+            for metric, values in metrics.items():
+                if isinstance(values, dict) and values:
+                    run = {str(doc): float(v) for doc, v in values.items()}
+                    scores.setdefault(row["label"], {}).setdefault(f"{task}/{metric}", []).append(run)
+    return scores
+
+
+def grid_order(sweep_dir: pathlib.Path) -> list[str]:
+    """Every planned variant's label in the order plan_grid enumerates the grid (itertools.product of sweep.json's
+    grid values), read back from sweep.json and each run's planned.json."""
+    grid = json.loads((sweep_dir / "sweep.json").read_text())["sweep"]["grid"]
+    variants = {}
+    for run_dir in run_dirs(sweep_dir):
+        planned = json.loads((run_dir / "planned.json").read_text())
+        variants[planned["label"]] = planned["variant"]
+    try:
+        return sorted(variants, key=lambda label: tuple(grid[k].index(variants[label][k]) for k in grid))
+    except (KeyError, ValueError):
+        raise SweepError(f"{sweep_dir}: a run's planned variant is not a point of sweep.json's grid") from None
+
+
+def downstream_report(sweep_dir: pathlib.Path, rows: list[dict], scores: dict, columns: list[str]) -> list[str]:
+    """Each variant minus the baseline (the grid's first variant with finished runs) per task metric, with a 95%
+    paired-bootstrap interval over the documents that every run of both variants scored (doc_ids matched; a run
+    without that metric is left out); each document's score is first averaged over its variant's seeds
+    (experiments/bootstrap.py)."""
+    finished = {row["label"] for row in rows}
+    planned = grid_order(sweep_dir)
+    order = [label for label in planned if label in finished]
+    baseline = order[0]
+    which = "the grid's first variant" if baseline == planned[0] else "the grid's first variant with finished runs"
+    lines = [
+        f"Downstream: each variant minus the baseline {baseline} ({which}), on the documents scored in every run of "
+        "both; each document's score averaged over seeds; 95% paired bootstrap interval over documents (10,000 "
+        "resamples), * where it excludes 0.",
+        "",
+        f"| variant | metric | difference vs {baseline} [95% interval] | documents |",
+        "| --- | --- | --- | --- |",
+    ]
+    base = scores.get(baseline, {})
+    for label in order[1:]:
+        for column in columns:
+            a_runs, b_runs = base.get(column, []), scores.get(label, {}).get(column, [])
+            shared = sorted(set.intersection(*(set(run) for run in a_runs + b_runs))) if a_runs and b_runs else []
+            if not shared:
+                lines.append(f"| {label} | {column} | n/a | 0 |")
+                continue
+            a_SD = np.array([[run[doc] for doc in shared] for run in a_runs])
+            b_SD = np.array([[run[doc] for doc in shared] for run in b_runs])
+            lines.append(f"| {label} | {column} | {paired_bootstrap(a_SD, b_SD)} | {len(shared)} |")
+    return lines
 
 
 PREDICTORS = {

@@ -321,3 +321,89 @@ def test_every_committed_sweep_file_plans(tmp_path, name):
         if "budget" in planned:
             per_step = run.train.batch_size * run.data.seq_len * flops_per_token(run.model, run.data.seq_len)
             assert abs(per_step * run.train.steps - planned["budget"]) <= 0.02 * planned["budget"]
+
+
+def test_an_ablation_with_downstream_tasks_reports_paired_differences(tmp_path):
+    """Two variants x 2 seeds of finished runs faked on disk (planned.json, config.json, metrics.jsonl, done.json,
+    downstream.json): the report table gains each per-document metric's mean, and a second table each variant
+    minus the grid's first (position=rope, though runs/ lists position=none first) over the shared documents."""
+    from experiments.bootstrap import paired_bootstrap
+
+    file = write_sweep(
+        tmp_path / "ablate.py",
+        {"config": "configs/tiny.py", "overrides": TINY, "grid": {"model.position": ["rope", "none"]}, "seeds": [0, 1]},
+    )
+    out = tmp_path / "ablate"
+    sweep_lib.plan(file, out)
+    rng = np.random.default_rng(0)
+    easy_D = rng.random(200)  # how easy each document is: the same documents are easy for every run
+    scores = {}  # run name -> task -> metric -> {doc_id: score}
+    for run_dir in sweep_lib.run_dirs(out):
+        planned = json.loads((run_dir / "planned.json").read_text())
+        better = 0.15 if planned["label"] == "position=none" else 0.0
+        noise_D = rng.normal(0.0, 0.03, 200)  # a seed's own per-document noise
+        docs = range(199) if run_dir.name == "position=none,seed=1" else range(200)  # a document it did not score
+        acc = {str(d): float(easy_D[d] + noise_D[d] > 0.6 - better) for d in docs}
+        same = {str(d): float(easy_D[d] > 0.5) for d in docs}  # no difference between the variants
+        scores[run_dir.name] = {"stdlib_mc": {"acc": acc, "acc_norm": same}, "stdlib_lambada": {"acc": same}}
+        downstream = {"stdlib_mc": {"acc": acc, "acc_norm": same}, "stdlib_lambada": {"acc": same, "perplexity": 12.5}}
+        (run_dir / "downstream.json").write_text(json.dumps({"step": 4, "tasks": downstream}))
+        (run_dir / "config.json").write_text(json.dumps(planned["config"]))
+        record = {"step": 4, "eval/loss": 2.0 + better, "eval/bpb": 3.0 + better + 0.01 * planned["seed"]}
+        if (
+            planned["seed"] == 1
+        ):  # the aggregates logged beside eval/bpb (the others' runs.csv columns: downstream.json)
+            record.update({"eval/stdlib_mc/acc": 0.125, "eval/stdlib_lambada/perplexity": 11.0})
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 2, "eval/loss": 4.0, "eval/bpb": 5.0}) + "\n")
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        (run_dir / "done.json").write_text("{}")
+
+    text = sweep_lib.report(out)
+    assert (out / "report.md").read_text() == text + "\n"
+    lines = text.splitlines()
+    assert (
+        lines[0]
+        == "| variant | eval/bpb (mean +- std) | seeds | stdlib_lambada/acc | stdlib_mc/acc | stdlib_mc/acc_norm |"
+    )
+    mean = lambda name, task, metric: np.mean(list(scores[name][task][metric].values()))
+    for label in ("position=rope", "position=none"):
+        names = [f"{label},seed={s}" for s in (0, 1)]
+        cells = [
+            np.mean([mean(n, *key.split()) for n in names])
+            for key in ("stdlib_lambada acc", "stdlib_mc acc", "stdlib_mc acc_norm")
+        ]
+        bpb = 3.0 + (0.15 if label == "position=none" else 0.0) + 0.005
+        want = f"| {label} | {bpb:.4f} +- 0.0071 | 2 | " + " | ".join(f"{c:.4f}" for c in cells) + " |"
+        assert want in lines
+
+    assert "each variant minus the baseline position=rope (the grid's first variant)" in text
+    header = lines.index("| variant | metric | difference vs position=rope [95% interval] | documents |")
+    table = {line.split(" | ")[1]: line for line in lines[header + 2 :]}
+    assert sorted(table) == ["stdlib_lambada/acc", "stdlib_mc/acc", "stdlib_mc/acc_norm"]
+    # Documents scored by every run of both variants (doc 199 is missing from one), each averaged over seeds.
+    shared = [str(d) for d in range(199)]
+    seeds = lambda label: np.array(
+        [[scores[f"{label},seed={s}"]["stdlib_mc"]["acc"][d] for d in shared] for s in (0, 1)]
+    )
+    a_SD, b_SD = seeds("position=rope"), seeds("position=none")
+    difference = b_SD.mean() - a_SD.mean()
+    assert difference > 0.1  # position=none got right what rope did and more: the sign is none - rope
+    assert table["stdlib_mc/acc"] == f"| position=none | stdlib_mc/acc | {paired_bootstrap(a_SD, b_SD)} | 199 |"
+    assert (
+        table["stdlib_mc/acc"].split(" | ")[2].startswith(f"{difference:+.3f} [") and " * |" in table["stdlib_mc/acc"]
+    )
+    assert table["stdlib_mc/acc_norm"] == "| position=none | stdlib_mc/acc_norm | +0.000 [+0.000, +0.000] | 199 |"
+
+    with open(out / "runs.csv") as f:
+        rows = {row["name"]: row for row in csv.DictReader(f)}
+    for name, row in rows.items():
+        if name.endswith("seed=1"):  # the last metrics.jsonl record with eval/<task>/<metric> keys
+            assert (row["stdlib_mc/acc"], row["stdlib_lambada/perplexity"], row["stdlib_mc/acc_norm"]) == (
+                "0.125",
+                "11.0",
+                "",
+            )
+        else:  # downstream.json: a per-document metric's mean, an aggregate-only one as it is
+            assert float(row["stdlib_mc/acc"]) == pytest.approx(mean(name, "stdlib_mc", "acc"))
+            assert float(row["stdlib_lambada/perplexity"]) == 12.5
