@@ -137,6 +137,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Regular expressions over parameter paths ('layers/mlp/up/kernel'), each matched anywhere in a path (re.search);
         # only the params some pattern matches train, the rest get no gradient and no optimizer state. (): all.
         trainable=(),
+        # lm-eval tasks (experiments/eval_tasks/, lm-eval's own) run on the params during training, logged as
+        # eval/<task>/<metric> beside eval/bpb, per-document scores in the workdir's downstream.json (sweep reports
+        # compare them with a paired bootstrap); every eval_tasks_every steps (0: with every eval) and at the end.
+        eval_tasks=(),
+        eval_tasks_every=0,
+        eval_tasks_limit=0,  # documents per task (0: all)
     )
     c.checkpoint = dict(
         every=500,  # save every N steps (and always at the end and on SIGTERM or Ctrl-C)

@@ -134,7 +134,8 @@ def reference_attention(
     if not mask.in_order or cfg.causal_blocks <= 1:
         bias = bias_fn(mask.q_positions_BT, mask.k_positions_BS) if bias_fn is not None else None
         return attend_kv_major(q_BTNH, k_BKSH, v_BKSH, mask.allowed(), bias, **kw)
-    ends = [round(T * (i + 1) / cfg.causal_blocks) for i in range(min(cfg.causal_blocks, T))]
+    blocks = min(cfg.causal_blocks, T)  # a window shorter than the blocks: one query per block
+    ends = [round(T * (i + 1) / blocks) for i in range(blocks)]
     outs, start = [], 0
     for end in ends:
         # In order, a key more than `window` tokens before a query is outside its window whatever the positions.

@@ -60,6 +60,9 @@ class TrainConfig:
     peak_flops: float = 0.0
     objective: str = "lm"
     trainable: tuple[str, ...] = ()
+    eval_tasks: tuple[str, ...] = ()
+    eval_tasks_every: int = 0
+    eval_tasks_limit: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +256,9 @@ def _rules(
             "reads segment_ids (documents): needs data.document_mask=True",
         ),
         (_regex_error(t.trainable) is None, "train.trainable", t.trainable, _regex_error(t.trainable)),
+        (t.eval_tasks_every >= 0, "train.eval_tasks_every", t.eval_tasks_every, "must be >= 0 (0: with every eval)"),
+        (t.eval_tasks_limit >= 0, "train.eval_tasks_limit", t.eval_tasks_limit, "must be >= 0 (0: every document)"),
+        (all(t.eval_tasks), "train.eval_tasks", t.eval_tasks, "task names must not be empty"),
         (
             t.batch_size % t.grad_accum == 0,
             "train.batch_size",

@@ -307,6 +307,35 @@ def stop_flag():
             signal.signal(s, p if p is not None else signal.SIG_DFL)
 
 
+def check_eval_tasks(run: RunConfig) -> None:
+    """ConfigError (one line) for a train.eval_tasks entry lm-eval does not know or cannot load, before anything
+    compiles or is written."""
+    if not run.train.eval_tasks:
+        return
+    from experiments import harness
+
+    try:
+        harness.check_training_tasks(run.train.eval_tasks)
+    except harness.EvalError as e:
+        raise ConfigError(f"train.eval_tasks={run.train.eval_tasks!r}: {e}") from None
+
+
+def downstream(run: RunConfig, state: TrainState, tokenizer, step: int, workdir: pathlib.Path | None) -> dict:
+    """eval/<task>/<metric> of train.eval_tasks on the current params; each document's scores go to
+    `workdir`/downstream.json (the latest evaluation's; sweep reports pair them across runs)."""
+    from experiments import harness
+
+    weights = {"params": state.params, "state": state.model_state} if state.model_state else state.params
+    t = run.train
+    results = harness.downstream(run.model, weights, tokenizer, t.eval_tasks, t.eval_tasks_limit, t.batch_size)
+    if workdir is not None:
+        record = {"step": step, "tasks": harness.per_document(results)}
+        tmp = workdir / "downstream.json.tmp"
+        tmp.write_text(json.dumps(record) + "\n")
+        tmp.replace(workdir / "downstream.json")
+    return harness.training_metrics(results)
+
+
 def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, devices: list | None = None) -> dict:
     """Trains `run` into `workdir`, resuming from its latest complete checkpoint if it has one.
 
@@ -323,6 +352,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
     # or written.
     layout = plan(run, devices)
     check_trainable(run)
+    check_eval_tasks(run)
     objective = OBJECTIVES[t.objective]
     lead = jax.process_index() == 0
     quiet = quiet or not lead
@@ -454,6 +484,13 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                         progress.write(
                             f"step {step}: eval/loss {evaluated['eval/loss']:.4f}  eval/bpb {evaluated['eval/bpb']:.4f}"
                         )
+                if t.eval_tasks and (step % (t.eval_tasks_every or t.eval_every) == 0 or step == t.steps):
+                    clock.pause(state)
+                    scores = downstream(run, state, data.tokenizer, step, workdir if lead else None)
+                    writer.write(step, scores)
+                    last.update(scores)
+                    if not quiet:
+                        progress.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 stopped = preempted() is not None and step < t.steps
                 if step % c.every == 0 or step == t.steps or stopped:
                     clock.pause(state)  # nor is saving
