@@ -13,7 +13,9 @@ window loses tokens from the left. So per-document log-likelihoods equal the `hf
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import pathlib
 from collections.abc import Sequence
 
@@ -150,11 +152,30 @@ def build_tasks(tasks: Sequence[str], manager) -> dict:
     built = {}
     for name in tasks:
         try:
-            built |= get_task_dict([name], manager)
+            with quiet_lm_eval():
+                built |= get_task_dict([name], manager)
         except Exception as e:  # datasets raises many kinds (ConnectionError, FileNotFoundError, its own)
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EvalError(f"task {name!r}: cannot load its data ({type(e).__name__}: {why[:300]})") from None
     return built
+
+
+@contextlib.contextmanager
+def quiet_lm_eval():
+    """lm-eval and datasets at warnings-off: their per-task notices (default aggregations, dataset builds) would
+    bury the results table and the training log."""
+    import datasets
+
+    logger = logging.getLogger("lm_eval")
+    level, bars = logger.level, datasets.utils.logging.is_progress_bar_enabled()
+    logger.setLevel(logging.ERROR)
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
 
 
 @dataclasses.dataclass
@@ -175,21 +196,22 @@ def evaluate(lm: JaxLM, tasks: Sequence[str], include_path: str | None = None, o
     names = resolve_tasks(tasks, manager)
     build_tasks(names, manager)  # a task whose data cannot be had fails here, naming it
     before = lm.scorer.truncated
-    results = evaluator.simple_evaluate(
-        model=lm,
-        tasks=names,
-        num_fewshot=options.num_fewshot,
-        limit=options.limit,
-        log_samples=options.log_samples,
-        bootstrap_iters=options.bootstrap_iters,
-        task_manager=manager,
-        random_seed=options.seed,
-        numpy_random_seed=options.seed,
-        torch_random_seed=options.seed,
-        fewshot_random_seed=options.seed,
-        confirm_run_unsafe_code=True,  # pass@k tasks run generated code, in experiments/passk.py's sandbox
-        verbosity="ERROR",
-    )
+    with quiet_lm_eval():
+        results = evaluator.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=options.num_fewshot,
+            limit=options.limit,
+            log_samples=options.log_samples,
+            bootstrap_iters=options.bootstrap_iters,
+            task_manager=manager,
+            random_seed=options.seed,
+            numpy_random_seed=options.seed,
+            torch_random_seed=options.seed,
+            fewshot_random_seed=options.seed,
+            confirm_run_unsafe_code=True,  # pass@k tasks run generated code, in experiments/passk.py's sandbox
+            verbosity="ERROR",
+        )
     results["truncated"] = lm.scorer.truncated - before
     return results
 

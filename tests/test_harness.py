@@ -1,0 +1,96 @@
+"""The lm-eval adapter (experiments/harness.py) and `python -m experiments.evaluate`: results equal lm-eval's own
+`hf` model's on our exported checkpoint, training logs downstream metrics, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from experiments import evaluate as cli
+
+MC_TASK = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{q}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture
+def tasks_dir(tmp_path) -> pathlib.Path:
+    """An include path with one multiple-choice task over 3 questions (one longer than the model's window) and one
+    task whose data is behind a download that cannot be made."""
+    root = tmp_path / "tasks"
+    root.mkdir()
+    rows = [
+        {"q": "def f1_2(x):\n    return x *", "choices": [" 2 + 1", " 7 + 0", " 9"], "gold": 0},
+        {"q": "def f0_3(x):\n    return", "choices": [" x * 3 + 0", " y"], "gold": 0},
+        {"q": "def f2_5(x):\n    return x * 5 + 2\n\n" * 4 + "def f2_6(x):", "choices": ["\n", " ("], "gold": 0},
+    ]
+    (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "mc.yaml").write_text(MC_TASK.format(data=root / "mc.jsonl"))
+    (root / "far.yaml").write_text(
+        MC_TASK.replace("tiny_mc", "far_mc").format(data="http://127.0.0.1:9/unreachable.jsonl")
+    )
+    return root
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        cli.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_the_cli_writes_lm_evals_results_and_refuses_to_overwrite(eval_run, tasks_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, printed, err = run_cli(
+        capsys, "--workdir", eval_run, "--tasks", "tiny_mc", "--include_path", tasks_dir, "--output_path", out,
+        "--log_samples", "--batch_size", 4,
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    acc = results["results"]["tiny_mc"]["acc,none"]
+    assert "tiny_mc" in printed and f"{acc:.4f}" in printed  # lm-eval's table
+    assert results["truncated"] == 2  # the long question's two choices lost tokens from the left
+    assert "truncated" in printed or "lost tokens" in printed
+    samples = [json.loads(line) for line in (out / "samples_tiny_mc.jsonl").read_text().splitlines()]
+    assert [s["doc_id"] for s in samples] == [0, 1, 2] and acc == sum(s["acc"] for s in samples) / 3
+    before = (out / "results.json").read_text()
+    code, _, err = run_cli(capsys, "--workdir", eval_run, "--tasks", "tiny_mc", "--include_path", tasks_dir,
+                           "--output_path", out)  # fmt: skip
+    assert code == 2 and err.strip() == f"error: --output_path='{out}': {out / 'results.json'} exists (pass --overwrite to replace it)"
+    assert (out / "results.json").read_text() == before
+
+
+def test_bad_input_is_one_line_with_exit_code_2(eval_run, tasks_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_tokenizer = tmp_path / "hf"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
+    cases = {
+        ("--tasks", "tiny_mc"): "give exactly one of --workdir or --hf_dir",
+        ("--workdir", eval_run, "--tasks", "tiny_mc", "--limit", 0): "--limit=0: must be >= 1",
+        ("--workdir", eval_run, "--tasks", "no_such_task", "--include_path", tasks_dir): "unknown task 'no_such_task'",
+        ("--workdir", eval_run, "--tasks", "tiny_mc", "--include_path", empty): "holds no task YAML files",
+        ("--hf_dir", no_tokenizer, "--tasks", "tiny_mc"): "has no tokenizer.json",
+        ("--workdir", eval_run, "--tasks", "far_mc", "--include_path", tasks_dir): "task 'far_mc': cannot load its data",
+    }
+    for argv, message in cases.items():
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
