@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.task}: {len(requests)} loglikelihood requests, batch size {args.batch_size}, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads")  # fmt: skip
     for name, r in rates.items():
-        print(f"  {name:20s} median {statistics.median(r):8.1f} requests/s  (rounds: {', '.join(f'{x:.1f}' for x in r)})")
+        print(
+            f"  {name:20s} median {statistics.median(r):8.1f} requests/s  (rounds: {', '.join(f'{x:.1f}' for x in r)})"
+        )
     ratio = statistics.median(rates["ours (jax)"]) / statistics.median(rates["lm-eval hf (torch)"])
     print(f"  ratio ours / hf: {ratio:.2f}x; largest |log-likelihood difference|: {np.max(np.abs(a - b)):.2e}")
 

@@ -187,11 +187,12 @@ class Options:
     seed: int = 0
 
 
-def evaluate(lm: JaxLM, tasks: Sequence[str], include_path: str | None = None, options: Options = Options()) -> dict:
+def evaluate(lm: JaxLM, tasks: Sequence[str], include_path: str | None = None, options: Options | None = None) -> dict:
     """lm-eval's results dict (`results`, `configs`, `n-samples`, ... and, with log_samples, `samples`) of `tasks`
     run on `lm`, plus `truncated`: requests whose context lost tokens from the left."""
     from lm_eval import evaluator
 
+    options = options or Options()
     manager = task_manager(include_path, tasks)
     names = resolve_tasks(tasks, manager)
     build_tasks(names, manager)  # a task whose data cannot be had fails here, naming it

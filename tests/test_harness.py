@@ -73,7 +73,11 @@ def test_the_cli_writes_lm_evals_results_and_refuses_to_overwrite(eval_run, task
     before = (out / "results.json").read_text()
     code, _, err = run_cli(capsys, "--workdir", eval_run, "--tasks", "tiny_mc", "--include_path", tasks_dir,
                            "--output_path", out)  # fmt: skip
-    assert code == 2 and err.strip() == f"error: --output_path='{out}': {out / 'results.json'} exists (pass --overwrite to replace it)"
+    assert (
+        code == 2
+        and err.strip()
+        == f"error: --output_path='{out}': {out / 'results.json'} exists (pass --overwrite to replace it)"
+    )
     assert (out / "results.json").read_text() == before
 
 
@@ -89,7 +93,14 @@ def test_bad_input_is_one_line_with_exit_code_2(eval_run, tasks_dir, tmp_path, c
         ("--workdir", eval_run, "--tasks", "no_such_task", "--include_path", tasks_dir): "unknown task 'no_such_task'",
         ("--workdir", eval_run, "--tasks", "tiny_mc", "--include_path", empty): "holds no task YAML files",
         ("--hf_dir", no_tokenizer, "--tasks", "tiny_mc"): "has no tokenizer.json",
-        ("--workdir", eval_run, "--tasks", "far_mc", "--include_path", tasks_dir): "task 'far_mc': cannot load its data",
+        (
+            "--workdir",
+            eval_run,
+            "--tasks",
+            "far_mc",
+            "--include_path",
+            tasks_dir,
+        ): "task 'far_mc': cannot load its data",
     }
     for argv, message in cases.items():
         code, _, err = run_cli(capsys, *argv)

@@ -21,7 +21,7 @@ def _requests(tok, rng) -> list[tuple[list[int], list[int]]]:
     text = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for i in range(3) for j in range(4))
     ids = tok.encode(text)
     out = []
-    for q in range(6):
+    for _ in range(6):
         start, size = rng.integers(0, len(ids) - 40), rng.integers(1, 24)
         ctx = ids[start : start + size]
         for c in range(4):
