@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import os
 import pathlib
 from collections.abc import Sequence
 
@@ -110,14 +112,20 @@ class JaxLM(TemplateLM):
 
 def task_manager(include_path: str | None = None, tasks: Sequence[str] = ()):
     """lm-eval's TaskManager over our tasks (experiments/eval_tasks/) and `include_path`; lm-eval's own tasks too
-    unless every name in `tasks` is local (indexing lm-eval's ~15k tasks takes seconds)."""
-    from lm_eval.tasks import TaskManager
-
-    paths = [str(TASKS_DIR), *([include_path] if include_path else [])]
-    local = TaskManager(include_path=paths, include_defaults=False, verbosity="ERROR")
+    unless every name in `tasks` is local (indexing lm-eval's ~15k tasks takes seconds, once per process)."""
+    paths = (str(TASKS_DIR), *([str(pathlib.Path(include_path).expanduser().absolute())] if include_path else []))
+    local = _manager(paths, False)
     if tasks and all(local.match_tasks([t]) for t in tasks):
         return local
-    return TaskManager(include_path=paths, verbosity="ERROR")
+    return _manager(paths, True)
+
+
+@functools.cache
+def _manager(paths: tuple[str, ...], defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    with quiet_lm_eval():
+        return TaskManager(include_path=list(paths), include_defaults=defaults, verbosity="ERROR")
 
 
 def check_include_path(include_path: str) -> None:
@@ -163,8 +171,11 @@ def build_tasks(tasks: Sequence[str], manager) -> dict:
 @contextlib.contextmanager
 def quiet_lm_eval():
     """lm-eval and datasets at warnings-off: their per-task notices (default aggregations, dataset builds) would
-    bury the results table and the training log."""
+    bury the results table and the training log. lm-eval's bootstrap of non-mean metrics' stderr runs in this
+    process (DISABLE_MULTIPROC): its default forks a pool, and a forked JAX process can deadlock."""
     import datasets
+
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
 
     logger = logging.getLogger("lm_eval")
     level, bars = logger.level, datasets.utils.logging.is_progress_bar_enabled()

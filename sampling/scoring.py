@@ -103,7 +103,8 @@ class Scorer:
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
         """(log P(continuation | context), whether the continuation is the greedy one) of each (context ids,
         continuation ids) pair; contexts must be non-empty. A pair longer than max_length + 1 tokens keeps its last
-        max_length + 1 (the first is only conditioned on)."""
+        max_length + 1 (the first is only conditioned on), so a continuation longer than max_length has only its
+        last max_length tokens scored (lm-eval's `hf` model refuses those)."""
         keep = self.max_length + 1
         groups: dict[tuple[int, ...], list[int]] = {}
         conts = []
@@ -111,14 +112,10 @@ class Scorer:
             ctx, cont = list(ctx), list(cont)
             if not ctx or not cont:
                 raise ValueError(f"request {i}: context and continuation must be non-empty")
-            if len(cont) > self.max_length:
-                raise ValueError(
-                    f"request {i}: a continuation of {len(cont)} tokens is longer than the {self.max_length} "
-                    "the model sees at once"
-                )
             if len(ctx) + len(cont) > keep:
                 self.truncated += 1
-                ctx = ctx[len(ctx) + len(cont) - keep :]
+                tokens, scored = (ctx + cont)[-keep:], min(len(cont), self.max_length)
+                ctx, cont = tokens[:-scored], tokens[-scored:]
             groups.setdefault(tuple(ctx), []).append(i)
             conts.append(cont)
         order = sorted(groups, key=lambda c: (-len(c), -max(len(conts[i]) for i in groups[c])))
@@ -246,7 +243,7 @@ class Scorer:
         tokens = (list(context) + list(continuation))[-(self.max_length + 1) :]
         logits_TV = self.naive_logits(tokens[:-1])
         logprobs_TV = logits_TV - _logsumexp(logits_TV)
-        C = len(continuation)
+        C = min(len(continuation), self.max_length)
         targets = np.asarray(tokens[-C:])
         rows = logprobs_TV[-C:]
         return float(rows[np.arange(C), targets].sum()), bool((rows.argmax(-1) == targets).all())

@@ -105,3 +105,31 @@ def test_bad_input_is_one_line_with_exit_code_2(eval_run, tasks_dir, tmp_path, c
     for argv, message in cases.items():
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_training_logs_downstream_metrics_and_per_document_scores(eval_run):
+    from experiments import harness
+    from sampling.scoring import Scorer
+
+    rows = [json.loads(line) for line in (eval_run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "eval/stdlib_mc/acc" in r]
+    assert [r["step"] for r in logged] == [20, 40] and "eval/stdlib_mc/acc_norm" in logged[-1]
+    downstream = json.loads((eval_run / "downstream.json").read_text())
+    per_doc = downstream["tasks"]["stdlib_mc"]["acc"]
+    assert downstream["step"] == 40 and sorted(per_doc, key=int) == [str(i) for i in range(8)]
+    assert logged[-1]["eval/stdlib_mc/acc"] == pytest.approx(sum(per_doc.values()) / 8)
+    # The same as evaluating the final checkpoint afterwards.
+    lm = harness.JaxLM(Scorer.load(workdir=eval_run, batch_size=8)[0])
+    after = harness.evaluate(lm, ["stdlib_mc"], options=harness.Options(limit=8))
+    assert after["results"]["stdlib_mc"]["acc,none"] == logged[-1]["eval/stdlib_mc/acc"]
+
+
+def test_an_unknown_training_task_stops_the_run_before_it_starts(tmp_path):
+    from tests.conftest import tiny_run
+    from training.config import ConfigError
+    from training.loop import train
+
+    run = tiny_run(train={"eval_tasks": ("stdlib_mc", "no_such_task")})
+    with pytest.raises(ConfigError, match=r"^train.eval_tasks=\('stdlib_mc', 'no_such_task'\): --tasks: unknown task"):
+        train(run, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()

@@ -29,6 +29,7 @@ def _requests(tok, rng) -> list[tuple[list[int], list[int]]]:
             cont = ids[start + size : start + size + length] if c == 0 else list(rng.integers(0, 300, length))
             out.append((ctx, cont))
     out.append((ids[:70], ids[70:73]))  # 73 tokens: 40 are cut from the left of a 32-token window
+    out.append((ids[:2], ids[2:42]))  # a continuation longer than the window: its last 32 tokens are scored
     return [out[i] for i in rng.permutation(len(out))]
 
 
@@ -42,9 +43,10 @@ def test_loglikelihood_equals_one_request_at_a_time(scorer, monkeypatch):
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5, atol=1e-5)
     assert [g[1] for g in got] == [w[1] for w in want]
     assert 3 <= sum(w[1] for w in want) < len(want)  # some continuations are the greedy ones, not all
-    assert scorer.truncated == 1
-    # Each distinct context is prefilled once: 7 contexts, batches of 8 continuation rows (two questions each).
-    assert sum(1 for _ in calls) == 4 and all(g == 8 for g, _ in calls)
+    assert scorer.truncated == 2
+    # Each distinct context is prefilled once: 8 contexts (6 questions of 4 continuations, two single requests) in
+    # batches of up to 8 continuation rows: 4 batches.
+    assert len(calls) == 4 and all(g == 8 for g, _ in calls)
 
 
 def test_rolling_loglikelihood_scores_each_token_once(scorer):
@@ -88,7 +90,5 @@ def test_generate_until_stop_strings_equals_a_greedy_loop(scorer):
 def test_bad_requests_are_one_line_errors(scorer):
     with pytest.raises(ValueError, match="request 0: context and continuation must be non-empty"):
         scorer.loglikelihood([([], [1])])
-    with pytest.raises(ValueError, match="request 0: a continuation of 40 tokens is longer than the 32"):
-        scorer.loglikelihood([([1], [2] * 40)])
     with pytest.raises(ValueError, match="stride=0: must be in"):
         scorer.loglikelihood_rolling([[1, 2]], 0, stride=0)
