@@ -33,6 +33,7 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
+    def to_tokenizers(self) -> tokenizers.Tokenizer: ...  # the same ids as a `tokenizers` tokenizer
 
 
 class ByteTokenizer:
@@ -54,6 +55,28 @@ class ByteTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        """The same ids as a `tokenizers` tokenizer (what a Hugging Face export writes as tokenizer.json): a
+        byte-level BPE without merges whose token for byte b (GPT-2's printable character for it) has id b, and
+        EOD with id 256. It encodes text to `encode`'s ids, except that it reads the text EOD as the special token
+        (transformers' `split_special_tokens=True` turns that off)."""
+        chars = byte_level_chars()
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        tok.add_special_tokens([EOD])
+        assert tok.token_to_id(EOD) == self.eod_id
+        return tok
+
+
+def byte_level_chars() -> dict[int, str]:
+    """Byte -> the printable character byte-level BPE spells it with (GPT-2's `bytes_to_unicode`, which the
+    `tokenizers` ByteLevel pre-tokenizer and decoder use): printable Latin-1 bytes stand for themselves, the others
+    for 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
 
 
 class HFTokenizer:
@@ -98,6 +121,9 @@ class HFTokenizer:
 
     def save(self, path: pathlib.Path) -> None:
         self.tok.save(str(path))
+
+    def to_tokenizers(self) -> tokenizers.Tokenizer:
+        return self.tok
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:

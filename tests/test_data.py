@@ -37,6 +37,17 @@ def test_byte_tokenizer_round_trips_and_counts_bytes():
     assert tok.token_bytes[ids].sum() == len(text.encode("utf-8")) and tok.token_bytes[tok.eod_id] == 0
 
 
+def test_the_byte_tokenizer_as_a_tokenizers_tokenizer_is_the_same_tokenizer():
+    """What a Hugging Face export writes as tokenizer.json for `bytes`, read back as any tokenizer.json is (an import
+    of the export, infer.py --hf_dir), encodes, decodes and counts bytes as ByteTokenizer does."""
+    ours = ByteTokenizer()
+    theirs = HFTokenizer(ours.to_tokenizers(), "exported")
+    text = "".join(map(chr, range(1, 128))) + " héllo, 日本 🙂\n\r\t\x00"
+    assert theirs.encode(text) == ours.encode(text) and theirs.decode(ours.encode(text)) == text
+    assert (theirs.vocab_size, theirs.eod_id, theirs.document_start) == (257, 256, [256])
+    np.testing.assert_array_equal(theirs.token_bytes, ours.token_bytes)
+
+
 def test_bpe_token_bytes_sum_to_the_utf8_length():
     texts = ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "naïve café ünïcode\n"] * 50
     tok = HFTokenizer(train_bpe(texts, 300), "bpe:300")

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -430,3 +431,95 @@ def test_deepseek_mtp_layer_loads_as_the_sequential_head_and_exports_back(tmp_pa
     parallel = dataclasses.replace(cfg, mtp=MTPConfig(num_heads=1, style="parallel"))
     with pytest.raises(HFError, match="DeepseekV3ForCausalLM: model.mtp.style='parallel' \\(DeepSeek-V3's MTP"):
         model.hf.save(parallel, variables, tmp_path / "parallel")
+
+
+def untrained_workdir(directory, tokenizer):
+    """A workdir whose checkpoint step 0 holds a tiny model's initial params and `tokenizer` (what an export
+    reads; no training, so seconds)."""
+    import flax.linen as nn
+
+    from tests.conftest import tiny_run
+    from training.checkpoint import Checkpointer, checkpoints_dir, meta_for
+    from training.config import CheckpointConfig, with_vocab
+
+    run = with_vocab(tiny_run(data={"tokenizer": tokenizer.name, "seq_len": 64}), tokenizer.vocab_size)
+    init = jax.jit(lambda key: model.init_variables(model.Transformer(run.model), key))  # eager: 8 s of tiny compiles
+    variables = nn.unbox(init(jax.random.key(0)))
+    checkpointer = Checkpointer(checkpoints_dir(directory), CheckpointConfig(async_save=False))
+    try:
+        checkpointer.save(0, {"params": variables["params"]}, {"step": 0}, meta_for(run, tokenizer))
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    return run, variables["params"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "bytes"])
+def test_an_export_has_the_tokenizer_and_special_ids_lm_eval_needs(kind, tmp_path):
+    """An export's tokenizer (the byte tokenizer's too) loads in AutoTokenizer with bos = eos = pad = our
+    end-of-document id and encodes text to our ids; generation_config.json loads; lm-eval's `hf` model (which crashed
+    in tok_encode on an export without bos or eos) scores a loglikelihood request as our model does, and a rolling one
+    past the model's context."""
+    lm_eval_hf = pytest.importorskip("lm_eval.models.huggingface")
+    from lm_eval.api.instance import Instance
+
+    from data.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
+    from model.hf.__main__ import main as hf_command
+
+    if kind == "bytes":
+        ours = ByteTokenizer()
+    else:
+        texts = ["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "hello world " * 20]
+        ours = HFTokenizer(train_bpe(texts * 10, 280), "bpe:280")
+    run, params = untrained_workdir(tmp_path / "run", ours)
+    hf_command(["export", str(tmp_path / "run"), str(tmp_path / "out")])
+    out = str(tmp_path / "out")
+
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.bos_token_id == tok.eos_token_id == tok.pad_token_id == ours.eod_id
+    text = "def fib(n):\n\treturn 'héllo, 日本 🙂' <|endoftext|> n\r\n"
+    assert tok.encode(text) == tok(text)["input_ids"] == ours.encode(text)
+    assert tok.decode(ours.encode(text)) == text
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert generation.bos_token_id == generation.eos_token_id == ours.eod_id
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["bos_token_id"] == config["eos_token_id"] == ours.eod_id
+
+    lm = lm_eval_hf.HFLM(pretrained=out, device="cpu", batch_size=2, dtype="float32")
+    context, continuation = "def fib(n):\n    return", " fib(n - 1)"
+    (score, _), (empty, _) = lm.loglikelihood(
+        [Instance("loglikelihood", {}, (context, continuation), 0), Instance("loglikelihood", {}, ("", "def"), 1)]
+    )
+    whole = ours.encode(context + continuation)
+    n = len(ours.encode(context))
+    logprobs = jax.nn.log_softmax(model.logits(run.model, params, np.array([whole])))[0]
+    assert score == pytest.approx(float(sum(logprobs[i - 1, whole[i]] for i in range(n, len(whole)))), abs=1e-3)
+    assert np.isfinite(empty)
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text * 4,), 0)])
+    assert len(ours.encode(text * 4)) > run.model.max_seq_len and np.isfinite(rolling)
+
+
+def test_an_export_keeps_a_template_that_puts_bos_first(tmp_path):
+    """A Llama 3-style tokenizer's <|begin_of_text|> is the export's bos, still put first by its template (eos stays
+    end-of-document)."""
+    import tokenizers
+
+    from data.tokenizer import load_file
+    from training import hf
+
+    tokenizer_json(tmp_path / "plain.json")
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "plain.json"))
+    tok.add_special_tokens(["<|begin_of_text|>"])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    tok.save(str(tmp_path / "templated.json"))
+    ours = load_file(tmp_path / "templated.json", "templated")
+    untrained_workdir(tmp_path / "run", ours)
+    hf.export(tmp_path / "run", tmp_path / "out")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert theirs.bos_token_id == bos != ours.eod_id == theirs.eos_token_id
+    assert theirs("def f")["input_ids"] == [bos, *ours.encode("def f")]
+    assert theirs("def f", add_special_tokens=False)["input_ids"] == ours.encode("def f")
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "out").bos_token_id == bos

@@ -8,13 +8,14 @@ tokenizer (the directory's tokenizer.json), a RunConfig and the checkpoint item 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import shutil
 
 import ml_collections
 
 from configs import base
-from data.tokenizer import HFTokenizer, Tokenizer, load_file
+from data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_file
 from model import Transformer
 from model import hf as hf_lib
 from model.config import ModelConfig, settable_fields
@@ -109,15 +110,47 @@ def get_config(arg=None):
 
 
 def export(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int | None = None) -> hf_lib.Family:
-    """Writes the workdir's latest (or `step`'s) params as a Hugging Face directory, with the tokenizer.json of
-    a `tokenizers` tokenizer. An existing non-empty `out_dir` is refused (nothing there is overwritten)."""
+    """Writes the workdir's latest (or `step`'s) params as a Hugging Face directory with its tokenizer
+    (`write_tokenizer`) and special token ids (`special_ids`, in config.json and generation_config.json), which
+    transformers' AutoTokenizer and lm-eval's `hf` model load. An existing non-empty `out_dir` is refused (nothing
+    there is overwritten)."""
     out_dir = pathlib.Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise hf_lib.HFError(f"{out_dir}: exists and is not empty (export into a new directory)")
     hf_lib.check_writable(out_dir)
     run, params, tokenizer, _ = load_for_inference(workdir, step)
     hf_lib.family_for(run.model)  # refuses an unrepresentable model before anything is written
-    family = hf_lib.save(run.model, params, out_dir)
-    if isinstance(tokenizer, HFTokenizer):
-        tokenizer.save(out_dir / "tokenizer.json")
+    family = hf_lib.save(run.model, params, out_dir, token_ids=special_ids(tokenizer))
+    write_tokenizer(tokenizer, out_dir, run.model.max_seq_len)
     return family
+
+
+def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """bos: the token a document starts with (the template's first, else the end-of-document token, which our
+    models condition on at a document start: data.tokenizer's `document_start`); eos and pad: end-of-document."""
+    return {
+        "bos_token_id": tokenizer.document_start[0],
+        "eos_token_id": tokenizer.eod_id,
+        "pad_token_id": tokenizer.eod_id,
+    }
+
+
+def write_tokenizer(tokenizer: Tokenizer, out_dir: pathlib.Path, max_seq_len: int) -> None:
+    """tokenizer.json (the byte tokenizer as its `tokenizers` equivalent) and the tokenizer_config.json of a
+    transformers PreTrainedTokenizerFast with `special_ids`' tokens. Without a template that puts a token first,
+    add_bos_token is false (lm-eval's `add_bos_token=True` then puts EOD first, as training does); a template that
+    does (Llama 3's <|begin_of_text|>) is kept as it is. The byte tokenizer reads the text <|endoftext|> as bytes,
+    as ByteTokenizer does (split_special_tokens)."""
+    tok = tokenizer.to_tokenizers()
+    names = {key.removesuffix("_id"): tok.id_to_token(i) for key, i in special_ids(tokenizer).items()}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "model_max_length": max_seq_len}
+    config["clean_up_tokenization_spaces"] = False
+    if tokenizer.document_start == [tokenizer.eod_id]:
+        config |= {"add_bos_token": False, "add_eos_token": False}
+    if isinstance(tokenizer, ByteTokenizer):
+        config["split_special_tokens"] = True
+    try:
+        tok.save(str(out_dir / "tokenizer.json"))
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    except OSError as e:
+        raise hf_lib.HFError(f"{out_dir}: cannot write the tokenizer there ({e.strerror or e})") from None

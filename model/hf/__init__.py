@@ -235,9 +235,18 @@ def _check_tensors(family: Family, cfg: ModelConfig, entries: dict, reader: _Rea
             )
 
 
-def save(cfg: ModelConfig, params: Any, out_dir: str | pathlib.Path, *, max_shard_bytes: int = 5 * 2**30) -> Family:
+def save(
+    cfg: ModelConfig,
+    params: Any,
+    out_dir: str | pathlib.Path,
+    *,
+    token_ids: dict[str, int] | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Family:
     """Writes config.json and safetensors (sharded, with an index, past `max_shard_bytes`) that
-    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; returns the family written."""
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; returns the family written. `token_ids`
+    ({"bos_token_id": ..., "eos_token_id": ..., "pad_token_id": ...}, the tokenizer's) go into config.json and a
+    generation_config.json, so generate() stops at the end of a document and pads with a known id."""
     family = family_for(cfg)
     out_dir = pathlib.Path(out_dir).expanduser()
     variables = as_variables(nn.unbox(params))
@@ -248,7 +257,7 @@ def save(cfg: ModelConfig, params: Any, out_dir: str | pathlib.Path, *, max_shar
         raise HFError(f"params have no {'/'.join(missing[0])} (not the variables of this config)")
     check_writable(out_dir)
     try:
-        _write(family, cfg, flat, entries, out_dir, max_shard_bytes)
+        _write(family, cfg, flat, entries, out_dir, max_shard_bytes, token_ids or {})
     except OSError as e:  # e.g. a full disk, or a directory only root's permission bits let through
         raise HFError(f"{out_dir}: cannot write the checkpoint there ({e.strerror or e})") from None
     return family
@@ -264,7 +273,15 @@ def check_writable(out_dir: str | pathlib.Path) -> None:
         raise HFError(f"{out_dir}: cannot write there ({existing} is read-only)")
 
 
-def _write(family: Family, cfg: ModelConfig, flat: dict, entries: dict, out_dir: pathlib.Path, max_shard_bytes: int):
+def _write(
+    family: Family,
+    cfg: ModelConfig,
+    flat: dict,
+    entries: dict,
+    out_dir: pathlib.Path,
+    max_shard_bytes: int,
+    token_ids: dict[str, int],
+):
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -286,7 +303,9 @@ def _write(family: Family, cfg: ModelConfig, flat: dict, entries: dict, out_dir:
         total = sum(t.nbytes for shard in shards for t in shard.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / INDEX).write_text(json.dumps(index, indent=2))
-    (out_dir / "config.json").write_text(json.dumps(family.to_hf(cfg), indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(family.to_hf(cfg) | token_ids, indent=2) + "\n")
+    if token_ids:
+        (out_dir / "generation_config.json").write_text(json.dumps(token_ids, indent=2) + "\n")
 
 
 def _host(x) -> np.ndarray:
