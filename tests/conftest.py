@@ -141,7 +141,7 @@ def mtp_mla_run(tmp_path_factory) -> tuple[pathlib.Path, dict]:
 
 @pytest.fixture(scope="session")
 def eval_run(tmp_path_factory) -> pathlib.Path:
-    """The workdir of a tiny model with a bpe:320 tokenizer, trained 40 steps on `write_corpus` (whose lines it
+    """The workdir of a tiny model with a bpe:320 tokenizer and a 128-token context, trained 40 steps on `write_corpus` (whose lines it
     learns to continue, so greedy continuations and multiple-choice answers are not chance), evaluating 8
     documents of stdlib_mc every 20 steps: what the evaluation tests score and read (tests/test_scoring.py,
     tests/test_harness.py). Trained once per test session (worker)."""
@@ -149,7 +149,7 @@ def eval_run(tmp_path_factory) -> pathlib.Path:
 
     root = tmp_path_factory.mktemp("eval_run")
     run = tiny_run(
-        data={"corpus": str(write_corpus(root)), "tokenizer": "bpe:320", "seq_len": 32},
+        data={"corpus": str(write_corpus(root)), "tokenizer": "bpe:320", "seq_len": 128},
         train={"steps": 40, "lr": 1e-2, "eval_every": 40, "log_every": 20, "eval_tasks": ("stdlib_mc",)}
         | {"eval_tasks_every": 20, "eval_tasks_limit": 8},
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 from experiments import evaluate as cli
@@ -36,7 +37,7 @@ def tasks_dir(tmp_path) -> pathlib.Path:
     rows = [
         {"q": "def f1_2(x):\n    return x *", "choices": [" 2 + 1", " 7 + 0", " 9"], "gold": 0},
         {"q": "def f0_3(x):\n    return", "choices": [" x * 3 + 0", " y"], "gold": 0},
-        {"q": "def f2_5(x):\n    return x * 5 + 2\n\n" * 4 + "def f2_6(x):", "choices": ["\n", " ("], "gold": 0},
+        {"q": "def f2_5(x):\n    return x * 5 + 2\n\n" * 40 + "def f2_6(x):", "choices": ["\n", " ("], "gold": 0},
     ]
     (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "mc.yaml").write_text(MC_TASK.format(data=root / "mc.jsonl"))
@@ -133,3 +134,49 @@ def test_an_unknown_training_task_stops_the_run_before_it_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"^train.eval_tasks=\('stdlib_mc', 'no_such_task'\): --tasks: unknown task"):
         train(run, tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_per_document_scores_equal_lm_evals_hf_model_on_the_export(eval_run, tmp_path):
+    """The reference: our four local task types run through lm-eval's own `hf` model (PyTorch) on the checkpoint
+    exported with `python -m model.hf export`, against our adapter on the workdir: the same log-likelihood for every
+    request of every document (1e-4), so the same accuracies and perplexities, and the same greedy generations."""
+    pytest.importorskip("accelerate")
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+
+    from experiments import harness
+    from model.hf.__main__ import main as hf_command
+    from sampling.scoring import Scorer
+
+    hf_command(["export", str(eval_run), str(tmp_path / "hf")])
+    limits = {"stdlib_mc": 12, "stdlib_lambada": 12, "stdlib_ppl": 3, "stdlib_gen": 6}
+    theirs_lm = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", dtype="float32", batch_size=8)
+    ours_lm = harness.JaxLM(Scorer.load(workdir=eval_run, batch_size=8)[0])
+    assert theirs_lm.max_length == ours_lm.max_length == 128
+    manager = harness.task_manager(None, list(limits))
+    runs = {}
+    for name, lm in (("theirs", theirs_lm), ("ours", ours_lm)):
+        runs[name] = {}
+        for task, limit in limits.items():
+            with harness.quiet_lm_eval():
+                runs[name][task] = evaluator.simple_evaluate(
+                    model=lm, tasks=[task], limit=limit, log_samples=True, bootstrap_iters=0, task_manager=manager
+                )  # fmt: skip
+    for task in limits:
+        ours, theirs = runs["ours"][task], runs["theirs"][task]
+        assert len(ours["samples"][task]) == limits[task]
+        for a, b in zip(ours["samples"][task], theirs["samples"][task]):
+            assert a["doc_id"] == b["doc_id"] and a["arguments"] == b["arguments"]
+            if task == "stdlib_gen":
+                assert a["resps"] == b["resps"]
+                continue
+            scores = lambda s: [r[0][0] if isinstance(r[0], list | tuple) else r[0] for r in s["resps"]]  # noqa: E731
+            np.testing.assert_allclose(scores(a), scores(b), rtol=1e-5, atol=1e-4)
+        for key, value in theirs["results"][task].items():
+            if key.split(",")[0] in ("acc", "acc_norm", "exact_match"):
+                assert ours["results"][task][key] == value, (task, key)
+            elif key.split(",")[0] in ("perplexity", "word_perplexity", "bits_per_byte"):
+                assert ours["results"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
+    mc = [s["acc"] for s in runs["ours"]["stdlib_mc"]["samples"]["stdlib_mc"]]
+    assert 0 < sum(mc) < len(mc)  # right on some documents and wrong on others: a mix-up would show
+    assert any(s["resps"][0][0] for s in runs["ours"]["stdlib_gen"]["samples"]["stdlib_gen"])

@@ -18,7 +18,7 @@ def scorer(eval_run) -> Scorer:
 def _requests(tok, rng) -> list[tuple[list[int], list[int]]]:
     """Multiple-choice questions (one context, four continuations each) of varied lengths, shuffled; one whose
     context is longer than the model's window; continuations that are the greedy ones among them."""
-    text = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for i in range(3) for j in range(4))
+    text = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for i in range(6) for j in range(5))
     ids = tok.encode(text)
     out = []
     for _ in range(6):
@@ -28,8 +28,9 @@ def _requests(tok, rng) -> list[tuple[list[int], list[int]]]:
             length = int(rng.integers(1, 6))
             cont = ids[start + size : start + size + length] if c == 0 else list(rng.integers(0, 300, length))
             out.append((ctx, cont))
-    out.append((ids[:70], ids[70:73]))  # 73 tokens: 40 are cut from the left of a 32-token window
-    out.append((ids[:2], ids[2:42]))  # a continuation longer than the window: its last 32 tokens are scored
+    L = 128  # the model's window
+    out.append((ids[: L + 10], ids[L + 10 : L + 13]))  # 12 tokens are cut from the left
+    out.append((ids[:2], ids[2 : L + 12]))  # a continuation longer than the window: its last L tokens are scored
     return [out[i] for i in rng.permutation(len(out))]
 
 
@@ -53,15 +54,15 @@ def test_rolling_loglikelihood_scores_each_token_once(scorer):
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     tok, L = scorer.tokenizer, scorer.max_length
-    docs = [tok.encode("def f(x):\n    return x * 3 + 1\n\n" * k) for k in (1, 3, 7)]
+    docs = [tok.encode("def f(x):\n    return x * 3 + 1\n\n" * k) for k in (1, 12, 40)]
     assert len(docs[-1]) > 2 * L  # several windows
     got = scorer.loglikelihood_rolling(docs, tok.eod_id)
     for doc, total in zip(docs, got):
         windows = map(make_disjoint_window, get_rolling_token_windows(doc, tok.eod_id, L, 1))
         want = sum(scorer.naive_loglikelihood(ctx, cont)[0] for ctx, cont in windows)
         np.testing.assert_allclose(total, want, rtol=1e-5)
-    # A stride of 8: every window scores 8 new tokens after up to 24 of context.
-    doc, stride = docs[-1], 8
+    # A stride of 32: every window scores 32 new tokens after up to 96 of context.
+    doc, stride = docs[-1], 32
     full = [tok.eod_id, *doc]
     want = sum(
         scorer.naive_loglikelihood(full[max(0, min(a + stride, len(doc)) - L) : a + 1], full[a + 1 : a + stride + 1])[0]
