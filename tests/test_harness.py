@@ -91,7 +91,7 @@ def test_bad_input_is_one_line_with_exit_code_2(eval_run, tasks_dir, tmp_path, c
     cases = {
         ("--tasks", "tiny_mc"): "give exactly one of --workdir or --hf_dir",
         ("--workdir", eval_run, "--tasks", "tiny_mc", "--limit", 0): "--limit=0: must be >= 1",
-        ("--workdir", eval_run, "--tasks", "no_such_task", "--include_path", tasks_dir): "unknown task 'no_such_task'",
+        ("--workdir", eval_run, "--tasks", "no_such_task"): "unknown task 'no_such_task'",
         ("--workdir", eval_run, "--tasks", "tiny_mc", "--include_path", empty): "holds no task YAML files",
         ("--hf_dir", no_tokenizer, "--tasks", "tiny_mc"): "has no tokenizer.json",
         (
@@ -106,6 +106,16 @@ def test_bad_input_is_one_line_with_exit_code_2(eval_run, tasks_dir, tmp_path, c
     for argv, message in cases.items():
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+    # train.eval_tasks: the same check, before the run starts (lm-eval's task index is the one just built).
+    from tests.conftest import tiny_run
+    from training.config import ConfigError
+    from training.loop import train
+
+    run = tiny_run(train={"eval_tasks": ("stdlib_mc", "no_such_task")})
+    with pytest.raises(ConfigError, match=r"^train.eval_tasks=\('stdlib_mc', 'no_such_task'\): --tasks: unknown task"):
+        train(run, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
 
 
 def test_training_logs_downstream_metrics_and_per_document_scores(eval_run):
@@ -123,17 +133,6 @@ def test_training_logs_downstream_metrics_and_per_document_scores(eval_run):
     lm = harness.JaxLM(Scorer.load(workdir=eval_run, batch_size=8)[0])
     after = harness.evaluate(lm, ["stdlib_mc"], options=harness.Options(limit=8))
     assert after["results"]["stdlib_mc"]["acc,none"] == logged[-1]["eval/stdlib_mc/acc"]
-
-
-def test_an_unknown_training_task_stops_the_run_before_it_starts(tmp_path):
-    from tests.conftest import tiny_run
-    from training.config import ConfigError
-    from training.loop import train
-
-    run = tiny_run(train={"eval_tasks": ("stdlib_mc", "no_such_task")})
-    with pytest.raises(ConfigError, match=r"^train.eval_tasks=\('stdlib_mc', 'no_such_task'\): --tasks: unknown task"):
-        train(run, tmp_path / "run", quiet=True)
-    assert not (tmp_path / "run").exists()
 
 
 def test_per_document_scores_equal_lm_evals_hf_model_on_the_export(eval_run, tmp_path):
@@ -177,6 +176,10 @@ def test_per_document_scores_equal_lm_evals_hf_model_on_the_export(eval_run, tmp
                 assert ours["results"][task][key] == value, (task, key)
             elif key.split(",")[0] in ("perplexity", "word_perplexity", "bits_per_byte"):
                 assert ours["results"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
+    # The Hugging Face directory scores as the workdir it was exported from.
+    pairs = [(ours_lm.tok_encode(a), ours_lm.tok_encode(b)) for a, b in (("def f", "1_2(x):"), ("    return", " x"))]
+    from_hf = Scorer.load(hf_dir=tmp_path / "hf", batch_size=8)[0].loglikelihood(pairs)
+    assert from_hf == ours_lm.scorer.loglikelihood(pairs)
     mc = [s["acc"] for s in runs["ours"]["stdlib_mc"]["samples"]["stdlib_mc"]]
     assert 0 < sum(mc) < len(mc)  # right on some documents and wrong on others: a mix-up would show
     assert any(s["resps"][0][0] for s in runs["ours"]["stdlib_gen"]["samples"]["stdlib_gen"])
