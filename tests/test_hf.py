@@ -105,6 +105,23 @@ def tokenizer_json(path):
     tok.save(str(path))
 
 
+def templated_tokenizer(tmp_path):
+    """(a Llama 3-style tokenizer whose template puts <|begin_of_text|> first, that token's id)."""
+    import tokenizers
+
+    from data.tokenizer import load_file
+
+    tokenizer_json(tmp_path / "plain.json")
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "plain.json"))
+    tok.add_special_tokens(["<|begin_of_text|>"])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    tok.save(str(tmp_path / "templated.json"))
+    return load_file(tmp_path / "templated.json", "templated"), bos
+
+
 def ids(batch=2, length=24, seed=0):
     return np.random.default_rng(seed).integers(3, VOCAB, (batch, length))
 
@@ -292,7 +309,6 @@ def test_tied_llama_keeps_one_embedding(tmp_path):
 def test_prompts_start_as_the_tokenizers_template_starts_a_document(tmp_path):
     """A Llama 3-style tokenizer puts <|begin_of_text|> first: so does a prompt; without a template, the
     end-of-document token does (as in training)."""
-    import tokenizers
 
     from data.tokenizer import load_file
     from sampling.decode import prompt_ids
@@ -300,14 +316,7 @@ def test_prompts_start_as_the_tokenizers_template_starts_a_document(tmp_path):
     tokenizer_json(tmp_path / "plain.json")
     plain = load_file(tmp_path / "plain.json", "plain")
     assert prompt_ids(plain, "def f") == [plain.eod_id, *plain.encode("def f")]
-    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "plain.json"))
-    tok.add_special_tokens(["<|begin_of_text|>"])
-    bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
-    )
-    tok.save(str(tmp_path / "templated.json"))
-    templated = load_file(tmp_path / "templated.json", "templated")
+    templated, bos = templated_tokenizer(tmp_path)
     assert prompt_ids(templated, "def f") == [bos, *plain.encode("def f")]
 
 
@@ -502,20 +511,10 @@ def test_an_export_has_the_tokenizer_and_special_ids_lm_eval_needs(kind, tmp_pat
 def test_an_export_keeps_a_template_that_puts_bos_first(tmp_path):
     """A Llama 3-style tokenizer's <|begin_of_text|> is the export's bos, still put first by its template (eos stays
     end-of-document)."""
-    import tokenizers
 
-    from data.tokenizer import load_file
     from training import hf
 
-    tokenizer_json(tmp_path / "plain.json")
-    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "plain.json"))
-    tok.add_special_tokens(["<|begin_of_text|>"])
-    bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
-    )
-    tok.save(str(tmp_path / "templated.json"))
-    ours = load_file(tmp_path / "templated.json", "templated")
+    ours, bos = templated_tokenizer(tmp_path)
     untrained_workdir(tmp_path / "run", ours)
     hf.export(tmp_path / "run", tmp_path / "out")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
