@@ -36,9 +36,9 @@ class JaxLM(TemplateLM):
     """lm-eval's `LM` over a Scorer. `add_bos_token` (as the `hf` model's option): every context starts with the
     tokens a document starts with (default: not, as the `hf` model does not)."""
 
-    def __init__(self, scorer: Scorer, add_bos_token: bool = False, seed: int = 0):
+    def __init__(self, scorer: Scorer, add_bos_token: bool = False, seed: int = 0, progress: bool = True):
         super().__init__()
-        self.scorer, self.add_bos_token, self.seed = scorer, add_bos_token, seed
+        self.scorer, self.add_bos_token, self.seed, self.progress = scorer, add_bos_token, seed, progress
         self.vocab = scorer.tokenizer
         self.generated = 0  # generate_until requests answered (each samples from its own row's stream)
 
@@ -63,6 +63,9 @@ class JaxLM(TemplateLM):
         if add_special_tokens or (add_special_tokens is None and self.add_bos_token):
             ids = [*self.vocab.document_start, *ids]
         return ids
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         scores = self.scorer.loglikelihood([(ctx, cont) for _, ctx, cont in requests])
@@ -244,7 +247,7 @@ def downstream(cfg, weights, tokenizer, tasks: Sequence[str], limit: int = 0, ba
     """`tasks` run on in-memory weights (params, or {"params", "state"}), every document's scores kept:
     what the training loop logs (`training_metrics`) and writes (`per_document`)."""
     scorer = Scorer(cfg, weights, tokenizer, batch_size=batch_size)
-    return evaluate(JaxLM(scorer), tasks, options=Options(limit=limit or None, log_samples=True, bootstrap_iters=0))
+    return evaluate(JaxLM(scorer, progress=False), tasks, options=Options(limit=limit or None, log_samples=True, bootstrap_iters=0))
 
 
 def metric_names(results: dict, task: str) -> dict[str, tuple[str, str]]:
