@@ -272,9 +272,26 @@ def training_metrics(results: dict) -> dict[str, float]:
     return out
 
 
+def aggregation(results: dict, task: str, metric: str) -> str:
+    """The name of how lm-eval aggregates `metric` of `task` over documents: the task's own (its metric_list), else
+    lm-eval's default for the metric ('mean', 'perplexity', 'bits_per_byte', ...)."""
+    from lm_eval.api.registry import get_metric_aggregation
+
+    for entry in results.get("configs", {}).get(task, {}).get("metric_list", []):
+        if entry.get("metric") == metric and entry.get("aggregation"):
+            return str(getattr(entry["aggregation"], "__name__", entry["aggregation"]))
+    try:
+        default = get_metric_aggregation(metric)
+    except Exception:  # a metric lm-eval's registry does not know (a task's own function)
+        return "mean"
+    return getattr(default, "__name__", "mean")
+
+
 def per_document(results: dict) -> dict:
-    """task -> metric -> {doc_id: score} for metrics scored per document (acc, exact_match, pass@k, ...), or the
-    task's aggregate (a float) for those lm-eval aggregates otherwise (perplexities, bits per byte)."""
+    """task -> metric -> {doc_id: score} for metrics that are means over documents (acc, exact_match, pass@k, ...),
+    or the task's aggregate (a float) for the others (perplexities, bits per byte), whose per-document values are
+    not scores. A perplexity's per-document values (each document's target log-likelihood) are kept as the metric
+    'loglikelihood', which is a mean: a paired comparison can use them."""
     out = {}
     for task, samples in results.get("samples", {}).items():
         out[task] = {}
@@ -284,5 +301,8 @@ def per_document(results: dict) -> dict:
                 for s in samples
                 if s.get("filter") == filt and isinstance(s.get(metric), int | float)
             }
-            out[task][name] = docs if docs else results["results"][task][f"{metric},{filt}"]
+            how = aggregation(results, task, metric)
+            out[task][name] = docs if docs and how == "mean" else results["results"][task][f"{metric},{filt}"]
+            if docs and how == "perplexity":
+                out[task]["loglikelihood" if filt == "none" else f"loglikelihood,{filt}"] = docs
     return out

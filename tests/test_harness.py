@@ -176,6 +176,16 @@ def test_per_document_scores_equal_lm_evals_hf_model_on_the_export(eval_run, tmp
                 assert ours["results"][task][key] == value, (task, key)
             elif key.split(",")[0] in ("perplexity", "word_perplexity", "bits_per_byte"):
                 assert ours["results"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
+    # What training keeps per document: means per document; a perplexity as its aggregate, its per-document
+    # target log-likelihoods as 'loglikelihood'; rolling perplexities as aggregates only.
+    kept = harness.per_document(runs["ours"]["stdlib_lambada"])["stdlib_lambada"]
+    lambada = runs["ours"]["stdlib_lambada"]
+    assert kept["perplexity"] == lambada["results"]["stdlib_lambada"]["perplexity,none"]
+    assert kept["acc"] == {str(s["doc_id"]): s["acc"] for s in lambada["samples"]["stdlib_lambada"]}
+    assert kept["loglikelihood"] == {
+        str(s["doc_id"]): s["resps"][0][0][0] for s in lambada["samples"]["stdlib_lambada"]
+    }
+    assert all(isinstance(v, float) for v in harness.per_document(runs["ours"]["stdlib_ppl"])["stdlib_ppl"].values())
     # The Hugging Face directory scores as the workdir it was exported from.
     pairs = [(ours_lm.tok_encode(a), ours_lm.tok_encode(b)) for a, b in (("def f", "1_2(x):"), ("    return", " x"))]
     from_hf = Scorer.load(hf_dir=tmp_path / "hf", batch_size=8)[0].loglikelihood(pairs)
