@@ -1,11 +1,12 @@
 """Scoring for evaluation: log-likelihoods of continuations, rolling log-likelihoods of long documents, and
 generation until stop strings, over token ids, batched and exact.
 
-Requests are grouped by context: each distinct context is prefilled once into a decode cache (model/cache.py),
-whose rows are then copied to every continuation that shares it, so a multiple-choice question's choices cost one
-context forward plus one short forward each. Groups are sorted by length and cut into batches; each batch is
-padded to bucketed shapes (powers of two), so a whole task compiles a handful of programs; results come back in
-the caller's order. Each result equals the one-request computation (a plain forward of context + continuation,
+Requests are grouped by context. A context shared by several continuations (a multiple-choice question's
+choices) is prefilled once into a decode cache (model/cache.py), whose rows are then copied to each continuation: one
+context forward plus one short forward per choice. The rest (single requests, rolling windows, and groups whose
+context is too short for sharing to pay: CACHE_COST) run as plain right-padded rows, one forward each, which on a CPU
+is the faster path per token. Either way requests are sorted by length and cut into batches padded to bucketed
+shapes, so a whole task compiles a handful of programs; results come back in the caller's order. Each result equals the one-request computation (a plain forward of context + continuation,
 no cache, no padding) to float32 rounding (tests/test_scoring.py).
 
 The harness adapter (experiments/harness.py) turns lm-eval's text requests into these; `Scorer.load` gives a
@@ -46,9 +47,23 @@ class GenerateRequest:
 
 
 def bucket(n: int, cap: int | None = None) -> int:
-    """`n` rounded up to a power of two (at least 8), at most `cap`: the padded size of a batch axis."""
+    """`n` rounded up to a power of two (at least 8), at most `cap` (but not below `n`): the padded size of a batch
+    of rows."""
     size = max(8, 1 << (max(n, 1) - 1).bit_length())
     return max(n, min(size, cap)) if cap is not None else size
+
+
+def length_bucket(n: int) -> int:
+    """`n` tokens rounded up to one of 8 sizes per power of two (at least 8): padding wastes at most 1/8 of a
+    sequence axis, and a task's lengths still fall into a handful of compiled shapes."""
+    step = max(8, 1 << max(0, (max(n, 1) - 1).bit_length() - 3))
+    return -(-n // step) * step
+
+
+# The cache path costs about twice a plain forward per token on CPU (dense attention over the cache's slots where a
+# plain forward runs a causal kernel): a group of n continuations (C tokens each at most) sharing a P-token context
+# goes through it when 2 (P + n C) < n (P + C), i.e. when sharing the context saves more than that.
+CACHE_COST = 2.0
 
 
 @dataclasses.dataclass
@@ -118,28 +133,60 @@ class Scorer:
                 ctx, cont = tokens[:-scored], tokens[-scored:]
             groups.setdefault(tuple(ctx), []).append(i)
             conts.append(cont)
-        order = sorted(groups, key=lambda c: (-len(c), -max(len(conts[i]) for i in groups[c])))
+        shared = [c for c, members in groups.items() if self._share(len(c), [len(conts[i]) for i in members])]
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        batch: list[tuple[int, ...]] = []
-        rows = 0
-        for ctx in [*order, None]:
-            if ctx is not None and (rows + len(groups[ctx]) <= self.batch_size or not batch):
-                batch.append(ctx)
-                rows += len(groups[ctx])
-                continue
-            if batch:
-                members = [(g, i) for g, c in enumerate(batch) for i in groups[c]]
-                scores = self._score_batch([list(c) for c in batch], [(g, conts[i]) for g, i in members])
-                for (_, i), score in zip(members, scores):
-                    out[i] = score
-            if ctx is not None:
-                batch, rows = [ctx], len(groups[ctx])
+        for batch in self._batches(shared, groups, conts):
+            members = [(g, i) for g, c in enumerate(batch) for i in groups[c]]
+            scores = self._score_batch([list(c) for c in batch], [(g, conts[i]) for g, i in members])
+            for (_, i), score in zip(members, scores):
+                out[i] = score
+        shared_set = set(shared)
+        single = [(list(c), i) for c, members in groups.items() if c not in shared_set for i in members]
+        single.sort(key=lambda ci: -(len(ci[0]) + len(conts[ci[1]])))
+        for first in range(0, len(single), self.batch_size):
+            chunk = single[first : first + self.batch_size]
+            for (_, i), score in zip(chunk, self._plain_batch([(c, conts[i]) for c, i in chunk])):
+                out[i] = score
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _share(context: int, continuations: list[int]) -> bool:
+        """Whether a context's continuations go through the cache path (see CACHE_COST)."""
+        n, longest = len(continuations), max(continuations)
+        return n > 1 and CACHE_COST * (context + n * longest) < n * (context + longest)
+
+    def _batches(self, shared: list, groups: dict, conts: list) -> list[list[tuple[int, ...]]]:
+        """Shared contexts, longest first, cut into batches of at most batch_size continuations (a group is never
+        split)."""
+        order = sorted(shared, key=lambda c: (-len(c), -max(len(conts[i]) for i in groups[c])))
+        batches, rows = [], 0
+        for ctx in order:
+            if batches and rows + len(groups[ctx]) <= self.batch_size:
+                batches[-1].append(ctx)
+                rows += len(groups[ctx])
+            else:
+                batches.append([ctx])
+                rows = len(groups[ctx])
+        return batches
+
+    def _plain_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Scores (context, continuation) pairs by one plain forward of each row, right-padded."""
+        T = min(length_bucket(max(len(c) + len(k) - 1 for c, k in pairs)), self.max_length)
+        B = self._rows(len(pairs))
+        tokens_BT = np.zeros((B, T + 1), np.int32)
+        start_B, len_B = np.ones(B, np.int32), np.zeros(B, np.int32)
+        for b, (c, k) in enumerate(pairs):
+            tokens_BT[b, : len(c) + len(k)] = c + k
+            start_B[b], len_B[b] = len(c), len(k)
+        with self._active():
+            logprob_B, greedy_B = _score_plain(self.weights, tokens_BT, start_B, len_B, model=self.plain)
+        logprob_B, greedy_B = np.asarray(logprob_B), np.asarray(greedy_B)
+        return [(float(logprob_B[b]), bool(greedy_B[b])) for b in range(len(pairs))]
 
     def _score_batch(self, contexts: list[list[int]], conts: list[tuple[int, list[int]]]) -> list[tuple[float, bool]]:
         """Scores continuations (each naming its context's index) of a batch of contexts."""
-        P = bucket(max(len(c) for c in contexts))
-        C = bucket(max(len(c) for _, c in conts))
+        P = length_bucket(max(len(c) for c in contexts))
+        C = length_bucket(max(len(c) for _, c in conts))
         G, N = self._rows(len(contexts)), self._rows(len(conts))
         ctx_GP = np.zeros((G, P), np.int32)
         ctx_pos_GP = np.full((G, P), -1, np.int32)
@@ -215,7 +262,7 @@ class Scorer:
                 chunk = members[first : first + self.batch_size]
                 prompts = [contexts[i] for i in chunk]
                 prompts += [prompts[-1]] * (self._rows(len(prompts)) - len(prompts))
-                max_len = bucket(max(len(p) for p in prompts) + new)
+                max_len = length_bucket(max(len(p) for p in prompts) + new)
                 watcher = Watcher(self.tokenizer, len(prompts), until, self.tokenizer.eod_id, None) if until else None
                 with self._active():
                     generation = generate_batch(
@@ -263,6 +310,19 @@ def _logsumexp(x_TV: np.ndarray) -> np.ndarray:
 @functools.partial(jax.jit, static_argnames=("model",))
 def _forward(weights, tokens_BT, *, model: Transformer):
     return model.apply(unrolled(weights, model), tokens_BT)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _score_plain(weights, tokens_BT1, start_B, len_B, *, model: Transformer):
+    """Rows [B, T+1] of context + continuation (right-padded), a plain forward of all but the last token: (sum of
+    each continuation's log-probs [B], whether each of its tokens was the argmax [B])."""
+    inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+    logits_BTV = model.apply(unrolled(weights, model), inputs_BT).astype(jnp.float32)
+    logprobs_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV, axis=-1), targets_BT[..., None], axis=-1)[..., 0]
+    t_T = jnp.arange(inputs_BT.shape[1])
+    valid_BT = (t_T >= start_B[:, None] - 1) & (t_T < (start_B + len_B - 1)[:, None])
+    hit_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    return jnp.sum(jnp.where(valid_BT, logprobs_BT, 0.0), axis=1), jnp.all(hit_BT | ~valid_BT, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

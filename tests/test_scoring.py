@@ -36,18 +36,23 @@ def _requests(tok, rng) -> list[tuple[list[int], list[int]]]:
 
 def test_loglikelihood_equals_one_request_at_a_time(scorer, monkeypatch):
     requests = _requests(scorer.tokenizer, np.random.default_rng(0))
-    calls = []
-    score = scoring._score
-    monkeypatch.setattr(scoring, "_score", lambda *a, **k: calls.append(a[1].shape) or score(*a, **k))
+    prefilled, plain = [], []
+    cached, alone = scoring._score, scoring._score_plain
+    monkeypatch.setattr(
+        scoring, "_score", lambda w, ctx, *a, **k: prefilled.append(ctx.shape) or cached(w, ctx, *a, **k)
+    )
+    monkeypatch.setattr(scoring, "_score_plain", lambda w, t, *a, **k: plain.append(t.shape) or alone(w, t, *a, **k))
     got = scorer.loglikelihood(requests)
     want = [scorer.naive_loglikelihood(ctx, cont) for ctx, cont in requests]
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-5, atol=1e-5)
     assert [g[1] for g in got] == [w[1] for w in want]
     assert 3 <= sum(w[1] for w in want) < len(want)  # some continuations are the greedy ones, not all
     assert scorer.truncated == 2
-    # Each distinct context is prefilled once: 8 contexts (6 questions of 4 continuations, two single requests) in
-    # batches of up to 8 continuation rows: 4 batches.
-    assert len(calls) == 4 and all(g == 8 for g, _ in calls)
+    # Questions whose context is long enough next to their continuations share one prefill through the cache (two
+    # questions of 4 per batch of 8 rows); the others, and the single requests, run as plain rows.
+    shared = {tuple(c) for c, k in requests if Scorer._share(len(c), [len(k2) for c2, k2 in requests if c2 == c])}
+    assert 1 <= len(shared) < 6 and len(prefilled) == -(-len(shared) // 2) and plain
+    assert sum(b for b, _ in plain) >= len(requests) - 4 * len(shared)
 
 
 def test_rolling_loglikelihood_scores_each_token_once(scorer):

@@ -75,7 +75,9 @@ def test_scoring_on_a_mesh_gives_the_one_device_scores():
     params = jax.device_get(nn.unbox(init_variables(Transformer(cfg), jax.random.key(3))["params"]))
     tok = ByteTokenizer()
     ctx = [tok.encode(p) for p in PROMPTS]
-    pairs = [(c, tok.encode(s)) for c in ctx for s in (" x", "(y)")] + [(ctx[0], tok.encode("ab"))]
+    # Four short continuations per prompt share its prefill (the cache path); the last pair runs alone (plain rows).
+    pairs = [(c, tok.encode(s)) for c in ctx for s in (" x", "(y)", ":", "ab")] + [(tok.encode("a"), tok.encode("bc"))]
+    assert Scorer._share(len(ctx[0]), [2, 3, 1, 2]) and not Scorer._share(1, [2])
     asks = [GenerateRequest(c, until=(")",), max_new_tokens=8) for c in ctx]
     one = Scorer(cfg, params, tok, batch_size=4)
     mesh = Scorer(cfg, params, tok, batch_size=4, layout=decode_layout(cfg, "data=2,tensor=4"))
