@@ -247,7 +247,9 @@ def downstream(cfg, weights, tokenizer, tasks: Sequence[str], limit: int = 0, ba
     """`tasks` run on in-memory weights (params, or {"params", "state"}), every document's scores kept:
     what the training loop logs (`training_metrics`) and writes (`per_document`)."""
     scorer = Scorer(cfg, weights, tokenizer, batch_size=batch_size)
-    return evaluate(JaxLM(scorer, progress=False), tasks, options=Options(limit=limit or None, log_samples=True, bootstrap_iters=0))
+    return evaluate(
+        JaxLM(scorer, progress=False), tasks, options=Options(limit=limit or None, log_samples=True, bootstrap_iters=0)
+    )
 
 
 def metric_names(results: dict, task: str) -> dict[str, tuple[str, str]]:

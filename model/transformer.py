@@ -145,13 +145,16 @@ class Transformer(nn.Module):
         *,
         in_order: bool | None = None,
         ahead_BTA: jax.Array | None = None,
+        logits_at_BK: jax.Array | None = None,
     ) -> Output:
         """Positions default to 0..T-1; -1 marks padding, which no token attends to. `segments_BT` (document ids,
         with positions restarting at each document) keeps attention inside documents. `in_order`: the tokens are
         in sequence order, so no key after its query is ever visible (default: positions were not given).
         `ahead_BTA` (training): column j holds the token j + 1 after each position (column 0: the targets), for
         the extra heads the config turns on (model/heads.py), which then run (their logits in `extra`, under
-        their names) and add their losses to `aux`."""
+        their names) and add their losses to `aux`. `logits_at_BK` (scoring): the main head runs only at these
+        positions of each row (indices into T), so `logits_BTV` is [B, K, vocab]; with a large vocabulary the head
+        is a sizeable share of a small model's FLOPs, and scoring reads a few positions of each row."""
         cfg = self.cfg
         in_order = positions_BT is None if in_order is None else in_order
         if positions_BT is None:
@@ -192,7 +195,8 @@ class Transformer(nn.Module):
 
         hidden_BTD = x_BTD
         logits_of = output_head(cfg, rt, embedding)
-        out = Output(logits_of(hidden_BTD), hidden_BTD, mean_over_layers(aux))
+        read_BTD = hidden_BTD if logits_at_BK is None else jnp.take_along_axis(hidden_BTD, logits_at_BK[..., None], 1)
+        out = Output(logits_of(read_BTD), hidden_BTD, mean_over_layers(aux))
         for name, head in heads_lib.active(cfg).items():
             if ahead_BTA is None and head.training_only:
                 continue

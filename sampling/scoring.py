@@ -6,8 +6,9 @@ choices) is prefilled once into a decode cache (model/cache.py), whose rows are 
 context forward plus one short forward per choice. The rest (single requests, rolling windows, and groups whose
 context is too short for sharing to pay: CACHE_COST) run as plain right-padded rows, one forward each, which on a CPU
 is the faster path per token. Either way requests are sorted by length and cut into batches padded to bucketed
-shapes, so a whole task compiles a handful of programs; results come back in the caller's order. Each result equals the one-request computation (a plain forward of context + continuation,
-no cache, no padding) to float32 rounding (tests/test_scoring.py).
+shapes, so a whole task compiles a handful of programs; results come back in the caller's order. Only the positions
+that predict a continuation's tokens go through the output head. Each result equals the one-request computation (a
+plain forward of context + continuation) to float32 rounding (tests/test_scoring.py).
 
 The harness adapter (experiments/harness.py) turns lm-eval's text requests into these; `Scorer.load` gives a
 scorer of a workdir or a Hugging Face directory, on one device or on a mesh (`mesh='data=2,tensor=4'`).
@@ -60,9 +61,10 @@ def length_bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-# The cache path costs about twice a plain forward per token on CPU (dense attention over the cache's slots where a
-# plain forward runs a causal kernel): a group of n continuations (C tokens each at most) sharing a P-token context
-# goes through it when 2 (P + n C) < n (P + C), i.e. when sharing the context saves more than that.
+# The cache path costs up to about twice a plain forward per token on a CPU (dense attention over the cache's slots
+# and its writes, where a plain forward runs the causal kernel; the longer the context, the more): a group of n
+# continuations (C tokens each at most) sharing a P-token context goes through it when 2 (P + n C) < n (P + C). Of
+# 1.25 and 2, 2 was faster on stdlib_mc for configs/tiny.py with bytes and with bpe:2048 (BENCHMARKS.md).
 CACHE_COST = 2.0
 
 
@@ -179,7 +181,8 @@ class Scorer:
             tokens_BT[b, : len(c) + len(k)] = c + k
             start_B[b], len_B[b] = len(c), len(k)
         with self._active():
-            logprob_B, greedy_B = _score_plain(self.weights, tokens_BT, start_B, len_B, model=self.plain)
+            scored = min(length_bucket(max(len(k) for _, k in pairs)), T)
+            logprob_B, greedy_B = _score_plain(self.weights, tokens_BT, start_B, len_B, model=self.plain, scored=scored)
         logprob_B, greedy_B = np.asarray(logprob_B), np.asarray(greedy_B)
         return [(float(logprob_B[b]), bool(greedy_B[b])) for b in range(len(pairs))]
 
@@ -312,17 +315,21 @@ def _forward(weights, tokens_BT, *, model: Transformer):
     return model.apply(unrolled(weights, model), tokens_BT)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _score_plain(weights, tokens_BT1, start_B, len_B, *, model: Transformer):
-    """Rows [B, T+1] of context + continuation (right-padded), a plain forward of all but the last token: (sum of
-    each continuation's log-probs [B], whether each of its tokens was the argmax [B])."""
+@functools.partial(jax.jit, static_argnames=("model", "scored"))
+def _score_plain(weights, tokens_BT1, start_B, len_B, *, model: Transformer, scored: int):
+    """Rows [B, T+1] of context + continuation (right-padded), a plain forward of all but the last token, the head
+    run only at the `scored` positions from each continuation's first prediction on: (sum of each continuation's
+    log-probs [B], whether each of its tokens was the argmax [B])."""
     inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-    logits_BTV = model.apply(unrolled(weights, model), inputs_BT).astype(jnp.float32)
-    logprobs_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV, axis=-1), targets_BT[..., None], axis=-1)[..., 0]
-    t_T = jnp.arange(inputs_BT.shape[1])
-    valid_BT = (t_T >= start_B[:, None] - 1) & (t_T < (start_B + len_B - 1)[:, None])
-    hit_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
-    return jnp.sum(jnp.where(valid_BT, logprobs_BT, 0.0), axis=1), jnp.all(hit_BT | ~valid_BT, axis=1)
+    T = inputs_BT.shape[1]
+    at_BK = jnp.minimum(start_B[:, None] - 1 + jnp.arange(scored), T - 1)
+    out = model.apply(unrolled(weights, model), inputs_BT, logits_at_BK=at_BK, method=Transformer.forward)
+    logits_BKV = out.logits_BTV.astype(jnp.float32)
+    target_BK = jnp.take_along_axis(targets_BT, at_BK, axis=1)
+    logprobs_BK = jnp.take_along_axis(jax.nn.log_softmax(logits_BKV, axis=-1), target_BK[..., None], -1)[..., 0]
+    valid_BK = jnp.arange(scored) < len_B[:, None]
+    hit_BK = jnp.argmax(logits_BKV, axis=-1) == target_BK
+    return jnp.sum(jnp.where(valid_BK, logprobs_BK, 0.0), axis=1), jnp.all(hit_BK | ~valid_BK, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -334,12 +341,16 @@ def _score(weights, ctx_GP, ctx_pos_GP, cont_NC, row_N, start_N, len_N, *, model
     N, C = cont_NC.shape
     variables = unrolled(weights, model)
     cache = init_cache(model, G, P + C)
-    logits_GPV, mutated = model.apply({**variables, "cache": cache}, ctx_GP, ctx_pos_GP, mutable=["cache"])
+    last_G1 = jnp.full((G, 1), P - 1)  # only the context's last position predicts (the first continuation token)
+    out, mutated = model.apply(
+        {**variables, "cache": cache}, ctx_GP, ctx_pos_GP, logits_at_BK=last_G1, method=Transformer.forward,
+        mutable=["cache"],
+    )  # fmt: skip
     cache = select_rows(mutated["cache"], row_N)
     positions_NC = start_N[:, None] + jnp.arange(C)
     logits_NCV, _ = model.apply({**variables, "cache": cache}, cont_NC, positions_NC, mutable=["cache"])
     # The first continuation token is predicted by the context's last position, the rest by the continuation's.
-    logits_NCV = jnp.concatenate([logits_GPV[row_N, -1][:, None], logits_NCV[:, :-1]], axis=1).astype(jnp.float32)
+    logits_NCV = jnp.concatenate([out.logits_BTV[row_N], logits_NCV[:, :-1]], axis=1).astype(jnp.float32)
     logprobs_NCV = jax.nn.log_softmax(logits_NCV, axis=-1)
     target_NC = jnp.take_along_axis(logprobs_NCV, cont_NC[..., None], axis=-1)[..., 0]
     valid_NC = jnp.arange(C) < len_N[:, None]
