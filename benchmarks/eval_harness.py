@@ -29,8 +29,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=0, help="documents of the task (0: all)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--malloc",
+        choices=("reuse", "system"),
+        default="system",
+        help="glibc's allocator: its defaults (as experiments.evaluate runs) or train.py's reuse of freed memory; both arms",
+    )
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    from training.allocator import reuse_freed_memory
+
+    if args.malloc == "reuse":
+        reuse_freed_memory()  # before JAX starts (training/allocator.py); PyTorch, in this process, gets it too
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
     import numpy as np
