@@ -63,8 +63,9 @@ def length_bucket(n: int) -> int:
 
 # The cache path costs up to about twice a plain forward per token on a CPU (dense attention over the cache's slots
 # and its writes, where a plain forward runs the causal kernel; the longer the context, the more): a group of n
-# continuations (C tokens each at most) sharing a P-token context goes through it when 2 (P + n C) < n (P + C). Of
-# 1.25 and 2, 2 was faster on stdlib_mc for configs/tiny.py with bytes and with bpe:2048 (BENCHMARKS.md).
+# continuations (C tokens each at most) sharing a P-token context goes through it when 2 (P + n C) < n (P + C). On
+# stdlib_mc with configs/tiny.py (bytes, and bpe:2048) 2 did as well as 1.25 or 1.5, within a 2-core VM's noise, and
+# better than never sharing.
 CACHE_COST = 2.0
 
 
