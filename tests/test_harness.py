@@ -155,12 +155,12 @@ def test_per_document_scores_equal_lm_evals_hf_model_on_the_export(eval_run, tmp
     manager = harness.task_manager(None, list(limits))
     runs = {}
     for name, lm in (("theirs", theirs_lm), ("ours", ours_lm)):
-        runs[name] = {}
-        for task, limit in limits.items():
-            with harness.quiet_lm_eval():
-                runs[name][task] = evaluator.simple_evaluate(
-                    model=lm, tasks=[task], limit=limit, log_samples=True, bootstrap_iters=0, task_manager=manager
-                )  # fmt: skip
+        with harness.quiet_lm_eval():
+            results = evaluator.simple_evaluate(
+                model=lm, tasks=list(limits), samples={t: list(range(n)) for t, n in limits.items()},
+                log_samples=True, bootstrap_iters=0, task_manager=manager,
+            )  # fmt: skip
+        runs[name] = dict.fromkeys(limits, results)
     for task in limits:
         ours, theirs = runs["ours"][task], runs["theirs"][task]
         assert len(ours["samples"][task]) == limits[task]
