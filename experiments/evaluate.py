@@ -82,9 +82,6 @@ def check(args: argparse.Namespace) -> list[str]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         fail(f"--tasks={args.tasks!r}: name at least one task")
-    existing = [f for f in output_files(args, tasks) if f.exists()]
-    if existing and not args.overwrite:
-        fail(f"--output_path={args.output_path!r}: {existing[0]} exists (pass --overwrite to replace it)")
     return tasks
 
 
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         harness.build_tasks(names, manager)
     except harness.EvalError as e:
         fail(str(e))
-    existing = [f for f in output_files(args, names) if f.exists()]
+    existing = [f for f in output_files(args, names) if f.exists()]  # the task names resolved (globs expanded)
     if existing and not args.overwrite:
         fail(f"--output_path={args.output_path!r}: {existing[0]} exists (pass --overwrite to replace it)")
 
