@@ -143,6 +143,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_tasks=(),
         eval_tasks_every=0,
         eval_tasks_limit=0,  # documents per task (0: all)
+        # Quantization-aware training (model/quant/schemes.py): from start_step on, the forward multiplies by the
+        # weights rounded as `scheme` stores them (int8 | int4 | int8-zp | int4-zp | nf4; '': off), in groups of
+        # group_size input channels (-1: the scheme's default, 0: per channel), gradients passing straight through.
+        # skip: globs of parameter paths kept in float ('embed', 'head', ...). Quantizing the checkpoint with the same
+        # scheme (python -m model.quant) then gives exactly the weights it trained with.
+        qat=dict(scheme="", group_size=-1, skip=("router",), start_step=0),
     )
     c.checkpoint = dict(
         every=500,  # save every N steps (and always at the end and on SIGTERM or Ctrl-C)
@@ -150,6 +156,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         keep_every=0,  # also keep every checkpoint whose step is a multiple of this (0: none)
         async_save=True,  # write in a background thread while training continues
     )
+    # How the checkpoint's weights are stored: written by `python -m model.quant` (which sets it); '' scheme: float.
+    c.quant = dict(scheme="", group=-1, skip=("router",), method="rtn")
     c.mesh = dict(
         data=-1,  # devices per mesh axis; -1 takes the devices the other axes leave
         fsdp=1,  # ZeRO-3: params, grads and optimizer state split over these devices

@@ -56,11 +56,17 @@ class Dense(nn.Module):
     std: float | None = None
     fmt: str = "float"
 
+    @property
+    def layout(self) -> weights.Layout:
+        return weights.Layout(fan_in=tuple(range(self.num_in)))
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, in_shape = self.cfg, x.shape[-self.num_in :]
         init = nn.initializers.normal(hidden_std(cfg) if self.std is None else self.std)
-        kernel = weights.weight(self, self.fmt, "kernel", init, (*in_shape, *self.features), self.axes, cfg)
+        kernel = weights.weight(
+            self, self.fmt, "kernel", init, (*in_shape, *self.features), self.axes, cfg, layout=self.layout
+        )
         k = math.prod(in_shape)
         y = matmul(x.reshape(-1, k).astype(jnp.dtype(cfg.dtype)), kernel.reshape(k, -1))
         return y.reshape(*x.shape[: -self.num_in], *self.features)
@@ -173,7 +179,9 @@ class Embed(nn.Module):
     def setup(self):
         init = nn.initializers.normal(self.cfg.init_std)
         shape = (self.cfg.vocab_size, self.cfg.d_model)
-        self.table_VD = weights.weight(self, self.rt.weights, "embedding", init, shape, ("vocab", "embed"), self.cfg)
+        self.table_VD = weights.weight(
+            self, self.rt.weights, "embedding", init, shape, ("vocab", "embed"), self.cfg, layout=weights.Layout((1,))
+        )
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         return jnp.take(self.table_VD, tokens_BT, axis=0)

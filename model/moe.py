@@ -316,7 +316,8 @@ class MoE(nn.Module):
         routing = ROUTERS[m.router](m, logits_TE, bias_E)
 
         def expert_weights(name, shape, axes, std):
-            return weights.weight(self, rt.weights, name, normal(std), shape, axes, cfg)
+            layout = weights.Layout(fan_in=(1,), batch=(0,))  # [experts, in, out]
+            return weights.weight(self, rt.weights, name, normal(std), shape, axes, cfg, layout=layout)
 
         w_gate = expert_weights("gate", (E, D, F), ("experts", "embed", "mlp"), hidden_std(cfg))
         w_up = expert_weights("up", (E, D, F), ("experts", "embed", "mlp"), hidden_std(cfg))

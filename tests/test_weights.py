@@ -60,12 +60,13 @@ class Perturbed(weights.Float):
     def reset(self):
         self.declared, self.reads = [], []
 
-    def create(self, module, name, init, shape, axes, param_dtype):
+    def create(self, module, name, init, shape, axes, param_dtype, layout):
         self.declared.append("/".join((*module.path, name)))
-        return super().create(module, name, init, shape, axes, param_dtype)
+        return super().create(module, name, init, shape, axes, param_dtype, layout)
 
-    def read(self, stored, name, dtype):
-        w = super().read(stored, name, dtype)
+    def read(self, stored, name, dtype, shape, layout):
+        w = super().read(stored, name, dtype, shape, layout)
+        assert w.shape == shape
         self.reads.append((name, w.shape))
         return f(w)
 

@@ -20,6 +20,8 @@ from model.attention import ATTENTION_IMPLS
 from model.config import TABLES, ModelConfig, settable_fields
 from model.layers import NORMS
 from model.positions import POSITIONS
+from model.quant.schemes import GROUPS as QUANT_GROUPS
+from model.quant.schemes import SCHEMES as QUANT_SCHEMES
 from model.transformer import REMAT_POLICIES
 from parallel.config import DEFAULT_RULES, MESH_AXES, MeshConfig
 from training.cli import warn
@@ -31,6 +33,21 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ConfigError(ValueError):
     """A config value that cannot be used."""
+
+
+QUANT_METHODS = ("rtn", "gptq", "awq", "qat")
+
+
+@dataclasses.dataclass(frozen=True)
+class QATConfig:
+    """Quantization-aware training (model/quant): from `start_step` on, the forward pass multiplies by the weights
+    rounded as `scheme` with groups of `group_size` input channels (-1: the scheme's default, 0: per channel)
+    stores them, gradients passing straight through; `skip`: globs of parameter paths kept in float."""
+
+    scheme: str = ""  # '': off; one of model.quant.schemes.SCHEMES
+    group_size: int = -1
+    skip: tuple[str, ...] = ("router",)
+    start_step: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +80,19 @@ class TrainConfig:
     eval_tasks: tuple[str, ...] = ()
     eval_tasks_every: int = 0
     eval_tasks_limit: int = 0
+    qat: QATConfig = QATConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How a workdir's weights are stored: float ('' scheme), or quantized by `python -m model.quant` with `scheme`,
+    groups of `group` input channels (-1: the scheme's default, 0: per channel), `skip` globs of parameter paths kept
+    in float, by `method` (rtn | gptq | awq | qat)."""
+
+    scheme: str = ""
+    group: int = -1
+    skip: tuple[str, ...] = ("router",)
+    method: str = "rtn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +110,7 @@ class RunConfig:
     train: TrainConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
+    quant: QuantConfig = QuantConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,6 +122,7 @@ GROUPS = {
     "train": TrainConfig,
     "checkpoint": CheckpointConfig,
     "mesh": MeshConfig,
+    "quant": QuantConfig,
 }
 
 
@@ -161,8 +193,21 @@ def _check(ok: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r}: {allowed}")
 
 
+def _quant_rules(t: TrainConfig, q: QuantConfig) -> list[tuple[bool, str, Any, str]]:
+    schemes = ", ".join(QUANT_SCHEMES)
+    groups = f"-1 (the scheme's default), {', '.join(map(str, QUANT_GROUPS))} (0: per channel)"
+    return [
+        (t.qat.scheme in ("", *QUANT_SCHEMES), "train.qat.scheme", t.qat.scheme, f"'' (off) or one of {schemes}"),
+        (t.qat.group_size in (-1, *QUANT_GROUPS), "train.qat.group_size", t.qat.group_size, groups),
+        (t.qat.start_step >= 0, "train.qat.start_step", t.qat.start_step, "must be >= 0"),
+        (q.scheme in ("", *QUANT_SCHEMES), "quant.scheme", q.scheme, f"'' (float) or one of {schemes}"),
+        (q.group in (-1, *QUANT_GROUPS), "quant.group", q.group, groups),
+        (q.method in QUANT_METHODS, "quant.method", q.method, f"allowed: {', '.join(QUANT_METHODS)}"),
+    ]
+
+
 def _rules(
-    m: ModelConfig, d: DataConfig, t: TrainConfig, c: CheckpointConfig, mesh: MeshConfig
+    m: ModelConfig, d: DataConfig, t: TrainConfig, c: CheckpointConfig, mesh: MeshConfig, q: QuantConfig
 ) -> list[tuple[bool, str, Any, str]]:
     """(condition that must hold, key, value, what is allowed), checked in order."""
     positive = lambda group, obj, *names: [
@@ -249,6 +294,7 @@ def _rules(
         (0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)"),
         (t.sample_tokens >= 0, "train.sample_tokens", t.sample_tokens, "must be >= 0"),
         one_of("train.objective", t.objective, OBJECTIVES),
+        *_quant_rules(t, q),
         (
             t.objective not in OBJECTIVES or "segment_ids" not in OBJECTIVES[t.objective].fields or d.document_mask,
             "train.objective",

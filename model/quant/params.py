@@ -1,0 +1,191 @@
+"""A model's parameters quantized, dequantized or fake-quantized, weight by weight.
+
+`weight_infos(cfg)` traces the model's init once and lists every weight declared through the weight seam
+(model/weights.py) with its logical shape and `Layout` (which axes a matmul contracts), keyed by its parameter
+path. `quantize_params(cfg, params, spec)` replaces each weight that `spec.skip` does not keep in float by its
+quantized arrays (names per `model.weights.Quantized`), which the model then reads as stored: the same forward,
+decode and scoring code runs a quantized tree. Scanned layer groups stack a weight on a leading axis; every
+leading axis is quantized as independent matrices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import weights
+from model.config import ModelConfig
+from model.quant import schemes
+from model.quant.schemes import QuantError, Spec
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightInfo:
+    path: Path  # to the float param in the params tree
+    shape: tuple[int, ...]  # logical (one layer's)
+    axes: tuple  # logical axis names
+    layout: weights.Layout
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path)
+
+    def matrix_layout(self, ndim: int) -> weights.Layout:
+        """The layout of the stored array, whose leading `ndim - len(shape)` axes stack layers."""
+        lead = ndim - len(self.shape)
+        return weights.Layout(
+            fan_in=tuple(a + lead for a in self.layout.fan_in),
+            batch=(*range(lead), *(a + lead for a in self.layout.batch)),
+        )
+
+    def input_width(self) -> int:
+        return math.prod(self.shape[a] for a in self.layout.fan_in)
+
+
+@functools.cache
+def weight_infos(cfg: ModelConfig) -> dict[Path, WeightInfo]:
+    """Every weight of the model `cfg` describes, by parameter path."""
+    from model.transformer import Transformer, init_variables
+
+    with weights.recording() as declared:
+        jax.eval_shape(lambda: init_variables(Transformer(cfg), jax.random.key(0)))
+    infos = {}
+    for scope_path, name, shape, axes, layout in declared:
+        path = (*scope_path, name)
+        infos[path] = WeightInfo(path, shape, axes, layout)
+    return infos
+
+
+def skipped(path: Path | str, skip: tuple[str, ...]) -> bool:
+    """Whether a glob of `skip` matches the '/'-joined path (or a part of it)."""
+    name = path if isinstance(path, str) else "/".join(path)
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*{p}*") for p in skip)
+
+
+def _get(tree: dict, path: Path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _params_of(variables: dict) -> tuple[dict, Callable[[dict], dict]]:
+    """(the params tree, a function putting a new one back where it was) of a params tree or {"params", ...}."""
+    if "params" in variables and isinstance(variables["params"], dict):
+        return variables["params"], lambda p: {**variables, "params": p}
+    return variables, lambda p: p
+
+
+def _replace(tree: dict, path: Path, entries: dict) -> dict:
+    """A copy of `tree` with the leaf at `path` replaced by `entries` (name -> array) in its parent dict."""
+    if len(path) == 1:
+        out = {k: v for k, v in tree.items() if k != path[0]}
+        return out | entries
+    return {**tree, path[0]: _replace(tree[path[0]], path[1:], entries)}
+
+
+def check(cfg: ModelConfig, spec: Spec) -> None:
+    """QuantError (one line, naming the weight) for a spec this model cannot take, before anything runs."""
+    for info in weight_infos(cfg).values():
+        if skipped(info.path, spec.skip):
+            continue
+        K = info.input_width()
+        try:
+            schemes.group_of(K, spec.group_size)
+        except QuantError as e:
+            raise QuantError(f"{info.name}: {e}") from None
+        if schemes.BITS[spec.scheme] == 4 and K % 2:
+            raise QuantError(f"{info.name}: {K} input channels cannot pack two 4-bit codes per byte")
+
+
+Quantizer = Callable[[WeightInfo, jax.Array], dict]  # (weight, its matrix [..., K, N]) -> stored arrays
+
+
+def rtn(spec: Spec) -> Quantizer:
+    """Round to nearest: every group's scale from the weight itself."""
+    return lambda info, w_KN: schemes.quantize(w_KN, spec.scheme, spec.group_size)
+
+
+def quantize_params(cfg: ModelConfig, params: dict, spec: Spec, quantizer: Quantizer | None = None) -> dict:
+    """`params` (or {"params", "state"}) with every weight `spec` does not skip quantized by `quantizer`
+    (default: round to nearest)."""
+    check(cfg, spec)
+    quantizer = quantizer or rtn(spec)
+    fmt = weights.FORMATS[spec.scheme]
+    tree, put_back = _params_of(params)
+    for info in weight_infos(cfg).values():
+        if skipped(info.path, spec.skip):
+            continue
+        w = nn.unbox(_get(tree, info.path))
+        layout = info.matrix_layout(w.ndim)
+        stored = quantizer(info, layout.to_matrix(w))
+        names = fmt.names(info.path[-1])
+        tree = _replace(tree, info.path, {names[k]: v for k, v in stored.items()})
+    return put_back(tree)
+
+
+def scheme_of(params: dict) -> str | None:
+    """The scheme a params tree is quantized with (None: float)."""
+    tree, _ = _params_of(params)
+    tags = {f"_{s.replace('-', '')}": s for s in schemes.SCHEMES}
+    for path, _leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = getattr(path[-1], "key", "")
+        for suffix, scheme in tags.items():
+            if isinstance(key, str) and key.endswith(suffix):
+                return scheme
+    return None
+
+
+def dequantize_params(cfg: ModelConfig, params: dict, dtype=jnp.float32) -> dict:
+    """The float params a quantized tree stands for (each quantized weight dequantized to `dtype`)."""
+    scheme = scheme_of(params)
+    if scheme is None:
+        return params
+    fmt = weights.FORMATS[scheme]
+    tree, put_back = _params_of(params)
+    for info in weight_infos(cfg).values():
+        parent = _get(tree, info.path[:-1])
+        names = fmt.names(info.path[-1])
+        if names["q"] not in parent:
+            continue
+        stored = {k: nn.unbox(parent[n]) for k, n in names.items()}
+        lead = stored["q"].ndim - 2 - len(info.layout.batch)
+        shape = (*stored["q"].shape[:lead], *info.shape)
+        w = info.matrix_layout(len(shape)).from_matrix(schemes.dequantize(stored, scheme), shape)
+        entries = {info.path[-1]: w.astype(dtype)}
+        tree = _replace(tree, info.path[:-1] + (names["q"],), entries)
+        for n in names.values():
+            if n != names["q"]:
+                parent = _get(tree, info.path[:-1])
+                tree = _replace(tree, info.path[:-1] + (n,), {}) if n in parent else tree
+    return put_back(tree)
+
+
+def fake_quantize_params(cfg: ModelConfig, params: dict, spec: Spec) -> dict:
+    """`params` with every weight `spec` does not skip rounded to what quantizing it stores, with a
+    straight-through gradient (quantization-aware training)."""
+    tree, put_back = _params_of(params)
+    for info in weight_infos(cfg).values():
+        if skipped(info.path, spec.skip):
+            continue
+        w = _get(tree, info.path)
+        boxed = isinstance(w, nn.meta.AxisMetadata)
+        value = nn.unbox(w)
+        layout = info.matrix_layout(value.ndim)
+        fq = layout.from_matrix(
+            schemes.fake_quantize(layout.to_matrix(value), spec.scheme, spec.group_size), value.shape
+        )
+        tree = _replace(tree, info.path, {info.path[-1]: w.replace_boxed(fq) if boxed else fq})
+    return put_back(tree)
+
+
+def stored_bytes(params: dict) -> int:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
