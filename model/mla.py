@@ -151,7 +151,9 @@ class MLA(nn.Module):
         # latent_s, so the cache is one K/V head [latent | rope key] shared by all N query heads. Its rope part is
         # also summed as "value" (R of C + R extra channels) rather than copying the latent out of the cache.
         shape = (C, *kv_up.features)  # as kv_up declares it: [C, N, P + V]
-        kernel_CNF = weights.read(self.rt.weights, self.variables["params"]["kv_up"], "kernel", cfg, shape, kv_up.layout)
+        kernel_CNF = weights.read(
+            self.rt.weights, self.variables["params"]["kv_up"], "kernel", cfg, shape, kv_up.layout
+        )
         w_uk_CNP, w_uv_CNV = kernel_CNF[..., :P], kernel_CNF[..., P:]
         q_latent_BTNC = jnp.einsum("btnp,cnp->btnc", q_nope_BTNP, w_uk_CNP)
         q_BTNL = jnp.concatenate([q_latent_BTNC, q_rope_BTNR.astype(q_latent_BTNC.dtype)], axis=-1)
