@@ -8,6 +8,8 @@
     python infer.py --workdir runs/ablate_mtp --prompt "def " --speculative=mtp   # one draft per MTP head
     python infer.py --workdir runs/tiny --prompt "def " --speculative=draft --draft_workdir runs/small --draft_tokens 4
     python infer.py --workdir runs/tiny --prompt "def " --mesh data=2,tensor=4 --fake_devices 8   # decode on a mesh
+    python infer.py --workdir runs/tiny --prompt "def " --quant int4 --quant_group 32   # quantized on load (RTN)
+    python infer.py --workdir runs/tiny --score f.py --quant int4 --quant_method gptq --calib_batches 8
 
 A single prompt streams its continuation as it is generated. Every prompt starts a document (it
 follows the end-of-document token, as documents do in training). Prefill and decode speeds go to
@@ -72,6 +74,24 @@ _MESH = flags.DEFINE_string(
     "Decode on a mesh of this machine's devices, e.g. data=2,tensor=4: rows split over data, attention heads and "
     "MLP units over tensor, weights placed by the sharding rules ('': one device).",
 )
+_QUANT = flags.DEFINE_string(
+    "quant",
+    None,
+    "Quantize the weights on load, then sample, score or serve: int8 | int4 (ggml's q8_0 / q4_0 rules) | int8-zp | "
+    "int4-zp (affine) | nf4. A workdir written by `python -m model.quant` is already quantized (no flag needed).",
+)
+_QUANT_GROUP = flags.DEFINE_integer(
+    "quant_group",
+    None,
+    "--quant: input channels per scale, 0 (per output channel), 32, 64 or 128 (default: the scheme's)",
+)
+_QUANT_METHOD = flags.DEFINE_string("quant_method", "rtn", "--quant: rtn | gptq | awq (calibrated: --calib_batches).")
+_CALIB_BATCHES = flags.DEFINE_integer("calib_batches", 0, "--quant gptq/awq: calibration windows of the corpus.")
+_CALIB_FILE = flags.DEFINE_string("calib_file", None, "--quant gptq/awq: calibrate on windows of this text file.")
+_QUANT_SKIP = flags.DEFINE_multi_string("quant_skip", None, "--quant: keep parameters matching this glob in float.")
+_CACHE_DTYPE = flags.DEFINE_string(
+    "cache_dtype", "", "The K/V cache's dtype: '' (the compute dtype), float32, bfloat16, or int8 (per token and head)."
+)
 _FAKE_DEVICES = flags.DEFINE_integer("fake_devices", None, "Decode on this many fake CPU devices (to try --mesh).")
 
 
@@ -133,6 +153,11 @@ def check_flags() -> None:
     for ok, message in rules:
         if not ok:
             fail(message)
+    if _QUANT.value is not None:
+        for message in quant_request().errors():
+            fail(message)
+    elif _QUANT_GROUP.value is not None or _CALIB_BATCHES.value or _CALIB_FILE.value or _QUANT_METHOD.value != "rtn":
+        fail("--quant_group, --quant_method, --calib_batches and --calib_file go with --quant SCHEME")
     for name, value in (("--prompt_file", _PROMPT_FILE.value), ("--score", _SCORE.value)):
         if value is not None and not pathlib.Path(value).is_file():
             fail(f"{name}={value!r}: no such file")
@@ -143,6 +168,19 @@ def check_flags() -> None:
     ):
         if value and not pathlib.Path(value).expanduser().is_dir():
             fail(f"{name}={value!r}: no such directory")
+
+
+def quant_request():
+    from training.quantize import Request  # light: no JAX work at import
+
+    return Request(
+        _QUANT.value,
+        _QUANT_GROUP.value,
+        _QUANT_METHOD.value,
+        _CALIB_BATCHES.value,
+        _CALIB_FILE.value,
+        tuple(_QUANT_SKIP.value) if _QUANT_SKIP.value else None,
+    )
 
 
 def read_inputs() -> tuple[list[str], str | None]:
@@ -233,9 +271,18 @@ def main(argv: list[str]) -> None:
             loaded = f"loaded step {step} from {_WORKDIR.value}"
     except (CheckpointError, HFError) as e:
         fail(str(e))
+    if _QUANT.value is not None:
+        from model.quant.schemes import QuantError
+        from training.quantize import quantize_run
+
+        try:
+            run, params = quantize_run(run, params, tokenizer, quant_request())
+        except QuantError as e:
+            fail(f"--quant={_QUANT.value}: {e}")
+        loaded += f", quantized as {run.quant.scheme} ({run.quant.method})"
     # How the model decodes is a property of this run of infer.py, not of the checkpoint.
-    decode = DecodeConfig(attention=_MLA_DECODE.value)
-    flag_of = {"attention": "--mla_decode"}
+    decode = DecodeConfig(attention=_MLA_DECODE.value, cache_dtype=_CACHE_DTYPE.value)
+    flag_of = {"attention": "--mla_decode", "cache_dtype": "--cache_dtype"}
     for ok, option, value, allowed in decode_errors(run.model, decode):
         if not ok:
             fail(f"{flag_of.get(option, option)}={value!r}: {allowed}")

@@ -15,6 +15,10 @@ implementations that cannot read pages call `KVView.dense()`.
 
 `Rows` (the one layout so far) keeps `size` slots per row. A rolling cache (sliding-window layers) writes slot
 (written % size), so it keeps the last `size` tokens: `size` is the window plus how far a row may be rewound.
+
+A field of dtype int8 (`DecodeConfig.cache_dtype='int8'`) is stored quantized: each token's vector (per head for
+keys and values: the last axis) as int8 codes round(x / s) with s = absmax / 127, its float32 scale in a companion
+field "{name}_scale" of the same shape but a last axis of 1; views hand out the dequantized values.
 """
 
 from __future__ import annotations
@@ -85,6 +89,10 @@ class Rows(DecodeCache):
         rolling = 0 < window and window + rewind < max_len
         size = window + rewind if rolling else max_len
         arrays, axes = {}, []
+        fields = dict(fields)
+        for name, (shape, dtype) in list(fields.items()):
+            if jnp.dtype(dtype) == jnp.int8:  # quantized per token: its scale beside it
+                fields[f"{name}{SCALE}"] = ((*shape[:-1], 1), jnp.float32)
         for name, (shape, dtype) in fields.items():
             arrays[name] = jnp.zeros((batch, *(size if d is SLOTS else d for d in shape)), dtype)
             axes.append((name, 1 + shape.index(SLOTS)))
@@ -110,6 +118,10 @@ class Rows(DecodeCache):
         return written_B, rows_BT, slot_BT, kept
 
     def write(self, new: dict[str, jax.Array], pos_BT: jax.Array) -> tuple[Rows, CacheView]:
+        cache, view = self._write(quantized(new, self.arrays), pos_BT)
+        return cache, CacheView(dequantized(view.arrays, next(iter(new.values())).dtype), view.k_positions_BS)
+
+    def _write(self, new: dict[str, jax.Array], pos_BT: jax.Array) -> tuple[Rows, CacheView]:
         T = pos_BT.shape[1]
         if not self.rolling:
             return self._write_blocks(new, pos_BT)
@@ -167,6 +179,32 @@ class Rows(DecodeCache):
 
     def select_rows(self, rows_B: jax.Array) -> Rows:
         return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=0), self)
+
+
+SCALE = "_scale"  # suffix of an int8 field's scales
+
+
+def quantized(new: dict[str, jax.Array], stored: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """New values of int8 fields as codes plus per-vector scales (absmax / 127 over the last axis)."""
+    out = dict(new)
+    for name, x in new.items():
+        if stored[name].dtype == jnp.int8:
+            x = x.astype(jnp.float32)
+            s = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127
+            inv = jnp.where(s == 0, 0.0, 1.0 / jnp.where(s == 0, 1.0, s))
+            out[name] = jnp.clip(jnp.round(x * inv), -127, 127).astype(jnp.int8)
+            out[f"{name}{SCALE}"] = s
+    return out
+
+
+def dequantized(arrays: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
+    """The view of int8 fields as values of `dtype` (their scale fields dropped)."""
+    out = {}
+    for name, x in arrays.items():
+        if name.endswith(SCALE) and name[: -len(SCALE)] in arrays:
+            continue
+        out[name] = (x.astype(jnp.float32) * arrays[f"{name}{SCALE}"]).astype(dtype) if x.dtype == jnp.int8 else x
+    return out
 
 
 # How decode caches lay out their slots (DecodeConfig.cache). A new layout (pages of a shared pool) is one entry.

@@ -71,10 +71,10 @@ def decode_errors(cfg: ModelConfig, decode: DecodeConfig) -> list[tuple[bool, st
         (decode.weights in FORMATS, "weights", decode.weights, f"one of {', '.join(FORMATS)}"),
         (decode.cache in LAYOUTS, "cache", decode.cache, f"one of {', '.join(LAYOUTS)}"),
         (
-            decode.cache_dtype in ("", "float32", "bfloat16", "float16"),
+            decode.cache_dtype in ("", "float32", "bfloat16", "float16", "int8"),
             "cache_dtype",
             decode.cache_dtype,
-            "'' (the compute dtype), float32, bfloat16 or float16",
+            "'' (the compute dtype), float32, bfloat16, float16 or int8 (per token and head, scales kept)",
         ),
         (decode.max_rewind >= 0, "max_rewind", decode.max_rewind, "must be >= 0"),
     ]

@@ -317,6 +317,16 @@ def abstract_params(cfg: ModelConfig) -> Any:
     return jax.eval_shape(lambda: nn.unbox(init_variables(Transformer(cfg), jax.random.key(0))["params"]))
 
 
+def abstract_weights(run: RunConfig) -> Any:
+    """The params as a run's checkpoint stores them: float, or quantized as `run.quant` says (model/quant)."""
+    params = abstract_params(run.model)
+    if not run.quant.scheme:
+        return params
+    from model.quant.params import quantize_params, spec_of
+
+    return jax.eval_shape(lambda p: quantize_params(run.model, p, spec_of(run.quant)), params)
+
+
 def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
     """(checkpoints directory, step or None) for a workdir, its checkpoints directory, or one step directory."""
     path = pathlib.Path(path).expanduser()
@@ -356,6 +366,11 @@ def restore_params(
     directory, path_step = locate(path)
 
     def targets(run: RunConfig) -> dict:
+        if run.quant.scheme:
+            raise CheckpointError(
+                f"{path}: its weights are quantized (quant.scheme={run.quant.scheme!r}); training starts from "
+                "float weights (its source workdir, or QAT: train.qat)"
+            )
         check(run)
         return {"params": abstract(run.model)}
 
@@ -382,7 +397,7 @@ def load_for_inference(path: str | pathlib.Path, step: int | None = None) -> tup
 
     def targets(run: RunConfig) -> dict:
         state = abstract_model_state(run.model)
-        return {"params": abstract_params(run.model)} | ({"model_state": state} if jax.tree.leaves(state) else {})
+        return {"params": abstract_weights(run)} | ({"model_state": state} if jax.tree.leaves(state) else {})
 
     checkpointer = Checkpointer(directory)
     try:

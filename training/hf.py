@@ -12,6 +12,7 @@ import json
 import pathlib
 import shutil
 
+import jax.numpy as jnp
 import ml_collections
 
 from configs import base
@@ -120,6 +121,10 @@ def export(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int |
     hf_lib.check_writable(out_dir)
     run, params, tokenizer, _ = load_for_inference(workdir, step)
     hf_lib.family_for(run.model)  # refuses an unrepresentable model before anything is written
+    if run.quant.scheme:  # a quantized workdir exports the float weights its codes stand for
+        from model.quant.params import dequantize_params
+
+        params = dequantize_params(run.model, params, jnp.dtype(run.model.param_dtype))
     family = hf_lib.save(run.model, params, out_dir, token_ids=special_ids(tokenizer))
     write_tokenizer(tokenizer, out_dir, run.model.max_seq_len)
     return family

@@ -65,6 +65,12 @@ def weight_infos(cfg: ModelConfig) -> dict[Path, WeightInfo]:
     return infos
 
 
+def spec_of(quant) -> Spec:
+    """The Spec of a `quant` or `train.qat` config (training/config.py)."""
+    group = getattr(quant, "group", getattr(quant, "group_size", -1))
+    return Spec(quant.scheme, None if group < 0 else group, tuple(quant.skip))
+
+
 def skipped(path: Path | str, skip: tuple[str, ...]) -> bool:
     """Whether a glob of `skip` matches the '/'-joined path (or a part of it)."""
     name = path if isinstance(path, str) else "/".join(path)
@@ -118,7 +124,17 @@ def quantize_params(cfg: ModelConfig, params: dict, spec: Spec, quantizer: Quant
     """`params` (or {"params", "state"}) with every weight `spec` does not skip quantized by `quantizer`
     (default: round to nearest)."""
     check(cfg, spec)
-    quantizer = quantizer or rtn(spec)
+    if quantizer is None:  # one compiled program (weight by weight, eagerly, takes seconds of dispatch)
+        return _quantize_rtn(cfg, spec)(params)
+    return _quantize(cfg, params, spec, quantizer)
+
+
+@functools.cache
+def _quantize_rtn(cfg: ModelConfig, spec: Spec):
+    return jax.jit(lambda params: _quantize(cfg, params, spec, rtn(spec)))
+
+
+def _quantize(cfg: ModelConfig, params: dict, spec: Spec, quantizer: Quantizer) -> dict:
     fmt = weights.FORMATS[spec.scheme]
     tree, put_back = _params_of(params)
     for info in weight_infos(cfg).values():
@@ -149,6 +165,15 @@ def dequantize_params(cfg: ModelConfig, params: dict, dtype=jnp.float32) -> dict
     scheme = scheme_of(params)
     if scheme is None:
         return params
+    return _dequantize(cfg, scheme, jnp.dtype(dtype))(params)
+
+
+@functools.cache
+def _dequantize(cfg: ModelConfig, scheme: str, dtype):
+    return jax.jit(lambda params: _dequantized(cfg, params, scheme, dtype))
+
+
+def _dequantized(cfg: ModelConfig, params: dict, scheme: str, dtype) -> dict:
     fmt = weights.FORMATS[scheme]
     tree, put_back = _params_of(params)
     for info in weight_infos(cfg).values():

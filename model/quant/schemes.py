@@ -6,6 +6,7 @@ channels (`group=0`: one group per column, "per output channel") and every group
 point). The schemes, with q the stored code and s, z its group's scale and zero point:
 
 - `int8`: ggml's q8_0 rule: s = absmax / 127, q = round(w / s) in [-127, 127], w ~ q * s.
+  (Every `round` here is C's roundf, ties away from zero, as in ggml.)
 - `int4`: ggml's q4_0 rule: m = the group's value of largest magnitude (with its sign), s = m / -8,
   q = clip(floor(w / s + 0.5), -8, 7), w ~ q * s. Symmetric (no zero point); the sign of s puts m on code -8, so
   all 16 codes are used.
@@ -107,6 +108,11 @@ def round_f16(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float16).astype(jnp.float32)
 
 
+def round_half_away(x: jax.Array) -> jax.Array:
+    """C's roundf (ties away from zero), as ggml's quantizers round."""
+    return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+
+
 def _safe_inverse(s: jax.Array) -> jax.Array:
     return jnp.where(s == 0, 0.0, 1.0 / jnp.where(s == 0, 1.0, s))
 
@@ -127,8 +133,8 @@ def codes_and_scales(w_KN: jax.Array, scheme: str, group: int) -> tuple[jax.Arra
         lo = jnp.minimum(jnp.min(w, axis=-2, keepdims=True), 0.0)
         hi = jnp.maximum(jnp.max(w, axis=-2, keepdims=True), 0.0)
         s = round_f16((hi - lo) / top)
-        z = jnp.clip(jnp.round(-lo * _safe_inverse(s)), 0, top)
-        q = jnp.clip(jnp.round(w * _safe_inverse(s) + z), 0, top)
+        z = jnp.clip(round_half_away(-lo * _safe_inverse(s)), 0, top)
+        q = jnp.clip(round_half_away(w * _safe_inverse(s) + z), 0, top)
         return q.astype(jnp.uint8).reshape(*lead, K, N), s[..., 0, :], z[..., 0, :].astype(jnp.uint8)
     elif scheme == "nf4":
         s = jnp.max(jnp.abs(w), axis=-2, keepdims=True)
@@ -148,12 +154,12 @@ def codes_with(w_KN: jax.Array, scheme: str, s_GN: jax.Array, z_GN: jax.Array | 
     w = w_KN.astype(jnp.float32).reshape(*lead, K // G, G, N)
     inv = _safe_inverse(s_GN)[..., None, :]
     if scheme == "int8":
-        q = jnp.clip(jnp.round(w * inv), -127, 127).astype(jnp.int8)
+        q = jnp.clip(round_half_away(w * inv), -127, 127).astype(jnp.int8)
     elif scheme == "int4":
         q = jnp.clip(jnp.floor(w * inv + 0.5), -8, 7).astype(jnp.int8)
     elif scheme in ("int8-zp", "int4-zp"):
         top = 2 ** BITS[scheme] - 1
-        q = jnp.clip(jnp.round(w * inv + z_GN[..., None, :]), 0, top).astype(jnp.uint8)
+        q = jnp.clip(round_half_away(w * inv + z_GN[..., None, :]), 0, top).astype(jnp.uint8)
     elif scheme == "nf4":
         q = jnp.argmin(jnp.abs((w * inv)[..., None] - jnp.asarray(NF4_LEVELS)), axis=-1).astype(jnp.uint8)
     else:
@@ -209,7 +215,7 @@ def double_quantize(s_GN: jax.Array) -> dict:
 def double_dequantize(c8_GN: jax.Array, s2: jax.Array, offset: jax.Array) -> jax.Array:
     flat = c8_GN.reshape(-1).astype(jnp.float32)
     per = jnp.repeat(s2, DOUBLE_QUANT_BLOCK)[: flat.shape[0]]
-    return (flat * per + offset).reshape(c8_GN.shape)
+    return jnp.maximum(flat * per + offset, 0.0).reshape(c8_GN.shape)  # an absmax is never negative
 
 
 def quantize(w_KN: jax.Array, scheme: str, group: int) -> dict:
