@@ -64,11 +64,14 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, in_shape = self.cfg, x.shape[-self.num_in :]
         init = nn.initializers.normal(hidden_std(cfg) if self.std is None else self.std)
-        kernel = weights.weight(
+        kernel = weights.declare(
             self, self.fmt, "kernel", init, (*in_shape, *self.features), self.axes, cfg, layout=self.layout
         )
         k = math.prod(in_shape)
-        y = matmul(x.reshape(-1, k).astype(jnp.dtype(cfg.dtype)), kernel.reshape(k, -1))
+        x_MK = x.reshape(-1, k).astype(jnp.dtype(cfg.dtype))
+        y = kernel.matmul(x_MK)  # a quantized kernel, dequantized tile by tile
+        if y is None:
+            y = matmul(x_MK, kernel.value().reshape(k, -1))
         return y.reshape(*x.shape[: -self.num_in], *self.features)
 
 
@@ -179,14 +182,21 @@ class Embed(nn.Module):
     def setup(self):
         init = nn.initializers.normal(self.cfg.init_std)
         shape = (self.cfg.vocab_size, self.cfg.d_model)
-        self.table_VD = weights.weight(
+        self.table = weights.declare(
             self, self.rt.weights, "embedding", init, shape, ("vocab", "embed"), self.cfg, layout=weights.Layout((1,))
         )
+        # A quantized table is never dequantized whole: lookups dequantize their rows, the tied head tile by tile.
+        self.table_VD = None if self.table.fused else self.table.value()
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        if self.table_VD is None:
+            return self.table.take(tokens_BT)
         return jnp.take(self.table_VD, tokens_BT, axis=0)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
+        if self.table_VD is None:  # its matrix is [D, V]: x @ table.T
+            *lead, D = x_BTD.shape
+            return self.table.matmul(x_BTD.reshape(-1, D).astype(self.table.dtype)).reshape(*lead, -1)
         return jnp.dot(x_BTD.astype(self.table_VD.dtype), self.table_VD.T)
 
 

@@ -102,6 +102,64 @@ class Quantized:
         arrays = {k: nn.unbox(stored[n]) for k, n in self.names(name).items()}
         return layout.from_matrix(schemes.dequantize(arrays, self.scheme), shape).astype(dtype)
 
+    def fuses(self, stored, name, layout) -> bool:
+        """Whether `matmul` and `take` compute from the codes (not for weights held in float, nor for stacks of
+        independent matrices: MoE experts)."""
+        return name not in stored and not layout.batch
+
+    def matmul(self, stored, name, x_MK, shape, layout) -> jax.Array | None:
+        """x_MK @ the weight's matrix [K, N] dequantized one tile of input channels at a time (`tiled_matmul`),
+        or None where it does not fuse."""
+        if not self.fuses(stored, name, layout):
+            return None
+        arrays = {k: nn.unbox(stored[n]) for k, n in self.names(name).items()}
+        return tiled_matmul(x_MK, arrays, self.scheme)
+
+    def take(self, stored, name, ids, dtype, shape, layout) -> jax.Array | None:
+        """Rows `ids` of a [rows, columns] weight whose columns are its input channels (an embedding table), only
+        those dequantized; None where it is held in float."""
+        if not self.fuses(stored, name, layout) or layout != Layout((1,)):
+            return None
+        arrays = {k: nn.unbox(stored[n]) for k, n in self.names(name).items()}
+        columns = {k: jnp.take(v, ids.reshape(-1), axis=-1) if v.ndim == 2 else v for k, v in arrays.items()}
+        if "scale2" in arrays:  # nf4's double-quantized scales are blocks of the whole table: dequantize them first
+            columns["scale"] = jnp.take(schemes.scales_of(arrays, self.scheme), ids.reshape(-1), axis=-1)
+            codes = jnp.take(schemes.codes_of(arrays, self.scheme), ids.reshape(-1), axis=-1)
+            rows_KN = schemes.values_of(codes, self.scheme, columns["scale"])
+        else:
+            rows_KN = schemes.dequantize(columns, self.scheme)
+        return rows_KN.T.reshape(*ids.shape, shape[1]).astype(dtype)
+
+
+TILE = 256  # input channels dequantized at once by tiled_matmul (at most; a divisor of K that groups fit)
+
+
+def tiled_matmul(x_MK: jax.Array, stored: dict, scheme: str) -> jax.Array:
+    """x_MK @ W_KN of a quantized [K, N] matrix, dequantizing `TILE` input channels at a time inside a loop, so
+    the float weight never exists whole: decoding reads the int8/int4 codes (a quarter / an eighth of float32's
+    bytes) and each float tile stays in cache. float32 accumulation; the result equals x_MK @ dequantize(W)
+    within float rounding (the sum is split by tiles)."""
+    codes_KN = schemes.codes_of(stored, scheme)
+    scale_GN = schemes.scales_of(stored, scheme)
+    zero_GN = stored.get("zero")
+    K, N = codes_KN.shape
+    G = K // scale_GN.shape[0]
+    tile = next((t for t in (TILE, 128, 64, 32) if K % t == 0 and (t % G == 0 or G % t == 0)), K)
+    steps, per = K // tile, max(tile // G, 1)  # per: scale rows a tile spans
+
+    def body(acc_MN, i):
+        q = jax.lax.dynamic_slice_in_dim(codes_KN, i * tile, tile, 0)
+        row = (i * tile) // G
+        s = jax.lax.dynamic_slice_in_dim(scale_GN, row, per, 0)
+        z = None if zero_GN is None else jax.lax.dynamic_slice_in_dim(zero_GN, row, per, 0)
+        w = schemes.values_of(q, scheme, s, z)
+        x = jax.lax.dynamic_slice_in_dim(x_MK, i * tile, tile, 1).astype(jnp.float32)
+        return acc_MN + x @ w, None
+
+    if steps == 1:
+        return body(jnp.zeros((x_MK.shape[0], N), jnp.float32), 0)[0]
+    return jax.lax.scan(body, jnp.zeros((x_MK.shape[0], N), jnp.float32), jnp.arange(steps))[0]
+
 
 FORMATS: dict[str, WeightFormat] = {"float": Float(), **{s: Quantized(s) for s in schemes.SCHEMES}}
 
@@ -128,18 +186,57 @@ def stored_format(variables, name: str, fmt: str) -> WeightFormat:
     return FORMATS[fmt]
 
 
-def weight(
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """A weight as declared: its format, the variables holding it, its logical shape and layout, and the dtype it
+    is read in. `value()` is the float weight; `matmul(x_MK)` and `take(ids)` are what a format can compute
+    without the whole float weight (quantized: tile by tile, or only the rows looked up), else None."""
+
+    fmt: WeightFormat
+    stored: dict
+    name: str
+    shape: tuple
+    layout: Layout
+    dtype: jnp.dtype
+
+    def value(self) -> jax.Array:
+        return self.fmt.read(self.stored, self.name, self.dtype, self.shape, self.layout)
+
+    @property
+    def fused(self) -> bool:
+        """Whether `matmul` and `take` work from the stored form (else they give None: use `value()`)."""
+        fuses = getattr(self.fmt, "fuses", None)
+        return bool(fuses and fuses(self.stored, self.name, self.layout))
+
+    def matmul(self, x_MK: jax.Array) -> jax.Array | None:
+        fused = getattr(self.fmt, "matmul", None)
+        y = fused(self.stored, self.name, x_MK, self.shape, self.layout) if fused else None
+        return None if y is None else y.astype(self.dtype)
+
+    def take(self, ids: jax.Array) -> jax.Array | None:
+        fused = getattr(self.fmt, "take", None)
+        return fused(self.stored, self.name, ids, self.dtype, self.shape, self.layout) if fused else None
+
+
+def declare(
     module: nn.Module, fmt: str, name: str, init: Callable, shape, axes, cfg, dtype=None, layout: Layout = Layout()
-) -> jax.Array:
-    """Declares weight `name` of `module` in format `fmt` (or the quantized format its variables are stored in)
-    and returns it as a float array of `dtype` (default: the compute dtype; a router multiplies in float32). Call
-    from a compact method or setup."""
+) -> Declared:
+    """Declares weight `name` of `module` in format `fmt` (or the quantized format its variables are stored in),
+    to be read in `dtype` (default: the compute dtype; a router multiplies in float32). Call from a compact method
+    or setup."""
     shape, axes = tuple(shape), tuple(axes)
     if _recording is not None:
         _recording.append((tuple(module.scope.path), name, shape, axes, layout))
     f = stored_format(module.variables.get("params", {}), name, fmt)
     stored = f.create(module, name, init, shape, axes, jnp.dtype(cfg.param_dtype), layout)
-    return f.read(stored, name, jnp.dtype(cfg.dtype if dtype is None else dtype), shape, layout)
+    return Declared(f, stored, name, shape, layout, jnp.dtype(cfg.dtype if dtype is None else dtype))
+
+
+def weight(
+    module: nn.Module, fmt: str, name: str, init: Callable, shape, axes, cfg, dtype=None, layout: Layout = Layout()
+) -> jax.Array:
+    """`declare`, then the float weight."""
+    return declare(module, fmt, name, init, shape, axes, cfg, dtype, layout).value()
 
 
 def read(fmt: str, variables: dict, name: str, cfg, shape, layout: Layout = Layout()) -> jax.Array:

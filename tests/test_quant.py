@@ -280,3 +280,22 @@ def test_infer_quantizes_on_load_and_scores(eval_run, tmp_path):
     assert f["eval/bpb"] != q["eval/bpb"] and abs(q["eval/bpb"] / f["eval/bpb"] - 1) < 0.02
     assert "quantized as int8" in int8.stderr
     assert bad.returncode == 2 and "does not divide" in bad.stderr
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 32), ("int4-zp", 128), ("nf4", 64)])
+def test_the_tiled_matmul_equals_a_matmul_by_the_dequantized_weight(scheme, group):
+    """Decoding multiplies by quantized kernels tile by tile (768 input channels: three tiles of 256, each
+    spanning several groups, or sharing one per-channel scale row); the embedding looks up only its rows."""
+    from model import weights
+
+    w = RNG.standard_normal((768, 40)).astype(np.float32)
+    x = RNG.standard_normal((3, 768)).astype(np.float32)
+    stored = schemes.quantize(jnp.asarray(w), scheme, group)
+    dense = np.asarray(schemes.dequantize(stored, scheme), np.float64)
+    got = np.asarray(jax.jit(weights.tiled_matmul, static_argnums=2)(jnp.asarray(x), stored, scheme))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ dense, rtol=1e-4, atol=1e-4)
+    fmt = weights.FORMATS[scheme]
+    named = {fmt.names("embedding")[k]: v for k, v in stored.items()}
+    ids = jnp.asarray([[5, 0, 39], [39, 7, 7]])
+    rows = fmt.take(named, "embedding", ids, jnp.float32, (40, 768), weights.Layout((1,)))
+    np.testing.assert_array_equal(np.asarray(rows), dense.T[np.asarray(ids)].astype(np.float32))
