@@ -143,11 +143,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_tasks=(),
         eval_tasks_every=0,
         eval_tasks_limit=0,  # documents per task (0: all)
-        # Quantization-aware training (model/quant/schemes.py): from start_step on, the forward multiplies by the
+        # Quantization-aware training (training/qat.py): from step start_step on, the forward multiplies by the
         # weights rounded as `scheme` stores them (int8 | int4 | int8-zp | int4-zp | nf4; '': off), in groups of
-        # group_size input channels (-1: the scheme's default, 0: per channel), gradients passing straight through.
-        # skip: globs of parameter paths kept in float ('embed', 'head', ...). Quantizing the checkpoint with the same
-        # scheme (python -m model.quant) then gives exactly the weights it trained with.
+        # group_size input channels (-1: the scheme's default, 0: per channel), gradients passing straight through;
+        # before it the run is a float run, bit for bit. Evaluation (eval/bpb, eval_tasks) and the sample read the
+        # same rounded weights from start_step on: what the model will be deployed as. skip: globs of parameter paths
+        # kept in float ('embed', 'head', ...). Quantizing the checkpoint with the same scheme then gives exactly
+        # the weights it trained with.
         qat=dict(scheme="", group_size=-1, skip=("router",), start_step=0),
     )
     c.checkpoint = dict(

@@ -40,9 +40,10 @@ QUANT_METHODS = ("rtn", "gptq", "awq", "qat")
 
 @dataclasses.dataclass(frozen=True)
 class QATConfig:
-    """Quantization-aware training (model/quant): from `start_step` on, the forward pass multiplies by the weights
-    rounded as `scheme` with groups of `group_size` input channels (-1: the scheme's default, 0: per channel)
-    stores them, gradients passing straight through; `skip`: globs of parameter paths kept in float."""
+    """Quantization-aware training (training/qat.py): from `start_step` on, the forward pass (the train step's and
+    evaluation's) multiplies by the weights rounded as `scheme` with groups of `group_size` input channels (-1: the
+    scheme's default, 0: per channel) stores them, gradients passing straight through; `skip`: globs of parameter
+    paths kept in float."""
 
     scheme: str = ""  # '': off; one of model.quant.schemes.SCHEMES
     group_size: int = -1

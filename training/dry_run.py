@@ -27,6 +27,7 @@ from training.config import RunConfig, with_vocab
 from training.loop import check_trainable, jit_train_step
 from training.objectives import OBJECTIVES
 from training.optim import make_optimizer
+from training.qat import check as check_qat
 from training.state import abstract_state, shardings_of
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -63,6 +64,7 @@ def dry_run(run: RunConfig) -> dict:
     t = run.train
     layout = plan(run)
     check_trainable(run)
+    check_qat(run)
     objective = OBJECTIVES[t.objective]
     with layout.activate():
         model = model_for(run.model, layout)

@@ -44,6 +44,8 @@ from training.evaluation import Inputs, evaluate, make_eval_step
 from training.metrics import MetricsWriter, StepClock, mfu_warning, peak_flops
 from training.objectives import OBJECTIVES
 from training.optim import SCHEDULES, make_optimizer, path_name, unmatched
+from training.qat import check as check_qat
+from training.qat import jit_forward_weights
 from training.state import TrainState, abstract_state, shardings_of
 from training.step import init_state, make_train_step
 from training.workdir import hold_workdir
@@ -320,12 +322,13 @@ def check_eval_tasks(run: RunConfig) -> None:
         raise ConfigError(f"train.eval_tasks={run.train.eval_tasks!r}: {e}") from None
 
 
-def downstream(run: RunConfig, state: TrainState, tokenizer, step: int, workdir: pathlib.Path | None) -> dict:
-    """eval/<task>/<metric> of train.eval_tasks on the current params; each document's scores go to
-    `workdir`/downstream.json (the latest evaluation's; sweep reports pair them across runs)."""
+def downstream(run: RunConfig, params, model_state, tokenizer, step: int, workdir: pathlib.Path | None) -> dict:
+    """eval/<task>/<metric> of train.eval_tasks on `params` (the weights the forward pass reads now); each
+    document's scores go to `workdir`/downstream.json (the latest evaluation's; sweep reports pair them across
+    runs)."""
     from experiments import harness
 
-    weights = {"params": state.params, "state": state.model_state} if state.model_state else state.params
+    weights = {"params": params, "state": model_state} if model_state else params
     t = run.train
     results = harness.downstream(run.model, weights, tokenizer, t.eval_tasks, t.eval_tasks_limit, t.batch_size)
     if workdir is not None:
@@ -352,6 +355,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
     # or written.
     layout = plan(run, devices)
     check_trainable(run)
+    check_qat(run)
     check_eval_tasks(run)
     objective = OBJECTIVES[t.objective]
     lead = jax.process_index() == 0
@@ -424,6 +428,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                 in_shardings=(state_shardings.params, layout.batch, state_shardings.model_state),
                 out_shardings=layout.replicated,
             )
+            # What evaluation, eval tasks and the sample read: under train.qat, the weights fake-quantized.
+            forward_weights = jit_forward_weights(run.model, t.qat, state_shardings.params)
             log(describe(run))
             log(f"mesh: {mesh_summary(layout)} over {layout.mesh.size} devices, {jax.process_count()} process(es)")
             log(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
@@ -477,7 +483,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                     pending = []
                 if step % t.eval_every == 0 or step == t.steps:
                     clock.pause(state)  # evaluation time is not training time; the step's own time is
-                    evaluated = evaluate(eval_fn, state.params, val_batches, state.model_state)
+                    weights = forward_weights(state.params, state.step)
+                    evaluated = evaluate(eval_fn, weights, val_batches, state.model_state)
                     writer.write(step, evaluated)
                     last.update(evaluated)
                     if not quiet:
@@ -486,7 +493,10 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                         )
                 if t.eval_tasks and (step % (t.eval_tasks_every or t.eval_every) == 0 or step == t.steps):
                     clock.pause(state)
-                    scores = downstream(run, state, data.tokenizer, step, workdir if lead else None)
+                    weights = forward_weights(state.params, state.step)
+                    scores = downstream(
+                        run, weights, state.model_state, data.tokenizer, step, workdir if lead else None
+                    )
                     writer.write(step, scores)
                     last.update(scores)
                     if not quiet:
@@ -509,7 +519,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                 checkpointer.wait()  # with the stop handlers still installed: a second Ctrl-C abandons this save
             sample_params = None
             if t.sample_tokens > 0 and not stopped:
-                sample_params = host_copy(state.params)
+                sample_params = host_copy(forward_weights(state.params, state.step))
                 if jax.tree.leaves(state.model_state):  # sampling/ takes {"params", "state"} for such models
                     sample_params = {"params": sample_params, "state": host_copy(state.model_state)}
         if stopped:

@@ -19,6 +19,7 @@ from training.config import TrainConfig
 from training.evaluation import Inputs, variables_of
 from training.objectives import OBJECTIVES
 from training.optim import trainable_mask
+from training.qat import forward_weights
 from training.state import TrainState
 
 
@@ -29,15 +30,17 @@ def make_train_step(
     other metrics beside it. Only the params `train.trainable` selects get gradients (the others are constants
     of the loss, so none is computed for them) and change. Non-trained model state (e.g. a router's bias) comes back
     from the forward pass updated by its rule; with gradient accumulation every micro-batch starts from the step's
-    state and their updates are averaged."""
+    state and their updates are averaged. Under `train.qat` the loss reads the weights fake-quantized from
+    `train.qat.start_step` on (training/qat.py), the gradient reaching the float params straight through."""
     inputs = inputs or Inputs()
     objective = OBJECTIVES[t.objective]
+    weights = forward_weights(model.cfg, t.qat)
 
-    def loss_fn(params, model_state, frozen, batch, noise_rng):
+    def loss_fn(params, model_state, frozen, step, batch, noise_rng):
         if t.trainable:
             train_mask = trainable_mask(t.trainable, params)
             params = jax.tree.map(lambda p, train: p if train else jax.lax.stop_gradient(p), params, train_mask)
-        variables = variables_of(params, model_state)
+        variables = variables_of(weights(params, step), model_state)
         out = objective.loss(model, inputs, t, variables, frozen, batch, {"noise": noise_rng})
         return out.total, (out.loss, out.metrics, out.model_state)
 
@@ -45,7 +48,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         noise_rng = jax.random.fold_in(state.rng, state.step)  # training-only randomness (e.g. router jitter)
-        fixed = (state.params, state.model_state, state.frozen)
+        fixed = (state.params, state.model_state, state.frozen, state.step)
         if t.grad_accum == 1:
             (_, (loss, aux, model_state)), grads = grad_fn(*fixed, batch, noise_rng)
         else:

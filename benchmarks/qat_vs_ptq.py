@@ -1,0 +1,90 @@
+"""Quantization-aware training against post-training quantization (round to nearest) at equal training steps.
+
+    python benchmarks/qat_vs_ptq.py --config configs/tiny.py --steps 300 --qat_steps 100 [--scheme int4 --group 32]
+
+One float run trains `steps + qat_steps` steps (one learning-rate schedule over all of them) and keeps its checkpoint
+at `steps`; a second run resumes from that checkpoint and trains the last `qat_steps` steps with train.qat
+(`start_step=steps`), so both see the same batches under the same schedule. Reported, on the same held-out batches
+(`--eval_batches` of the config's eval set): eval/bpb of the float run, of its weights quantized by round to nearest
+(PTQ), of the QAT run's checkpoint quantized with the same scheme (what it deploys as; also the bpb its last
+evaluation logged) and of the QAT run's float master weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+import tempfile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/tiny.py")
+    parser.add_argument("--steps", type=int, default=300, help="float steps both runs share")
+    parser.add_argument("--qat_steps", type=int, default=100, help="steps after them: float, or QAT")
+    parser.add_argument("--scheme", default="int4")
+    parser.add_argument("--group", type=int, default=32)
+    parser.add_argument("--eval_batches", type=int, default=32)
+    parser.add_argument("--set", default="", help="config overrides as key=value,key=value")
+    parser.add_argument("--workdir", default="", help="where the two runs go (default: a temporary directory)")
+    args = parser.parse_args()
+
+    from training.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as train.py does (training/allocator.py)
+    import jax
+
+    import data as data_lib
+    from benchmarks.throughput import load_config
+    from model import Transformer
+    from model.quant.params import quantize_params
+    from training.checkpoint import checkpoints_dir, load_for_inference
+    from training.evaluation import Inputs, evaluate, make_eval_step
+    from training.loop import train
+    from training.qat import spec_of
+
+    total = args.steps + args.qat_steps
+    sets = [args.set, f"train.steps={total},train.eval_every={total},train.eval_batches={args.eval_batches}"]
+    sets.append(f"checkpoint.every={args.steps},checkpoint.keep_every={args.steps},train.sample_tokens=0")
+    qat = f"train.qat.scheme={args.scheme},train.qat.group_size={args.group},train.qat.start_step={args.steps}"
+    float_run = load_config(args.config, 257, ",".join(filter(None, sets)))
+    qat_run = load_config(args.config, 257, ",".join(filter(None, [*sets, qat])))
+    root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="qat_vs_ptq_"))
+
+    print(f"float: {total} steps into {root / 'float'}", file=sys.stderr)
+    train(float_run, root / "float")
+    shared = checkpoints_dir(root / "float") / str(args.steps)
+    checkpoints_dir(root / "qat").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(shared, checkpoints_dir(root / "qat") / str(args.steps), dirs_exist_ok=True)
+    if (root / "float" / "tokenizer.json").exists():
+        shutil.copy(root / "float" / "tokenizer.json", root / "qat" / "tokenizer.json")
+    print(f"QAT: steps {args.steps + 1}-{total} into {root / 'qat'}", file=sys.stderr)
+    logged = train(qat_run, root / "qat")
+
+    spec = spec_of(qat_run.train.qat)
+    run, float_params, tokenizer, _ = load_for_inference(root / "float")
+    _, qat_params, _, _ = load_for_inference(root / "qat")
+    t = run.train
+    batches = data_lib.load(run.data, root / "float").validation_batches(t.batch_size, t.eval_batches)
+    inputs = Inputs(eod_id=tokenizer.eod_id if run.data.document_mask else None)
+    eval_step = jax.jit(make_eval_step(Transformer(run.model), tokenizer.token_bytes, inputs))
+    bpb = {
+        "float": float_params,
+        f"float + RTN {args.scheme} g{args.group} (PTQ)": quantize_params(run.model, float_params, spec),
+        f"QAT {args.scheme} g{args.group}, quantized": quantize_params(run.model, qat_params, spec),
+        "QAT float master weights": qat_params,
+    }
+    bpb = {name: evaluate(eval_step, params, batches)["eval/bpb"] for name, params in bpb.items()}
+    print(f"config {args.config} {args.set} | {args.steps} float steps, then {args.qat_steps} float or QAT steps")
+    print(f"| weights | eval/bpb ({args.eval_batches} eval batches) |")
+    print("| --- | --- |")
+    for name, value in bpb.items():
+        print(f"| {name} | {value:.4f} |")
+    print(json.dumps({"bpb": bpb, "qat_run_logged_bpb": logged["eval/bpb"]}))
+
+
+if __name__ == "__main__":
+    main()
