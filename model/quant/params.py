@@ -24,6 +24,7 @@ from model import weights
 from model.config import ModelConfig
 from model.quant import schemes
 from model.quant.schemes import QuantError, Spec
+from model.transformer import Transformer, init_variables
 
 Path = tuple[str, ...]
 
@@ -54,8 +55,6 @@ class WeightInfo:
 @functools.cache
 def weight_infos(cfg: ModelConfig) -> dict[Path, WeightInfo]:
     """Every weight of the model `cfg` describes, by parameter path."""
-    from model.transformer import Transformer, init_variables
-
     with weights.recording() as declared:
         jax.eval_shape(lambda: init_variables(Transformer(cfg), jax.random.key(0)))
     infos = {}
