@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from model import weights
-from model.config import ModelConfig
+from model.config import LayerSpec, ModelConfig
 from model.quant import schemes
 from model.quant.schemes import QuantError, Spec
 
@@ -63,6 +63,23 @@ def weight_infos(cfg: ModelConfig) -> dict[Path, WeightInfo]:
         path = (*scope_path, name)
         infos[path] = WeightInfo(path, shape, axes, layout)
     return infos
+
+
+def layer_params(cfg: ModelConfig) -> list[tuple[LayerSpec, Path, tuple[int, ...]]]:
+    """The trunk's layers in forward order, each as (its spec, the params path its variables are under, its index
+    into their leading axes): a scanned group stacks its layers on axis 0 ("layers" or "layers_{g}", a unit's j-th
+    layer under "block_{j}"), an unrolled stack names each ("layer_{i}", no leading axis)."""
+    from model.transformer import layer_groups
+
+    specs = cfg.layer_specs()
+    if not cfg.scan_layers:
+        return [(spec, (f"layer_{i}",), ()) for i, spec in enumerate(specs)]
+    out = []
+    for g in layer_groups(cfg):
+        for r in range(g.repeats):
+            for j, spec in enumerate(g.unit):
+                out.append((spec, (g.name,) if len(g.unit) == 1 else (g.name, f"block_{j}"), (r,)))
+    return out
 
 
 def skipped(path: Path | str, skip: tuple[str, ...]) -> bool:
