@@ -153,10 +153,8 @@ def check_flags() -> None:
     for ok, message in rules:
         if not ok:
             fail(message)
-    if _QUANT.value is not None:
-        for message in quant_request().errors():
-            fail(message)
-    elif _QUANT_GROUP.value is not None or _CALIB_BATCHES.value or _CALIB_FILE.value or _QUANT_METHOD.value != "rtn":
+    quant_options = _QUANT_GROUP.value is not None or _CALIB_BATCHES.value or _CALIB_FILE.value or _QUANT_SKIP.value
+    if _QUANT.value is None and (quant_options or _QUANT_METHOD.value != "rtn"):
         fail("--quant_group, --quant_method, --calib_batches and --calib_file go with --quant SCHEME")
     for name, value in (("--prompt_file", _PROMPT_FILE.value), ("--score", _SCORE.value)):
         if value is not None and not pathlib.Path(value).is_file():
@@ -171,7 +169,7 @@ def check_flags() -> None:
 
 
 def quant_request():
-    from training.quantize import Request  # light: no JAX work at import
+    from training.quantize import Request
 
     return Request(
         _QUANT.value,
@@ -249,6 +247,9 @@ def main(argv: list[str]) -> None:
         os.environ["XLA_FLAGS"] = with_fake_device_flags(os.environ.get("XLA_FLAGS", ""), _FAKE_DEVICES.value)
         os.environ["JAX_PLATFORMS"] = "cpu"
     raise_collective_timeouts()
+    if _QUANT.value is not None:  # (its tables import JAX: checked once the device flags are set)
+        for message in quant_request().errors():
+            fail(message)
 
     # Imported after the flags are checked: a bad flag answers at once, without starting JAX.
     from model.hf import HFError

@@ -1,6 +1,6 @@
 """Quantization-aware training against post-training quantization (round to nearest) at equal training steps.
 
-    python benchmarks/qat_vs_ptq.py --config configs/tiny.py --steps 300 --qat_steps 100 [--scheme int4 --group 32]
+    python -m benchmarks.qat_vs_ptq --config configs/tiny.py --steps 300 --qat_steps 100 [--scheme int4 --group 32]
 
 One float run trains `steps + qat_steps` steps (one learning-rate schedule over all of them) and keeps its checkpoint
 at `steps`; a second run resumes from that checkpoint and trains the last `qat_steps` steps with train.qat

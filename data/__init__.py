@@ -8,8 +8,8 @@ synthetic batches on machines that lack grain.
 from data.config import DataConfig
 from data.errors import DataError
 
-__all__ = ["Data", "DataConfig", "DataError", "load", "scoring_batches"]
-_PIPELINE = ("Data", "load", "scoring_batches")
+__all__ = ["Data", "DataConfig", "DataError", "calibration_windows", "load", "scoring_batches"]
+_PIPELINE = ("Data", "calibration_windows", "load", "scoring_batches")
 
 
 def __getattr__(name: str):

@@ -137,13 +137,39 @@ def stack_windows(windows, fields: tuple[str, ...] = ("tokens",), seq_len: int =
     return batch
 
 
+def windows(tokens: np.ndarray, seq_len: int, count: int | None = None) -> np.ndarray:
+    """int32 [count, seq_len] windows of a token stream spread evenly over it (count None: as many as cover it,
+    stride seq_len, the last one ending at its end); a stream no longer than seq_len is one window."""
+    tokens = np.asarray(tokens, np.int32)
+    if len(tokens) <= seq_len:
+        return tokens[None]
+    count = -(-len(tokens) // seq_len) if count is None else count
+    starts = np.linspace(0, len(tokens) - seq_len, count).round().astype(np.int64)
+    return np.stack([tokens[s : s + seq_len] for s in starts])
+
+
+def calibration_windows(cfg: DataConfig, tokenizer: Tokenizer, count: int, text: str | None = None) -> np.ndarray:
+    """Windows [count, seq_len] of the training split, spread evenly over it, tokenized with `tokenizer` (a
+    run's, from its checkpoint); or every window of `text` (one document) when given: what post-training
+    quantization calibrates on (model/quant/calibrate.py)."""
+    if text is not None:
+        return windows(np.asarray(tokenizer.encode(text) + [tokenizer.eod_id]), cfg.seq_len)
+    return windows(token_store(cfg, tokenizer).train, cfg.seq_len, count)
+
+
+def token_store(cfg: DataConfig, tokenizer: Tokenizer, split=None) -> TokenStore:
+    """The corpus's token store under `tokenizer` (built once, then opened from the cache)."""
+    split = split or functools.cache(lambda: corpus.split_documents(cfg.corpus, cfg.text_field, cfg.val_fraction))
+    cache_dir = pathlib.Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    key = store_key(corpus.fingerprint(cfg.corpus, cfg.text_field), tokenizer, cfg.val_fraction)
+    return build_token_store(lambda: split()[0], lambda: split()[1], tokenizer, cache_dir, key)
+
+
 def load(cfg: DataConfig, workdir: pathlib.Path) -> Data:
     """Builds (or opens from cache) everything needed to draw batches; raises DataError on bad input."""
     split = functools.cache(lambda: corpus.split_documents(cfg.corpus, cfg.text_field, cfg.val_fraction))
     tokenizer = build_tokenizer(cfg.tokenizer, workdir, lambda: (d.text for d in split()[0]))
-    cache_dir = pathlib.Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    key = store_key(corpus.fingerprint(cfg.corpus, cfg.text_field), tokenizer, cfg.val_fraction)
-    store = build_token_store(lambda: split()[0], lambda: split()[1], tokenizer, cache_dir, key)
+    store = token_store(cfg, tokenizer, split)
     for name, tokens in (("training", store.train), ("validation", store.val)):
         if len(tokens) < cfg.seq_len + 1:
             raise DataError(

@@ -44,6 +44,35 @@ def _matmul_bwd(residuals, dy_MN):
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
+CALIBRATION = "calibration"  # the collection input statistics are sown into while calibrating (model/quant)
+
+
+def observe(module: nn.Module, name: str, x_MK: jax.Array, group_M: jax.Array | None = None, groups: int = 0):
+    """While the "calibration" collection is mutable (model/quant/calibrate.py), adds what weight `name` of `module`
+    saw as input, rows x_MK (K: its fan-in, flattened as `weights.Layout.to_matrix` flattens it), to the module's
+    sums {"xx": sum x x^T [K, K], "abs": sum |x| [K], "count": rows}; with `group_M` (MoE experts: each row's
+    expert, `groups` of them, `groups` meaning none) one sum per group [groups, ...]. Otherwise nothing is computed:
+    training, evaluation and decoding pay nothing for it."""
+    if not module.is_mutable_collection(CALIBRATION):
+        return
+    x = x_MK.astype(jnp.float32)
+    if group_M is None:
+        stats = {"xx": x.T @ x, "abs": jnp.sum(jnp.abs(x), 0), "count": jnp.asarray(x.shape[0], jnp.float32)}
+    else:
+        one_hot_MG = jax.nn.one_hot(group_M, groups, dtype=jnp.float32)  # a row of group `groups`: all zeros
+        stats = {
+            "xx": jnp.einsum("mg,mk,ml->gkl", one_hot_MG, x, x),
+            "abs": one_hot_MG.T @ jnp.abs(x),
+            "count": jnp.sum(one_hot_MG, 0),
+        }
+    module.sow(
+        CALIBRATION,
+        name,
+        stats,
+        init_fn=lambda: jax.tree.map(jnp.zeros_like, stats),
+        reduce_fn=lambda total, new: jax.tree.map(jnp.add, total, new),
+    )
+
 
 class Dense(nn.Module):
     """A bias-free projection contracting the last `num_in` axes of x; its weight "kernel" (axes `axes`) is read
@@ -69,6 +98,7 @@ class Dense(nn.Module):
         )
         k = math.prod(in_shape)
         x_MK = x.reshape(-1, k).astype(jnp.dtype(cfg.dtype))
+        observe(self, "kernel", x_MK)
         y = kernel.matmul(x_MK)  # a quantized kernel, dequantized tile by tile
         if y is None:
             y = matmul(x_MK, kernel.value().reshape(k, -1))
@@ -194,6 +224,7 @@ class Embed(nn.Module):
         return jnp.take(self.table_VD, tokens_BT, axis=0)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
+        observe(self, "embedding", x_BTD.reshape(-1, x_BTD.shape[-1]))
         if self.table_VD is None:  # its matrix is [D, V]: x @ table.T
             *lead, D = x_BTD.shape
             return self.table.matmul(x_BTD.reshape(-1, D).astype(self.table.dtype)).reshape(*lead, -1)

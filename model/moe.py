@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from model import weights
 from model.aux import Aux
-from model.layers import SwiGLU, hidden_std, output_std
+from model.layers import CALIBRATION, SwiGLU, hidden_std, observe, output_std
 from model.runtime import TRAINING
 
 normal = nn.initializers.normal
@@ -246,9 +246,14 @@ def capacity_rows(m: MoEConfig, experts_A: jax.Array, backend: str | None = None
 DISPATCHES: dict[str, Callable[..., Rows]] = {"dropless": dropless_rows, "capacity": capacity_rows}
 
 
-def swiglu_grouped(x_GD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD, rows: Rows) -> jax.Array:
-    """SwiGLU_{expert of row g}(x_g) for each row of the grouped buffer `rows` describes."""
+def swiglu_grouped(x_GD: jax.Array, w_gate_EDF, w_up_EDF, w_down_EFD, rows: Rows, observe=None) -> jax.Array:
+    """SwiGLU_{expert of row g}(x_g) for each row of the grouped buffer `rows` describes. `observe(name, rows)`
+    (calibration) is shown each weight's input rows."""
     h_GF = nn.silu(rows.matmul(x_GD, w_gate_EDF)) * rows.matmul(x_GD, w_up_EDF)
+    if observe is not None:
+        observe("gate", x_GD)
+        observe("up", x_GD)
+        observe("down", h_GF)
     return rows.matmul(h_GF, w_down_EFD)
 
 
@@ -270,16 +275,25 @@ def grouped_ffn(x_RD: jax.Array, expert_R: jax.Array, w_gate_LDF, w_up_LDF, w_do
     return _with_zero_row(swiglu_grouped(x_GD, w_gate_LDF, w_up_LDF, w_down_LFD, rows))[rows.row_A]
 
 
-def experts_ffn(x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD, rows: Rows) -> jax.Array:
+def experts_ffn(
+    x_TD: jax.Array, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD, rows: Rows, observe=None
+) -> jax.Array:
     """sum_k gate_k * SwiGLU_{expert_k}(x) per token, through the grouped buffer `rows` describes. Assignment a
-    is (choice a // T, token a % T): first choices first, which is the order capacity dispatch keeps them in."""
+    is (choice a // T, token a % T): first choices first, which is the order capacity dispatch keeps them in.
+    `observe(name, x_RK, expert_R)` (calibration) is shown each expert weight's input rows and their experts."""
     T, D = x_TD.shape
     K = routing.experts_TK.shape[1]
     A = T * K
     # Which assignment each row holds (A: none), then its token (T: the zero row).
-    source_R = _grouped_sources(rows, A)
-    token_R = jnp.where(source_R < A, source_R % T, T)[: rows.num_rows]
-    y_RD = swiglu_grouped(_with_zero_row(x_TD)[token_R], w_gate_EDF, w_up_EDF, w_down_EFD, rows)
+    source_R = _grouped_sources(rows, A)[: rows.num_rows]
+    token_R = jnp.where(source_R < A, source_R % T, T)
+    seen = None
+    if observe is not None:
+        E = w_gate_EDF.shape[0]
+        experts_A = routing.experts_TK.T.reshape(-1)
+        expert_R = jnp.where(source_R < A, experts_A[jnp.minimum(source_R, A - 1)], E)  # padding rows: no expert
+        seen = lambda name, x_RK: observe(name, x_RK, expert_R)  # noqa: E731
+    y_RD = swiglu_grouped(_with_zero_row(x_TD)[token_R], w_gate_EDF, w_up_EDF, w_down_EFD, rows, seen)
     y_AD = _with_zero_row(y_RD)[rows.row_A]  # dropped: zero
     gates_KT = routing.gates_TK.T.astype(y_AD.dtype)
     return jnp.einsum("ktd,kt->td", y_AD.reshape(K, T, D), gates_KT)
@@ -311,6 +325,7 @@ class MoE(nn.Module):
         if m.router_noise > 0 and self.has_rng("noise"):
             jitter = jax.random.uniform(self.make_rng("noise"), x_router_TD.shape, jnp.float32, -1.0, 1.0)
             x_router_TD = x_router_TD * (1.0 + m.router_noise * jitter)
+        observe(self, "router", x_router_TD)
         logits_TE = x_router_TD @ router_DE  # float32, whatever the compute dtype
         bias_E = jax.lax.stop_gradient(nn.unbox(bias.value))
         routing = ROUTERS[m.router](m, logits_TE, bias_E)
@@ -326,7 +341,10 @@ class MoE(nn.Module):
         experts_A = routing.experts_TK.T.reshape(-1)
         rows = DISPATCHES[m.dispatch](m, experts_A)
         if (collectives := rt.hooks.experts) is None:
-            y_TD = experts_ffn(x_TD.astype(dtype), routing, w_gate, w_up, w_down, rows)
+            seen = None
+            if self.is_mutable_collection(CALIBRATION):
+                seen = lambda name, x_RK, expert_R: observe(self, name, x_RK, expert_R, E)  # noqa: E731
+            y_TD = experts_ffn(x_TD.astype(dtype), routing, w_gate, w_up, w_down, rows, seen)
         else:
             kept_TK = (rows.row_A < rows.num_rows).reshape(-1, B * T).T
             args = (routing.experts_TK, routing.gates_TK, kept_TK, w_gate, w_up, w_down, rows.limit, grouped_ffn)

@@ -21,7 +21,7 @@ from model.aux import Aux, mean_over_layers
 from model.block import Block
 from model.config import LayerSpec, ModelConfig
 from model.kernels import cpu_attention, flash_attention
-from model.layers import output_head, token_embedding
+from model.layers import CALIBRATION, output_head, token_embedding
 from model.mask import Mask
 from model.positions import POSITIONS
 from model.runtime import TRAINING, Hooks, Runtime
@@ -178,7 +178,7 @@ class Transformer(nn.Module):
                     body, extra = Unit, (g.unit,)
                 stack = nn.scan(
                     body,
-                    variable_axes={"params": 0, "cache": 0, "state": 0},
+                    variable_axes={"params": 0, "cache": 0, "state": 0, CALIBRATION: 0},
                     split_rngs={"params": True, "noise": True},  # noise: e.g. a router's jitter, per layer
                     in_axes=nn.broadcast,
                     length=g.repeats,

@@ -9,10 +9,13 @@ import pathlib
 import shutil
 from typing import Any
 
+from data.pipeline import calibration_windows
 from data.tokenizer import Tokenizer
+from model.quant import calibrated
 from model.quant.params import check, quantize_params, scheme_of, spec_of
 from model.quant.schemes import GROUPS, SCHEMES, QuantError, Spec
 from training.checkpoint import Checkpointer, checkpoints_dir, meta_for
+from training.cli import read_text
 from training.config import QUANT_METHODS, CheckpointConfig, QuantConfig, RunConfig
 
 METHODS = ("rtn", "gptq", "awq")  # what a quantizing command runs (QUANT_METHODS adds "qat", a training option)
@@ -22,7 +25,8 @@ assert set(METHODS) <= set(QUANT_METHODS)
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What to quantize with: `scheme`, `group` (None: the scheme's default), `method`, calibration windows of
-    the training corpus (`calib_batches`) or of a text file (`calib_file`), `skip` globs (None: the default)."""
+    the training corpus (`calib_batches` batches of train.batch_size windows of data.seq_len tokens) or every
+    window of a text file (`calib_file`), `skip` globs (None: the default)."""
 
     scheme: str
     group: int | None = None
@@ -66,15 +70,19 @@ def quantize_run(run: RunConfig, weights: Any, tokenizer: Tokenizer, request: Re
     if request.method == "rtn":
         quantized = quantize_params(run.model, weights, spec)
     else:
-        from model.quant import calibrated
-
-        windows = calibrated.windows(run, tokenizer, request.calib_batches, request.calib_file)
+        text = None if request.calib_file is None else read_text(request.calib_file, "--calib_file")
+        count = request.calib_batches * run.train.batch_size
+        windows = calibration_windows(run.data, tokenizer, count, text)
+        if len(windows) == 0:
+            raise QuantError(f"--calib_file={request.calib_file!r}: shorter than one {run.data.seq_len}-token window")
         quantized = calibrated.quantize(run.model, weights, spec, request.method, windows)
+    qat = run.train.qat
+    trained_for = qat.scheme and request.method == "rtn" and spec_of(qat) == spec  # exactly what it trained with
     quant = QuantConfig(
         scheme=spec.scheme,
         group=-1 if request.group is None else request.group,
         skip=spec.skip,
-        method=request.method,
+        method="qat" if trained_for else request.method,
     )
     return dataclasses.replace(run, quant=quant), quantized
 

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from model import weights
-from model.config import ModelConfig
+from model.config import LayerSpec, ModelConfig
 from model.quant import schemes
 from model.quant.schemes import QuantError, Spec
-from model.transformer import Transformer, init_variables
+from model.transformer import Transformer, init_variables, layer_groups
 
 Path = tuple[str, ...]
 
@@ -68,6 +68,21 @@ def spec_of(quant) -> Spec:
     """The Spec of a `quant` or `train.qat` config (training/config.py)."""
     group = getattr(quant, "group", getattr(quant, "group_size", -1))
     return Spec(quant.scheme, None if group < 0 else group, tuple(quant.skip))
+
+
+def layer_params(cfg: ModelConfig) -> list[tuple[LayerSpec, Path, tuple[int, ...]]]:
+    """The trunk's layers in forward order, each as (its spec, the params path its variables are under, its index
+    into their leading axes): a scanned group stacks its layers on axis 0 ("layers" or "layers_{g}", a unit's j-th
+    layer under "block_{j}"), an unrolled stack names each ("layer_{i}", no leading axis)."""
+    specs = cfg.layer_specs()
+    if not cfg.scan_layers:
+        return [(spec, (f"layer_{i}",), ()) for i, spec in enumerate(specs)]
+    out = []
+    for g in layer_groups(cfg):
+        for r in range(g.repeats):
+            for j, spec in enumerate(g.unit):
+                out.append((spec, (g.name,) if len(g.unit) == 1 else (g.name, f"block_{j}"), (r,)))
+    return out
 
 
 def skipped(path: Path | str, skip: tuple[str, ...]) -> bool:
