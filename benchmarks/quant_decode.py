@@ -18,7 +18,6 @@ import statistics
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.decode import decode_rate
 from benchmarks.throughput import load_config
