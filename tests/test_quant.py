@@ -299,3 +299,21 @@ def test_the_tiled_matmul_equals_a_matmul_by_the_dequantized_weight(scheme, grou
     ids = jnp.asarray([[5, 0, 39], [39, 7, 7]])
     rows = fmt.take(named, "embedding", ids, jnp.float32, (40, 768), weights.Layout((1,)))
     np.testing.assert_array_equal(np.asarray(rows), dense.T[np.asarray(ids)].astype(np.float32))
+
+
+def test_a_calibrated_workdir_records_its_method_and_loads(eval_run, tmp_path):
+    """GPTQ from the command line, calibrated on a text file's windows (the methods themselves are tested in
+    tests/test_quant_calibrated.py); an empty calibration file is one line, exit 2."""
+    from training.checkpoint import load_for_inference
+
+    text = tmp_path / "calib.py"
+    text.write_text("".join(f"def f2_{j}(x):\n    return x * {j} + 2\n\n" for j in range(40)))
+    out = tmp_path / "gptq"
+    argv = [str(eval_run), str(out), "--quant", "int4", "--quant_group", "32", "--quant_method", "gptq"]
+    assert run_cli([*argv, "--calib_file", str(text)]) == 0
+    run, weights, _, _ = load_for_inference(out)
+    assert (run.quant.scheme, run.quant.group, run.quant.method) == ("int4", 32, "gptq")
+    assert qp.scheme_of(weights) == "int4"
+    (tmp_path / "short.txt").write_text("\n")
+    assert run_cli([*argv[:1], str(tmp_path / "b"), *argv[2:], "--calib_file", str(tmp_path / "short.txt")]) == 2
+    assert not (tmp_path / "b").exists()

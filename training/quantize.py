@@ -71,10 +71,10 @@ def quantize_run(run: RunConfig, weights: Any, tokenizer: Tokenizer, request: Re
         quantized = quantize_params(run.model, weights, spec)
     else:
         text = None if request.calib_file is None else read_text(request.calib_file, "--calib_file")
+        if text is not None and not text.strip():
+            raise QuantError(f"--calib_file={request.calib_file!r}: the file is empty (nothing to calibrate on)")
         count = request.calib_batches * run.train.batch_size
         windows = calibration_windows(run.data, tokenizer, count, text)
-        if len(windows) == 0:
-            raise QuantError(f"--calib_file={request.calib_file!r}: shorter than one {run.data.seq_len}-token window")
         quantized = calibrated.quantize(run.model, weights, spec, request.method, windows)
     qat = run.train.qat
     trained_for = qat.scheme and request.method == "rtn" and spec_of(qat) == spec  # exactly what it trained with
