@@ -2,11 +2,12 @@
 
 Our tokenizers are `tokenizers` byte-level BPEs (data/tokenizer.py: `bpe:N` and the byte tokenizer's
 `to_tokenizers()`). llama.cpp's `gpt2` model is the same algorithm over the same byte alphabet: the token strings,
-their ranked merges and a pre-tokenizer chosen by name (`tokenizer.ggml.pre`). `tokenizers`' ByteLevel pre-tokenizer
-splits text with GPT-2's regex, `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`,
-which llama.cpp's `gpt-2` pre-tokenizer implements (llama-vocab.cpp; unicode.cpp's custom GPT-2 splitter matches
-the `\\s+(?!\\S)|\\s+` tail). tests/test_gguf.py checks llama.cpp's ids against ours on code, Unicode, whitespace
-runs and digits.
+their ranked merges and a pre-tokenizer chosen by name (`tokenizer.ggml.pre`, `PRE_TOKENIZERS`). `tokenizers`'
+ByteLevel pre-tokenizer splits text with GPT-2's regex, `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+|
+?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`, which llama.cpp's `gpt-2` pre-tokenizer implements (llama-vocab.cpp;
+unicode.cpp's custom GPT-2 splitter matches the `\\s+(?!\\S)|\\s+` tail). A Llama 3 tokenizer.json (its regex split,
+then ByteLevel without one, whole-word tokens kept: `ignore_merges`) is llama.cpp's `llama-bpe`. tests/test_gguf.py
+checks llama.cpp's ids against ours on code, Unicode, whitespace runs and digits, for both.
 
 The byte tokenizer (no regex, no merges) maps too: without merges every byte is its own token whatever the split.
 GGUF has no empty arrays, so its merge list holds one merge that never applies: of byte 0xC0 with itself, a byte
@@ -31,7 +32,13 @@ class VocabError(ValueError):
     """A tokenizer llama.cpp would not read text with as we do (one line, naming what differs)."""
 
 
-PRE = "gpt-2"  # llama.cpp's name for GPT-2's regex pre-tokenizer (tokenizers' ByteLevel with use_regex)
+# llama.cpp's pre-tokenizers, by the regex a tokenizer splits text with before its byte-level step (None: tokenizers'
+# ByteLevel with use_regex, GPT-2's), with the BPE `ignore_merges` each assumes (llama.cpp sets it for llama3).
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS: dict[str | None, tuple[str, bool]] = {None: ("gpt-2", False), LLAMA3_REGEX: ("llama-bpe", True)}
 NEVER_MERGED = "\u00c0 \u00c0"  # byte 0xC0 (byte-level BPE spells it "À") twice: never in UTF-8 text
 
 
@@ -40,13 +47,14 @@ class Vocab:
     tokens: list[str]  # by id: the byte-level BPE strings ("Ġthe"), "[PADi]" for ids the tokenizer leaves out
     types: list[int]  # gguf.TokenType by id
     merges: list[str]  # "left right", highest priority first
+    pre: str  # llama.cpp's pre-tokenizer (a name of PRE_TOKENIZERS)
     bos_id: int  # what llama.cpp puts first (add_bos_token): our models' document start
     eos_id: int  # end of document: llama.cpp stops generating there
     pad_id: int
 
     def add_to(self, writer: gguf.GGUFWriter) -> None:
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(PRE)
+        writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(self.tokens)
         writer.add_token_types(self.types)
         writer.add_token_merges(self.merges or [NEVER_MERGED])
@@ -66,17 +74,18 @@ def from_tokenizers(tok: tokenizers.Tokenizer, vocab_size: int, bos_id: int, eos
         raise VocabError(f"tokenizer model {model.get('type')!r}: only byte-level BPE maps to llama.cpp's gpt2")
     if spec.get("normalizer") is not None:
         raise VocabError(f"tokenizer normalizer {spec['normalizer'].get('type')!r}: llama.cpp's gpt2 has none")
-    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space"):
-        what = pre.get("type") if pre.get("type") != "ByteLevel" else "ByteLevel with add_prefix_space"
-        raise VocabError(f"tokenizer pre-tokenizer {what!r}: only ByteLevel without a prefix space maps to {PRE!r}")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    if merges and not pre.get("use_regex", True):
-        raise VocabError("tokenizer pre-tokenizer ByteLevel(use_regex=False) with merges: llama.cpp always splits")
-    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+    regex = _split_regex(pre, bool(merges))
+    if regex not in PRE_TOKENIZERS:
+        raise VocabError(f"tokenizer splits text with the regex {regex!r}: not one of llama.cpp's we map")
+    name, ignore_merges = PRE_TOKENIZERS[regex]
+    if bool(model.get("ignore_merges")) != ignore_merges:
+        raise VocabError(
+            f"tokenizer BPE ignore_merges={model.get('ignore_merges')}: llama.cpp's {name!r} assumes {ignore_merges}"
+        )
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
         if model.get(key):
             raise VocabError(f"tokenizer BPE {key}={model[key]!r}: llama.cpp's gpt2 has none")
-    if model.get("byte_fallback") or model.get("ignore_merges"):
-        raise VocabError("tokenizer BPE byte_fallback/ignore_merges: llama.cpp's gpt2 (with 'gpt-2') has neither")
 
     ids = tok.get_vocab(with_added_tokens=True)
     if max(ids.values()) >= vocab_size:
@@ -90,4 +99,22 @@ def from_tokenizers(tok: tokenizers.Tokenizer, vocab_size: int, bos_id: int, eos
             types[i] = gguf.TokenType.NORMAL
         else:
             types[i] = gguf.TokenType.CONTROL if added[token]["special"] else gguf.TokenType.USER_DEFINED
-    return Vocab(tokens, [int(t) for t in types], merges, bos_id, eos_id, pad_id)
+    return Vocab(tokens, [int(t) for t in types], merges, name, bos_id, eos_id, pad_id)
+
+
+def _split_regex(pre: dict, has_merges: bool) -> str | None:
+    """The regex `pre` (a tokenizer.json pre-tokenizer) splits text with before the byte-level step: None for
+    ByteLevel's own (GPT-2's), or for no split where it cannot matter (no merges); VocabError for other shapes."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False}
+    if pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space"):
+        if pre.get("use_regex", True) or not has_merges:
+            return None
+        raise VocabError("tokenizer pre-tokenizer ByteLevel(use_regex=False) with merges: llama.cpp always splits")
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") == "Sequence" and len(steps) == 2:
+        split, last = steps
+        plain_split = split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert")
+        unsplit_bytes = {k: last.get(k) for k in byte_level} == byte_level and last.get("use_regex") is False
+        if plain_split and unsplit_bytes and "Regex" in (split.get("pattern") or {}):
+            return split["pattern"]["Regex"]
+    raise VocabError(f"tokenizer pre-tokenizer {pre.get('type')!r}: not a regex split then byte-level, as llama.cpp's")
