@@ -28,8 +28,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-PROMPTS = [f"def f{i}_{j}(x):\n    return x * {j}" for i, j in [(0, 3), (1, 7), (2, 11), (3, 19), (4, 23)]] + [
-    f"def f{i}_{j}(x):\n" for i, j in [(5, 2), (6, 13), (7, 29), (8, 31), (9, 37)]
+# Lines of tests/conftest.py's `write_corpus` to continue, each with a clear greedy choice at every step for its
+# 40-step `eval_run` model (top-1/top-2 logit margins >= 0.1, where q8_0 moves logits by < 0.07).
+PROMPTS = [
+    *(f"def f{i}_{j}(x):\n    return x * {j}" for i, j in [(0, 3), (1, 7), (2, 11), (3, 19), (4, 23)]),
+    *(f"def f{i}_{j}(x):\n    return x * {j} + " for i, j in [(1, 4), (2, 5), (3, 6), (4, 9)]),
+    "def f1_4(x):\n    return",
 ]
 # Varied text: code, Unicode (accents, CJK, emoji, combining marks, RTL), whitespace runs, digits, and llama.cpp's own
 # pre-tokenizer probe (convert_hf_to_gguf.py's `chktxt`).
