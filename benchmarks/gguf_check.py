@@ -6,13 +6,15 @@
 Trains nothing: it exports the workdir's latest checkpoint once per type and prints, per type, the file size, the
 largest relative error of llama.cpp's next-token logits against our float32 forward on the prompts (max |theirs -
 ours| / max |ours|, over every position of every prompt), how many of the prompts llama.cpp continues greedily with
-exactly our greedy tokens, and the smallest top-1/top-2 logit margin along our greedy paths (a small one is a near
-tie that either side may break its own way). Then how many texts llama.cpp tokenizes to our ids (code, Unicode,
-whitespace runs, digits). llama.cpp needs llama-cpp-python, which the repo's environment need not have: pass an
-interpreter that has it (default: $LLAMA_CPP_PYTHON, else this one). Its key/value cache is float16, as by default.
+exactly our greedy tokens, the smallest top-1/top-2 logit margin along our greedy paths (a small one is a near tie
+that either side may break its own way) and, where continuations diverge, the largest of our margins at a first
+divergence (small: only near ties went the other way). Then how many texts llama.cpp tokenizes to our ids (code,
+Unicode, whitespace runs, digits; and the prompts, with bos). llama.cpp needs llama-cpp-python, which the repo's
+environment need not have: pass an interpreter that has it (default: $LLAMA_CPP_PYTHON, else this one). Its
+key/value cache is float16, as by default.
 
-The default prompts are Python-like (the test corpus of tests/conftest.py's `write_corpus`); `--prompts FILE`
-(one per line, `\\n` for newlines) gives others.
+The default prompts are Python-like (the test corpus of tests/conftest.py's `write_corpus`); `--prompts stdlib`
+gives openings of standard-library code, `--prompts FILE` (one per line, `\\n` for newlines) others.
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ PROMPTS = [
     *(f"def f{i}_{j}(x):\n    return x * {j}" for i, j in [(0, 3), (1, 7), (2, 11), (3, 19), (4, 23)]),
     *(f"def f{i}_{j}(x):\n    return x * {j} + " for i, j in [(1, 4), (2, 5), (3, 6), (4, 9)]),
     "def f1_4(x):\n    return",
+]
+# Openings of Python standard-library code, for runs trained on it (configs/tiny.py): `--prompts stdlib`.
+STDLIB_PROMPTS = [
+    "import os\nimport sys\n\n",
+    "    def __init__(self, ",
+    "class Error(Exception):\n    ",
+    "if __name__ == '__main__':\n    ",
+    "    for i in range(",
+    "    def __repr__(self):\n        return ",
+    "        raise ValueError(",
+    "from collections import ",
+    '    """Return the ',
+    "        if self._closed:\n            ",
 ]
 # Varied text: code, Unicode (accents, CJK, emoji, combining marks, RTL), whitespace runs, digits, and llama.cpp's own
 # pre-tokenizer probe (convert_hf_to_gguf.py's `chktxt`).
@@ -70,12 +85,20 @@ def ours_on(workdir: pathlib.Path, prompts: list[str], new_tokens: int) -> dict:
     logits = [np.asarray(model.logits(cfg, params, np.array([p])))[0] for p in ids]
     max_len = min(cfg.max_seq_len, max(map(len, ids)) + new_tokens)
     greedy = generate_batch(model.Transformer(cfg), params, ids, new_tokens, Rules(temperature=0.0), max_len=max_len)
-    margins = []
+    margins = []  # per prompt, per greedy step: our top-1 minus top-2 logit
     for p, cont in zip(ids, greedy.tokens):
         path = np.asarray(model.logits(cfg, params, np.array([p + cont])))[0, len(p) - 1 : len(p) + len(cont) - 1]
         top2 = np.sort(path, axis=-1)[:, -2:]
-        margins.append(float((top2[:, 1] - top2[:, 0]).min()))
-    return {"ids": ids, "logits": logits, "greedy": greedy.tokens, "margin": min(margins), "tokenizer": tokenizer}
+        margins.append(top2[:, 1] - top2[:, 0])
+    return {"ids": ids, "logits": logits, "greedy": greedy.tokens, "margins": margins, "tokenizer": tokenizer}
+
+
+def divergence_margin(ours: list[int], theirs: list[int], margins: np.ndarray) -> float | None:
+    """Our margin at the first step where llama.cpp's greedy tokens leave ours (None: they never do)."""
+    k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if k is None:
+        return None if len(ours) == len(theirs) else float(margins[min(len(ours), len(theirs))])
+    return float(margins[k])
 
 
 def check(
@@ -87,7 +110,9 @@ def check(
     texts: list[str] = TEXTS,
     new_tokens: int = NEW_TOKENS,
 ) -> list[dict]:
-    """One row per type: {type, bytes, logit_error, greedy_agree, prompts, margin, tokenize_agree, texts}."""
+    """One row per type: {type, bytes, logit_error, greedy_agree, prompts, margin, divergence_margin, tokenize_agree,
+    texts}: `margin` is the smallest of our top-1/top-2 margins along our greedy paths, `divergence_margin` the
+    largest of ours where a path of llama.cpp's leaves ours (None: none does)."""
     from model.gguf.llama_cpp_side import llama_cpp
     from training import gguf
 
@@ -109,6 +134,11 @@ def check(
         }
         theirs = llama_cpp(python, path, request)
         want = [tokenizer.encode(t) for t in texts] + ours["ids"]
+        diverged = [
+            m
+            for a, b, margins in zip(ours["greedy"], theirs["greedy"], ours["margins"])
+            if (m := divergence_margin(a, b, margins)) is not None
+        ]
         rows.append(
             {
                 "type": type,
@@ -116,7 +146,8 @@ def check(
                 "logit_error": max(relative_error(o, np.array(t)) for o, t in zip(ours["logits"], theirs["logits"])),
                 "greedy_agree": sum(a == b for a, b in zip(ours["greedy"], theirs["greedy"])),
                 "prompts": len(prompts),
-                "margin": ours["margin"],
+                "margin": float(min(m.min() for m in ours["margins"])),
+                "divergence_margin": max(diverged, default=None),
                 "tokenize_agree": sum(a == b for a, b in zip(want, theirs["tokenize"])),
                 "texts": len(want),
             }
@@ -126,13 +157,15 @@ def check(
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| type | file size | max rel. logit error | greedy continuations equal | smallest greedy margin | texts tokenized equal |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| type | file size | max rel. logit error | greedy continuations equal | smallest greedy margin "
+        "| margin where one diverged | texts tokenized equal |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        diverged = "-" if r["divergence_margin"] is None else f"{r['divergence_margin']:.3f}"
         lines.append(
             f"| {r['type']} | {r['bytes'] / 1024:.1f} KiB | {r['logit_error']:.2e} | {r['greedy_agree']}/{r['prompts']} "
-            f"| {r['margin']:.3f} | {r['tokenize_agree']}/{r['texts']} |"
+            f"| {r['margin']:.3f} | {diverged} | {r['tokenize_agree']}/{r['texts']} |"
         )
     return "\n".join(lines)
 
@@ -145,13 +178,17 @@ def main() -> None:
     parser.add_argument("--types", default="f16,q8_0,q4_0")
     parser.add_argument("--llama_cpp_python", default=python_with_llama_cpp(), help="a Python with llama_cpp")
     parser.add_argument("--out_dir", help="where the .gguf files go (default: a temporary directory)")
-    parser.add_argument("--prompts", help="a file of prompts, one per line (\\n for a newline)")
+    parser.add_argument(
+        "--prompts",
+        default="default",
+        help="'default', 'stdlib', or a file of prompts, one per line (\\n for a newline)",
+    )
     parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS)
     args = parser.parse_args()
     if args.llama_cpp_python is None:
         parser.error("no Python with llama_cpp: pass --llama_cpp_python or set $LLAMA_CPP_PYTHON")
-    prompts = PROMPTS
-    if args.prompts:
+    prompts = {"default": PROMPTS, "stdlib": STDLIB_PROMPTS}.get(args.prompts)
+    if prompts is None:
         prompts = [line.replace("\\n", "\n") for line in pathlib.Path(args.prompts).read_text().splitlines() if line]
     with tempfile.TemporaryDirectory() as tmp:
         rows = check(args.workdir, args.out_dir or tmp, args.types.split(","), args.llama_cpp_python, prompts,
