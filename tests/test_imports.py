@@ -15,8 +15,9 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # What model/ must not import: the packages and entry points above it.
 ABOVE_MODEL = ("parallel", "data", "training", "sampling", "experiments", "configs", "train", "infer")
-# `python -m model.hf`: an entry point, at the top of the import order though it lives in model/ (nothing imports it).
-ENTRY_POINTS = ("model.hf.__main__",)
+# `python -m model.hf` and `python -m model.gguf`: entry points, at the top of the import order though they live in
+# model/ (nothing imports them).
+ENTRY_POINTS = ("model.hf.__main__", "model.gguf.__main__")
 
 
 def module_name(path: pathlib.Path, root: pathlib.Path) -> str:
