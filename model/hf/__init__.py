@@ -28,7 +28,17 @@ from model.hf.families import EXPORT_ORDER, FAMILIES, Family, HFError
 from model.hf.tensors import Entry
 from model.transformer import Transformer, init_variables, layer_groups, unstack_layers
 
-__all__ = ["FAMILIES", "HFError", "as_variables", "check_writable", "family_for", "load", "read_config", "save"]
+__all__ = [
+    "FAMILIES",
+    "HFError",
+    "as_variables",
+    "check_writable",
+    "family_for",
+    "hf_tensors",
+    "load",
+    "read_config",
+    "save",
+]
 
 INDEX = "model.safetensors.index.json"
 
@@ -249,18 +259,29 @@ def save(
     generation_config.json, so generate() stops at the end of a document and pads with a known id."""
     family = family_for(cfg)
     out_dir = pathlib.Path(out_dir).expanduser()
+    tensors = hf_tensors(cfg, params, family)
+    check_writable(out_dir)
+    try:
+        _write(family, cfg, tensors, out_dir, max_shard_bytes, token_ids or {})
+    except OSError as e:  # e.g. a full disk, or a directory only root's permission bits let through
+        raise HFError(f"{out_dir}: cannot write the checkpoint there ({e.strerror or e})") from None
+    return family
+
+
+def hf_tensors(cfg: ModelConfig, params: Any, family: Family | None = None) -> dict[str, np.ndarray]:
+    """Every tensor `family`'s checkpoint of `cfg` holds (default: `family_for(cfg)`'s), by its Hugging Face name,
+    as host arrays in the params' dtype: what `save` writes, and what a GGUF export (model/gguf) renames."""
+    family = family or family_for(cfg)
     variables = as_variables(nn.unbox(params))
     flat = dict(_flat({name: unstack_layers(tree, cfg) for name, tree in variables.items()}))
     entries: dict[tuple[str, ...], Entry] = family.entries(cfg)
     missing = [k for k in entries if k not in flat]
     if missing:
         raise HFError(f"params have no {'/'.join(missing[0])} (not the variables of this config)")
-    check_writable(out_dir)
-    try:
-        _write(family, cfg, flat, entries, out_dir, max_shard_bytes, token_ids or {})
-    except OSError as e:  # e.g. a full disk, or a directory only root's permission bits let through
-        raise HFError(f"{out_dir}: cannot write the checkpoint there ({e.strerror or e})") from None
-    return family
+    tensors = {}
+    for path, entry in [*entries.items(), *family.copies(cfg)]:
+        tensors |= entry.to_hf(_host(flat[path]))
+    return tensors
 
 
 def check_writable(out_dir: str | pathlib.Path) -> None:
@@ -276,8 +297,7 @@ def check_writable(out_dir: str | pathlib.Path) -> None:
 def _write(
     family: Family,
     cfg: ModelConfig,
-    flat: dict,
-    entries: dict,
+    tensors: dict[str, np.ndarray],
     out_dir: pathlib.Path,
     max_shard_bytes: int,
     token_ids: dict[str, int],
@@ -285,13 +305,12 @@ def _write(
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for path, entry in [*entries.items(), *family.copies(cfg)]:
-        for name, tensor in entry.to_hf(_host(flat[path])).items():
-            if size and size + tensor.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensor
-            size += tensor.nbytes
+    for name, tensor in tensors.items():
+        if size and size + tensor.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.nbytes
     if len(shards) == 1:
         save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
     else:

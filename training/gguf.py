@@ -1,0 +1,44 @@
+"""A workdir's checkpoint or a Hugging Face directory as a GGUF file (`python -m model.gguf export`).
+
+The file format and tensor mapping are model/gguf's; this module reads the run around them: its params, its
+tokenizer (as a `tokenizers` tokenizer) and the special ids a Hugging Face export writes (training.hf.special_ids).
+"""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+
+from model import gguf as gguf_lib
+from training import hf
+from training.checkpoint import load_for_inference
+
+
+def export(
+    out: str | pathlib.Path,
+    type: str,
+    *,
+    workdir: str | pathlib.Path | None = None,
+    hf_dir: str | pathlib.Path | None = None,
+    step: int | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Writes `out` from the workdir's latest (or `step`'s) params, or from `hf_dir`; returns how many tensors of
+    each type it holds ("f16: 9, f32: 5"). The output path and type are checked before anything is read."""
+    out = pathlib.Path(out).expanduser()
+    if type not in gguf_lib.TYPES:
+        raise gguf_lib.GGUFError(f"type {type!r}: one of {', '.join(gguf_lib.TYPES)}")
+    gguf_lib.check_writable(out, overwrite)
+    if hf_dir is not None:
+        run, params, tokenizer = hf.load(hf_dir)
+    else:
+        run, params, tokenizer, _ = load_for_inference(workdir, step)
+    if len(tokenizer.document_start) != 1:
+        raise gguf_lib.GGUFError(
+            f"the tokenizer starts a document with {len(tokenizer.document_start)} tokens; llama.cpp adds one (bos)"
+        )
+    types = gguf_lib.write(
+        run.model, params, tokenizer.to_tokenizers(), hf.special_ids(tokenizer), out, type, overwrite=overwrite
+    )
+    counts = collections.Counter(t.name.lower() for t in types.values())
+    return ", ".join(f"{t}: {n}" for t, n in sorted(counts.items()))
