@@ -403,3 +403,50 @@ def test_replacing_keeps_nothing_half_written(tmp_path):
     with pytest.raises(GGUFError, match="params have no params/layer_2"):
         write(broken, params, bpe_tokenizer().to_tokenizers(), SPECIAL, path, "f16", overwrite=True)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("scheme,type", [("int4", "q4_0"), ("int8", "q8_0")])
+def test_a_workdir_quantized_in_ggmls_blocks_exports_bit_for_bit(scheme, type, eval_run, tmp_path, capsys):
+    """An int4/int8 group-32 workdir (`python -m model.quant`) as q4_0/q8_0: every block matrix of the file
+    dequantizes to exactly the weights the workdir holds (its f32 export); the float run's own q4_0/q8_0 file,
+    rounded by ggml from unrounded weights, does not."""
+    from model.quant.__main__ import main as quantize
+
+    quantize([str(eval_run), str(tmp_path / "q"), "--quant", scheme, "--quant_group", "32"])
+    for source in ("q", "float"):
+        workdir = str(tmp_path / "q") if source == "q" else str(eval_run)
+        for t in ("f32", type):
+            code, err = export([workdir, str(tmp_path / f"{source}.{t}.gguf"), "--type", t], capsys)
+            assert code == 0, err
+        _, exact = fields(tmp_path / f"{source}.f32.gguf")
+        _, blocks = fields(tmp_path / f"{source}.{type}.gguf")
+        matrices = [n for n, t in blocks.items() if t.tensor_type == getattr(gguf.GGMLQuantizationType, type.upper())]
+        assert len(matrices) >= 5
+        same = [
+            np.array_equal(
+                gguf.quants.dequantize(blocks[n].data, blocks[n].tensor_type).reshape(-1),
+                np.asarray(exact[n].data).reshape(-1),
+            )
+            for n in matrices
+        ]
+        assert all(same) if source == "q" else not any(same), (source, matrices, same)
+
+
+def test_a_qat_run_exports_the_weights_it_trained_with(eval_run):
+    """A run trained with train.qat (int4, groups of 32) writes q4_0 blocks that hold exactly its rounded weights
+    (what its forward pass used); other types get its float master weights."""
+    import dataclasses
+
+    from training.checkpoint import load_for_inference
+    from training.config import QATConfig
+    from training.gguf import float_weights
+
+    run, params, _, _ = load_for_inference(eval_run)
+    qat = dataclasses.replace(run, train=dataclasses.replace(run.train, qat=QATConfig("int4", 32)))
+    assert float_weights(qat, params, "f16") is params and float_weights(run, params, "q4_0") is params
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    for name, x in tensors_for_gguf(run.model, float_weights(qat, params, "q4_0")).items():
+        if x.ndim == 2:  # every matrix (the embedding too: train.qat.skip keeps only routers)
+            np.testing.assert_array_equal(gguf.quants.dequantize(gguf.quants.quantize(x, q4), q4), x)
+    x = tensors_for_gguf(run.model, params)["blk.0.ffn_up.weight"]
+    assert not np.array_equal(gguf.quants.dequantize(gguf.quants.quantize(x, q4), q4), x)

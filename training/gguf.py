@@ -10,8 +10,26 @@ import collections
 import pathlib
 
 from model import gguf as gguf_lib
+from model.quant.params import dequantize_params, fake_quantize_params, spec_of
 from training import hf
 from training.checkpoint import load_for_inference
+from training.config import RunConfig
+
+# The schemes whose groups of 32 are ggml's blocks (model/quant/schemes.py): what a type stores them as, exactly.
+BLOCK_SCHEMES = {"q8_0": "int8", "q4_0": "int4"}
+
+
+def float_weights(run: RunConfig, params, type: str):
+    """The float weights to write as `type`: a quantized workdir's dequantized (exact as q8_0/q4_0 when it is
+    int8/int4 in groups of 32: ggml's own quantizer gives its codes back); a run trained with train.qat in the
+    scheme `type` stores, rounded as it trained, so the file holds exactly the weights its forward pass used."""
+    if run.quant.scheme:
+        return dequantize_params(run.model, params)
+    if run.train.qat.scheme:
+        spec = spec_of(run.train.qat)
+        if BLOCK_SCHEMES.get(type) == spec.scheme and spec.group_size == 32:
+            return fake_quantize_params(run.model, params, spec)
+    return params
 
 
 def export(
@@ -33,6 +51,7 @@ def export(
         run, params, tokenizer = hf.load(hf_dir)
     else:
         run, params, tokenizer, _ = load_for_inference(workdir, step)
+        params = float_weights(run, params, type)
     if len(tokenizer.document_start) != 1:
         raise gguf_lib.GGUFError(
             f"the tokenizer starts a document with {len(tokenizer.document_start)} tokens; llama.cpp adds one (bos)"

@@ -27,8 +27,10 @@ by the `gguf` package's reference quantizers. A matrix whose rows are not a mult
 blocks and stays float16 (llama.cpp's converter does the same). Every quantized type applies to the embedding and
 output matrices too (llama-quantize would keep output.weight at a higher precision for q4_0).
 
-The export starts from float params (`tensors_for_gguf`): a quantized checkpoint would be dequantized first; where
-its scheme is ggml's (int8/int4 symmetric groups of 32 with float16 scales) re-quantizing reproduces it bit for bit.
+The export starts from float params (`tensors_for_gguf`): a quantized checkpoint is dequantized first, and where its
+scheme is ggml's (int8/int4 symmetric groups of 32 with float16 scales: model/quant/schemes.py) re-quantizing
+reproduces it bit for bit; a run trained with train.qat in that scheme is rounded as it trained first
+(training/gguf.py `float_weights`), so q8_0/q4_0 files hold exactly the weights quantization-aware training used.
 """
 
 from __future__ import annotations
