@@ -107,6 +107,27 @@ def tiny_run(**groups):
     return resolve(tiny_config(**groups))
 
 
+def untrained_workdir(directory, tokenizer, model_overrides: dict | None = None, data: dict | None = None):
+    """(run, params) of a workdir whose checkpoint step 0 holds a tiny model's initial params and `tokenizer`
+    (what an export reads; no training, so seconds)."""
+    import flax.linen as nn
+
+    from model import Transformer, init_variables
+    from training.checkpoint import Checkpointer, checkpoints_dir, meta_for
+    from training.config import CheckpointConfig, with_vocab
+
+    run = with_vocab(tiny_run(model=model_overrides or {}, data={"seq_len": 64, **(data or {})}), tokenizer.vocab_size)
+    init = jax.jit(lambda key: init_variables(Transformer(run.model), key))  # eager: 8 s of tiny compiles
+    variables = nn.unbox(init(jax.random.key(0)))
+    checkpointer = Checkpointer(checkpoints_dir(directory), CheckpointConfig(async_save=False))
+    try:
+        checkpointer.save(0, {"params": variables["params"]}, {"step": 0}, meta_for(run, tokenizer))
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    return run, variables["params"]
+
+
 def write_corpus(root: pathlib.Path) -> pathlib.Path:
     """`root`/corpus: a directory of a few small Python-like documents."""
     corpus = root / "corpus"

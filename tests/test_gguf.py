@@ -76,20 +76,9 @@ def fields(path) -> tuple[dict, dict]:
 
 
 def untrained_workdir(directory, tokenizer, **model_overrides):
-    """A workdir whose checkpoint step 0 holds a tiny model's initial params and `tokenizer` (no training)."""
-    from tests.conftest import tiny_run
-    from training.checkpoint import Checkpointer, checkpoints_dir, meta_for
-    from training.config import CheckpointConfig, with_vocab
+    from tests.conftest import untrained_workdir as workdir
 
-    run = with_vocab(tiny_run(model=model_overrides, data={"seq_len": 64}), tokenizer.vocab_size)
-    variables = nn.unbox(jax.jit(lambda k: model.init_variables(model.Transformer(run.model), k))(jax.random.key(0)))
-    checkpointer = Checkpointer(checkpoints_dir(directory), CheckpointConfig(async_save=False))
-    try:
-        checkpointer.save(0, {"params": variables["params"]}, {"step": 0}, meta_for(run, tokenizer))
-        checkpointer.wait()
-    finally:
-        checkpointer.close()
-    return run, variables["params"]
+    return workdir(directory, tokenizer, model_overrides)
 
 
 def export(argv: list[str], capsys) -> tuple[int, str]:
@@ -445,7 +434,7 @@ def test_a_qat_run_exports_the_weights_it_trained_with(eval_run):
     qat = dataclasses.replace(run, train=dataclasses.replace(run.train, qat=QATConfig("int4", 32)))
     assert float_weights(qat, params, "f16") is params and float_weights(run, params, "q4_0") is params
     q4 = gguf.GGMLQuantizationType.Q4_0
-    for name, x in tensors_for_gguf(run.model, float_weights(qat, params, "q4_0")).items():
+    for x in tensors_for_gguf(run.model, float_weights(qat, params, "q4_0")).values():
         if x.ndim == 2:  # every matrix (the embedding too: train.qat.skip keeps only routers)
             np.testing.assert_array_equal(gguf.quants.dequantize(gguf.quants.quantize(x, q4), q4), x)
     x = tensors_for_gguf(run.model, params)["blk.0.ffn_up.weight"]

@@ -443,24 +443,9 @@ def test_deepseek_mtp_layer_loads_as_the_sequential_head_and_exports_back(tmp_pa
 
 
 def untrained_workdir(directory, tokenizer):
-    """A workdir whose checkpoint step 0 holds a tiny model's initial params and `tokenizer` (what an export
-    reads; no training, so seconds)."""
-    import flax.linen as nn
+    from tests.conftest import untrained_workdir as workdir
 
-    from tests.conftest import tiny_run
-    from training.checkpoint import Checkpointer, checkpoints_dir, meta_for
-    from training.config import CheckpointConfig, with_vocab
-
-    run = with_vocab(tiny_run(data={"tokenizer": tokenizer.name, "seq_len": 64}), tokenizer.vocab_size)
-    init = jax.jit(lambda key: model.init_variables(model.Transformer(run.model), key))  # eager: 8 s of tiny compiles
-    variables = nn.unbox(init(jax.random.key(0)))
-    checkpointer = Checkpointer(checkpoints_dir(directory), CheckpointConfig(async_save=False))
-    try:
-        checkpointer.save(0, {"params": variables["params"]}, {"step": 0}, meta_for(run, tokenizer))
-        checkpointer.wait()
-    finally:
-        checkpointer.close()
-    return run, variables["params"]
+    return workdir(directory, tokenizer, data={"tokenizer": tokenizer.name})
 
 
 @pytest.mark.parametrize("kind", ["bpe", "bytes"])
