@@ -61,5 +61,15 @@ def place_weights(weights: Any, cfg: ModelConfig, layout: Layout) -> Any:
     """`weights` (params, or {"params", "state"}) on the layout's mesh, each leaf sharded as training places it."""
     placed = jax.tree.map(lambda x: x.sharding, abstract_variables(Transformer(cfg), layout))
     if isinstance(weights, dict) and "params" in weights:
-        return {name: jax.device_put(tree, placed[name]) for name, tree in weights.items()}
-    return jax.device_put(weights, placed["params"])
+        return {name: _put(tree, placed[name]) for name, tree in weights.items()}
+    return _put(weights, placed["params"])
+
+
+def _put(tree: Any, placed: Any) -> Any:
+    """`tree` placed as `placed` (the float tree's shardings) says; leaves it does not name (a quantized weight's
+    codes and scales, model/quant) are replicated over the mesh."""
+    shardings = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(placed)}
+    replicated = jax.sharding.NamedSharding(next(iter(shardings.values())).mesh, jax.sharding.PartitionSpec())
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.device_put(x, shardings.get(jax.tree_util.keystr(p), replicated)), tree
+    )
