@@ -88,6 +88,9 @@ _QUANT_GROUP = flags.DEFINE_integer(
 _QUANT_METHOD = flags.DEFINE_string("quant_method", "rtn", "--quant: rtn | gptq | awq (calibrated: --calib_batches).")
 _CALIB_BATCHES = flags.DEFINE_integer("calib_batches", 0, "--quant gptq/awq: calibration windows of the corpus.")
 _CALIB_FILE = flags.DEFINE_string("calib_file", None, "--quant gptq/awq: calibrate on windows of this text file.")
+_GPTQ_ACT_ORDER = flags.DEFINE_boolean(
+    "gptq_act_order", False, "--quant_method=gptq: quantize columns by decreasing Hessian diagonal."
+)
 _QUANT_SKIP = flags.DEFINE_multi_string("quant_skip", None, "--quant: keep parameters matching this glob in float.")
 _CACHE_DTYPE = flags.DEFINE_string(
     "cache_dtype", "", "The K/V cache's dtype: '' (the compute dtype), float32, bfloat16, or int8 (per token and head)."
@@ -154,6 +157,7 @@ def check_flags() -> None:
         if not ok:
             fail(message)
     quant_options = _QUANT_GROUP.value is not None or _CALIB_BATCHES.value or _CALIB_FILE.value or _QUANT_SKIP.value
+    quant_options = quant_options or _GPTQ_ACT_ORDER.value
     if _QUANT.value is None and (quant_options or _QUANT_METHOD.value != "rtn"):
         fail("--quant_group, --quant_method, --calib_batches and --calib_file go with --quant SCHEME")
     for name, value in (("--prompt_file", _PROMPT_FILE.value), ("--score", _SCORE.value)):
@@ -178,6 +182,7 @@ def quant_request():
         _CALIB_BATCHES.value,
         _CALIB_FILE.value,
         tuple(_QUANT_SKIP.value) if _QUANT_SKIP.value else None,
+        _GPTQ_ACT_ORDER.value,
     )
 
 

@@ -34,6 +34,7 @@ class Request:
     calib_batches: int = 0
     calib_file: str | None = None
     skip: tuple[str, ...] | None = None
+    act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal
 
     def errors(self) -> list[str]:
         """One line per problem, checkable before anything loads."""
@@ -51,6 +52,8 @@ class Request:
             )
         if self.calib_batches and self.calib_file:
             out.append("--calib_batches and --calib_file: give one (windows of the training corpus, or of a file)")
+        if self.act_order and self.method != "gptq":
+            out.append(f"--gptq_act_order: a GPTQ option (--quant_method={self.method})")
         if self.calib_file is not None and not pathlib.Path(self.calib_file).is_file():
             out.append(f"--calib_file={self.calib_file!r}: no such file")
         return out
@@ -75,7 +78,7 @@ def quantize_run(run: RunConfig, weights: Any, tokenizer: Tokenizer, request: Re
             raise QuantError(f"--calib_file={request.calib_file!r}: the file is empty (nothing to calibrate on)")
         count = request.calib_batches * run.train.batch_size
         windows = calibration_windows(run.data, tokenizer, count, text)
-        quantized = calibrated.quantize(run.model, weights, spec, request.method, windows)
+        quantized = calibrated.quantize(run.model, weights, spec, request.method, windows, request.act_order)
     qat = run.train.qat
     trained_for = qat.scheme and request.method == "rtn" and spec_of(qat) == spec  # exactly what it trained with
     quant = QuantConfig(

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quant_method", default="rtn", help="rtn | gptq | awq")
     parser.add_argument("--calib_batches", type=int, default=0, help="calibration windows of the training corpus")
     parser.add_argument("--calib_file", help="calibrate on windows of this text file instead")
+    parser.add_argument("--gptq_act_order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     parser.add_argument("--quant_skip", action="append", help="keep parameters matching this glob in float")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest complete one)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -47,12 +48,18 @@ def main(argv: list[str] | None = None) -> None:
     request = None
     if args.quant is not None:
         request = quantize_lib.Request(
-            args.quant, args.quant_group, args.quant_method, args.calib_batches, args.calib_file, args.quant_skip
+            args.quant,
+            args.quant_group,
+            args.quant_method,
+            args.calib_batches,
+            args.calib_file,
+            args.quant_skip,
+            args.gptq_act_order,
         )
         for message in request.errors():
             fail(message)
 
-    from model.quant.schemes import QuantError
+    from model.quant.schemes import DEFAULT_GROUP, QuantError
     from training.checkpoint import CheckpointError, load_for_inference
 
     try:
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     quantize_lib.write_workdir(staging, run, quantized, tokenizer, step)
     quantize_lib.commit_dir(staging, out)
     q = run.quant
-    print(f"wrote {args.out}: step {step} as {q.scheme} (group {q.group}, {q.method})", file=sys.stderr)
+    group = q.group if q.group >= 0 else DEFAULT_GROUP[q.scheme]
+    print(f"wrote {args.out}: step {step} as {q.scheme} (group {group or 'per channel'}, {q.method})", file=sys.stderr)
 
 
 if __name__ == "__main__":

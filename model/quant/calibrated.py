@@ -41,9 +41,17 @@ METHODS = ("rtn", "gptq", "awq")
 Path = tuple[str, ...]
 
 
-def quantize(cfg: ModelConfig, params: dict, spec: Spec, method: str, windows_NT: np.ndarray | None = None) -> dict:
+def quantize(
+    cfg: ModelConfig,
+    params: dict,
+    spec: Spec,
+    method: str,
+    windows_NT: np.ndarray | None = None,
+    act_order: bool = False,
+) -> dict:
     """`params` (or {"params", "state"}) quantized as `spec` says by `method`, calibrated on token windows
-    [N, T] (T <= cfg.max_seq_len; unused by rtn)."""
+    [N, T] (T <= cfg.max_seq_len; unused by rtn); `act_order`: GPTQ quantizes columns by decreasing Hessian
+    diagonal (static groups)."""
     check(cfg, spec)
     if method == "rtn":
         return quantize_params(cfg, params, spec)
@@ -52,7 +60,7 @@ def quantize(cfg: ModelConfig, params: dict, spec: Spec, method: str, windows_NT
     if windows_NT is None or len(windows_NT) == 0:
         raise QuantError(f"quant method {method}: needs calibration windows")
     if method == "gptq":
-        return sequential(cfg, params, spec, windows_NT, lambda stats: gptq.gptq(spec, stats))
+        return sequential(cfg, params, spec, windows_NT, lambda stats: gptq.gptq(spec, stats, act_order=act_order))
     return awq.awq_quantize_params(cfg, params, spec, statistics(cfg, params, windows_NT))
 
 
