@@ -42,12 +42,12 @@ def test_the_gradient_passes_straight_through_to_the_loss_gradient_at_the_rounde
         return OBJECTIVES["lm"].loss(model, Inputs(), run.train, {"params": p}, {}, batch, {}).total
 
     weights = forward_weights(run.model, run.train.qat)
-    qat_loss, qat_grads = jax.value_and_grad(lambda p: loss(weights(p, 0)))(params)
-    want_loss, want_grads = jax.value_and_grad(loss)(rounded)
+    qat_loss, qat_grads = jax.jit(jax.value_and_grad(lambda p: loss(weights(p, 0))))(params)
+    want_loss, want_grads = jax.jit(jax.value_and_grad(loss))(rounded)
     np.testing.assert_allclose(qat_loss, want_loss, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(qat_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-    float_grads = jax.grad(loss)(params)  # the rounding moves the gradient: the comparison can tell them apart
+    float_grads = jax.jit(jax.grad(loss))(params)  # the rounding moves the gradient: the comparison can tell them apart
     assert not np.allclose(
         float_grads["layers"]["mlp"]["down"]["kernel"], want_grads["layers"]["mlp"]["down"]["kernel"]
     )
