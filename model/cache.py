@@ -42,13 +42,26 @@ class CacheView:
 
 
 @flax.struct.dataclass
+class Paged:
+    """A paged layout's keys and values as stored: pools of pages [num_pages, K, page_size, H] (values: Hv) and
+    each row's page table [B, max_pages] (entry m: the page holding the row's slots m * page_size ...; page 0 is
+    the null page, never visible). Slot s of the view is table[s // page_size], offset s % page_size."""
+
+    k_PKsH: jax.Array
+    v_PKsH: jax.Array
+    table_BM: jax.Array
+
+
+@flax.struct.dataclass
 class KVView:
     """Keys [B, K, S, H] and values [B, K, S, Hv] of the slots each row may read, and the mask over them: what
-    `Implementation.decode` takes. Rows keep them dense; `dense()` is where a paged layout gathers its pages."""
+    `Implementation.decode` takes. Rows keep them dense; a paged layout also hands over its pages (`pages`), which
+    a kernel that reads pages through the page table takes instead (the dense gather is then dead code)."""
 
     k_BKSH: jax.Array
     v_BKSH: jax.Array
     mask: Mask
+    pages: Paged | None = None
 
     def dense(self) -> tuple[jax.Array, jax.Array]:
         return self.k_BKSH, self.v_BKSH

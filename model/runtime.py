@@ -27,6 +27,8 @@ class DecodeConfig:
     cache: str = "rows"  # a key of model.cache.LAYOUTS: how slots are laid out (rows of max_len slots)
     weights: str = "float"  # a key of model.weights.FORMATS: how decoding reads every weight
     max_rewind: int = 0  # how many tokens a row may be rewound (speculative decoding; rolling caches keep room)
+    page_size: int = 16  # cache='pages': slots per page
+    num_pages: int = 0  # cache='pages': pages in each layer's pool (page 0 is the null page)
 
 
 @dataclasses.dataclass(frozen=True)
