@@ -94,23 +94,16 @@ class Rows(DecodeCache):
     slot_axes: tuple[tuple[str, int], ...] = flax.struct.field(pytree_node=False, default=())
 
     @classmethod
-    def create(cls, batch: int, max_len: int, fields: dict[str, tuple[tuple, object]], window: int, rewind: int):
+    def create(cls, batch: int, max_len: int, fields: dict[str, tuple[tuple, object]], window: int, decode):
         """A cache for rows of up to `max_len` tokens; a sliding-window layer (`window` > 0) whose window plus
-        `rewind` (how far a row may be rewound) is shorter keeps only that many slots, rolling. `fields`: name ->
-        (per-row shape with SLOTS where the slot axis goes, dtype), e.g. GQA's keys {"k": ((K, SLOTS, H), dtype)}
-        are stored [B, K, slots, H], as attention reads them."""
-        rolling = 0 < window and window + rewind < max_len
-        size = window + rewind if rolling else max_len
-        arrays, axes = {}, []
-        fields = dict(fields)
-        for name, (shape, dtype) in list(fields.items()):
-            if jnp.dtype(dtype) == jnp.int8:  # quantized per token: its scale beside it
-                fields[f"{name}{SCALE}"] = ((*shape[:-1], 1), jnp.float32)
-        for name, (shape, dtype) in fields.items():
-            arrays[name] = jnp.zeros((batch, *(size if d is SLOTS else d for d in shape)), dtype)
-            axes.append((name, 1 + shape.index(SLOTS)))
+        `decode.max_rewind` (how far a row may be rewound) is shorter keeps only that many slots, rolling.
+        `fields`: name -> (per-row shape with SLOTS where the slot axis goes, dtype), e.g. GQA's keys
+        {"k": ((K, SLOTS, H), dtype)} are stored [B, K, slots, H], as attention reads them."""
+        rolling = 0 < window and window + decode.max_rewind < max_len
+        size = window + decode.max_rewind if rolling else max_len
+        arrays, axes = _storage(batch, size, fields)
         empty = jnp.full((batch, size), -1, jnp.int32)
-        return cls(arrays, empty, jnp.zeros((batch,), jnp.int32), window if rolling else 0, tuple(axes))
+        return cls(arrays, empty, jnp.zeros((batch,), jnp.int32), window if rolling else 0, axes)
 
     @property
     def size(self) -> int:
@@ -194,6 +187,112 @@ class Rows(DecodeCache):
         return jax.tree.map(lambda x: jnp.take(x, rows_B, axis=0), self)
 
 
+def _storage(count: int, size: int, fields: dict[str, tuple[tuple, object]]) -> tuple[dict, tuple]:
+    """Zeroed arrays [count, ...] for `fields` with `size` slots at each one's slot axis (an int8 field gets its
+    scale field beside it), and (name, slot axis) of each."""
+    arrays, axes = {}, []
+    fields = dict(fields)
+    for name, (shape, dtype) in list(fields.items()):
+        if jnp.dtype(dtype) == jnp.int8:  # quantized per token: its scale beside it
+            fields[f"{name}{SCALE}"] = ((*shape[:-1], 1), jnp.float32)
+    for name, (shape, dtype) in fields.items():
+        arrays[name] = jnp.zeros((count, *(size if d is SLOTS else d for d in shape)), dtype)
+        axes.append((name, 1 + shape.index(SLOTS)))
+    return arrays, tuple(axes)
+
+
+@flax.struct.dataclass
+class Pages(DecodeCache):
+    """Slots in fixed-size pages of one pool per layer, shared by every row (the serving engine's layout,
+    sampling/engine.py): `arrays` maps each field to its pool [num_pages, ..., page_size (at the slot axis), ...],
+    `table_BM` gives each row's pages in order (page 0: the null page, never allocated, where padding tokens
+    write) and `written_B` how many tokens each row holds. The engine owns the pages: before every call it sets
+    each row's table and length (`bind`), so the same pools serve rows of any batch, and two rows may share a
+    page of a common prefix.
+
+    A paged row holds its tokens at positions 0, 1, 2, ... (no left padding: each row has its own length), so
+    slot s holds position s; a call's tokens come first in their row and padding (position -1) after them. The
+    engine frees pages that slide out of a windowed layer's window (their table entries become 0): slots on the
+    null page are invisible."""
+
+    arrays: dict[str, jax.Array]
+    table_BM: jax.Array
+    written_B: jax.Array
+    window: int = flax.struct.field(pytree_node=False, default=0)
+    slot_axes: tuple[tuple[str, int], ...] = flax.struct.field(pytree_node=False, default=())
+
+    @classmethod
+    def create(cls, batch: int, max_len: int, fields: dict[str, tuple[tuple, object]], window: int, decode):
+        """`decode.num_pages` pages of `decode.page_size` slots; rows of up to `max_len` tokens."""
+        if decode.num_pages < 2 or decode.page_size < 1:
+            raise ValueError(
+                f"cache='pages' needs num_pages >= 2 (page 0 is the null page) and page_size >= 1, got "
+                f"num_pages={decode.num_pages}, page_size={decode.page_size}"
+            )
+        arrays, axes = _storage(decode.num_pages, decode.page_size, fields)
+        table = jnp.zeros((batch, -(-max_len // decode.page_size)), jnp.int32)
+        return cls(arrays, table, jnp.zeros((batch,), jnp.int32), window, axes)
+
+    @property
+    def page_size(self) -> int:
+        name, axis = self.slot_axes[0]
+        return self.arrays[name].shape[axis]
+
+    def write(self, new: dict[str, jax.Array], pos_BT: jax.Array) -> tuple[Pages, CacheView]:
+        new = quantized(new, self.arrays)
+        ps, T = self.page_size, pos_BT.shape[1]
+        valid_BT = pos_BT >= 0
+        slot_BT = self.written_B[:, None] + jnp.arange(T)
+        block_BT = jnp.minimum(slot_BT // ps, self.table_BM.shape[1] - 1)
+        page_BT = jnp.where(valid_BT, jnp.take_along_axis(self.table_BM, block_BT, axis=1), 0)
+        arrays = dict(self.arrays)
+        for name, axis in self.slot_axes:
+            # [pages, :, ..., offsets]: the indexed axes come first in the update, so new values go in as [B, T, ...]
+            index = (page_BT, *[slice(None)] * (axis - 1), slot_BT % ps)
+            arrays[name] = arrays[name].at[index].set(new[name].astype(arrays[name].dtype))
+        written = self.replace(arrays=arrays, written_B=self.written_B + valid_BT.sum(axis=1, dtype=jnp.int32))
+        dense = {name: written.gathered(name) for name in arrays}
+        return written, CacheView(dequantized(dense, next(iter(new.values())).dtype), written.k_positions_BS())
+
+    def gathered(self, name: str) -> jax.Array:
+        """A field's pages of each row in order: [B, ..., max_pages * page_size (at the slot axis), ...]."""
+        axis = dict(self.slot_axes)[name]
+        x = jnp.moveaxis(self.arrays[name][self.table_BM], 1, axis)  # [B, ..., max_pages, page_size, ...]
+        return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+
+    def k_positions_BS(self) -> jax.Array:
+        """Slot s's position (s) where the row holds it and its page is not the null page, else -1."""
+        S = self.table_BM.shape[1] * self.page_size
+        slot_S = jnp.arange(S, dtype=jnp.int32)
+        on_page_BS = jnp.repeat(self.table_BM != 0, self.page_size, axis=1)
+        return jnp.where((slot_S < self.written_B[:, None]) & on_page_BS, slot_S, -1)
+
+    def paged(self, k: str, v: str) -> Paged:
+        """Fields `k` and `v` as pools plus page tables, for kernels that read pages (float fields only)."""
+        return Paged(self.arrays[k], self.arrays[v], self.table_BM)
+
+    def rewind(self, written_B: jax.Array) -> Pages:
+        return self.replace(written_B=jnp.minimum(written_B, self.written_B))
+
+    def select_rows(self, rows_B: jax.Array) -> Pages:
+        return self.replace(table_BM=self.table_BM[rows_B], written_B=self.written_B[rows_B])
+
+
+def bind(cache: dict, tables: dict[int, jax.Array], written_B: jax.Array) -> dict:
+    """Every paged layer's cache with the rows of the next call: the page table of its window's pages (`tables`:
+    window -> [B, max_pages]; 0 is a global layer) and each row's length."""
+
+    def one(c):
+        return c.replace(table_BM=tables[c.window], written_B=written_B) if isinstance(c, Pages) else c
+
+    return jax.tree.map(one, cache, is_leaf=_is_cache)
+
+
+def pools(cache: dict) -> dict:
+    """name -> pool of every paged layer (what the engine keeps between calls)."""
+    return jax.tree.map(lambda c: c.arrays if isinstance(c, Pages) else c, cache, is_leaf=_is_cache)
+
+
 SCALE = "_scale"  # suffix of an int8 field's scales
 
 
@@ -220,8 +319,8 @@ def dequantized(arrays: dict[str, jax.Array], dtype) -> dict[str, jax.Array]:
     return out
 
 
-# How decode caches lay out their slots (DecodeConfig.cache). A new layout (pages of a shared pool) is one entry.
-LAYOUTS: dict[str, type[DecodeCache]] = {"rows": Rows}
+# How decode caches lay out their slots (DecodeConfig.cache).
+LAYOUTS: dict[str, type[DecodeCache]] = {"rows": Rows, "pages": Pages}
 
 
 def _is_cache(x) -> bool:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from model import attention
-from model.cache import LAYOUTS, SLOTS, KVView
+from model.cache import LAYOUTS, SLOTS, KVView, Pages
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
 from model.positions import POSITIONS
@@ -74,12 +74,13 @@ class GQA(nn.Module):
         dtype = jnp.dtype(decode.cache_dtype or k_BTKH.dtype)
         fields = {"k": ((K, SLOTS, H), dtype), "v": ((K, SLOTS, H), dtype)}  # laid out as attention reads them
         create = LAYOUTS[decode.cache].create
-        cache = self.variable("cache", "kv", create, B, T, fields, self.window, decode.max_rewind)
+        cache = self.variable("cache", "kv", create, B, T, fields, self.window, decode)
         if not initialized:  # model.init: the input only sizes the cache
             return impl.attend(self.cfg, q_BTNH, k_BTKH, v_BTKH, mask, **kw)
         cache.value, view = cache.value.write({"k": k_BTKH, "v": v_BTKH}, mask.q_positions_BT)
         over = Mask(mask.q_positions_BT, view.k_positions_BS, window=mask.window)
-        return impl.decode(self.cfg, q_BTNH, KVView(view.arrays["k"], view.arrays["v"], over), **kw)
+        pages = cache.value.paged("k", "v") if isinstance(cache.value, Pages) and dtype != jnp.int8 else None
+        return impl.decode(self.cfg, q_BTNH, KVView(view.arrays["k"], view.arrays["v"], over, pages), **kw)
 
     # -- counts (per layer) --------------------------------------------------------------------------------------
     @staticmethod

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from model import attention, weights
 from model import rope as rope_lib
-from model.cache import LAYOUTS, SLOTS, KVView
+from model.cache import LAYOUTS, SLOTS, KVView, Paged, Pages
 from model.layers import RMSNorm, dense, output_std
 from model.mask import Mask
 from model.positions import rope
@@ -132,7 +132,7 @@ class MLA(nn.Module):
         decode = self.rt.decode
         fields = {"latent": ((SLOTS, L), jnp.dtype(decode.cache_dtype or latent_BTL.dtype))}
         create = LAYOUTS[decode.cache].create
-        return self.variable("cache", "latent", create, B, T, fields, self.window, decode.max_rewind)
+        return self.variable("cache", "latent", create, B, T, fields, self.window, decode)
 
     def _decode(self, impl, kv_up, q_nope_BTNP, q_rope_BTNR, latent_BTL, mask: Mask, kw) -> jax.Array:
         """Attention of this call's tokens over the cache, which then holds them too."""
@@ -158,7 +158,11 @@ class MLA(nn.Module):
         q_latent_BTNC = jnp.einsum("btnp,cnp->btnc", q_nope_BTNP, w_uk_CNP)
         q_BTNL = jnp.concatenate([q_latent_BTNC, q_rope_BTNR.astype(q_latent_BTNC.dtype)], axis=-1)
         cache_B1SL = latent_BSL[:, None]
-        out_BTNL = impl.decode(cfg, q_BTNL, KVView(cache_B1SL, cache_B1SL, over), **kw)
+        pages = None
+        if isinstance(cache.value, Pages) and cache.value.arrays["latent"].dtype != jnp.int8:
+            pool_P1sL = cache.value.arrays["latent"][:, None]  # one K/V head
+            pages = Paged(pool_P1sL, pool_P1sL, cache.value.table_BM)
+        out_BTNL = impl.decode(cfg, q_BTNL, KVView(cache_B1SL, cache_B1SL, over, pages), **kw)
         return jnp.einsum("btnc,cnv->btnv", out_BTNL[..., :C], w_uv_CNV)
 
     # -- counts (per layer) --------------------------------------------------------------------------------------
