@@ -239,6 +239,7 @@ class Pages(DecodeCache):
         return self.arrays[name].shape[axis]
 
     def write(self, new: dict[str, jax.Array], pos_BT: jax.Array) -> tuple[Pages, CacheView]:
+        dtype = next(iter(new.values())).dtype
         new = quantized(new, self.arrays)
         ps, T = self.page_size, pos_BT.shape[1]
         valid_BT = pos_BT >= 0
@@ -252,7 +253,7 @@ class Pages(DecodeCache):
             arrays[name] = arrays[name].at[index].set(new[name].astype(arrays[name].dtype))
         written = self.replace(arrays=arrays, written_B=self.written_B + valid_BT.sum(axis=1, dtype=jnp.int32))
         dense = {name: written.gathered(name) for name in arrays}
-        return written, CacheView(dequantized(dense, next(iter(new.values())).dtype), written.k_positions_BS())
+        return written, CacheView(dequantized(dense, dtype), written.k_positions_BS())
 
     def gathered(self, name: str) -> jax.Array:
         """A field's pages of each row in order: [B, ..., max_pages * page_size (at the slot axis), ...]."""

@@ -190,9 +190,14 @@ class PagePool:
         self.page_of: dict[bytes, int] = {}
         self.digest_of: dict[int, bytes] = {}
         self.idle: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.allocations = 0  # pages filled so far (a shared page counts once)
+        self.peak = 0  # the most pages rows held at once
 
     def available(self) -> int:
         return len(self.free) + len(self.idle)
+
+    def held(self) -> int:
+        return self.num_pages - 1 - self.available()
 
     def allocate(self) -> int | None:
         if self.free:
@@ -203,6 +208,8 @@ class PagePool:
         else:
             return None
         self.refs[page] = 1
+        self.allocations += 1
+        self.peak = max(self.peak, self.held())
         return page
 
     def release(self, page: int) -> None:
@@ -222,6 +229,7 @@ class PagePool:
             if self.refs[page] == 0:
                 del self.idle[page]
             self.refs[page] += 1
+            self.peak = max(self.peak, self.held())
         return page
 
     def remember(self, page: int, digest: bytes) -> None:
@@ -487,7 +495,6 @@ class Engine:
             for page in pages:
                 self.pools[window].release(page)
         seq.pages = {w: [] for w in self.windows}
-        seq.computed = 0
 
     def _slide(self, seq: Sequence) -> None:
         """Frees the pages of windowed layers that no later query can see (every slot < next position - window)."""
@@ -621,12 +628,19 @@ class Engine:
 
 
 def sample_rows(logits_BV, rules_B4, keys_B):
-    """Each row's next token by its own rules (temperature, top_k, top_p, min_p): the same filters, in the same
-    order and arithmetic, as sampling.rules.pick applies to a whole batch, so a row draws what infer.py would."""
-    temperature_B, top_k_B, top_p_B, min_p_B = (rules_B4[:, i] for i in range(4))
-    logits_BV = logits_BV.astype(jnp.float32)
+    """Each row's next token by its own rules (rules_B4: temperature, top_k, top_p, min_p), as
+    sampling.rules.pick draws it: greedy at temperature 0, else a categorical draw from `filtered_rows`."""
+    temperature_B = rules_B4[:, 0]
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    x_BV = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_rows(logits_BV, rules_B4)).astype(jnp.int32)
+    return jnp.where(temperature_B > 0, drawn_B, greedy_B)
+
+
+def filtered_rows(logits_BV, rules_B4):
+    """The tempered, filtered logits of each row by its own rules: the filters of sampling.rules.filtered, in the
+    same order and arithmetic, with each one skipped in the rows that do not ask for it."""
+    temperature_B, top_k_B, top_p_B, min_p_B = (rules_B4[:, i] for i in range(4))
+    x_BV = logits_BV.astype(jnp.float32) / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
     V = x_BV.shape[-1]
     order_BV = jnp.argsort(-x_BV, axis=-1)
     sorted_BV = jnp.take_along_axis(x_BV, order_BV, axis=-1)
@@ -644,9 +658,7 @@ def sample_rows(logits_BV, rules_B4, keys_B):
     x_BV = jnp.where((top_p_B < 1.0)[:, None] & ~keep_BV, -jnp.inf, x_BV)
     # min-p: logit >= max + log(min_p)
     threshold_B = jnp.max(x_BV, axis=-1) + jnp.log(jnp.where(min_p_B > 0, min_p_B, 1.0))
-    x_BV = jnp.where((min_p_B > 0)[:, None] & (x_BV < threshold_B[:, None]), -jnp.inf, x_BV)
-    drawn_B = jax.vmap(jax.random.categorical)(keys_B, x_BV).astype(jnp.int32)
-    return jnp.where(temperature_B > 0, drawn_B, greedy_B)
+    return jnp.where((min_p_B > 0)[:, None] & (x_BV < threshold_B[:, None]), -jnp.inf, x_BV)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "top"), donate_argnames=("cache",))
