@@ -10,7 +10,8 @@ online softmax in float32, skipping a block whose slots the mask empties for all
 after the last query or outside the sliding window: flash attention's `block_table`, decided before the kernel
 from each block's smallest/largest position), and writes its partial output with its log-sum-exp; a final
 log-sum-exp combine in plain JAX merges the splits (Dao et al.'s flash-decoding), so a long cache keeps the whole
-GPU busy even at batch 1.
+GPU busy even at batch 1. paged_attention.py builds the same kernel over a paged cache from the pieces here (the
+online softmax step, the query rows, the combine).
 
 It lowers where flash attention's kernels do (`flash_attention.Target`: interpreted on CPUs, Pallas' Triton lowering
 on GPUs, Mosaic on TPUs) with the same conventions: the rows' positions, ALiBi slopes and log-sum-exp are columns
