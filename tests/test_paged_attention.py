@@ -4,7 +4,7 @@ against the plain-JAX reference decode on the gathered cache: rows of different 
 entries, one token or a prefill chunk with padding queries, GQA, MQA, MHA, ALiBi, a soft-cap, a sliding window,
 Dv != D and MLA's absorbed layout. Pages no query sees (the null page, unused and freed pages, pages left behind by
 the window) hold NaN in the kernel's pools: reading one would poison the output. Also: page sizes a lowering
-cannot tile are refused in one line."""
+cannot tile are refused in one line, and model.attention's 'pallas' decode reads a view's pages."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from model import ModelConfig
-from model.attention import reference_decode
-from model.cache import KVView
+from model.attention import pallas_decode, reference_decode
+from model.cache import KVView, Paged
 from model.kernels.paged_attention import paged_decode_attention
 from model.mask import Mask
 from model.positions import AlibiBias
@@ -129,3 +129,17 @@ def test_a_page_the_lowering_cannot_tile_is_refused_in_one_line():
     pool, table = jnp.zeros((4, 2, 12, 64)), jnp.zeros((1, 2), jnp.int32)
     with pytest.raises(ValueError, match=r"^page_size=12: must be a multiple of 8 \(Mosaic, TPU\)$"):
         paged_decode_attention(q, pool, pool, table, mask, platform="tpu")
+
+
+def test_pallas_decode_reads_a_views_float_pages_and_the_dense_arrays_otherwise():
+    """The dense arrays of a view with float pages are NaN (the kernel must read the pages); int8 pages are NaN-free
+    codes the kernel must not read (the dense arrays are the dequantized view)."""
+    c = CASES[0]
+    q, k, v, table, mask, _, _ = paged_problem(c)
+    want = reference_decode(REFERENCE, q, KVView(gathered(k, table), gathered(v, table), mask))
+    nan = jnp.full(gathered(k, table).shape, jnp.nan)
+    got = pallas_decode(REFERENCE, q, KVView(nan, nan, mask, Paged(k, v, table)))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    codes = jnp.zeros(k.shape, jnp.int8)
+    got = pallas_decode(REFERENCE, q, KVView(gathered(k, table), gathered(v, table), mask, Paged(codes, codes, table)))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
