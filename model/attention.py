@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from model.cache import KVView
-from model.kernels import cpu_attention, decode_attention, flash_attention
+from model.kernels import cpu_attention, decode_attention, flash_attention, paged_attention
 from model.mask import Mask
 from model.positions import POSITIONS, AlibiBias
 
@@ -221,8 +221,14 @@ def pallas_attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask: Mask, *, bias_fn=None, s
 
 
 def pallas_decode(cfg, q_BTNH, view: KVView, *, bias_fn=None, softcap=0.0, scale=None):
-    """Decoding attention over the [B, K, S, H] cache as Pallas flash-decoding (per-row lengths, split cache)."""
+    """Decoding attention as Pallas flash-decoding (per-row lengths, split cache): over a paged layout's pages
+    through its page tables where they hold floats, else over the view's dense [B, K, S, H] keys and values."""
     kw = dict(scale=scale, softcap=softcap, alibi_slopes=_slopes(bias_fn))
+    pages = view.pages
+    if pages is not None and jnp.issubdtype(pages.k_PKsH.dtype, jnp.floating):
+        return paged_attention.paged_decode_attention(
+            q_BTNH, pages.k_PKsH, pages.v_PKsH, pages.table_BM, view.mask, **kw
+        )
     return decode_attention.decode_attention(q_BTNH, *view.dense(), view.mask, **kw)
 
 

@@ -1,6 +1,6 @@
 """The Pallas attention kernels lower for GPUs (Pallas' Triton lowering) and TPUs (Mosaic), checked on CPU with
-jax.export: forward, gradients (the dq and dk/dv kernels through the custom_vjp) and flash-decoding, over GQA and
-MQA, causal attention with a sliding window, document ids, ALiBi, a soft-cap, Dv != D, lengths that are not
+jax.export: forward, gradients (the dq and dk/dv kernels through the custom_vjp), flash-decoding and its paged form,
+over GQA and MQA, causal attention with a sliding window, document ids, ALiBi, a soft-cap, Dv != D, lengths that are not
 multiples of the blocks, bfloat16 and float32. Export runs Pallas' lowering to the Triton / Mosaic custom call
 (with jaxlib 0.10.2 it stops at the Triton IR; later jaxlibs run Triton's compiler during the lowering, to
 `triton_kernel_call_ffi`). Where libtpu is installed, XLA's TPU compiler also compiles them for a compile-only TPU
@@ -29,6 +29,7 @@ from model.cache import KVView
 from model.kernels import flash_attention as flash_lib
 from model.kernels.decode_attention import decode_attention
 from model.kernels.flash_attention import flash_attention, target
+from model.kernels.paged_attention import paged_decode_attention
 from model.mask import Mask
 
 # The custom calls each lowering ends in (Triton's: jaxlib <= 0.10.2, later).
@@ -122,6 +123,27 @@ def test_decode_lowers_to_the_platforms_kernel(T, N, K, window, alibi, softcap, 
     assert kernel_calls(f, platform, q, kv, kv) == 1
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize(
+    "T, K, H, Hv, window, alibi, softcap, dtype",
+    [(1, 2, 64, 64, 64, True, 3.0, "bfloat16"), (8, 1, 96, 32, 0, False, 0.0, "float32")],  # sampling; a chunk
+    ids=["gqa2-window-alibi-softcap-bf16", "mqa-chunk-of-8-dv-f32"],
+)
+def test_paged_decode_lowers_to_the_platforms_kernel(T, K, H, Hv, window, alibi, softcap, dtype, platform):
+    B, N, P, ps, n = 2, 4, 40, 16, 19  # tables of 19 pages: no multiple of the splits
+    lengths = np.array([[100], [300]])
+    kpos = jnp.asarray(np.where(np.arange(n * ps)[None] < lengths, np.arange(n * ps)[None], -1))
+    mask = Mask(jnp.asarray(lengths - T + np.arange(T)[None]), kpos, window=window)
+    slopes = jnp.linspace(0.05, 0.5, N) if alibi else None
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.dtype(dtype))
+    k = jax.ShapeDtypeStruct((P, K, ps, H), jnp.dtype(dtype))
+    v = jax.ShapeDtypeStruct((P, K, ps, Hv), jnp.dtype(dtype))
+    table = jax.ShapeDtypeStruct((B, n), jnp.int32)
+    kw = dict(softcap=softcap, alibi_slopes=slopes, platform=platform)
+    f = lambda q, k, v, t: paged_decode_attention(q, k, v, t, mask, **kw)  # noqa: E731
+    assert kernel_calls(f, platform, q, k, v, table) == 1
+
+
 def test_the_kernels_tpu_shapes_interpreted_match_the_reference():
     """What Mosaic is handed (blocks of 128, head dims padded to 128, rows turned into columns through 128-lane
     transposes, SMEM scalars), interpreted on CPU: the reference's outputs and gradients, and its decode."""
@@ -186,6 +208,7 @@ import jax, jax.numpy as jnp
 from jax.experimental import topologies
 from model.kernels import flash_attention as flash_lib
 from model.kernels.decode_attention import decode_attention
+from model.kernels.paged_attention import paged_decode_attention
 from model.mask import Mask
 from tests.test_kernel_lowering import CASES, attention_fn, shapes
 
@@ -201,6 +224,13 @@ mask = Mask(jnp.array([[99], [299]]), kpos, window=64)
 dec = lambda q, k, v: decode_attention(q, k, v, mask, softcap=3.0, alibi_slopes=jnp.ones(4), platform="tpu")
 q, kv = jax.ShapeDtypeStruct((2, 1, 4, 64), jnp.bfloat16), jax.ShapeDtypeStruct((2, 2, 300, 64), jnp.bfloat16)
 jax.jit(dec).lower(*on_tpu(q, kv, kv)).compile()
+for T, dtype in ((1, jnp.bfloat16), (8, jnp.float32)):  # paged: 19 pages of 16 slots, a page per grid step
+    kpos = jnp.where(jnp.arange(304)[None] < jnp.array([[100], [300]]), jnp.arange(304)[None], -1)
+    mask = Mask(jnp.array([[100], [300]]) - T + jnp.arange(T)[None], kpos, window=64)
+    paged = lambda q, k, v, t: paged_decode_attention(q, k, v, t, mask, softcap=3.0, alibi_slopes=jnp.ones(4),
+                                                      platform="tpu")
+    q, pool = jax.ShapeDtypeStruct((2, T, 4, 64), dtype), jax.ShapeDtypeStruct((40, 2, 16, 64), dtype)
+    jax.jit(paged).lower(*on_tpu(q, pool, pool, jax.ShapeDtypeStruct((2, 19), jnp.int32))).compile()
 for T, fits in ((4096, True), (8192, False)):  # the blocker's estimate against Mosaic's own VMEM check
     est = flash_lib.mosaic_vmem_bytes(T, 2, 128, 128, 2)
     assert (est <= flash_lib.VMEM_BUDGET) == fits, (T, est)
@@ -222,7 +252,7 @@ print("compiled for TPU v5e")
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (jax[tpu]) is not installed here")
 def test_the_kernels_compile_for_a_tpu_without_one():
     """With libtpu installed, XLA's TPU compiler runs on a CPU-only machine for a compile-only TPU topology: Mosaic
-    itself compiles the kernels (gradients over the cases above, decode), and a head's sequence just over the
+    itself compiles the kernels (gradients over the cases above, decode, paged decode), and a head's sequence just over the
     blocker's VMEM budget fails Mosaic's VMEM check where one under it compiles."""
     env = {
         **os.environ,

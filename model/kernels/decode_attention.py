@@ -10,7 +10,8 @@ online softmax in float32, skipping a block whose slots the mask empties for all
 after the last query or outside the sliding window: flash attention's `block_table`, decided before the kernel
 from each block's smallest/largest position), and writes its partial output with its log-sum-exp; a final
 log-sum-exp combine in plain JAX merges the splits (Dao et al.'s flash-decoding), so a long cache keeps the whole
-GPU busy even at batch 1.
+GPU busy even at batch 1. paged_attention.py builds the same kernel over a paged cache from the pieces here (the
+online softmax step, the query rows, the combine).
 
 It lowers where flash attention's kernels do (`flash_attention.Target`: interpreted on CPUs, Pallas' Triton lowering
 on GPUs, Mosaic on TPUs) with the same conventions: the rows' positions, ALiBi slopes and log-sum-exp are columns
@@ -56,44 +57,93 @@ class Static:
     count_visits: bool = False  # a debug output: the key blocks each program computed
 
 
+def empty_carry(rows: int, width: int):
+    """The online softmax's state before any key: (output accumulator, running max, running sum)."""
+    return (
+        jnp.zeros((rows, width), jnp.float32),
+        jnp.full((rows, 1), NEG_INF, jnp.float32),
+        jnp.zeros((rows, 1), jnp.float32),
+    )
+
+
+def online_step(st: Static, q_MD, q_M1, slope_M1, k_KD, v_KV, k_1K, carry):
+    """The state after one key block: keys k_KD, values v_KV at positions k_1K, seen by rows q_MD at q_M1."""
+    acc_MV, m_M1, l_M1 = carry
+    s_MK = dot_nt(q_MD, k_KD) * st.scale
+    if st.softcap > 0:
+        s_MK = st.softcap * jnp.tanh(s_MK / st.softcap)
+    if st.alibi:
+        s_MK = s_MK - slope_M1 * (q_M1 - k_1K).astype(jnp.float32)
+    ok_MK = (k_1K <= q_M1) & (jnp.broadcast_to(k_1K, s_MK.shape) >= 0)  # no broadcast of bools
+    if st.window:
+        ok_MK &= q_M1 - k_1K < st.window
+    s_MK = jnp.where(ok_MK, s_MK, NEG_INF)
+    m_new_M1 = jnp.maximum(m_M1, s_MK.max(-1, keepdims=True))
+    p_MK = jnp.where(ok_MK, jnp.exp(s_MK - m_new_M1), 0.0)
+    alpha_M1 = jnp.exp(m_M1 - m_new_M1)
+    acc_MV = alpha_M1 * acc_MV + dot_nn(p_MK.astype(v_KV.dtype), v_KV)
+    return acc_MV, m_new_M1, alpha_M1 * l_M1 + p_MK.sum(-1, keepdims=True)
+
+
+def write_split(carry, o_ref, lse_ref):
+    """A split's normalised output and log-sum-exp (-1e30, weight 0 in the combine, where it saw no key)."""
+    acc_MV, m_M1, l_M1 = carry
+    seen_M1 = l_M1 > 0
+    l_M1 = jnp.where(seen_M1, l_M1, 1.0)
+    o_ref[...] = acc_MV / l_M1
+    lse_ref[...] = jnp.where(seen_M1, m_M1 + jnp.log(l_M1), NEG_INF)
+
+
 def _decode_kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, slopes_ref, table_ref, o_ref, lse_ref, *visits_ref, st):
     split, bk = pl.program_id(3), st.block_k
     q_MD, q_M1 = q_ref[...], qpos_ref[...]
     slope_M1 = slopes_ref[...] if st.alibi else None
-    Mb, Dv = q_MD.shape[0], o_ref.shape[-1]
 
     def visit(j, carry):
-        acc_MV, m_M1, l_M1, visits = carry
         ks = pl.ds(pl.multiple_of(j * bk, bk), bk)
-        s_MK = dot_nt(q_MD, k_ref[ks, :]) * st.scale
-        if st.softcap > 0:
-            s_MK = st.softcap * jnp.tanh(s_MK / st.softcap)
-        k_1K = kpos_ref[j]
-        if st.alibi:
-            s_MK = s_MK - slope_M1 * (q_M1 - k_1K).astype(jnp.float32)
-        ok_MK = (k_1K <= q_M1) & (jnp.broadcast_to(k_1K, s_MK.shape) >= 0)  # no broadcast of bools
-        if st.window:
-            ok_MK &= q_M1 - k_1K < st.window
-        s_MK = jnp.where(ok_MK, s_MK, NEG_INF)
-        m_new_M1 = jnp.maximum(m_M1, s_MK.max(-1, keepdims=True))
-        p_MK = jnp.where(ok_MK, jnp.exp(s_MK - m_new_M1), 0.0)
-        alpha_M1 = jnp.exp(m_M1 - m_new_M1)
-        v_KV = v_ref[ks, :]
-        acc_MV = alpha_M1 * acc_MV + dot_nn(p_MK.astype(v_KV.dtype), v_KV)
-        return acc_MV, m_new_M1, alpha_M1 * l_M1 + p_MK.sum(-1, keepdims=True), visits + 1
+        state = online_step(st, q_MD, q_M1, slope_M1, k_ref[ks, :], v_ref[ks, :], kpos_ref[j], carry[:3])
+        return *state, carry[3] + 1
 
     def body(j, carry):
         j = split * st.chunk_blocks + j
         return lax.cond(table_ref[0, j] != 0, functools.partial(visit, j), lambda c: c, carry)
 
-    init = (jnp.zeros((Mb, Dv), jnp.float32), jnp.full((Mb, 1), NEG_INF, jnp.float32), jnp.zeros((Mb, 1), jnp.float32))
-    acc_MV, m_M1, l_M1, visits = lax.fori_loop(0, st.chunk_blocks, body, (*init, jnp.int32(0)))
-    seen_M1 = l_M1 > 0
-    l_M1 = jnp.where(seen_M1, l_M1, 1.0)
-    o_ref[...] = acc_MV / l_M1
-    lse_ref[...] = jnp.where(seen_M1, m_M1 + jnp.log(l_M1), NEG_INF)
+    init = (*empty_carry(q_MD.shape[0], o_ref.shape[-1]), jnp.int32(0))
+    *state, visits = lax.fori_loop(0, st.chunk_blocks, body, init)
+    write_split(state, o_ref, lse_ref)
     if st.count_visits:  # a debug output of interpreted kernels
         visits_ref[0][...] = jnp.full((1,), visits, jnp.int32)
+
+
+def row_block(tgt: Target, block_m: int | None, M: int) -> int:
+    """The block of stacked query rows: `block_m`, by default 64 (128 on TPUs), shrunk for fewer rows."""
+    return tgt.block("block_m", (128 if tgt.mosaic else 64) if block_m is None else block_m, M, rows=True)
+
+
+def stack_queries(q_BTNH, mask: Mask, alibi_slopes, K: int, Mp: int, Hp: int):
+    """q [B, T, N, H] as K/V-head-major rows (row m = t * G + g: query t of head k * G + g) padded to [B, K, Mp, Hp],
+    with each row's position [B, Mp] (-1: padding) and ALiBi slope [K, Mp]."""
+    B, T, N, H = q_BTNH.shape
+    G, M = N // K, T * N // K
+    q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, M, H)
+    q_BKMH = pad_to(pad_to(q_BKMH, 2, Mp), 3, Hp)
+    qpos_BM = pad_to(jnp.repeat(mask.q_positions_BT.astype(jnp.int32), G, axis=1), 1, Mp, -1)
+    slopes_N = jnp.zeros((N,), jnp.float32) if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
+    slopes_KM = pad_to(jnp.tile(slopes_N.reshape(K, G), (1, T)), 1, Mp)
+    return q_BKMH, qpos_BM, slopes_KM
+
+
+def combine_splits(o_BKsMV, lse_BKsM1, q_BTNH, Hv: int) -> jax.Array:
+    """[B, T, N, Hv] from each split's output and log-sum-exp: weights exp(lse_s - logsumexp_s lse_s) (a split that
+    saw nothing has lse -1e30: weight 0)."""
+    B, T, N, _ = q_BTNH.shape
+    K = o_BKsMV.shape[1]
+    G, M = N // K, T * N // K
+    lse_BKsM = lse_BKsM1[..., 0]
+    w_BKsM = jnp.exp(lse_BKsM - lse_BKsM.max(axis=2)[:, :, None])
+    out_BKMV = jnp.einsum("bksm,bksmv->bkmv", w_BKsM, o_BKsMV) / w_BKsM.sum(axis=2)[..., None]  # the max split's is 1
+    out_BKMV = out_BKMV[:, :, :M, :Hv].astype(q_BTNH.dtype)
+    return out_BKMV.reshape(B, K, T, G, Hv).transpose(0, 2, 1, 3, 4).reshape(B, T, N, Hv)
 
 
 def _decode(
@@ -118,24 +168,19 @@ def _decode(
         raise ValueError(f"q {q_BTNH.shape}, k {k_BKSH.shape}, v {v_BKSH.shape}: want [B, T, N, H], [B, K, S, H]")
     if mask.has_segments:
         raise ValueError("decode_attention: the decode cache keeps no document ids (mask has segments)")
-    G, M = N // K, T * N // K
+    M = T * N // K
     tgt = target(platform, interpret)
-    bm = tgt.block("block_m", (128 if tgt.mosaic else 64) if block_m is None else block_m, M, rows=True)
+    bm = row_block(tgt, block_m, M)
     bk = tgt.block("block_k", block_k, S)
     splits = max(1, min(num_splits, -(-S // bk)))
     chunk_blocks = -(-S // (splits * bk))
     Mp, Sp = round_up(M, bm), splits * chunk_blocks * bk
     Hp, Hvp = tgt.head_dim(H), tgt.head_dim(Hv)
 
-    # Row m = t * G + g: query t of head k * G + g.
-    q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, M, H)
-    q_BKMH = pad_to(pad_to(q_BKMH, 2, Mp), 3, Hp)
+    q_BKMH, qpos_BM, slopes_KM = stack_queries(q_BTNH, mask, alibi_slopes, K, Mp, Hp)
     k_BKSH = pad_to(pad_to(k_BKSH, 2, Sp), 3, Hp)
     v_BKSH = pad_to(pad_to(v_BKSH, 2, Sp), 3, Hvp)
-    qpos_BM = pad_to(jnp.repeat(mask.q_positions_BT.astype(jnp.int32), G, axis=1), 1, Mp, -1)
     kpos_BS = pad_to(mask.k_positions_BS.astype(jnp.int32), 1, Sp, -1)
-    slopes_N = jnp.zeros((N,), jnp.float32) if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
-    slopes_KM = pad_to(jnp.tile(slopes_N.reshape(K, G), (1, T)), 1, Mp)
     table_BMS = block_table(Mask(qpos_BM, kpos_BS, window=mask.window), bm, bk)
     st = Static(
         scale=float(H**-0.5 if scale is None else scale),
@@ -176,14 +221,7 @@ def _decode(
         compiler_params=tgt.compiler_params(Hp, len(grid)),
         name="flash_decode",
     )(q_BKMH, k_BKSH, v_BKSH, qpos_BM[:, :, None], as_blocks(kpos_BS, bk), slopes_KM[:, :, None], table_BMS[:, :, None])
-
-    # Combine the splits: weights exp(lse_s - logsumexp_s lse_s) (a split that saw nothing has lse -1e30: weight 0).
-    lse = lse[..., 0]
-    lse_max_BKM = lse.max(axis=2)
-    w_BKsM = jnp.exp(lse - lse_max_BKM[:, :, None])
-    out_BKMV = jnp.einsum("bksm,bksmv->bkmv", w_BKsM, o) / w_BKsM.sum(axis=2)[..., None]  # the max split's is 1
-    out_BKMV = out_BKMV[:, :, :M, :Hv].astype(q_BTNH.dtype)
-    return out_BKMV.reshape(B, K, T, G, Hv).transpose(0, 2, 1, 3, 4).reshape(B, T, N, Hv), (visits or [None])[0]
+    return combine_splits(o, lse, q_BTNH, Hv), (visits or [None])[0]
 
 
 def decode_attention(

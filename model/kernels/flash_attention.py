@@ -133,15 +133,17 @@ class Target:
             return round_up(d, 128)
         return pow2(d) if self.interpret else max(16, pow2(d))
 
-    def compiler_params(self, head_dim: int, grid_rank: int):
+    def compiler_params(self, head_dim: int, grid_rank: int, arbitrary: int = 0):
         """Triton's launch settings (those of jax's own Pallas attention: 8 warps for heads over 64); Mosaic's grid
-        axes, all parallel (every program writes its own output block), so a TPU may split them across cores."""
+        axes, parallel (every program writes its own output block), so a TPU may split them across cores, but for
+        the last `arbitrary` ones, which run in order (a kernel that accumulates over them in scratch)."""
         if self.interpret:
             return None
         if self.mosaic:
             from jax.experimental.pallas import tpu as pltpu
 
-            return pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL,) * grid_rank)
+            axes = (pltpu.PARALLEL,) * (grid_rank - arbitrary) + (pltpu.ARBITRARY,) * arbitrary
+            return pltpu.CompilerParams(dimension_semantics=axes)
         from jax.experimental.pallas import triton as plgpu
 
         return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
