@@ -130,7 +130,7 @@ def test_prefix_sharing_gives_the_same_tokens_with_fewer_pages(trained):
     shared = len(prompt_ids(tok, system)) // 8  # full pages of the common prefix
     # the first two rows fill them once; the whole-page prompt recomputes its last
     assert got[True][1] <= got[False][1] - (len(requests) - 2) * shared + 1
-    assert got[True][2].prefix_hit_tokens >= (len(requests) - 2) * shared * 8 > 0
+    assert got[True][2].prefix_hit_tokens >= ((len(requests) - 2) * shared - 1) * 8 > 0
     assert got[True][2].prompt_tokens < got[False][2].prompt_tokens
 
 
