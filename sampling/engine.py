@@ -24,6 +24,7 @@ prefix's whole state).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -38,8 +39,11 @@ import numpy as np
 
 from data.tokenizer import Tokenizer
 from model import Transformer
-from model.cache import bind, init_cache
+from model.cache import Pages, bind, init_cache
 from model.runtime import DecodeConfig
+from parallel.decoding import place_weights, row_shards
+from parallel.layout import Layout
+from parallel.sharding import spec_for
 from sampling.decode import for_inference, unrolled
 
 
@@ -306,10 +310,20 @@ class Engine:
         tokenizer: Tokenizer,
         config: EngineConfig | None = None,
         decode: DecodeConfig | None = None,
+        layout: Layout | None = None,
     ):
         config, decode = config or EngineConfig(), decode or DecodeConfig()
         if errors := config.errors():
             raise ValueError(errors[0])
+        self.layout = layout
+        if layout is not None:
+            shards = row_shards(layout)
+            if config.max_batch % shards or config.prefill_rows % shards:
+                raise ValueError(
+                    f"max_batch={config.max_batch} and prefill_rows={config.prefill_rows} must be multiples of the "
+                    f"mesh's {shards} row shards"
+                )
+            params = place_weights(params, model.cfg, layout)
         self.cfg = config.resolved(model.cfg.max_seq_len)
         cfg = self.cfg
         decode = dataclasses.replace(decode, cache="pages", page_size=cfg.page_size, num_pages=cfg.num_pages)
@@ -320,7 +334,10 @@ class Engine:
         self.caching = cfg.prefix_caching and self.windows == [0]
         self.pools = {w: PagePool(cfg.num_pages) for w in self.windows}
         self.blocks = -(-cfg.max_len // cfg.page_size)  # page table width
-        self.cache = jax.jit(init_cache, static_argnums=(0, 1, 2))(self.model, cfg.max_batch, cfg.max_len)
+        with self._on_mesh():
+            self.cache = jax.jit(init_cache, static_argnums=(0, 1, 2))(self.model, cfg.max_batch, cfg.max_len)
+            if layout is not None:
+                self.cache = place_pools(self.cache, layout)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.stats = Stats()
@@ -330,6 +347,10 @@ class Engine:
         self._order = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    def _on_mesh(self):
+        """The context the engine's programs trace and run in: its mesh's, if it has one."""
+        return self.layout.activate() if self.layout is not None else contextlib.nullcontext()
 
     # -- requests ------------------------------------------------------------------------------------------------
     def check(self, prompt: list[int], params: SamplingParams) -> None:
@@ -536,21 +557,22 @@ class Engine:
             p = seq.params
             rules[r] = (p.temperature, p.top_k, p.top_p, p.min_p)
             seeds[r], index[r], steps[r] = p.seed, p.sample_index, len(seq.generated)
-        self.cache, out = _call(
-            self.params,
-            self.cache,
-            tokens,
-            counts,
-            written,
-            tables,
-            rules,
-            seeds,
-            index,
-            steps,
-            targets,
-            model=self.model,
-            top=self.cfg.max_logprobs,
-        )
+        with self._on_mesh():
+            self.cache, out = _call(
+                self.params,
+                self.cache,
+                tokens,
+                counts,
+                written,
+                tables,
+                rules,
+                seeds,
+                index,
+                steps,
+                targets,
+                model=self.model,
+                top=self.cfg.max_logprobs,
+            )
         out = jax.tree.map(np.asarray, out)
         now = time.perf_counter()
         for r, seq in enumerate(seqs):
@@ -625,6 +647,23 @@ class Engine:
             self.waiting.remove(seq)
         self.stats.finished += 1
         seq.handle._emit(event)
+
+
+def place_pools(cache: dict, layout: Layout) -> dict:
+    """The pools of a paged cache on the layout's mesh: a field stored [pages, K/V heads, page slots, head_dim]
+    split over the heads as the rules split `kv_heads` (each device holds its heads' pages), others whole."""
+
+    def place(c):
+        if not isinstance(c, Pages):
+            return c
+        arrays = {}
+        for name, x in c.arrays.items():
+            names = (None, "kv_heads", None, None) if dict(c.slot_axes).get(name) == 2 and x.ndim == 4 else ()
+            spec = spec_for(names, x.shape, layout.mesh, layout.rules) if names else jax.sharding.PartitionSpec()
+            arrays[name] = jax.device_put(x, jax.sharding.NamedSharding(layout.mesh, spec))
+        return c.replace(arrays=arrays)
+
+    return jax.tree.map(place, cache, is_leaf=lambda c: isinstance(c, Pages))
 
 
 def sample_rows(logits_BV, rules_B4, keys_B):

@@ -15,6 +15,8 @@ from model import ModelConfig, Transformer, init_variables
 from model.runtime import DecodeConfig
 from parallel.decoding import decode_layout, parse_mesh, place_weights
 from parallel.mesh import MeshError
+from sampling.decode import prompt_ids
+from sampling.engine import Engine, EngineConfig, SamplingParams
 from sampling.runner import Request, run_request
 
 # Random weights with a large init: greedy continuations that differ from row to row and from step to step.
@@ -87,3 +89,23 @@ def test_scoring_on_a_mesh_gives_the_one_device_scores():
     np.testing.assert_allclose([s for s, _ in got], [s for s, _ in want], rtol=1e-5)
     assert [g for _, g in got] == [g for _, g in want]
     assert mesh.generate(asks) == one.generate(asks)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_the_serving_engine_on_a_mesh_gives_the_one_device_tokens(kind):
+    """sampling/engine.py with its rows over `data` and its pools' K/V heads over `tensor`."""
+    cfg, tok = KINDS[kind], ByteTokenizer()
+    params = jax.device_get(nn.unbox(init_variables(Transformer(cfg), jax.random.key(3))["params"]))
+    config = EngineConfig(max_batch=4, page_size=4, chunk=8, prefill_rows=2, num_pages=48)
+    requests = [(prompt_ids(tok, p), SamplingParams(max_tokens=12, temperature=0, stop_at_eos=False)) for p in PROMPTS]
+    requests.append((requests[0][0], SamplingParams(max_tokens=12, temperature=0.9, seed=5, stop_at_eos=False)))
+
+    def tokens(layout):
+        engine = Engine(Transformer(cfg), params, tok, config, layout=layout)
+        handles = [engine.submit(prompt, p) for prompt, p in requests]
+        engine.run_until_done()
+        return [h.tokens for h in handles]
+
+    one = tokens(None)
+    assert len({tuple(t) for t in one}) == len(requests) and all(len(set(t)) > 3 for t in one)
+    assert tokens(decode_layout(cfg, "data=2,tensor=4")) == one
