@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import logging
 import queue
 import threading
 import time
@@ -131,7 +132,8 @@ class TokenLogprob:
 class Event:
     """What a request got in one step: new tokens (with their logprobs when asked), the text they add (held back
     while it might still be a stop string's start or half a character), and why it finished (None: not yet;
-    'stop': end of document or a stop string; 'length': max_tokens or the row's max_len; 'cancelled')."""
+    'stop': end of document or a stop string; 'length': max_tokens or the row's max_len; 'cancelled'; 'error': the
+    engine's step failed)."""
 
     tokens: list[int]
     logprobs: list[TokenLogprob]
@@ -335,9 +337,7 @@ class Engine:
         self.pools = {w: PagePool(cfg.num_pages) for w in self.windows}
         self.blocks = -(-cfg.max_len // cfg.page_size)  # page table width
         with self._on_mesh():
-            self.cache = jax.jit(init_cache, static_argnums=(0, 1, 2))(self.model, cfg.max_batch, cfg.max_len)
-            if layout is not None:
-                self.cache = place_pools(self.cache, layout)
+            self.cache = self._empty_cache()
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.stats = Stats()
@@ -347,6 +347,10 @@ class Engine:
         self._order = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    def _empty_cache(self) -> dict:
+        cache = jax.jit(init_cache, static_argnums=(0, 1, 2))(self.model, self.cfg.max_batch, self.cfg.max_len)
+        return cache if self.layout is None else place_pools(cache, self.layout)
 
     def _on_mesh(self):
         """The context the engine's programs trace and run in: its mesh's, if it has one."""
@@ -427,7 +431,21 @@ class Engine:
                     self._lock.wait()
                 if self.idle() and self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # a bug, or out of memory: every request in flight ends with 'error', serving goes on
+                logging.exception("the engine's step failed; ending the requests in flight")
+                self._reset()
+
+    def _reset(self) -> None:
+        """Ends every request with finish_reason 'error' and starts from empty pools (the failed call may have
+        consumed the donated cache)."""
+        with self._lock:
+            for seq in [*self.running, *self.waiting]:
+                self._finish(seq, Event([], [], "", "error"))
+            self.pools = {w: PagePool(self.cfg.num_pages) for w in self.windows}
+            with self._on_mesh():
+                self.cache = self._empty_cache()
 
     def run_until_done(self) -> None:
         """Runs steps on this thread until every submitted request has finished (tests, benchmarks)."""
@@ -632,7 +650,8 @@ class Engine:
             hold = max((len(s) for s in p.stop), default=1) - 1
             visible = len(text.rstrip("\ufffd"))
             text = text[: max(seq.emitted, min(visible, len(text) - hold))]
-        event = Event([token], logprobs, text[seq.emitted :], reason)
+        kept = [] if eos else [token]  # the end of document ends the text: not one of its tokens
+        event = Event(kept, [] if eos else logprobs, text[seq.emitted :], reason)
         seq.emitted = len(text)
         if reason is None:
             seq.handle._emit(event)

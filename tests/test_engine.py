@@ -186,3 +186,34 @@ def test_requests_that_cannot_run_are_one_line_errors():
         engine.submit([1, 2], SamplingParams())
     with pytest.raises(ValueError, match="max_batch=0: must be >= 1"):
         Engine(Transformer(cfg), None, ByteTokenizer(), EngineConfig(max_batch=0))
+
+
+def test_the_engine_thread_streams_cancels_recovers_and_drains():
+    cfg, decode = KINDS["gqa"]
+    tok = ByteTokenizer()
+    engine = Engine(Transformer(cfg), random_params(cfg), tok, SMALL, decode)
+    engine.start()
+    greedy = SamplingParams(max_tokens=8, temperature=0, stop_at_eos=False)
+    long = engine.submit(prompt_ids(tok, TEXTS[2]), dataclasses.replace(greedy, max_tokens=40))
+    events = []
+    streamed = engine.submit(prompt_ids(tok, TEXTS[1]), greedy, on_event=events.append).wait(60)
+    assert "".join(e.text for e in events) == streamed.text and sum(len(e.tokens) for e in events) == 8
+    assert [e.finish_reason for e in events][-1] == "length" and all(e.finish_reason is None for e in events[:-1])
+    engine.cancel(long)
+    assert long.wait(60).finish_reason == "cancelled" and len(long.tokens) < 40
+
+    calls = engine._run
+
+    def fails_once(*args):
+        engine._run = calls
+        raise RuntimeError("injected")
+
+    engine._run = fails_once  # a failed step ends the requests in flight; the engine serves the next ones
+    assert engine.submit(prompt_ids(tok, "x"), greedy).wait(60).finish_reason == "error"
+    after = [engine.submit(prompt_ids(tok, t), greedy) for t in TEXTS]
+    engine.stop(drain=True, timeout=120)  # waits for the requests already submitted
+    assert all(h.done.is_set() and h.finish_reason == "length" for h in after)
+    assert [h.tokens for h in after[1:2]] == [streamed.tokens]
+    assert engine.pools[0].held() == 0 and not engine._thread.is_alive()
+    with pytest.raises(QueueFull, match="shutting down"):
+        engine.submit([1], greedy)
