@@ -267,6 +267,8 @@ class Server:
         self.chat = chat or ChatTemplate()
         self.cancelled = 0  # engine requests cancelled
         self._texts: dict[int, str] = {}
+        added = tokenizer.to_tokenizers().get_added_tokens_decoder()
+        self._specials = {token.content: i for i, token in added.items() if token.special}
 
     def app(self) -> Starlette:
         routes = [
@@ -486,6 +488,13 @@ class Server:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    def token_ids(self, text: str, document_start: bool = False) -> list[int]:
+        """/tokenize: a text's ids as a text prompt's (after the document start when asked), except that a special
+        token's name alone is that token (lm-eval asks for /tokenizer_info's eos_token and bos_token ids so, and the
+        byte tokenizer would spell the name in bytes)."""
+        ids = [self._specials[text]] if text in self._specials else self.tokenizer.encode(text)
+        return [*self.tokenizer.document_start, *ids] if document_start else ids
+
     def token_text(self, token: int) -> str:
         """A token's text (a special token's name, which decoding drops)."""
         if token not in self._texts:
@@ -534,8 +543,7 @@ class Server:
     async def tokenize(self, request: Request) -> Response:
         fields = {"model": Field((str,)), "prompt": Field((str,), REQUIRED), "add_special_tokens": Field((bool,), True)}
         args = parse(await _body(request), fields)
-        ids = self.tokenizer.encode(args["prompt"])
-        ids = [*self.tokenizer.document_start, *ids] if args["add_special_tokens"] else ids
+        ids = self.token_ids(args["prompt"], args["add_special_tokens"])
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.engine.cfg.max_len})
 
     async def detokenize(self, request: Request) -> Response:

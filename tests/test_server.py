@@ -389,6 +389,18 @@ def test_chat_answers_end_at_a_templates_end_of_turn_token(tmp_path, served):
     assert choice.take(Event([5], [], "x", "length"), tokenizer) is None
 
 
+def test_tokenize_reads_a_special_tokens_name_as_the_token():
+    """What lm-eval's remote tokenizer asks for the end-of-text token's id: the id, also for the byte tokenizer (whose
+    text prompts spell the name in bytes)."""
+    from data.tokenizer import EOD, ByteTokenizer
+    from sampling.server import Server
+
+    server = Server(None, ByteTokenizer())
+    assert server.token_ids(EOD) == [256] and server.token_ids(f"a{EOD}") == list(f"a{EOD}".encode())
+    assert server.token_ids("ab", document_start=True) == [256, 97, 98]
+    assert server.token_text(256) == EOD and server.token_text(97) == "a"
+
+
 def test_sigterm_lets_the_requests_in_flight_finish_and_exits_0(served):
     port = free_port()
     flags = [f"--{k}={v}" for k, v in ENGINE.items()]
