@@ -225,8 +225,8 @@ def test_lm_eval_local_completions_scores_as_the_in_process_adapter(served):
 
 
 def test_64_concurrent_clients_each_get_what_they_get_alone(served):
-    """Prompts of 8 to 100 tokens, 1 to 24 new tokens, a quarter of them streamed: every answer is the one its
-    request gets alone (greedy), and afterwards every page is free."""
+    """Prompts of 8 to 100 tokens, 1 to 24 new tokens, a quarter of them streamed and a quarter echoed with logprobs:
+    every answer is the one its request gets alone (greedy), and afterwards every page is free."""
     from sampling.decode import prompt_ids
 
     lines = [f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n" for i in range(4) for j in range(6)]
@@ -235,22 +235,26 @@ def test_64_concurrent_clients_each_get_what_they_get_alone(served):
         prompt = "".join(lines[k : k + k % 7 + 1])[: 20 + 23 * k]
         room = 128 - len(prompt_ids(served.tokenizer, prompt))
         asks.append({"prompt": prompt, "max_tokens": min(1 + (7 * k) % 24, room), "temperature": 0})
+        if k % 4 == 1:  # (a row preempted while it prefills computes its prompt's logprobs again)
+            asks[-1] |= {"echo": True, "logprobs": 1}
     alone = [post(served.url, "/v1/completions", ask)[2]["choices"][0] for ask in asks]
     before = metrics(served.url)
 
-    def client(i: int) -> tuple[str, str]:
+    def client(i: int) -> dict:
         ask = asks[i % 16]
         if i % 4 == 3:
             chunks = sse(served.url, "/v1/completions", ask)
-            return "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]["finish_reason"]
+            text = "".join(c["choices"][0]["text"] for c in chunks)
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": chunks[-1]["choices"][0]["finish_reason"]}  # fmt: skip
         status, _, body = post(served.url, "/v1/completions", ask)
         assert status == 200, body
-        return body["choices"][0]["text"], body["choices"][0]["finish_reason"]
+        return body["choices"][0]
 
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         answers = list(pool.map(client, range(64)))
-    for i, (text, reason) in enumerate(answers):
-        assert (text, reason) == (alone[i % 16]["text"], alone[i % 16]["finish_reason"]), i
+    for i, answer in enumerate(answers):
+        assert answer == alone[i % 16], i
+    assert sum(a["logprobs"] is not None for a in answers) == 16
     after = wait_idle(served.url)
     assert after["jaxlm_requests_total"] - before["jaxlm_requests_total"] == 64
     assert after["jaxlm_free_pages"] == after["jaxlm_total_pages"] == ENGINE["num_pages"] - 1
