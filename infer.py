@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import sys
 
 from absl import app, flags, logging
@@ -220,6 +221,13 @@ def check_serve_flags() -> None:
     for ok, message in rules:
         if not ok:
             fail(message)
+    family = socket.AF_INET6 if ":" in _HOST.value else socket.AF_INET
+    try:  # (before the model loads: an address another server holds is refused at once)
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+            probe.bind((_HOST.value, _PORT.value))
+    except OSError as e:
+        fail(f"--host={_HOST.value} --port={_PORT.value}: cannot listen there ({e.strerror or e})")
 
 
 def serve(run, params, tokenizer, decode) -> None:

@@ -439,6 +439,12 @@ def test_sigterm_lets_the_requests_in_flight_finish_and_exits_0(served):
         metrics(url)  # (nobody listens any more)
 
 
+@pytest.fixture
+def taken_port():
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        yield held.getsockname()[1]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -449,9 +455,11 @@ def test_sigterm_lets_the_requests_in_flight_finish_and_exits_0(served):
         (["--serve", "--max_batch", "0"], "--max_batch=0: must be >= 1"),
         (["--serve", "--num_pages", "1"], "--num_pages=1: must be >= 2"),
         (["--prompt", "x", "--max_queue", "4"], "--max_queue: only with --serve"),
+        (["--serve", "--port", "TAKEN"], "--host=127.0.0.1 --port=TAKEN: cannot listen there (Address already in use)"),
     ],
 )
-def test_infer_serve_bad_flags_are_one_line_and_exit_code_2(args, message):
+def test_infer_serve_bad_flags_are_one_line_and_exit_code_2(args, message, taken_port):
+    args, message = [a.replace("TAKEN", str(taken_port)) for a in args], message.replace("TAKEN", str(taken_port))
     done = subprocess.run([sys.executable, "infer.py", "--workdir", str(REPO), *args], cwd=REPO, capture_output=True, text=True)  # fmt: skip
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
