@@ -172,7 +172,7 @@ class Choice:
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    started: bool = False  # a stream has sent its first piece (the echoed prompt, the assistant's role)
+    started: bool = False  # the echoed prompt has been sent (its first piece)
     offset: int = 0  # characters of the token texts listed so far (legacy logprobs' text_offset)
 
     def take(self, event: Event, tokenizer: Tokenizer) -> Event | None:
@@ -200,7 +200,7 @@ class Choice:
 
 
 class ClientGone(Exception):
-    pass
+    """The client disconnected before its answer was whole."""
 
 
 class Session:
