@@ -10,10 +10,12 @@
     python infer.py --workdir runs/tiny --prompt "def " --mesh data=2,tensor=4 --fake_devices 8   # decode on a mesh
     python infer.py --workdir runs/tiny --prompt "def " --quant int4 --quant_group 32   # quantized on load (RTN)
     python infer.py --workdir runs/tiny --score f.py --quant int4 --quant_method gptq --calib_batches 8
+    python infer.py --workdir runs/tiny --serve --port 8000 --max_batch 16   # an OpenAI-compatible server
 
 A single prompt streams its continuation as it is generated. Every prompt starts a document (it
 follows the end-of-document token, as documents do in training). Prefill and decode speeds go to
-stderr. Bad input prints one line and exits with code 2.
+stderr. `--serve` answers OpenAI's completions and chat API over the serving engine (sampling/server.py)
+until SIGTERM, which lets the requests in flight finish. Bad input prints one line and exits with code 2.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import sys
 
 from absl import app, flags, logging
@@ -96,6 +99,24 @@ _CACHE_DTYPE = flags.DEFINE_string(
     "cache_dtype", "", "The K/V cache's dtype: '' (the compute dtype), float32, bfloat16, or int8 (per token and head)."
 )
 _FAKE_DEVICES = flags.DEFINE_integer("fake_devices", None, "Decode on this many fake CPU devices (to try --mesh).")
+_SERVE = flags.DEFINE_boolean(
+    "serve", False, "Serve OpenAI's completions and chat API over the serving engine instead of sampling once."
+)
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "--serve: the address to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "--serve: the port to listen on.")
+# The serving engine's settings (sampling.engine.EngineConfig; unset: its defaults).
+_MAX_BATCH = flags.DEFINE_integer("max_batch", None, "--serve: rows decoded together.")
+_NUM_PAGES = flags.DEFINE_integer(
+    "num_pages", None, "--serve: K/V cache pages per pool, the null page included (0: enough for max_batch full rows)."
+)
+_PAGE_SIZE = flags.DEFINE_integer("page_size", None, "--serve: tokens per K/V cache page.")
+_MAX_QUEUE = flags.DEFINE_integer("max_queue", None, "--serve: requests that may wait; more are refused (HTTP 429).")
+_CHUNK = flags.DEFINE_integer("chunk", None, "--serve: prompt tokens a row prefills per step.")
+_PREFILL_ROWS = flags.DEFINE_integer("prefill_rows", None, "--serve: rows prefilled per step.")
+ENGINE_FLAGS = (_MAX_BATCH, _NUM_PAGES, _PAGE_SIZE, _MAX_QUEUE, _CHUNK, _PREFILL_ROWS)
+# What each request brings when serving (its prompt and sampling rules), or what the server does not do.
+NOT_SERVED = (_PROMPT, _PROMPT_FILE, _SCORE, _MAX_NEW, _NUM_SAMPLES, _SEED, _TEMPERATURE, _TOP_K, _TOP_P, _MIN_P)
+NOT_SERVED += (_BEAM_SIZE, _STOP, _EOS, _KV_CACHE, _BATCH_SIZE, _SPECULATIVE, _DRAFT_TOKENS, _DRAFT_WORKDIR, _MESH)
 
 
 def check_flags() -> None:
@@ -149,13 +170,14 @@ def check_flags() -> None:
             f"--speculative={_SPECULATIVE.value}: decodes with the cache and samples (no --beam_size, --kv_cache=false)",
         ),
         (
-            sum(x is not None for x in (_PROMPT.value, _PROMPT_FILE.value, _SCORE.value)) == 1,
-            "give exactly one of --prompt, --prompt_file or --score",
+            _SERVE.value or sum(x is not None for x in (_PROMPT.value, _PROMPT_FILE.value, _SCORE.value)) == 1,
+            "give exactly one of --prompt, --prompt_file, --score or --serve",
         ),
     ]
     for ok, message in rules:
         if not ok:
             fail(message)
+    check_serve_flags()
     quant_options = _QUANT_GROUP.value is not None or _CALIB_BATCHES.value or _CALIB_FILE.value or _QUANT_SKIP.value
     quant_options = quant_options or _GPTQ_ACT_ORDER.value
     if _QUANT.value is None and (quant_options or _QUANT_METHOD.value != "rtn"):
@@ -170,6 +192,58 @@ def check_flags() -> None:
     ):
         if value and not pathlib.Path(value).expanduser().is_dir():
             fail(f"{name}={value!r}: no such directory")
+
+
+def check_serve_flags() -> None:
+    """--serve's flags, and the sampling flags it replaces (each request brings its own)."""
+    if not _SERVE.value:
+        given = [f"--{f.name}" for f in (_HOST, _PORT, *ENGINE_FLAGS) if f.present]
+        if given:
+            fail(f"{', '.join(given)}: only with --serve")
+        return
+    if given := [f"--{f.name}" for f in NOT_SERVED if f.present]:
+        if _MESH.present:
+            fail(f"--mesh={_MESH.value!r}: --serve runs on one device for now (drop --mesh)")
+        fail(f"{', '.join(given)}: not with --serve (each request brings its prompt and sampling rules)")
+    rules = [
+        (bool(_HOST.value), "--host='': give an address to listen on (127.0.0.1: this machine only)"),
+        (1 <= _PORT.value <= 65535, f"--port={_PORT.value}: must be in [1, 65535]"),
+        (
+            _NUM_PAGES.value in (None, 0) or _NUM_PAGES.value >= 2,
+            f"--num_pages={_NUM_PAGES.value}: must be >= 2 (0: enough)",
+        ),
+    ]
+    rules += [
+        (f.value is None or f.value >= 1, f"--{f.name}={f.value}: must be >= 1")
+        for f in ENGINE_FLAGS
+        if f is not _NUM_PAGES
+    ]
+    for ok, message in rules:
+        if not ok:
+            fail(message)
+    family = socket.AF_INET6 if ":" in _HOST.value else socket.AF_INET
+    try:  # (before the model loads: an address another server holds is refused at once)
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+            probe.bind((_HOST.value, _PORT.value))
+    except OSError as e:
+        fail(f"--host={_HOST.value} --port={_PORT.value}: cannot listen there ({e.strerror or e})")
+
+
+def serve(run, params, tokenizer, decode) -> None:
+    """Serves the loaded model until SIGTERM (sampling/server.py)."""
+    from model import Transformer
+    from sampling.chat import ChatTemplate, read_template
+    from sampling.engine import Engine, EngineConfig
+    from sampling.server import Server, serve
+
+    given = {f.name: f.value for f in ENGINE_FLAGS if f.value is not None}
+    config = EngineConfig(**given, max_len=_MAX_LEN.value)
+    engine = Engine(Transformer(run.model), params, tokenizer, config, decode)
+    chat = read_template(_HF_DIR.value, tokenizer) if _HF_DIR.value else ChatTemplate()
+    name = pathlib.Path(_HF_DIR.value or _WORKDIR.value).expanduser().resolve().name
+    print(f"serving {name} on http://{_HOST.value}:{_PORT.value}/v1 ({engine.cfg})", file=sys.stderr)
+    serve(Server(engine, tokenizer, name, chat), _HOST.value, _PORT.value)
 
 
 def quant_request():
@@ -188,6 +262,8 @@ def quant_request():
 
 def read_inputs() -> tuple[list[str], str | None]:
     """(prompts, text to score), read before the checkpoint is: a file that is not UTF-8 text is refused at once."""
+    if _SERVE.value:
+        return [], None
     if _SCORE.value is not None:
         text = read_text(_SCORE.value, "--score")
         if not text:
@@ -297,9 +373,12 @@ def main(argv: list[str]) -> None:
             decode_layout(run.model, _MESH.value)  # a mesh that does not fit fails here, before anything compiles
         except MeshError as e:
             fail(str(e))
-    if text is None:
+    if text is None and not _SERVE.value:
         check_cache(run, tokenizer, prompts)
     print(loaded, file=sys.stderr)
+    if _SERVE.value:
+        serve(run, params, tokenizer, decode)
+        return
 
     if text is not None:
         print(json.dumps(score_file(run, params, tokenizer, text)))
