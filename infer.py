@@ -116,7 +116,7 @@ _PREFILL_ROWS = flags.DEFINE_integer("prefill_rows", None, "--serve: rows prefil
 ENGINE_FLAGS = (_MAX_BATCH, _NUM_PAGES, _PAGE_SIZE, _MAX_QUEUE, _CHUNK, _PREFILL_ROWS)
 # What each request brings when serving (its prompt and sampling rules), or what the server does not do.
 NOT_SERVED = (_PROMPT, _PROMPT_FILE, _SCORE, _MAX_NEW, _NUM_SAMPLES, _SEED, _TEMPERATURE, _TOP_K, _TOP_P, _MIN_P)
-NOT_SERVED += (_BEAM_SIZE, _STOP, _EOS, _KV_CACHE, _BATCH_SIZE, _SPECULATIVE, _DRAFT_TOKENS, _DRAFT_WORKDIR, _MESH)
+NOT_SERVED += (_BEAM_SIZE, _STOP, _EOS, _KV_CACHE, _BATCH_SIZE, _SPECULATIVE, _DRAFT_TOKENS, _DRAFT_WORKDIR)
 
 
 def check_flags() -> None:
@@ -202,8 +202,6 @@ def check_serve_flags() -> None:
             fail(f"{', '.join(given)}: only with --serve")
         return
     if given := [f"--{f.name}" for f in NOT_SERVED if f.present]:
-        if _MESH.present:
-            fail(f"--mesh={_MESH.value!r}: --serve runs on one device for now (drop --mesh)")
         fail(f"{', '.join(given)}: not with --serve (each request brings its prompt and sampling rules)")
     rules = [
         (bool(_HOST.value), "--host='': give an address to listen on (127.0.0.1: this machine only)"),
@@ -233,13 +231,18 @@ def check_serve_flags() -> None:
 def serve(run, params, tokenizer, decode) -> None:
     """Serves the loaded model until SIGTERM (sampling/server.py)."""
     from model import Transformer
+    from parallel.decoding import decode_layout
     from sampling.chat import ChatTemplate, read_template
     from sampling.engine import Engine, EngineConfig
     from sampling.server import Server, serve
 
     given = {f.name: f.value for f in ENGINE_FLAGS if f.value is not None}
     config = EngineConfig(**given, max_len=_MAX_LEN.value)
-    engine = Engine(Transformer(run.model), params, tokenizer, config, decode)
+    layout = decode_layout(run.model, _MESH.value) if _MESH.value else None  # (checked when loaded)
+    try:
+        engine = Engine(Transformer(run.model), params, tokenizer, config, decode, layout)
+    except ValueError as e:  # e.g. rows the mesh does not divide
+        fail(f"--serve: {e}")
     chat = read_template(_HF_DIR.value, tokenizer) if _HF_DIR.value else ChatTemplate()
     name = pathlib.Path(_HF_DIR.value or _WORKDIR.value).expanduser().resolve().name
     print(f"serving {name} on http://{_HOST.value}:{_PORT.value}/v1 ({engine.cfg})", file=sys.stderr)

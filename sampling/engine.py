@@ -523,8 +523,11 @@ class Engine:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        """Frees `seq`'s pages and puts it first in the queue: it recomputes its tokens when it is admitted again."""
+        """Frees `seq`'s pages and puts it first in the queue: it recomputes its tokens when it is admitted again
+        (and its prompt's logprobs, if they were not all handed out)."""
         self._release(seq)
+        if not seq.prompt_done:
+            seq.handle.prompt_logprobs.clear()
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.stats.preemptions += 1

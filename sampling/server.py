@@ -195,7 +195,7 @@ class Choice:
     def prompt_logprobs(self) -> list[tuple[int, TokenLogprob | None]]:
         """(token, its logprob) of every prompt token (None for the first); the engine has them once the choice's
         first event has come."""
-        computed = self.handle.prompt_logprobs[-len(self.prompt) :]  # (a preempted prefill may have begun them twice)
+        computed = self.handle.prompt_logprobs
         return list(zip(self.prompt, computed))
 
 

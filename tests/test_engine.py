@@ -136,17 +136,30 @@ def test_prefix_sharing_gives_the_same_tokens_with_fewer_pages(trained):
 
 def test_preemption_under_a_tiny_pool_completes_every_request(trained):
     run, params, tok = trained
-    requests = [(p, dataclasses.replace(s, temperature=0.0)) for p, s in crowd(tok)]
+    requests = [(p, dataclasses.replace(s, temperature=0.0, prompt_logprobs=True)) for p, s in crowd(tok)]
     roomy = EngineConfig(max_batch=4, page_size=8, chunk=16, prefill_rows=2)
-    want = run_all(Engine(Transformer(run.model), params, tok, roomy), requests)
+    engine = Engine(Transformer(run.model), params, tok, roomy)
+    alone = [engine.submit(p, s) for p, s in requests]
+    engine.run_until_done()
     # room for about two rows: the others are preempted, freed and recomputed, the oldest always runs
     tiny = Engine(Transformer(run.model), params, tok, dataclasses.replace(roomy, num_pages=12))
     handles = [tiny.submit(p, s) for p, s in requests]
     tiny.run_until_done()
     assert tiny.stats.preemptions > 0
     assert all(h.finish_reason in ("length", "stop") for h in handles)
-    assert [h.tokens for h in handles] == want
+    assert [h.tokens for h in handles] == [h.tokens for h in alone]
+    for h, want in zip(handles, alone):  # a prompt's logprobs, begun and then recomputed, are handed out once
+        assert len(h.prompt_logprobs) == len(h.prompt)
+        np.testing.assert_allclose(
+            [lp.logprob for lp in h.prompt_logprobs[1:]], [lp.logprob for lp in want.prompt_logprobs[1:]], atol=1e-5
+        )
     assert tiny.pools[0].held() == 0
+    prompt = (requests[3][0] + requests[5][0])[:60]  # four chunks
+    h = tiny.submit(prompt, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=True))
+    tiny.step()  # its first chunk
+    tiny._preempt(tiny.running[0])
+    tiny.run_until_done()
+    assert len(h.prompt_logprobs) == len(prompt) and h.prompt_logprobs[0] is None
 
 
 def test_each_row_samples_by_its_own_rules_as_pick_does():

@@ -450,7 +450,6 @@ def taken_port():
     [
         (["--serve", "--prompt", "x"], "--prompt: not with --serve"),
         (["--serve", "--temperature", "0", "--num_samples", "2"], "--num_samples, --temperature: not with --serve"),
-        (["--serve", "--mesh", "data=2"], "--mesh='data=2': --serve runs on one device"),
         (["--serve", "--port", "70000"], "--port=70000: must be in [1, 65535]"),
         (["--serve", "--max_batch", "0"], "--max_batch=0: must be >= 1"),
         (["--serve", "--num_pages", "1"], "--num_pages=1: must be >= 2"),
