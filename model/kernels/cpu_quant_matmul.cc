@@ -13,7 +13,7 @@
 // Columns are contiguous in the codes, so a register tile takes NV vectors of W adjacent columns and walks down K
 // one code row at a time (one cache line of int8 codes per row for NV * W = 64); each group's partial sums are
 // scaled into y (held in L1) at the group's end. One thread: on the 2-core machine of BENCHMARKS.md, spreading the
-// column blocks over XLA's thread pool was no faster at the decoding shapes of configs/bench_10m.py (mostly slower).
+// column blocks over XLA's thread pool was slower in most decoding shapes of configs/bench_10m.py (BENCHMARKS.md).
 // Built by model/kernels/cpu_quant_matmul.py with -march=native.
 
 #include <algorithm>
