@@ -1,6 +1,7 @@
 """Quantized decoding on CPU: weight bytes per parameter and decode tokens/s at batch 1 and 16, float32 against
-int8 (per channel) and int4 (groups of 32), and int8 read the simple way (each weight dequantized whole per
-step) to show what the tiled matmul (model/weights.py `tiled_matmul`) buys.
+int8 (per channel) and int4 (groups of 32) multiplied by the C++ kernel (model/kernels/cpu_quant_matmul), the same
+forced through the tiled matmul (model/weights.py `tiled_matmul`, the path without the kernel), and int8 read the
+simple way (each weight dequantized whole per step).
 
     python -m benchmarks.quant_decode --config configs/bench_10m.py --vocab 8192
 
@@ -22,14 +23,18 @@ import jax.numpy as jnp
 from benchmarks.decode import decode_rate
 from benchmarks.throughput import load_config
 from model import Transformer, weights
+from model.kernels import cpu_quant_matmul
 from model.quant import params as qp
 from model.quant.schemes import Spec
 
-VARIANTS = {
-    "float32": None,
-    "int8": Spec("int8", 0, skip=("router",)),
-    "int8 (dequantized whole)": Spec("int8", 0, skip=("router",)),
-    "int4 g32": Spec("int4", 32, skip=("router",)),
+INT8, INT4 = Spec("int8", 0, skip=("router",)), Spec("int4", 32, skip=("router",))
+VARIANTS = {  # name: (spec, how quantized weights are multiplied: "kernel" where it runs, "tiled", "whole")
+    "float32": (None, "kernel"),
+    "int8": (INT8, "kernel"),
+    "int8 (tiled)": (INT8, "tiled"),
+    "int8 (dequantized whole)": (INT8, "whole"),
+    "int4 g32": (INT4, "kernel"),
+    "int4 g32 (tiled)": (INT4, "tiled"),
 }
 
 
@@ -63,25 +68,29 @@ def main() -> None:
     float_params = nn.unbox(init())
     trees = {
         name: float_params if spec is None else qp.quantize_params(cfg, float_params, spec)
-        for name, spec in VARIANTS.items()
+        for name, (spec, _) in VARIANTS.items()
     }
-    fuses = weights.Quantized.fuses
+    print(f"kernel: {cpu_quant_matmul.unavailable_reason() or 'available'}")
+    fuses, reason = weights.Quantized.fuses, cpu_quant_matmul.unavailable_reason
     max_len = args.prompt_len + args.new_tokens
     rates = {(name, b): [] for name in VARIANTS for b in map(int, args.batches.split(","))}
     for _ in range(args.repeats):
         for (name, batch), out in rates.items():
-            whole = "whole" in name
-            if whole:  # the two int8 variants trace differently from the same tree: no cached program is shared
+            path = VARIANTS[name][1]
+            if path != "kernel":  # variants of one tree trace differently: no cached program may be shared
                 jax.clear_caches()
-                weights.Quantized.fuses = lambda *a: False
+                if path == "whole":
+                    weights.Quantized.fuses = lambda *a: False
+                else:
+                    cpu_quant_matmul.unavailable_reason = lambda: "forced off"
             try:  # decode_rate's first run (compiling if need be) is not timed
                 rate, _ = decode_rate(model, trees[name], batch, args.prompt_len, args.new_tokens, max_len, True, 1)
             finally:
-                weights.Quantized.fuses = fuses
-                if whole:
+                weights.Quantized.fuses, cpu_quant_matmul.unavailable_reason = fuses, reason
+                if path != "kernel":
                     jax.clear_caches()
             out.append(rate)
-    result = {"config": args.config, "jax_version": jax.__version__, "variants": {}}
+    result = {"config": args.config, "jax_version": jax.__version__, "kernel": reason() is None, "variants": {}}
     print(f"{'weights':26s} {'bytes/param':>11s} " + " ".join(f"{'batch ' + b:>10s}" for b in args.batches.split(",")))
     for name in VARIANTS:
         per_param = matmul_bytes_per_param(cfg, float_params, trees[name])

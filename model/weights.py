@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model.kernels import cpu_quant_matmul
 from model.quant import schemes
 
 
@@ -108,12 +109,12 @@ class Quantized:
         return name not in stored and not layout.batch
 
     def matmul(self, stored, name, x_MK, shape, layout) -> jax.Array | None:
-        """x_MK @ the weight's matrix [K, N] dequantized one tile of input channels at a time (`tiled_matmul`),
-        or None where it does not fuse."""
+        """x_MK @ the weight's matrix [K, N] computed from its codes (`codes_matmul`), or None where it does not
+        fuse."""
         if not self.fuses(stored, name, layout):
             return None
         arrays = {k: nn.unbox(stored[n]) for k, n in self.names(name).items()}
-        return tiled_matmul(x_MK, arrays, self.scheme)
+        return codes_matmul(x_MK, arrays, self.scheme)
 
     def take(self, stored, name, ids, dtype, shape, layout) -> jax.Array | None:
         """Rows `ids` of a [rows, columns] weight whose columns are its input channels (an embedding table), only
@@ -129,6 +130,14 @@ class Quantized:
         else:
             rows_KN = schemes.dequantize(columns, self.scheme)
         return rows_KN.T.reshape(*ids.shape, shape[1]).astype(dtype)
+
+
+def codes_matmul(x_MK: jax.Array, stored: dict, scheme: str) -> jax.Array:
+    """float32 x_MK @ W_KN of a quantized [K, N] matrix without its float weight: the C++ CPU kernel
+    (model/kernels/cpu_quant_matmul) for the few rows of decoding where it runs, else `tiled_matmul`."""
+    if cpu_quant_matmul.blocker(x_MK.shape[0], stored, scheme) is None:
+        return cpu_quant_matmul.quant_matmul(x_MK, stored, scheme)
+    return tiled_matmul(x_MK, stored, scheme)
 
 
 TILE = 256  # input channels dequantized at once by tiled_matmul (at most; a divisor of K that groups fit)

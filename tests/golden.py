@@ -60,12 +60,12 @@ def _compiler() -> str:
     """The first line of `c++ --version` for the compiler that builds the CPU attention kernel."""
     import subprocess
 
-    from model.kernels import cpu_attention
+    from model.kernels import cpu_build
 
     try:
-        done = subprocess.run([cpu_attention._compiler(), "--version"], capture_output=True, text=True)
+        done = subprocess.run([cpu_build.compiler(), "--version"], capture_output=True, text=True)
         return done.stdout.splitlines()[0] if done.stdout else ""
-    except (cpu_attention.KernelUnavailable, OSError):
+    except (cpu_build.KernelUnavailable, OSError):
         return "none"
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from model import Transformer, init_variables
 from model.cache import init_cache
+from model.kernels import cpu_quant_matmul
 from model.quant import params as qp
 from model.quant import schemes
 from model.quant.schemes import QuantError, Spec
@@ -159,7 +160,8 @@ GQA_MOE32 = dataclasses.replace(GQA_MOE, moe=dataclasses.replace(GQA_MOE.moe, d_
 def test_the_model_reads_quantized_params_as_their_dequantized_float_params(cfg, scheme, group):
     """Every matmul weight kind (GQA and MLA projections, MoE experts, shared expert, embedding, untied head, MTP
     heads) is quantized but the router (the default skip), and the forward with the quantized tree equals the
-    forward with its dequantized float tree; decoding too, MLA's absorbed path included."""
+    forward with its dequantized float tree; decoding too, MLA's absorbed path included. Its 16 rows go through the
+    C++ kernel where it reads the scheme (int4), else through the tiled matmul (nf4)."""
     variables = variables_of(cfg)
     spec = Spec(scheme, group)
     q = qp.quantize_params(cfg, variables, spec)
@@ -175,6 +177,8 @@ def test_the_model_reads_quantized_params_as_their_dequantized_float_params(cfg,
     tokens = jnp.asarray(RNG.integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
     forward = jax.jit(Transformer(cfg).apply)
     got, want = forward(q, tokens), forward(dq, tokens)
+    kernel = cpu_quant_matmul.TARGETS.get(scheme, "no kernel")
+    assert (kernel in forward.lower(q, tokens).as_text()) == (scheme == "int4" and cpu_quant_matmul.available())
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert not np.allclose(np.asarray(want), np.asarray(forward(variables, tokens)), atol=1e-4)
     decoding = Transformer(cfg, Runtime.decoding(DecodeConfig()))

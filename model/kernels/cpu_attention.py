@@ -5,84 +5,33 @@ XLA:CPU runs attention's batched small matmuls one at a time at about a third of
 softmax in cache. The forward saves only the output and each row's log-sum-exp, the backward recomputes
 the probabilities (FlashAttention's scheme).
 
-The source is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) for this CPU
-(`-march=native`) and cached under `$XDG_CACHE_HOME/jax-lm/kernels`, keyed by the source, jaxlib's FFI
-headers and the CPU. Where no compiler is found, `available()` is False and the model uses XLA's attention.
+The source is compiled on first use for this CPU and cached (model/kernels/cpu_build.py). Where no compiler is
+found, `available()` is False and the model uses XLA's attention.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
 import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from model.kernels import cpu_build
+from model.kernels.cpu_build import KernelUnavailable
+
 SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
 FORWARD, BACKWARD = "jax_lm_cpu_attention_fwd", "jax_lm_cpu_attention_bwd"
 REMAT_NAME = "cpu_attention"  # the forward's outputs, which remat policies should save (not rerun the kernel)
 
 
-class KernelUnavailable(RuntimeError):
-    """The kernel could not be built or loaded here (no compiler, not x86/ARM Linux or macOS, ...)."""
-
-
-def _cpu_fingerprint() -> str:
-    try:
-        info = pathlib.Path("/proc/cpuinfo").read_text()
-        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
-        return "\n".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def cache_dir() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "jax-lm" / "kernels"
-
-
-def _compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if not cxx:
-        raise KernelUnavailable("no C++ compiler found (set $CXX or install g++/clang++)")
-    return cxx
-
-
-@functools.cache
 def _library() -> ctypes.CDLL:
-    """Builds (once per source/CPU/compiler) and loads the kernel's shared library."""
-    cxx = _compiler()
-    include = jax.ffi.include_dir()
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), cxx, " ".join(flags), jax.__version__, _cpu_fingerprint()]).encode()
-    ).hexdigest()[:16]
-    path = cache_dir() / f"cpu_attention-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            built = pathlib.Path(tmp) / path.name
-            proc = subprocess.run(
-                [cxx, *flags, "-I", include, str(SOURCE), "-o", str(built)], capture_output=True, text=True
-            )
-            if proc.returncode != 0:
-                first = (proc.stderr.strip().splitlines() or ["(no output)"])[0]
-                raise KernelUnavailable(f"compiling {SOURCE.name} with {cxx} failed: {first}")
-            os.replace(built, path)  # atomic: concurrent builders each install a complete file
-    lib = ctypes.CDLL(str(path))
-    jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(lib.JaxLmCpuAttentionForward), platform="cpu")
-    jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(lib.JaxLmCpuAttentionBackward), platform="cpu")
-    return lib
+    """The kernel's shared library, built and its FFI targets registered on first use."""
+    return cpu_build.library(SOURCE, ((FORWARD, "JaxLmCpuAttentionForward"), (BACKWARD, "JaxLmCpuAttentionBackward")))
 
 
 @functools.cache
