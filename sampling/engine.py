@@ -401,6 +401,10 @@ class Engine:
             self._cancelled.add(handle.id)
             self._lock.notify_all()
 
+    def serving(self) -> bool:
+        """The engine thread is running and takes requests."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def idle(self) -> bool:
         return not self.waiting and not self.running
 

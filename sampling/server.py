@@ -508,6 +508,8 @@ class Server:
         return JSONResponse({"object": "list", "data": [{**model, "max_model_len": self.engine.cfg.max_len}]})
 
     async def health(self, request: Request) -> Response:
+        if not self.engine.serving():
+            return JSONResponse({"status": "stopped"}, 503)
         return JSONResponse({"status": "ok"})
 
     async def metrics(self, request: Request) -> Response:

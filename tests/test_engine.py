@@ -205,7 +205,9 @@ def test_the_engine_thread_streams_cancels_recovers_and_drains():
     cfg, decode = KINDS["gqa"]
     tok = ByteTokenizer()
     engine = Engine(Transformer(cfg), random_params(cfg), tok, SMALL, decode)
+    assert not engine.serving()
     engine.start()
+    assert engine.serving()
     greedy = SamplingParams(max_tokens=8, temperature=0, stop_at_eos=False)
     long = engine.submit(prompt_ids(tok, TEXTS[2]), dataclasses.replace(greedy, max_tokens=40))
     events = []
@@ -227,6 +229,6 @@ def test_the_engine_thread_streams_cancels_recovers_and_drains():
     engine.stop(drain=True, timeout=120)  # waits for the requests already submitted
     assert all(h.done.is_set() and h.finish_reason == "length" for h in after)
     assert [h.tokens for h in after[1:2]] == [streamed.tokens]
-    assert engine.pools[0].held() == 0 and not engine._thread.is_alive()
+    assert engine.pools[0].held() == 0 and not engine.serving()
     with pytest.raises(QueueFull, match="shutting down"):
         engine.submit([1], greedy)

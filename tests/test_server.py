@@ -105,12 +105,18 @@ def sse(url: str, path: str, body: dict) -> list[dict]:
     return [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
 
 
-def metrics(url: str) -> dict[str, float]:
+def get(url: str, path: str) -> tuple[int, str]:
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
+    conn.request("GET", path)
+    response = conn.getresponse()
+    status, text = response.status, response.read().decode()
     conn.close()
+    return status, text
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = get(url, "/metrics")[1]
     return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
 
 
@@ -320,6 +326,9 @@ def test_bad_requests_are_400s_with_an_error_body_and_the_server_carries_on(serv
     good = post(served.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
     assert good[0] == 200 and good[2]["choices"][0]["finish_reason"] == "length"
     assert wait_idle(served.url)["jaxlm_free_pages"] == ENGINE["num_pages"] - 1
+    assert get(served.url, "/health") == (200, '{"status":"ok"}')
+    models = json.loads(get(served.url, "/v1/models")[1])
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["eval_run"]
 
 
 def test_a_full_queue_is_a_429_and_clients_that_leave_are_cancelled(served):
