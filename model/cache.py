@@ -3,7 +3,7 @@ act on a whole model's caches without knowing their fields.
 
 An attention kind says what it caches per token (GQA: keys and values; MLA: its latent and rope key) as named
 arrays, each with one slot axis; a layout says where each row's tokens go. A layout is a flax.struct dataclass
-made by `create(batch, size, fields, rolling)` that provides
+made by `create(batch, max_len, fields, window, decode)` that provides
 - `write(new, pos_BT) -> (cache, view)`: writes each row's T new tokens (`new`: name -> [B, T, ...]) at that row's
   next slots and returns the arrays this call's queries read, with the position of every slot they see
   (`CacheView`; -1: empty, which no query reads);
@@ -13,8 +13,10 @@ The attention kind turns a view into the keys and values an attention implementa
 `Implementation.decode` takes: a paged layout hands over its pages and each row's page table there, and
 implementations that cannot read pages call `KVView.dense()`.
 
-`Rows` (the one layout so far) keeps `size` slots per row. A rolling cache (sliding-window layers) writes slot
-(written % size), so it keeps the last `size` tokens: `size` is the window plus how far a row may be rewound.
+`Rows` keeps `size` slots per row. A rolling cache (sliding-window layers) writes slot (written % size), so it
+keeps the last `size` tokens: `size` is the window plus how far a row may be rewound. `Pages` (the serving engine's)
+keeps fixed-size pages of one pool per layer, each row a table of its pages, so rows of any length share the pool
+and rows with a common prefix share its pages; the engine sets the tables before every call (`bind`).
 
 A field of dtype int8 (`DecodeConfig.cache_dtype='int8'`) is stored quantized: each token's vector (per head for
 keys and values: the last axis) as int8 codes round(x / s) with s = absmax / 127, its float32 scale in a companion
@@ -287,11 +289,6 @@ def bind(cache: dict, tables: dict[int, jax.Array], written_B: jax.Array) -> dic
         return c.replace(table_BM=tables[c.window], written_B=written_B) if isinstance(c, Pages) else c
 
     return jax.tree.map(one, cache, is_leaf=_is_cache)
-
-
-def pools(cache: dict) -> dict:
-    """name -> pool of every paged layer (what the engine keeps between calls)."""
-    return jax.tree.map(lambda c: c.arrays if isinstance(c, Pages) else c, cache, is_leaf=_is_cache)
 
 
 SCALE = "_scale"  # suffix of an int8 field's scales
