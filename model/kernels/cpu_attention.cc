@@ -22,6 +22,8 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_vector.h"
+
 #ifndef CPU_ATTENTION_NO_FFI
 #include "xla/ffi/api/ffi.h"
 namespace ffi = xla::ffi;
@@ -29,35 +31,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-#if defined(__AVX512F__)
-#define VEC_WIDTH 16
-constexpr int kRegs = 32;
-#elif defined(__AVX__)
-#define VEC_WIDTH 8
-constexpr int kRegs = 16;
-#else
-#define VEC_WIDTH 4
-constexpr int kRegs = 16;
-#endif
-constexpr int W = VEC_WIDTH;
-typedef float vf __attribute__((vector_size(VEC_WIDTH * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(VEC_WIDTH * sizeof(int32_t))));
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) {  // one broadcast (vf{} + x would add 0.0f first)
-#if VEC_WIDTH == 16
-  return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-#elif VEC_WIDTH == 8
-  return vf{x, x, x, x, x, x, x, x};
-#else
-  return vf{x, x, x, x};
-#endif
-}
+using namespace jaxlm_simd;
 
 // exp(x) for x <= 0 (Cephes' expf: 2^n * p(r), |r| <= ln2/2); exact 0 below -87.
 inline vf vexp(vf x) {

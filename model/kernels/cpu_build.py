@@ -1,8 +1,8 @@
 """Building and loading the C++ CPU kernels (cpu_attention.cc, cpu_quant_matmul.cc) that XLA calls through its FFI.
 
 A kernel's source is compiled on first use with the machine's C++ compiler (`$CXX`, else `c++`) for this CPU
-(`-march=native`) and cached under `$XDG_CACHE_HOME/jax-lm/kernels`, keyed by the source, the compiler, jaxlib's FFI
-headers and the CPU; the shared library is then loaded and its handlers registered as XLA FFI targets. Where no
+(`-march=native`) and cached under `$XDG_CACHE_HOME/jax-lm/kernels`, keyed by the source (and the headers beside
+it, e.g. cpu_vector.h), the compiler, jaxlib's FFI headers and the CPU; the shared library is then loaded and its handlers registered as XLA FFI targets. Where no
 compiler is found or the build fails, `KernelUnavailable` says why, and each kernel's `available()` is False.
 """
 
@@ -54,8 +54,9 @@ def library(source: pathlib.Path, targets: tuple[tuple[str, str], ...]) -> ctype
     handler symbol) of `targets` for XLA:CPU."""
     cxx = compiler()
     include = jax.ffi.include_dir()
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # what the sources include
     key = hashlib.sha256(
-        "\0".join([source.read_text(), cxx, " ".join(FLAGS), jax.__version__, _cpu_fingerprint()]).encode()
+        "\0".join([source.read_text(), *headers, cxx, " ".join(FLAGS), jax.__version__, _cpu_fingerprint()]).encode()
     ).hexdigest()[:16]
     path = cache_dir() / f"{source.stem}-{key}.so"
     if not path.exists():
@@ -63,7 +64,9 @@ def library(source: pathlib.Path, targets: tuple[tuple[str, str], ...]) -> ctype
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             built = pathlib.Path(tmp) / path.name
             proc = subprocess.run(
-                [cxx, *FLAGS, "-I", include, str(source), "-o", str(built)], capture_output=True, text=True
+                [cxx, *FLAGS, "-I", include, "-I", str(source.parent), str(source), "-o", str(built)],
+                capture_output=True,
+                text=True,
             )
             if proc.returncode != 0:
                 first = (proc.stderr.strip().splitlines() or ["(no output)"])[0]

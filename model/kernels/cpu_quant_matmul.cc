@@ -21,6 +21,8 @@
 #include <cstring>
 #include <string>
 
+#include "cpu_vector.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -32,35 +34,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-#if defined(__AVX512F__)
-#define VEC_WIDTH 16
-constexpr int kRegs = 32;
-#elif defined(__AVX__)
-#define VEC_WIDTH 8
-constexpr int kRegs = 16;
-#else
-#define VEC_WIDTH 4
-constexpr int kRegs = 16;
-#endif
-constexpr int W = VEC_WIDTH;
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) {  // one broadcast (vf{} + x would add 0.0f first)
-#if VEC_WIDTH == 16
-  return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
-#elif VEC_WIDTH == 8
-  return vf{x, x, x, x, x, x, x, x};
-#else
-  return vf{x, x, x, x};
-#endif
-}
+using namespace jaxlm_simd;
 
 // W int8 codes widened to int32: one sign-extending load (vpmovsxbd) where the CPU has it; GCC turns
 // __builtin_convertvector of a byte vector into scalar code.
