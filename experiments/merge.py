@@ -28,17 +28,20 @@ DARE's masks are reproducible: model i's mask of a tensor comes from NumPy's gen
 crc32 of the tensor's path, e.g. 'params/layers.mlp.up.kernel'), so one recipe always gives the same weights.
 
 Memory: one leaf (parameter array) at a time, read on its own from each checkpoint (orbax partial restore), and
-never more than two checkpoints' arrays of that leaf at once:
-- linear, dare_linear: one model's array and the float32 running sum (dare_linear: plus the base's array and the
-  drop mask);
-- slerp: the two models' arrays;
-- ties, dare_ties: the base's array and one model's at a time, in two passes over the models (the first sums the
-  weighted trimmed task vectors to elect the signs, the second recomputes each trimmed vector, deterministic, and
-  adds its agreeing entries), so each model's array is read twice; besides them three float32 arrays of the
-  leaf's size (elected signs, weighted sum, weight sum) and one of its size for the trim's threshold.
+never more than two checkpoints' arrays of that leaf at once. Counted in float32 arrays of the leaf's size, besides
+short-lived temporaries of that size (an np.abs, a product before it is added):
+- linear: 2 (one model's array, the running sum);
+- slerp: 2 (the two models' arrays);
+- dare_linear: 4 (the base's array, one model's, the running sum, the drop mask's uniform draws);
+- ties, dare_ties: 5 (the base's array and one model's, the elected signs, the weighted sum, the weight sum), plus
+  2 while trimming (the magnitudes and their partition) or 1 while dropping. They make two passes over the models:
+  the first sums the weighted sparsified task vectors to elect the signs, the second recomputes each (trim and
+  drop are deterministic) and adds its agreeing entries; so each model's array is read twice rather than all k
+  task vectors held at once.
 Each merged leaf goes to a file-backed .npy in OUT's staging directory as soon as it is done, and orbax writes the
 checkpoint from those files at the end (its copy of host arrays turned off), so the merged model is not held in
-the process's memory either. Bad input prints one line and exits with code 2 before anything is written; OUT is
+the process's heap either (the OS may keep those files' pages cached).
+Bad input prints one line and exits with code 2 before anything is written; OUT is
 replaced only once the new one is complete.
 """
 
