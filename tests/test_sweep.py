@@ -103,7 +103,9 @@ def test_plan_rejects_a_budget_too_small_to_spend_within_2_percent(tmp_path):
 
 
 @pytest.mark.slow(110)
-def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path):
+def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path, capsys, monkeypatch):
+    """`run` in processes, as a sweep runs (each run its own process, two at a time, then submitit's executor);
+    `plan`, `collect` and `report` in-process: their exit codes and one-line errors are test_plan_rejects_...'s."""
     grid = {"model.position": ["rope", "none"]}
     file = write_sweep(
         tmp_path / "ablate.py",
@@ -115,14 +117,15 @@ def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path):
         },
     )
     out = tmp_path / "ablate"
-    planned = cli("plan", file, "--out", str(out))
-    assert planned.returncode == 0, planned.stderr
+    monkeypatch.chdir(REPO)  # the sweep's config path is relative to the repo, as `cli` runs it
+    assert sweep_lib.main(["plan", file, "--out", str(out)]) == 0
+    planned = capsys.readouterr().out
     # Steps, tokens and FLOPs per run (6 x matmul params + attention, by hand for this model), and their total.
     d, layers, ff, seq, vocab = 32, 2, 64, 32, 257
     per_token = 6 * (layers * (4 * d * d + 3 * d * ff) + d * vocab) + 3 * layers * 4 * seq * d
     flops = 4 * 4 * seq * per_token
-    assert f"| position=rope,seed=0 | position=rope | 0 | 4 | 512 | {flops:.3e} |" in planned.stdout
-    assert f"4 runs planned in {out}: {4 * flops:.3e} training FLOPs in all" in planned.stdout
+    assert f"| position=rope,seed=0 | position=rope | 0 | 4 | 512 | {flops:.3e} |" in planned
+    assert f"4 runs planned in {out}: {4 * flops:.3e} training FLOPs in all" in planned
     done = cli("run", str(out), "--parallel", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 runs: 0 done already, 4 to run" in done.stdout and "[4/4]" in done.stdout
@@ -150,8 +153,9 @@ def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path):
     assert [g[:4] for g in sorted(got)] == [w[:4] for w in sorted(want)] and len(got) == 4
     assert [g[4] for g in sorted(got)] == pytest.approx([w[4] for w in sorted(want)])
 
-    done = cli("report", str(out))
-    assert done.returncode == 0, done.stderr
+    capsys.readouterr()
+    assert sweep_lib.main(["report", str(out)]) == 0
+    reported = capsys.readouterr().out
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert {"name", "params", "params_total", "tokens", "flops", "budget", "loss", "bpb"} <= set(rows[0])
@@ -161,7 +165,7 @@ def test_ablation_sweep_runs_resumes_collects_and_reports(tmp_path):
         assert int(row["tokens"]) == 4 * 4 * 32
     for variant in ("position=rope", "position=none"):
         bpbs = [float(r["bpb"]) for r in rows if r["label"] == variant]
-        line = next(line for line in done.stdout.splitlines() if line.startswith(f"| {variant} |"))
+        line = next(line for line in reported.splitlines() if line.startswith(f"| {variant} |"))
         assert f"{np.mean(bpbs):.4f} +- {np.std(bpbs, ddof=1):.4f} | 2 |" in line
     assert (out / "report.png").stat().st_size > 0 and (out / "curves.csv").exists()
 

@@ -58,11 +58,11 @@ def available() -> bool:
 
 
 def supports(head_dim: int, dtype: str) -> str | None:
-    """None when the kernel can run this attention, else why not."""
-    if (reason := unavailable_reason()) is not None:
-        return reason
+    """None when the kernel can run this attention, else why not (the dtype first: it needs no build, seconds)."""
     if dtype != "float32":
         return f"compute dtype {dtype} (the kernel is float32)"
+    if (reason := unavailable_reason()) is not None:
+        return reason
     if head_dim % vector_width():
         return f"head_dim {head_dim} is not a multiple of this CPU's vector width {vector_width()}"
     return None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 
 import flax.linen as nn
@@ -30,6 +31,15 @@ KINDS = {
 PROMPTS = ["def f(x):", "import os", "class A"]  # three rows: the mesh pads them to two per data shard
 
 
+@functools.cache
+def random_params(kind: str) -> dict:
+    """KINDS[kind]'s random weights on the host, made once per kind for the module (jitted: an eager
+    initialiser compiles each of its ops alone, seconds)."""
+    cfg = KINDS[kind]
+    init = jax.jit(lambda key: nn.unbox(init_variables(Transformer(cfg), key))["params"])
+    return jax.device_get(init(jax.random.key(3)))
+
+
 def samples(cfg: ModelConfig, params, **request) -> list[str]:
     out = io.StringIO()
     request = Request(PROMPTS, max_new_tokens=12, max_len=40, temperature=0.0, eos=False, **request)
@@ -40,8 +50,7 @@ def samples(cfg: ModelConfig, params, **request) -> list[str]:
 # MLA decodes absorbed by default; naive's equality with it (and with recomputation) is tests/test_mla.py's.
 @pytest.mark.parametrize("kind,variant", [("gqa", ""), ("mla", "absorbed")])
 def test_decoding_on_a_data_by_tensor_mesh_gives_the_one_device_tokens(kind, variant):
-    cfg = KINDS[kind]
-    params = jax.device_get(nn.unbox(init_variables(Transformer(cfg), jax.random.key(3))["params"]))
+    cfg, params = KINDS[kind], random_params(kind)
     decode = DecodeConfig(attention=variant)
     one = samples(cfg, params, decode=decode)
     assert len({s.split("\n", 1)[1] for s in one}) == len(PROMPTS)  # the rows differ: a mix-up would show
@@ -62,7 +71,7 @@ def test_a_mesh_that_does_not_fit_is_one_line():
 def test_the_weights_are_placed_by_the_rules():
     cfg = KINDS["gqa"]
     layout = decode_layout(cfg, "data=2,tensor=4")
-    params = place_weights(nn.unbox(init_variables(Transformer(cfg), jax.random.key(0))["params"]), cfg, layout)
+    params = place_weights(random_params("gqa"), cfg, layout)
     query = params["layers"]["attn"]["query"]["kernel"]  # [layers, embed, heads, head_dim]
     assert query.sharding.spec[2] == "tensor"
     assert query.addressable_shards[0].data.shape == (1, 64, 2, 8)  # 8 heads over 4 devices
@@ -73,8 +82,7 @@ def test_scoring_on_a_mesh_gives_the_one_device_scores():
     and greedy generations equal one device's."""
     from sampling.scoring import GenerateRequest, Scorer
 
-    cfg = KINDS["gqa"]
-    params = jax.device_get(nn.unbox(init_variables(Transformer(cfg), jax.random.key(3))["params"]))
+    cfg, params = KINDS["gqa"], random_params("gqa")
     tok = ByteTokenizer()
     ctx = [tok.encode(p) for p in PROMPTS]
     # Four short continuations per prompt share its prefill (the cache path); the last pair runs alone (plain rows).
@@ -94,8 +102,7 @@ def test_scoring_on_a_mesh_gives_the_one_device_scores():
 @pytest.mark.parametrize("kind", ["gqa", "mla"])
 def test_the_serving_engine_on_a_mesh_gives_the_one_device_tokens(kind):
     """sampling/engine.py with its rows over `data` and its pools' K/V heads over `tensor`."""
-    cfg, tok = KINDS[kind], ByteTokenizer()
-    params = jax.device_get(nn.unbox(init_variables(Transformer(cfg), jax.random.key(3))["params"]))
+    cfg, tok, params = KINDS[kind], ByteTokenizer(), random_params(kind)
     config = EngineConfig(max_batch=4, page_size=4, chunk=8, prefill_rows=2, num_pages=48)
     requests = [(prompt_ids(tok, p), SamplingParams(max_tokens=12, temperature=0, stop_at_eos=False)) for p in PROMPTS]
     requests.append((requests[0][0], SamplingParams(max_tokens=12, temperature=0.9, seed=5, stop_at_eos=False)))
