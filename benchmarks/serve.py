@@ -14,7 +14,8 @@ request gets exactly its drawn output length. Three systems serve it, with --max
 - static: the requests in arrival order in batches of max_batch, each batch one `generate_batch` call (prompts
   left-padded to the batch's longest, max_new_tokens and the dense cache sized to the batch's longest);
 - hf: the same batches through transformers' `generate` on the checkpoint exported by training.hf.export (torch
-  CPU float32, left-padded, greedy, use_cache, torch.set_num_threads(the cores this process may use)).
+  CPU float32, left-padded, greedy, use_cache), once per --torch_threads count (torch.set_num_threads; default:
+  the cores this process may use, then 1: on a busy machine 2 threads on 2 cores can be many times slower than 1).
 Output tokens/s = requested output tokens / wall time. Time to first token (TTFT) counts from t=0; a request's
 per-token latency is (its last token's time - its first's) / (tokens - 1). A batch hands out no token before its
 prefill ends and all at its end: static and hf TTFT = the batch's start + its prefill, per-token = the batch's
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -144,9 +146,11 @@ def serve_static(model, params, requests: list[Request], batch: int) -> Served:
     return out
 
 
-def serve_hf(hf_model, requests: list[Request], batch: int, pad_id: int) -> Served:
+def serve_hf(hf_model, requests: list[Request], batch: int, pad_id: int, threads: int) -> Served:
     import torch
     import transformers
+
+    torch.set_num_threads(threads)
 
     class Stamps(transformers.LogitsProcessor):
         """The time of every step's logits (the first: the prefill's)."""
@@ -196,8 +200,6 @@ def load_hf(workdir: str, hf_dir: str):
 
     from training import hf
 
-    cores = len(os.sched_getaffinity(0))
-    torch.set_num_threads(cores)
     directory = hf_dir or tempfile.mkdtemp(prefix="serve_hf_")
     if not (pathlib.Path(directory) / "config.json").exists():
         hf.export(workdir, directory)
@@ -205,7 +207,7 @@ def load_hf(workdir: str, hf_dir: str):
     model.generation_config.eos_token_id = None  # no stop at end-of-document, as the other two
     # left padding makes a batch longer than the context; each row's own positions stay inside it (from the mask)
     transformers.logging.set_verbosity_error()
-    return model, cores, torch.__version__, transformers.__version__
+    return model, torch.__version__, transformers.__version__
 
 
 # -- figures ---------------------------------------------------------------------------------------------------------
@@ -341,11 +343,11 @@ def profile_engine(make_engine, requests: list[Request]) -> dict:
 def table(title: str, rows: dict[str, dict[str, float]], base: str) -> None:
     print(f"\n{title}")
     print(
-        f"{'system':8s} {'tokens/s':>9s} {'vs ' + base:>9s} {'TTFT p50':>9s} {'p99':>9s} {'per-token p50':>14s} {'p99':>8s}"
+        f"{'system':9s} {'tokens/s':>9s} {'vs ' + base:>9s} {'TTFT p50':>9s} {'p99':>9s} {'per-token p50':>14s} {'p99':>8s}"
     )
     for name, f in rows.items():
         print(
-            f"{name:8s} {f['tokens_per_s']:9.1f} {f['tokens_per_s'] / rows[base]['tokens_per_s']:8.2f}x "
+            f"{name:9s} {f['tokens_per_s']:9.1f} {f['tokens_per_s'] / rows[base]['tokens_per_s']:8.2f}x "
             f"{f['ttft_p50_ms']:7.0f}ms {f['ttft_p99_ms']:7.0f}ms {f['per_token_p50_ms']:12.1f}ms "
             f"{f['per_token_p99_ms']:6.1f}ms"
         )
@@ -363,6 +365,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--systems", default="engine,static,hf")
+    parser.add_argument("--torch_threads", default="", help="hf's thread counts, one arm each (default: cores,1)")
     parser.add_argument("--hf_dir", default="", help="the exported checkpoint (default: export into a temp dir)")
     parser.add_argument("--page_size", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=64)
@@ -393,6 +396,8 @@ def main() -> None:
         return lambda: Engine(model, params, tokenizer, dataclasses.replace(config, **changes))
 
     systems = args.systems.split(",")
+    cores = len(os.sched_getaffinity(0))
+    threads_list = [int(t) for t in (args.torch_threads or (f"{cores},1" if cores > 1 else "1")).split(",")]
     serve = {
         "engine": lambda reqs: serve_engine(make_engine(), reqs)[0],
         "static": lambda reqs: serve_static(model, params, reqs, args.max_batch),
@@ -403,15 +408,20 @@ def main() -> None:
         "params": sum(x.size for x in jax.tree.leaves(params)),
         "context": context,
         "jax_version": jax.__version__,
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": cores,
         "args": vars(args),
         "engine_config": dataclasses.asdict(config),
     }
     if "hf" in systems:
-        hf_model, cores, torch_version, transformers_version = load_hf(args.workdir, args.hf_dir)
-        serve["hf"] = lambda reqs: serve_hf(hf_model, reqs, args.max_batch, tokenizer.eod_id)
-        result.update(torch_threads=cores, torch_version=torch_version, transformers_version=transformers_version)
-    serve = {name: serve[name] for name in systems}
+        hf_model, torch_version, transformers_version = load_hf(args.workdir, args.hf_dir)
+        for threads in threads_list:
+            serve[f"hf {threads}t"] = functools.partial(
+                lambda reqs, t: serve_hf(hf_model, reqs, args.max_batch, tokenizer.eod_id, t), t=threads
+            )
+        result.update(
+            torch_threads=threads_list, torch_version=torch_version, transformers_version=transformers_version
+        )
+    serve = {name: fn for name, fn in serve.items() if name.split()[0] in systems}
 
     prompt_lens, output_lens = [len(r.prompt) for r in requests], [r.max_tokens for r in requests]
     result["workload"] = {
@@ -434,18 +444,17 @@ def main() -> None:
             per_round[name].append(figures(last[name], requests))
             print(f"round {r + 1} {name}: {per_round[name][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
     summary = {name: medians(rounds) for name, rounds in per_round.items()}
-    base = "static" if "static" in summary else systems[0]
+    base = "static" if "static" in summary else next(iter(summary))
     table(f"medians of {args.rounds} rounds, {len(requests)} requests, batch {args.max_batch}", summary, base)
     result["systems"], result["rounds"] = summary, per_round
-    if "engine" in summary:
-        for other in summary:
-            if other != "engine":
-                result[f"engine_over_{other}"] = summary["engine"]["tokens_per_s"] / summary[other]["tokens_per_s"]
-                result[f"same_tokens_engine_{other}"] = same_tokens(last["engine"], last[other])
-                print(
-                    f"engine / {other}: {result[f'engine_over_{other}']:.2f}x output tokens/s; greedy tokens identical "
-                    f"in {100 * result[f'same_tokens_engine_{other}']:.0f}% of requests"
-                )
+    for other in [name for name in summary if "engine" in summary and name != "engine"]:
+        ratio = summary["engine"]["tokens_per_s"] / summary[other]["tokens_per_s"]
+        same = same_tokens(last["engine"], last[other])
+        key = other.replace(" ", "_")
+        result[f"engine_over_{key}"], result[f"same_tokens_engine_{key}"] = ratio, same
+        print(
+            f"engine / {other}: {ratio:.2f}x output tokens/s; greedy tokens identical in {100 * same:.0f}% of requests"
+        )
 
     # K/V memory per running sequence, from the pool of one engine pass over the workload
     served, engine = serve_engine(make_engine(), requests)
