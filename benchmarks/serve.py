@@ -2,8 +2,8 @@
 `generate_batch`) and Hugging Face transformers' `generate` on the same checkpoint, one long-tailed workload; the
 K/V memory a sequence holds paged and dense; prefix caching on a shared system prompt.
 
-    python -m benchmarks.serve --workdir /work/bench-tiny
-    python -m benchmarks.serve --workdir /work/qbench/float
+    python -m benchmarks.serve --workdir runs/tiny --profile
+    python -m benchmarks.serve --workdir runs/qbench/float --profile   # configs/bench_10m.py, trained
 
 The workload: --requests requests, each prompt a window of the run's held-out text (its corpus's validation
 documents, tokenized and joined by end-of-document tokens as training reads them) and each output a length;
@@ -21,9 +21,15 @@ per-token latency is (its last token's time - its first's) / (tokens - 1). A bat
 prefill ends and all at its end: static and hf TTFT = the batch's start + its prefill, per-token = the batch's
 decode time / its steps. Compilation is excluded: each system first serves --warmup requests of its own, static
 counts only `generate_batch`'s own prefill and decode seconds (each batch shape compiles before them), and hf
-the time inside `generate`. The three run one after another, --rounds times (machine load hits them alike); the
-figures are medians over rounds. `--profile` splits the engine's steps into its jitted calls and host Python.
-One JSON line at the end (and --json_out).
+the time inside `generate`. The systems take turns, --rounds times (machine load hits them alike); the figures
+are medians over rounds. `--profile` splits the engine's steps into its jitted calls and host Python.
+
+K/V memory: the bytes of a page (from the engine's pools' shapes) times the pages the pool held at its peak (per row
+of max_batch) and each request's pages when it finishes, against a dense row of the context (from the dense cache's
+shapes). Prefix caching: --prefix_requests requests of one --prefix_tokens window plus their own --suffix_tokens
+window, --prefix_output tokens each, all at t=0, through an engine with caching on and one with it off: hit rate,
+prompt tokens computed, wall time (the first max_batch requests are admitted together, before any page of the prefix
+is filled, so they miss). One JSON line at the end (and --json_out).
 """
 
 from __future__ import annotations
@@ -216,10 +222,8 @@ def figures(served: Served, requests: list[Request]) -> dict[str, float]:
     got = sum(len(t) for t in served.tokens)
     if got != tokens:
         raise RuntimeError(f"served {got} output tokens, the workload asks for {tokens}")
-    ttft, per_token = (
-        np.asarray(served.ttft),
-        np.asarray([p for p, r in zip(served.per_token, requests) if r.max_tokens > 1]),
-    )
+    ttft = np.asarray(served.ttft)
+    per_token = np.asarray([p for p, r in zip(served.per_token, requests) if r.max_tokens > 1])
     return {
         "tokens_per_s": tokens / served.wall,
         "wall_s": served.wall,
