@@ -566,7 +566,7 @@ class Engine:
         """One call over `seqs` (padded to `rows` rows of `width` tokens), then each row's results."""
         tokens = np.zeros((rows, width), np.int32)
         counts, written = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        targets = np.zeros((rows, width), np.int32)
+        targets = np.full((rows, width), -1, np.int32)  # the prompt tokens whose logprobs a row wants (-1: none)
         tables = {w: np.zeros((rows, self.blocks), np.int32) for w in self.windows}
         rules = np.zeros((rows, 4), np.float32)  # temperature, top_k, top_p, min_p
         rules[:, 2] = 1.0
@@ -574,8 +574,9 @@ class Engine:
         for r, seq in enumerate(seqs):
             n = min(width, len(seq.tokens) - seq.computed)
             tokens[r, :n] = seq.tokens[seq.computed : seq.computed + n]
-            following = seq.tokens[seq.computed + 1 : seq.computed + n + 1]
-            targets[r, : len(following)] = following
+            if seq.params.prompt_logprobs and not seq.prompt_done:
+                following = seq.tokens[seq.computed + 1 : seq.computed + n + 1]
+                targets[r, : len(following)] = following
             counts[r], written[r] = n, seq.computed
             for w in self.windows:
                 tables[w][r, : len(seq.pages[w])] = seq.pages[w]
@@ -697,8 +698,13 @@ def sample_rows(logits_BV, rules_B4, keys_B):
     sampling.rules.pick draws it: greedy at temperature 0, else a categorical draw from `filtered_rows`."""
     temperature_B = rules_B4[:, 0]
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_rows(logits_BV, rules_B4)).astype(jnp.int32)
-    return jnp.where(temperature_B > 0, drawn_B, greedy_B)
+
+    def draw(_):
+        drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_rows(logits_BV, rules_B4)).astype(jnp.int32)
+        return jnp.where(temperature_B > 0, drawn_B, greedy_B)
+
+    # (a batch of greedy rows skips the filters' sorts over the vocabulary: most of a small model's decode call)
+    return jax.lax.cond(jnp.any(temperature_B > 0), draw, lambda _: greedy_B, None)
 
 
 def filtered_rows(logits_BV, rules_B4):
@@ -707,12 +713,22 @@ def filtered_rows(logits_BV, rules_B4):
     temperature_B, top_k_B, top_p_B, min_p_B = (rules_B4[:, i] for i in range(4))
     x_BV = logits_BV.astype(jnp.float32) / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
     V = x_BV.shape[-1]
+    k_B = top_k_B.astype(jnp.int32)
+    use_k_B = (k_B > 0) & (k_B < V)
+    sorted_filters = functools.partial(_top_k_top_p, k_B=k_B, use_k_B=use_k_B, top_p_B=top_p_B)
+    x_BV = jax.lax.cond(jnp.any(use_k_B | (top_p_B < 1.0)), sorted_filters, lambda x: x, x_BV)
+    # min-p: logit >= max + log(min_p)
+    threshold_B = jnp.max(x_BV, axis=-1) + jnp.log(jnp.where(min_p_B > 0, min_p_B, 1.0))
+    return jnp.where((min_p_B > 0)[:, None] & (x_BV < threshold_B[:, None]), -jnp.inf, x_BV)
+
+
+def _top_k_top_p(x_BV, k_B, use_k_B, top_p_B):
+    """Top-k, then top-p on what it kept, in the rows that ask (the filters that sort the vocabulary)."""
+    V = x_BV.shape[-1]
     order_BV = jnp.argsort(-x_BV, axis=-1)
     sorted_BV = jnp.take_along_axis(x_BV, order_BV, axis=-1)
     # top-k: keep logits >= the k-th largest (ties with it stay)
-    k_B = top_k_B.astype(jnp.int32)
     kth_B = jnp.take_along_axis(sorted_BV, jnp.clip(k_B - 1, 0, V - 1)[:, None], axis=-1)[:, 0]
-    use_k_B = (k_B > 0) & (k_B < V)
     x_BV = jnp.where(use_k_B[:, None] & (x_BV < kth_B[:, None]), -jnp.inf, x_BV)
     # top-p on the top-k-filtered logits (sorted again: filtered entries sort last)
     order_BV = jnp.argsort(-x_BV, axis=-1)
@@ -720,10 +736,7 @@ def filtered_rows(logits_BV, rules_B4):
     keep_sorted_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p_B[:, None]
     rows_B1 = jnp.arange(x_BV.shape[0])[:, None]
     keep_BV = jnp.zeros_like(keep_sorted_BV).at[rows_B1, order_BV].set(keep_sorted_BV)
-    x_BV = jnp.where((top_p_B < 1.0)[:, None] & ~keep_BV, -jnp.inf, x_BV)
-    # min-p: logit >= max + log(min_p)
-    threshold_B = jnp.max(x_BV, axis=-1) + jnp.log(jnp.where(min_p_B > 0, min_p_B, 1.0))
-    return jnp.where((min_p_B > 0)[:, None] & (x_BV < threshold_B[:, None]), -jnp.inf, x_BV)
+    return jnp.where((top_p_B < 1.0)[:, None] & ~keep_BV, -jnp.inf, x_BV)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "top"), donate_argnames=("cache",))
@@ -759,9 +772,16 @@ def _call(
     top_lp_Bk, top_ids_Bk = jax.lax.top_k(lp_BV, top)
     out = dict(token=token_B, lp=jnp.take_along_axis(lp_BV, token_B[:, None], axis=-1)[:, 0])
     out.update(top_ids=top_ids_Bk, top_lp=top_lp_Bk)
-    if T > 1:  # a prefill call: the logprob of every prompt token after the first
-        lp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-        prompt_top_lp, prompt_top_ids = jax.lax.top_k(lp_BTV, top)
-        out.update(prompt_lp=jnp.take_along_axis(lp_BTV, targets_BT[..., None], axis=-1)[..., 0])
-        out.update(prompt_top_ids=prompt_top_ids, prompt_top_lp=prompt_top_lp)
+    if T > 1:  # a prefill call: the logprob of every prompt token after the first, when a row asks for them
+
+        def prompt_logprobs(_):
+            lp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+            top_lp_BTk, top_ids_BTk = jax.lax.top_k(lp_BTV, top)
+            return jnp.take_along_axis(lp_BTV, targets_BT[..., None], axis=-1)[..., 0], top_ids_BTk, top_lp_BTk
+
+        def none(_):
+            return jnp.zeros((B, T)), jnp.zeros((B, T, top), jnp.int32), jnp.zeros((B, T, top))
+
+        prompt = jax.lax.cond(jnp.any(targets_BT >= 0), prompt_logprobs, none, None)
+        out.update(zip(("prompt_lp", "prompt_top_ids", "prompt_top_lp"), prompt))
     return variables["cache"], out
