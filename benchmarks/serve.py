@@ -475,38 +475,39 @@ def main() -> None:
         f"{kv['pool_pages']} pages = {kv['pool_bytes']:,} bytes (max_batch rows of the context)."
     )
 
-    # prefix caching: a shared system prompt
-    shared = shared_prefix_workload(
-        stream, args.prefix_requests, args.prefix_tokens, args.suffix_tokens, args.prefix_output, args.seed + 2
-    )
-    prefix_rounds = {True: [], False: []}
-    for _ in range(args.rounds):
-        for caching in (True, False):
-            served, engine = serve_engine(make_engine(prefix_caching=caching), shared)
-            s = engine.stats
-            prefix_rounds[caching].append(
-                {
-                    "wall_s": served.wall,
-                    "prompt_tokens_computed": s.prompt_tokens,
-                    "hit_rate": s.prefix_hit_tokens / max(s.prefix_query_tokens, 1),
-                    **{k: v for k, v in figures(served, shared).items() if k != "wall_s"},
-                }
-            )
-    prefix = {("on" if c else "off"): medians(v) for c, v in prefix_rounds.items()}
-    prefix["prompt_tokens"] = sum(len(r.prompt) for r in shared)
-    prefix["speedup"] = prefix["off"]["wall_s"] / prefix["on"]["wall_s"]
-    result["prefix_caching"] = prefix
-    print(
-        f"\nprefix caching, {len(shared)} requests of a {args.prefix_tokens}-token shared prefix + {args.suffix_tokens}"
-        f" own tokens, {args.prefix_output} output tokens each (medians of {args.rounds}):"
-    )
-    for name in ("on", "off"):
-        p = prefix[name]
-        print(
-            f"  {name:3s}: hit rate {100 * p['hit_rate']:4.1f}%, prompt tokens computed {p['prompt_tokens_computed']:,.0f}"
-            f" of {prefix['prompt_tokens']:,}, wall {p['wall_s']:.2f} s, TTFT p50 {p['ttft_p50_ms']:.0f} ms"
+    # prefix caching: a shared system prompt (--prefix_requests 0: skipped)
+    if args.prefix_requests > 0:
+        shared = shared_prefix_workload(
+            stream, args.prefix_requests, args.prefix_tokens, args.suffix_tokens, args.prefix_output, args.seed + 2
         )
-    print(f"  wall time off / on: {prefix['speedup']:.2f}x")
+        prefix_rounds = {True: [], False: []}
+        for _ in range(args.rounds):
+            for caching in (True, False):
+                served, engine = serve_engine(make_engine(prefix_caching=caching), shared)
+                s = engine.stats
+                prefix_rounds[caching].append(
+                    {
+                        "wall_s": served.wall,
+                        "prompt_tokens_computed": s.prompt_tokens,
+                        "hit_rate": s.prefix_hit_tokens / max(s.prefix_query_tokens, 1),
+                        **{k: v for k, v in figures(served, shared).items() if k != "wall_s"},
+                    }
+                )
+        prefix = {("on" if c else "off"): medians(v) for c, v in prefix_rounds.items()}
+        prefix["prompt_tokens"] = sum(len(r.prompt) for r in shared)
+        prefix["speedup"] = prefix["off"]["wall_s"] / prefix["on"]["wall_s"]
+        result["prefix_caching"] = prefix
+        print(
+            f"\nprefix caching, {len(shared)} requests of a {args.prefix_tokens}-token shared prefix + {args.suffix_tokens}"
+            f" own tokens, {args.prefix_output} output tokens each (medians of {args.rounds}):"
+        )
+        for name in ("on", "off"):
+            p = prefix[name]
+            print(
+                f"  {name:3s}: hit rate {100 * p['hit_rate']:4.1f}%, prompt tokens computed {p['prompt_tokens_computed']:,.0f}"
+                f" of {prefix['prompt_tokens']:,}, wall {p['wall_s']:.2f} s, TTFT p50 {p['ttft_p50_ms']:.0f} ms"
+            )
+        print(f"  wall time off / on: {prefix['speedup']:.2f}x")
 
     if args.profile:
         result["engine_profile"] = profile_engine(make_engine(), requests)
