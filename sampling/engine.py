@@ -532,8 +532,9 @@ class Engine:
         self._release(seq)
         if not seq.prompt_done:
             seq.handle.prompt_logprobs.clear()
-        self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        with self._lock:  # (submit appends to the queue from other threads)
+            self.running.remove(seq)
+            self.waiting.appendleft(seq)
         self.stats.preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
@@ -668,10 +669,11 @@ class Engine:
 
     def _finish(self, seq: Sequence, event: Event) -> None:
         self._release(seq)
-        if seq in self.running:
-            self.running.remove(seq)
-        if seq in self.waiting:
-            self.waiting.remove(seq)
+        with self._lock:  # (submit appends to the queue from other threads: no iterating it meanwhile)
+            if seq in self.running:
+                self.running.remove(seq)
+            if seq in self.waiting:
+                self.waiting.remove(seq)
         self.stats.finished += 1
         seq.handle._emit(event)
 
