@@ -232,7 +232,7 @@ def serve(run, params, tokenizer, decode) -> None:
     """Serves the loaded model until SIGTERM (sampling/server.py)."""
     from model import Transformer
     from parallel.decoding import decode_layout
-    from sampling.chat import ChatTemplate, read_template
+    from data.chat import ChatTemplate, read_template
     from sampling.engine import Engine, EngineConfig
     from sampling.server import Server, serve
 

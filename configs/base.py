@@ -100,6 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.data = dict(
         corpus="stdlib",  # stdlib | a directory | a glob | a .jsonl file
+        format="text",  # text | chat (JSONL {"messages": [...]}) | preference (JSONL {"prompt", "chosen", "rejected"})
+        train_on_prompt=False,  # chat: learn every token, not only the assistant's
         tokenizer="bytes",  # bytes | bpe:N | path to tokenizer.json
         seq_len=256,
         val_fraction=0.02,

@@ -5,6 +5,10 @@ concatenated token stream, shuffled by seed and reshuffled every epoch, through 
 whose position (in windows) is checkpointed; each batch carries the fields the train objective asks for
 (data.config.BATCH_FIELDS), all computed from its windows. Validation batches are a fixed set of windows spread evenly
 over the validation split, the same for any batch size.
+
+Chat and preference corpora (data.format, data/formats.py) give their rows instead of windows of the token stream:
+packed conversations or preference pairs, drawn the same way (shuffled by seed, reshuffled every epoch, positions
+counted in rows).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import grain
 import numpy as np
 
 from data import corpus
-from data.config import BATCH_FIELDS, DataConfig
+from data.config import FORMAT_FIELDS, DataConfig
 from data.errors import DataError
 from data.store import TokenStore, build_token_store, default_cache_dir, store_key
 from data.tokenizer import Tokenizer, build_tokenizer
@@ -30,8 +34,9 @@ EVAL_ROWS = 16
 @dataclasses.dataclass(frozen=True)
 class Data:
     tokenizer: Tokenizer
-    store: TokenStore
+    store: TokenStore | None  # format 'text'
     cfg: DataConfig
+    splits: tuple | None = None  # formats 'chat', 'preference': (train, validation) data.formats.Split
 
     def train_iterator(
         self,
@@ -54,15 +59,21 @@ class Data:
         [i * rows, (i + 1) * rows) of each, rows = batch_size // shard_count, so a run gives the same
         losses on one host or several, and resumes on any number of hosts.
         """
-        if unknown := [f for f in fields if f not in BATCH_FIELDS]:
+        given = FORMAT_FIELDS[self.cfg.format]
+        if unknown := [f for f in fields if f not in given]:
             raise DataError(
-                f"data.corpus={self.cfg.corpus!r}: gives no {unknown[0]!r} field (batches carry {', '.join(BATCH_FIELDS)})"
+                f"data.format={self.cfg.format!r}: gives no {unknown[0]!r} field (its batches carry {', '.join(given)})"
             )
-        windows = Windows(self.store.train, self.cfg.seq_len, extra_tokens)
-        batch_fn = functools.partial(
-            stack_windows, fields=fields, seq_len=self.cfg.seq_len, eod_id=self.tokenizer.eod_id
-        )
-        ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
+        if self.splits is not None:
+            if extra_tokens:
+                raise DataError(f"data.format={self.cfg.format!r}: has no further targets for multi-token heads")
+            source, batch_fn = Rows(self.splits[0].rows, fields), stack_rows
+        else:
+            source = Windows(self.store.train, self.cfg.seq_len, extra_tokens)
+            batch_fn = functools.partial(
+                stack_windows, fields=fields, seq_len=self.cfg.seq_len, eod_id=self.tokenizer.eod_id
+            )
+        ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
         if start_window:
             ds = ds[start_window:]
         # Global batch k is local batches k * shard_count .. k * shard_count + shard_count - 1, in shard order.
@@ -74,6 +85,8 @@ class Data:
         with mask 0), so it does not depend on the batch size: every target of the split exactly once when
         that takes at most `num_batches * EVAL_ROWS` windows (the numbers `infer.py --score` gives for the
         same text), else that many windows spread evenly over the split."""
+        if self.splits is not None:
+            return record_batches(self.splits[1].rows, batch_size, num_batches * EVAL_ROWS)
         tokens, seq_len, count = self.store.val, self.cfg.seq_len, num_batches * EVAL_ROWS
         if len(covering_starts(len(tokens), seq_len)) <= count:
             return scoring_batches(tokens, seq_len, batch_size)
@@ -98,6 +111,42 @@ class Windows:
     def __getitem__(self, i: int) -> np.ndarray:
         start = i * self.seq_len
         return np.asarray(self.tokens[start : start + self.seq_len + 1 + self.extra], dtype=np.int32)
+
+
+class Rows:
+    """Random-access source of a split's rows ({field: row}) of the `fields` asked for."""
+
+    def __init__(self, rows: dict[str, np.ndarray], fields: tuple[str, ...]):
+        self.rows = {f: rows[f] for f in fields}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.rows.values())))
+
+    def __getitem__(self, i: int) -> dict:
+        return {f: r[i] for f, r in self.rows.items()}
+
+
+def stack_rows(rows: list[dict]) -> dict:
+    return {f: np.stack([r[f] for r in rows]) for f in rows[0]}
+
+
+# The rows scored as a chat or preference corpus's held-out loss: the token windows and their learned targets.
+EVAL_FIELDS = {"tokens": ("tokens", "loss_weights"), "chosen": ("chosen", "chosen_weights")}
+
+
+def record_batches(rows: dict[str, np.ndarray], batch_size: int, count: int) -> list[dict]:
+    """The fixed eval set of a chat or preference split: {'tokens', 'mask'} (+ 'segment_ids' of packed
+    conversations) of at most `count` rows spread evenly over it (the chosen responses of preference pairs), the last
+    batch padded with mask 0."""
+    tokens_key, mask_key = EVAL_FIELDS["tokens" if "tokens" in rows else "chosen"]
+    n = len(rows[tokens_key])
+    picked = np.unique(np.linspace(0, n - 1, min(n, count)).round().astype(np.int64))
+    padded = -(-len(picked) // batch_size) * batch_size
+    out = {"tokens": rows[tokens_key][picked], "mask": rows[mask_key][picked]}
+    if "segment_ids" in rows:
+        out["segment_ids"] = rows["segment_ids"][picked]
+    out = {k: np.concatenate([v, np.zeros((padded - len(v), *v.shape[1:]), v.dtype)]) for k, v in out.items()}
+    return [{k: v[i : i + batch_size] for k, v in out.items()} for i in range(0, padded, batch_size)]
 
 
 def covering_starts(num_tokens: int, seq_len: int) -> list[int]:
@@ -167,6 +216,12 @@ def token_store(cfg: DataConfig, tokenizer: Tokenizer, split=None) -> TokenStore
 
 def load(cfg: DataConfig, workdir: pathlib.Path) -> Data:
     """Builds (or opens from cache) everything needed to draw batches; raises DataError on bad input."""
+    if cfg.format != "text":
+        from data import formats
+
+        records = functools.cache(lambda: list(formats.records(cfg.corpus)))
+        tokenizer = build_tokenizer(cfg.tokenizer, workdir, lambda: formats.texts(records()))
+        return Data(tokenizer, None, cfg, formats.load(cfg, tokenizer, records()))
     split = functools.cache(lambda: corpus.split_documents(cfg.corpus, cfg.text_field, cfg.val_fraction))
     tokenizer = build_tokenizer(cfg.tokenizer, workdir, lambda: (d.text for d in split()[0]))
     store = token_store(cfg, tokenizer, split)

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server over the serving engine (sampling/engine.py): what `infer.py --serve` runs.
 
     POST /v1/completions        a text, texts, token ids or lists of them; n, stop, logprobs (0..5), echo, stream
-    POST /v1/chat/completions   messages through the model's chat template (sampling/chat.py); logprobs, stream
+    POST /v1/chat/completions   messages through the model's chat template (data/chat.py); logprobs, stream
     GET  /v1/models, /health, /metrics (Prometheus text: queue, rows, pages, tokens/s, time to first token, counters)
     POST /tokenize, /detokenize, GET /tokenizer_info: vLLM's tokenizer endpoints, which lm-evaluation-harness's
          `local-completions` model finds, so it needs nothing but the server's URL
@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from data.tokenizer import Tokenizer
-from sampling.chat import ChatError, ChatTemplate, messages_of
+from data.chat import ChatError, ChatTemplate, messages_of
 from sampling.decode import prompt_ids
 from sampling.engine import Engine, Event, Handle, QueueFull, RequestError, SamplingParams, Stats, TokenLogprob
 from sampling.runner import cut_at_stop

@@ -371,7 +371,7 @@ def test_a_full_queue_is_a_429_and_clients_that_leave_are_cancelled(served):
 def test_chat_answers_end_at_a_templates_end_of_turn_token(tmp_path, served):
     """A Hugging Face directory's template (rendered with its special tokens, raising on bad input) and its
     end-of-turn tokens; an answer ends before such a token, as it does before the end-of-document token."""
-    from sampling.chat import ChatError, read_template
+    from data.chat import ChatError, read_template
     from sampling.engine import Event, SamplingParams
     from sampling.server import Choice
 

@@ -14,10 +14,11 @@ from typing import Any
 
 import ml_collections
 
-from data.config import DataConfig
+from data.config import FORMAT_FIELDS, DataConfig
 from model import rope as rope_lib
 from model.attention import ATTENTION_IMPLS
 from model.config import TABLES, ModelConfig, settable_fields
+from model.heads import extra_tokens
 from model.layers import NORMS
 from model.positions import POSITIONS
 from model.quant.schemes import GROUPS as QUANT_GROUPS
@@ -296,12 +297,8 @@ def _rules(
         (t.sample_tokens >= 0, "train.sample_tokens", t.sample_tokens, "must be >= 0"),
         one_of("train.objective", t.objective, OBJECTIVES),
         *_quant_rules(t, q),
-        (
-            t.objective not in OBJECTIVES or "segment_ids" not in OBJECTIVES[t.objective].fields or d.document_mask,
-            "train.objective",
-            t.objective,
-            "reads segment_ids (documents): needs data.document_mask=True",
-        ),
+        one_of("data.format", d.format, FORMAT_FIELDS),
+        *_format_rules(m, d, t),
         (_regex_error(t.trainable) is None, "train.trainable", t.trainable, _regex_error(t.trainable)),
         (t.eval_tasks_every >= 0, "train.eval_tasks_every", t.eval_tasks_every, "must be >= 0 (0: with every eval)"),
         (t.eval_tasks_limit >= 0, "train.eval_tasks_limit", t.eval_tasks_limit, "must be >= 0 (0: every document)"),
@@ -318,6 +315,50 @@ def _rules(
             (size > 0 or size == -1, f"mesh.{axis}", size, "must be a positive device count or -1 (the rest)")
             for axis, size in mesh.sizes().items()
         ],
+    ]
+
+
+def _format_rules(m: ModelConfig, d: DataConfig, t: TrainConfig) -> list:
+    """What train.objective reads, data.format must give: text windows carry documents as segment_ids only under
+    data.document_mask; chat windows are packed conversations to learn the weighted tokens of (no further targets for
+    multi-token heads); preference rows are pairs."""
+    if t.objective not in OBJECTIVES or d.format not in FORMAT_FIELDS:
+        return []
+    fields = OBJECTIVES[t.objective].fields
+    missing = [f for f in fields if f not in FORMAT_FIELDS[d.format]]
+    weighted = "loss_weights" in fields or "chosen" in fields
+    return [
+        (
+            not missing,
+            "train.objective",
+            t.objective,
+            f"reads {missing[0] if missing else ''!r}, which data.format={d.format!r} does not give "
+            f"(it gives {', '.join(FORMAT_FIELDS[d.format])})",
+        ),
+        (
+            d.format != "text" or "segment_ids" not in fields or d.document_mask,
+            "train.objective",
+            t.objective,
+            "reads segment_ids (documents): needs data.document_mask=True",
+        ),
+        (
+            d.format == "text" or weighted,
+            "train.objective",
+            t.objective,
+            f"learns every token, which data.format={d.format!r} does not mean to (use train.objective='sft')",
+        ),
+        (
+            d.format == "text" or not extra_tokens(m),
+            "data.format",
+            d.format,
+            "gives no further targets for extra prediction heads (model.mtp: none)",
+        ),
+        (
+            not d.train_on_prompt or d.format == "chat",
+            "data.train_on_prompt",
+            d.train_on_prompt,
+            "applies to data.format='chat' only",
+        ),
     ]
 
 

@@ -102,7 +102,8 @@ def make_eval_step(model: Transformer, token_bytes: np.ndarray, inputs: Inputs |
     bytes_V = jnp.asarray(token_bytes, jnp.float32)
 
     def eval_step(params, batch: dict, model_state=None) -> dict:
-        out, targets_BT = inputs(batch["tokens"], model, variables_of(params, model_state))
+        variables = variables_of(params, model_state)
+        out, targets_BT = inputs(batch["tokens"], model, variables, segments_BT=batch.get("segment_ids"))
         mask_BT = inputs.permute(batch["mask"])
         _, nll_BT = cross_entropy(out.logits_BTV, targets_BT)
         return {
@@ -115,7 +116,8 @@ def make_eval_step(model: Transformer, token_bytes: np.ndarray, inputs: Inputs |
 
 
 def evaluate(eval_step, params, batches: list[dict], model_state=None) -> dict:
-    """Mean loss (nats/token), perplexity and bits per UTF-8 byte over `batches` ({'tokens', 'mask'})."""
+    """Mean loss (nats/token), perplexity and bits per UTF-8 byte over `batches` ({'tokens', 'mask'}, and
+    'segment_ids' where they are packed conversations)."""
     totals = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
     for batch in batches:
         out = jax.device_get(eval_step(params, batch, model_state))

@@ -70,4 +70,8 @@ def lm(model: Transformer, inputs: Inputs, t: TrainConfig, variables: dict, froz
     return Loss(total, loss, metrics, updated.get("state", variables.get("state", {})))
 
 
-OBJECTIVES: dict[str, Objective] = {"lm": Objective(lm)}
+OBJECTIVES: dict[str, Objective] = {
+    "lm": Objective(lm),
+    # Supervised fine-tuning on data.format='chat': the packed conversations' assistant tokens (lm's weighted mean).
+    "sft": Objective(lm, fields=("tokens", "loss_weights", "segment_ids")),
+}

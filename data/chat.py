@@ -1,5 +1,6 @@
-"""Chat messages -> prompt ids: a Hugging Face directory's chat template, rendered as transformers renders it, or
-ChatML for a model without one.
+"""Chat messages -> text and ids: a Hugging Face directory's chat template, rendered as transformers renders it, or
+ChatML for a model without one. The server renders requests with it (sampling/server.py), the chat and preference
+data formats render training records with it (data/formats.py).
 
 A template comes from `chat_template.jinja` or tokenizer_config.json's `chat_template` (the template named
 'default' when it holds several). Its text already holds whatever tokens start a conversation (a BOS token), so it
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import pathlib
 
@@ -24,7 +26,6 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from data.tokenizer import Tokenizer
-from sampling.decode import prompt_ids
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -48,21 +49,40 @@ class ChatTemplate:
         """Texts that end an answer: ChatML's end of turn (a template's is a token: `stop_ids`)."""
         return ("<|im_end|>",) if self.source == CHATML else ()
 
-    def render(self, messages: list[dict]) -> str:
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         try:
-            return env.from_string(self.source).render(messages=messages, add_generation_prompt=True, **self.special)
+            return _compiled(self.source).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special
+            )
         except jinja2.TemplateError as e:
             raise ChatError(f"the chat template cannot render these messages: {e}") from None
 
+    @property
+    def starts_document(self) -> bool:
+        """ChatML text follows the tokenizer's document start (a template's text holds its own BOS token)."""
+        return self.source == CHATML
+
+    def encode(self, tokenizer: Tokenizer, text: str, first: bool = True) -> list[int]:
+        """The ids of rendered `text`; `first`: the conversation's first piece, which ChatML starts with the
+        tokenizer's document start (a prompt, as sampling.decode.prompt_ids reads it)."""
+        start = tokenizer.document_start if first and self.starts_document else []
+        return [*start, *tokenizer.encode(text)]
+
     def prompt(self, tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
-        text = self.render(messages)
-        return prompt_ids(tokenizer, text) if self.source == CHATML else tokenizer.encode(text)
+        return self.encode(tokenizer, self.render(messages))
+
+
+@functools.cache
+def _compiled(source: str) -> jinja2.Template:
+    """A template compiled once per process (compiling costs more than rendering a conversation)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ChatError(f"the chat template does not compile: {e}") from None
 
 
 def messages_of(value) -> list[dict]:
