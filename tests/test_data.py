@@ -115,7 +115,7 @@ def test_batches_carry_the_fields_an_objective_asks_for(text_corpus, tmp_path):
     np.testing.assert_array_equal(batch["segment_ids"], segments)
     assert batch["segment_ids"].dtype == np.int32 and batch["segment_ids"].max() > 0
     np.testing.assert_array_equal(segment_positions(jnp.asarray(batch["segment_ids"])), positions)
-    with pytest.raises(DataError, match=r"gives no 'chosen' field \(batches carry tokens, loss_weights"):
+    with pytest.raises(DataError, match=r"gives no 'chosen' field \(its batches carry tokens, loss_weights"):
         data.train_iterator(8, seed=0, fields=("tokens", "chosen"))
 
 
