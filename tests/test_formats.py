@@ -263,3 +263,28 @@ def test_pipeline_draws_packed_windows_and_holds_out_records(tmp_path):
 def test_format_and_objective_must_agree(data, train, match):
     with pytest.raises(ConfigError, match=match):
         resolve(tiny_config(data=data, train=train))
+
+
+def test_posttrain_sets_from_a_corpus(tmp_path):
+    """experiments.posttrain build: each function with a docstring gives a doc2code and a code2doc conversation and
+    a preference pair whose rejected side is its body's lines permuted (never unchanged); the sets load as their
+    formats."""
+    from experiments import posttrain
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "m.py").write_text(
+        'def add(a, b):\n    """Add two numbers.\n\n    More.\n    """\n    c = a\n    d = b\n    return c + d\n\n'
+        "def bare(x):\n    y = x\n    z = y\n    return z\n"
+    )
+    assert posttrain.build(tmp_path / "sets", str(corpus), 360) == {"doc2code": 1, "code2doc": 1, "prefs": 1}
+    code = "def add(a, b):\n    c = a\n    d = b\n    return c + d"
+    (doc2code,) = [json.loads(x) for x in (tmp_path / "sets" / "doc2code.jsonl").read_text().splitlines()]
+    assert doc2code["messages"][0]["content"] == "Write the function def add(a, b):\nthat does this: Add two numbers."
+    assert doc2code["messages"][1]["content"] == code
+    (pair,) = [json.loads(x) for x in (tmp_path / "sets" / "prefs.jsonl").read_text().splitlines()]
+    rejected = pair["rejected"][0]["content"]
+    assert rejected != code and sorted(rejected.splitlines()) == sorted(code.splitlines())
+    assert rejected.splitlines()[0] == "def add(a, b):"
+    rng = __import__("random").Random(1)
+    assert all(posttrain.corrupted("def f():\n    a\n    b", rng) == "def f():\n    b\n    a" for _ in range(5))

@@ -1,0 +1,186 @@
+"""Post-training data built from the corpus, and held-out scores of post-trained workdirs (experiments/RESULTS.md).
+
+    python -m experiments.posttrain build --out DIR [--corpus stdlib] [--max_chars 360]
+    python -m experiments.posttrain score --workdir W --data FILE [--format chat|preference] [--reference W0]
+
+`build` writes three JSONL sets from the Python functions with docstrings in the corpus (read with `ast`):
+- `doc2code.jsonl` (data.format='chat'): the user gives a signature and its docstring, the assistant writes the
+  function (without its docstring);
+- `code2doc.jsonl` (chat): the user gives a function without its docstring, the assistant writes the docstring's
+  first paragraph (a second skill, for merging);
+- `prefs.jsonl` (data.format='preference', conversational): the doc2code prompt; chosen: the real function,
+  rejected: the same function with its body's lines shuffled (a seeded permutation that moves at least one).
+
+`score` evaluates a workdir on the held-out records of a set (the split training used: data/formats.py): for chat,
+the mean loss of the assistant tokens (`eval/loss`, nats per token); for preference, the share of pairs whose chosen
+response the workdir prefers: by log-likelihood (`pref/logp_accuracy`), and with `--reference`, by DPO's implicit
+reward, the log-ratio to the reference (`pref/dpo_accuracy`, the held-out form of train/dpo_accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import pathlib
+import random
+import sys
+import textwrap
+
+SETS = ("doc2code", "code2doc", "prefs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Function:
+    signature: str  # "def name(args):" as written
+    doc: str  # the docstring's first paragraph
+    code: str  # the function's source without its docstring, dedented
+
+
+def functions(spec: str, max_chars: int) -> list[Function]:
+    """Functions with a docstring whose source (without it) is 3+ lines and at most `max_chars` characters."""
+    from data import corpus
+
+    out = []
+    for doc in corpus.read_documents(spec):
+        try:
+            tree = ast.parse(doc.text)
+        except (SyntaxError, ValueError):
+            continue
+        lines = doc.text.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or not ast.get_docstring(node) or node.decorator_list:
+                continue
+            first = node.body[0]
+            if len(node.body) < 2 or first.end_lineno >= node.end_lineno:
+                continue
+            head = lines[node.lineno - 1 : first.lineno - 1]
+            body = lines[first.end_lineno : node.end_lineno]
+            code = textwrap.dedent("\n".join(head + body))
+            summary = ast.get_docstring(node).split("\n\n")[0].strip()
+            if len(code) > max_chars or len(code.splitlines()) < 4 or not summary or not code.startswith("def "):
+                continue
+            out.append(Function(code.splitlines()[0], summary, code))
+    return out
+
+
+def corrupted(code: str, rng: random.Random) -> str:
+    """The function with its body's lines in a random order that moves at least one of them."""
+    lines = code.splitlines()
+    head, body = lines[:1], lines[1:]
+    order = list(range(len(body)))
+    while order == sorted(order):
+        rng.shuffle(order)
+    return "\n".join(head + [body[i] for i in order])
+
+
+def doc2code_prompt(f: Function) -> str:
+    return f"Write the function {f.signature}\nthat does this: {f.doc}"
+
+
+def build(out: pathlib.Path, spec: str, max_chars: int) -> dict[str, int]:
+    out.mkdir(parents=True, exist_ok=True)
+    found = functions(spec, max_chars)
+    rng = random.Random(0)
+    records = {name: [] for name in SETS}
+    for f in found:
+        user = {"role": "user", "content": doc2code_prompt(f)}
+        records["doc2code"].append({"messages": [user, {"role": "assistant", "content": f.code}]})
+        body = f"Write the docstring of this function:\n{f.code}"
+        records["code2doc"].append(
+            {"messages": [{"role": "user", "content": body}, {"role": "assistant", "content": f.doc}]}
+        )
+        records["prefs"].append(
+            {
+                "prompt": [user],
+                "chosen": [{"role": "assistant", "content": f.code}],
+                "rejected": [{"role": "assistant", "content": corrupted(f.code, rng)}],
+            }
+        )
+    for name, rows in records.items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {name: len(rows) for name, rows in records.items()}
+
+
+def score(workdir: str, data_file: str, fmt: str, reference: str | None = None, batch_size: int = 16) -> dict:
+    """Held-out scores of `workdir` on `data_file`'s validation records (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from data import formats
+    from data.pipeline import record_batches
+    from model import Transformer
+    from training.checkpoint import load_for_inference
+    from training.evaluation import Inputs, cross_entropy, evaluate, make_eval_step, split_weights
+
+    run, weights, tokenizer, _ = load_for_inference(workdir)
+    cfg = dataclasses.replace(run.data, corpus=data_file, format=fmt, train_on_prompt=False)
+    _, val = formats.load(cfg, tokenizer)
+    model = Transformer(run.model)
+    params, state = split_weights(weights)
+    if fmt == "chat":
+        eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes))
+        return {
+            **evaluate(eval_step, params, record_batches(val.rows, batch_size, len(val)), state),
+            "records": len(val),
+        }
+
+    @jax.jit
+    def logps(params, tokens_BT1, weights_BT):
+        out, targets_BT = Inputs()(tokens_BT1, model, {"params": params})
+        return -jnp.sum(cross_entropy(out.logits_BTV, targets_BT)[1] * weights_BT, axis=1)
+
+    def margins(params) -> np.ndarray:
+        rows, out = val.rows, []
+        for i in range(0, len(val), batch_size):
+            chosen = logps(params, rows["chosen"][i : i + batch_size], rows["chosen_weights"][i : i + batch_size])
+            rejected = logps(params, rows["rejected"][i : i + batch_size], rows["rejected_weights"][i : i + batch_size])
+            out.append(np.asarray(chosen - rejected))
+        return np.concatenate(out)
+
+    policy = margins(params)
+    result = {
+        "pref/logp_accuracy": float(np.mean(policy > 0)),
+        "pref/logp_margin": float(np.mean(policy)),
+        "records": len(val),
+    }
+    if reference:
+        _, ref_weights, _, _ = load_for_inference(reference)
+        ratio = policy - margins(split_weights(ref_weights)[0])
+        result |= {"pref/dpo_accuracy": float(np.mean(ratio > 0)), "pref/dpo_margin": float(np.mean(ratio))}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.posttrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="write doc2code.jsonl, code2doc.jsonl and prefs.jsonl into --out")
+    b.add_argument("--out", required=True)
+    b.add_argument("--corpus", default="stdlib")
+    b.add_argument("--max_chars", type=int, default=360)
+    s = sub.add_parser("score", help="held-out scores of a workdir on a chat or preference set")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--format", default="chat", choices=("chat", "preference"))
+    s.add_argument("--reference", default=None)
+    args = parser.parse_args(argv)
+    from data.errors import DataError
+
+    try:
+        if args.command == "build":
+            if args.max_chars <= 0:
+                raise DataError(f"--max_chars={args.max_chars}: must be a positive number of characters")
+            counts = build(pathlib.Path(args.out).expanduser(), args.corpus, args.max_chars)
+        else:
+            counts = score(args.workdir, args.data, args.format, args.reference)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
