@@ -37,8 +37,15 @@ def abstract_state(
     params = quantized_base(model, variables["params"], layout)
     opt_state = jax.eval_shape(tx.init, params)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    # Under train.trainable the frozen params' places in the state are optax's MaskedNode (no moments): kept as such.
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, opt_state, param_shardings, transform_non_params=lambda _: layout.replicated
+        tx,
+        lambda p, s: p if masked(p) else s,
+        opt_state,
+        param_shardings,
+        transform_non_params=lambda _: layout.replicated,
+        is_leaf=masked,
     )
     place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     rep, key = layout.replicated, jax.eval_shape(lambda: jax.random.key(0))
