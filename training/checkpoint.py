@@ -373,6 +373,11 @@ def restore_params(
                 f"{path}: its weights are quantized (quant.scheme={run.quant.scheme!r}); training starts from "
                 "float weights (its source workdir, or QAT: train.qat)"
             )
+        if run.model.lora.rank:
+            raise CheckpointError(
+                f"{path}: a LoRA run's checkpoints hold its adapters only; start from its merged workdir "
+                "(python -m model.lora merge)"
+            )
         check(run)
         return {"params": abstract(run.model)}
 
