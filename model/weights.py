@@ -13,6 +13,9 @@ Quantized weights (model/quant: `python -m model.quant`, `infer.py --quant`) nam
 ("kernel_int4", "kernel_scale", ...), so they are read as stored whatever format the caller asks for: a quantized
 checkpoint runs through training's evaluation, scoring and decoding alike. `fmt` decides how a weight that no
 format claims is created and read (float, or a test's perturbed format).
+
+LoRA wraps whichever format holds a weight (`LoRA(base, ...)`, not a FORMATS entry: it has a rank and a scale) for
+every weight the model config's `lora.targets` names (`LORA_TARGETS`), so QLoRA is LoRA over the nf4 format.
 """
 
 from __future__ import annotations

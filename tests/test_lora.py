@@ -306,3 +306,21 @@ def test_a_lora_run_checkpoints_its_adapters_only_resumes_bit_for_bit_and_merges
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
     with torch.no_grad():
         np.testing.assert_allclose(hf_model(torch.tensor(x)).logits.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_projection_adds_the_scaled_adapter_path_and_drops_its_inputs_only_while_training():
+    """One Dense projection against NumPy: x W + (alpha / rank) (x A) B; given the train step's noise key, dropout
+    zeroes some of the adapter's inputs (the output moves) but never the base path (with B = 0 nothing moves)."""
+    from model.layers import Dense
+
+    cfg = ModelConfig(d_model=8, lora=LoraConfig(rank=2, alpha=4.0, dropout=0.5, targets=("q",)))
+    dense = Dense(cfg, (6,), ("embed", "mlp"), name="query")
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    params = randomized(nn.unbox(dense.init(jax.random.key(0), x))["params"])
+    apply = jax.jit(lambda p, x, key: dense.apply({"params": p}, x, rngs={} if key is None else {"noise": key}))
+    w, a, b = (np.asarray(params[k], np.float64) for k in ("kernel", "kernel_lora_a", "kernel_lora_b"))
+    np.testing.assert_allclose(apply(params, x, None), x @ w + 2.0 * (x @ a) @ b, rtol=1e-5, atol=1e-5)
+    dropped = np.asarray(apply(params, x, jax.random.key(1)))
+    assert np.abs(dropped - x @ w - 2.0 * (x @ a) @ b).max() > 1e-3
+    zero_b = {**params, "kernel_lora_b": np.zeros_like(params["kernel_lora_b"])}
+    np.testing.assert_allclose(apply(zero_b, x, jax.random.key(1)), x @ w, rtol=1e-5, atol=1e-5)
