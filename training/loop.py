@@ -109,9 +109,13 @@ def check_lora(run: RunConfig) -> None:
 def describe(run: RunConfig) -> str:
     counts = param_counts(run.model)
     fpt = flops_per_token(run.model, run.data.seq_len)
+    adapters = ""
+    if run.model.lora.rank:  # not part of the model's counts (the merged model has none)
+        size = sum(x.size for x in jax.tree.leaves(lora.adapters(model_params(run.model))))
+        adapters = f" + {size:,} LoRA adapter params (trained)"
     return (
-        f"params: {counts.total:,} total, {counts.non_embedding:,} non-embedding, {counts.active:,} active per token | "
-        f"training FLOPs/token: {fpt:,} ({fpt / 1e6:.1f} MFLOP)"
+        f"params: {counts.total:,} total, {counts.non_embedding:,} non-embedding, {counts.active:,} active per token"
+        f"{adapters} | training FLOPs/token: {fpt:,} ({fpt / 1e6:.1f} MFLOP)"
     )
 
 
