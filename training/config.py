@@ -272,6 +272,7 @@ def _rules(
         (m.mup_base_width > 0, "model.mup_base_width", m.mup_base_width, "must be > 0"),
         one_of("model.dtype", m.dtype, DTYPES),
         one_of("model.param_dtype", m.param_dtype, DTYPES),
+        *_lora_rules(m, t, q),
         (
             m.num_heads % m.num_kv_heads == 0,
             "model.num_heads",
@@ -315,7 +316,6 @@ def _rules(
         (t.sample_tokens >= 0, "train.sample_tokens", t.sample_tokens, "must be >= 0"),
         one_of("train.objective", t.objective, OBJECTIVES),
         *_quant_rules(t, q),
-        *_lora_rules(m, t, q),
         (
             t.objective not in OBJECTIVES or "segment_ids" not in OBJECTIVES[t.objective].fields or d.document_mask,
             "train.objective",
