@@ -97,6 +97,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         causal_blocks=4,  # attention query blocks; each skips the keys after its last query (1: one T x T block)
         parametrization="sp",  # sp | mup (hidden init ~ 1/fan_in, hidden lr / width_mult, logits / width_mult)
         mup_base_width=256,  # muP: the d_model at which it equals sp (where lr and init were tuned)
+        # LoRA (model/lora): W + (alpha / rank) A B on the weights `targets` names, the base frozen (docs/configs.md).
+        lora=dict(
+            rank=0,  # 0: off
+            alpha=16.0,
+            dropout=0.0,  # on the adapters' inputs, while training
+            targets=("q", "k", "v", "o", "gate", "up", "down"),  # also q_down, q_up, kv_down, kv_up (MLA)
+            base_quant="",  # '' | nf4 (QLoRA: the frozen base in NF4 with double-quantized scales)
+        ),
     )
     c.data = dict(
         corpus="stdlib",  # stdlib | a directory | a glob | a .jsonl file

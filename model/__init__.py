@@ -2,7 +2,7 @@
 
 from model.accounting import ParamCounts, flops_per_token, param_counts
 from model.config import LayerSpec, ModelConfig
-from model.transformer import Output, Transformer, init_variables, layer_groups, logits, unstack_layers
+from model.transformer import Output, Transformer, init_variables, layer_groups, logits, stack_layers, unstack_layers
 
 __all__ = [
     "LayerSpec",
@@ -15,5 +15,6 @@ __all__ = [
     "layer_groups",
     "logits",
     "param_counts",
+    "stack_layers",
     "unstack_layers",
 ]

@@ -18,7 +18,16 @@ from model import mtp
 from model.kinds import ATTENTION_KINDS, MLP_KINDS, LayerSpec
 from model.rope import RopeScaling
 
-__all__ = ["GROUPS", "TABLES", "LayerSpec", "ModelConfig", "ModelConfigBase", "derived", "settable_fields"]
+__all__ = [
+    "GROUPS",
+    "TABLES",
+    "LayerSpec",
+    "LoraConfig",
+    "ModelConfig",
+    "ModelConfigBase",
+    "derived",
+    "settable_fields",
+]
 
 # The tables a config chooses entries from, by the key that chooses (a dotted key is a field of a group).
 TABLES: dict[str, dict[str, type]] = {"attention": ATTENTION_KINDS, "mlp": MLP_KINDS, "mtp.style": mtp.STYLES}
@@ -38,6 +47,24 @@ def _groups() -> dict[str, type]:
 # Group name -> its frozen dataclass, as the tables' entries declare them when this module is imported (an entry
 # added to a table later, as tests/toy_kinds.py adds one, is chosen and checked but brings no group).
 GROUPS: dict[str, type] = _groups()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA (Hu et al. 2021): each weight named in `targets` (keys of model.weights.LORA_TARGETS, MoE experts
+    included) reads as W + (alpha / rank) A B with trained low-rank factors A [in, rank] and B [rank, out] (B starts
+    at zero) and a frozen base W, kept in NF4 with `base_quant='nf4'` (QLoRA); `dropout` drops the adapters'
+    inputs while training. rank 0: off."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    base_quant: str = ""  # '' (float) or 'nf4'
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 def derived(default, source: str):
@@ -86,6 +113,7 @@ class ModelConfigBase:
     causal_blocks: int = 4  # query blocks of causal attention over positions 0..T-1; block i skips later keys
     parametrization: str = "sp"  # 'sp' (standard) or 'mup' (maximal update parametrization)
     mup_base_width: int = 256  # d_model at which muP and SP coincide (where the learning rate was tuned)
+    lora: LoraConfig = LoraConfig()  # low-rank adapters on a frozen base (model/weights.py's LoRA; model/lora)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):  # a group read back from a config.json is a dict

@@ -116,6 +116,22 @@ def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
     return flat
 
 
+def stack_layers(flat: dict, cfg: ModelConfig) -> dict:
+    """The inverse of `unstack_layers`: layer_i params stacked into the scanned groups that hold them."""
+    if not cfg.scan_layers:
+        return flat
+    out = {k: v for k, v in flat.items() if not k.startswith("layer_")}
+    for g in layer_groups(cfg):
+        units = [
+            jax.tree.map(
+                lambda *xs: jnp.stack(xs), *[flat[f"layer_{g.first + r * len(g.unit) + j}"] for r in range(g.repeats)]
+            )
+            for j in range(len(g.unit))
+        ]
+        out[g.name] = units[0] if len(g.unit) == 1 else {f"block_{j}": u for j, u in enumerate(units)}
+    return out
+
+
 class Transformer(nn.Module):
     """`rt` (model/runtime.py) says how it runs: decoding (`rt.decode`, a DecodeConfig) adds each layer's decode
     cache (see its attention kind) for incremental sampling, with the same params; `rt.hooks` carry the mesh's

@@ -13,6 +13,9 @@ Quantized weights (model/quant: `python -m model.quant`, `infer.py --quant`) nam
 ("kernel_int4", "kernel_scale", ...), so they are read as stored whatever format the caller asks for: a quantized
 checkpoint runs through training's evaluation, scoring and decoding alike. `fmt` decides how a weight that no
 format claims is created and read (float, or a test's perturbed format).
+
+LoRA wraps whichever format holds a weight (`LoRA(base, ...)`, not a FORMATS entry: it has a rank and a scale) for
+every weight the model config's `lora.targets` names (`LORA_TARGETS`), so QLoRA is LoRA over the nf4 format.
 """
 
 from __future__ import annotations
@@ -172,6 +175,90 @@ def tiled_matmul(x_MK: jax.Array, stored: dict, scheme: str) -> jax.Array:
 
 FORMATS: dict[str, WeightFormat] = {"float": Float(), **{s: Quantized(s) for s in schemes.SCHEMES}}
 
+# `model.lora.targets` names -> the weights each adapts, by their logical name (`logical_name`): a projection's
+# module name, or an MoE layer's expert weights' own name ("gate" adapts SwiGLU's gate and the experts' alike).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "q": ("query",),
+    "k": ("key",),
+    "v": ("value",),
+    "o": ("out",),
+    "gate": ("gate",),
+    "up": ("up",),
+    "down": ("down",),
+    "q_down": ("q_down",),  # MLA's low-rank projections
+    "q_up": ("q_up",),
+    "kv_down": ("kv_down",),
+    "kv_up": ("kv_up",),
+}
+LORA_SUFFIXES = ("_lora_a", "_lora_b")
+
+
+def logical_name(module: nn.Module, name: str) -> str:
+    """What `model.lora.targets` calls weight `name` of `module`: a Dense layer's "kernel" by its module's name."""
+    return module.name if name == "kernel" else name
+
+
+def lora_delta(a: jax.Array, b: jax.Array, layout: Layout, shape: tuple) -> jax.Array:
+    """A B as a weight of logical `shape`: a [*batch, *fan_in, r] and b [*batch, r, *out] (their axes in
+    `layout`'s order) multiplied as matrices [*batch, K, r] @ [*batch, r, N]."""
+    lead = a.shape[: len(layout.batch)]
+    a_LKR = a.reshape(*lead, -1, a.shape[-1]).astype(jnp.float32)
+    b_LRN = b.reshape(*lead, b.shape[len(lead)], -1).astype(jnp.float32)
+    return layout.from_matrix(a_LKR @ b_LRN, shape)
+
+
+class LoRA:
+    """A frozen base weight in format `base` (float, or a quantized scheme: QLoRA) plus low-rank factors
+    "{name}_lora_a" [*batch, *fan_in, r] and "{name}_lora_b" [*batch, r, *out] (axes in `Layout` order, so they keep
+    the weight's logical axis names): W + scale A B. A starts as peft's (uniform, bound 1 / sqrt(fan_in)), B at zero,
+    so the model starts as its base. A matmul adds scale * (dropout(x) A) B to x W, never forming A B; `read` (MoE
+    experts, MLA's absorbed decoding) gives the merged weight, undropped."""
+
+    def __init__(self, base: WeightFormat, rank: int, scale: float, dropout: float):
+        self.base, self.rank, self.scale, self.dropout = base, rank, scale, dropout
+
+    def create(self, module, name, init, shape, axes, param_dtype, layout) -> dict:
+        stored = self.base.create(module, name, init, shape, axes, param_dtype, layout)
+        out, r = layout.out(len(shape)), self.rank
+        pick = lambda idx: ([shape[a] for a in idx], [axes[a] for a in idx])  # noqa: E731
+        (batch, batch_axes), (fan, fan_axes), (outs, out_axes) = pick(layout.batch), pick(layout.fan_in), pick(out)
+        bound = 1 / math.prod(fan) ** 0.5
+        a_init = lambda key, s, d: jax.random.uniform(key, s, d, -bound, bound)  # noqa: E731
+        a = module.param(
+            f"{name}_lora_a", nn.with_logical_partitioning(a_init, (*batch_axes, *fan_axes, None)), (*batch, *fan, r),
+            param_dtype,
+        )  # fmt: skip
+        b = module.param(
+            f"{name}_lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (*batch_axes, None, *out_axes)),
+            (*batch, r, *outs), param_dtype,
+        )  # fmt: skip
+        stored = {**stored, "lora_a": a, "lora_b": b}
+        if self.dropout and module.has_rng("noise"):  # training: the train step passes its noise key
+            stored["lora_dropout"] = module.make_rng("noise")
+        return stored
+
+    def read(self, stored, name, dtype, shape, layout) -> jax.Array:
+        w = self.base.read(stored, name, jnp.float32, shape, layout)
+        a, b = nn.unbox(stored["lora_a"]), nn.unbox(stored["lora_b"])
+        return (w + self.scale * lora_delta(a, b, layout, shape)).astype(dtype)
+
+    def matmul(self, stored, name, x_MK, shape, layout) -> jax.Array | None:
+        """x_MK @ W + scale * (dropout(x_MK) @ A) @ B (a 2-D weight: Dense's; None for stacks of experts)."""
+        if layout.batch:
+            return None
+        fused = getattr(self.base, "matmul", None)
+        y_MN = fused(stored, name, x_MK, shape, layout) if fused else None
+        if y_MN is None:
+            w_KN = self.base.read(stored, name, x_MK.dtype, shape, layout)
+            y_MN = x_MK @ layout.to_matrix(w_KN)
+        a_KR = nn.unbox(stored["lora_a"]).reshape(x_MK.shape[1], -1).astype(x_MK.dtype)
+        b_RN = nn.unbox(stored["lora_b"]).reshape(a_KR.shape[1], -1).astype(x_MK.dtype)
+        if "lora_dropout" in stored:
+            keep = jax.random.bernoulli(stored["lora_dropout"], 1 - self.dropout, x_MK.shape)
+            x_MK = jnp.where(keep, x_MK / (1 - self.dropout), 0).astype(x_MK.dtype)
+        return y_MN + self.scale * ((x_MK @ a_KR) @ b_RN).astype(y_MN.dtype)
+
+
 _recording: list | None = None
 
 
@@ -237,6 +324,9 @@ def declare(
     if _recording is not None:
         _recording.append((tuple(module.scope.path), name, shape, axes, layout))
     f = stored_format(module.variables.get("params", {}), name, fmt)
+    lora = getattr(cfg, "lora", None)
+    if lora is not None and lora.rank and any(logical_name(module, name) in LORA_TARGETS[t] for t in lora.targets):
+        f = LoRA(f, lora.rank, lora.scale, lora.dropout)
     stored = f.create(module, name, init, shape, axes, jnp.dtype(cfg.param_dtype), layout)
     return Declared(f, stored, name, shape, layout, jnp.dtype(cfg.dtype if dtype is None else dtype))
 
@@ -250,5 +340,9 @@ def weight(
 
 def read(fmt: str, variables: dict, name: str, cfg, shape, layout: Layout = Layout()) -> jax.Array:
     """Weight `name` of logical `shape` from a module's variables (`module.variables["params"][...]`) in format
-    `fmt` (or the quantized format they are stored in)."""
-    return stored_format(variables, name, fmt).read(variables, name, jnp.dtype(cfg.dtype), tuple(shape), layout)
+    `fmt` (or the quantized format they are stored in), with its LoRA adapters where it has some."""
+    f = stored_format(variables, name, fmt)
+    if f"{name}_lora_a" in variables:
+        f = LoRA(f, cfg.lora.rank, cfg.lora.scale, 0.0)
+        variables = {**variables, "lora_a": variables[f"{name}_lora_a"], "lora_b": variables[f"{name}_lora_b"]}
+    return f.read(variables, name, jnp.dtype(cfg.dtype), tuple(shape), layout)

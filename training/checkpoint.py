@@ -28,12 +28,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from data.tokenizer import Tokenizer, tokenizer_from_dict, tokenizer_to_dict
-from model import ModelConfig, Transformer, init_variables
+from model import ModelConfig, Transformer, init_variables, lora
 from training.config import CheckpointConfig, RunConfig, from_dict
+from training.step import init_state
 
 FORMAT_VERSION = 1
 ITEMS = ("params", "opt_state", "model_state", "frozen", "train", "meta")
@@ -371,6 +373,11 @@ def restore_params(
                 f"{path}: its weights are quantized (quant.scheme={run.quant.scheme!r}); training starts from "
                 "float weights (its source workdir, or QAT: train.qat)"
             )
+        if run.model.lora.rank:
+            raise CheckpointError(
+                f"{path}: a LoRA run's checkpoints hold its adapters only; start from its merged workdir "
+                "(python -m model.lora merge)"
+            )
         check(run)
         return {"params": abstract(run.model)}
 
@@ -389,6 +396,20 @@ def abstract_model_state(cfg: ModelConfig) -> Any:
     return jax.eval_shape(lambda: nn.unbox(init_variables(Transformer(cfg), jax.random.key(0)).get("state", {})))
 
 
+def lora_start(
+    run: RunConfig,
+    base_from: str | None,
+    tx=None,
+    abstract: Callable[[ModelConfig], Any] = abstract_params,
+    shardings: Any = None,
+) -> Any:
+    """The params a LoRA run started from (its checkpoints hold only the adapters): `base_from`'s params (a step
+    directory; None: `train.seed`'s initialisation), quantized as `model.lora.base_quant` says, with fresh adapters,
+    bit for bit what `init_state` built. `shardings`: a TrainState of shardings (with `tx`, the run's optimizer)."""
+    base = None if base_from is None else restore_params(base_from, abstract=abstract).arrays["params"]
+    return init_state(Transformer(run.model), tx or optax.identity(), run.train.seed, base, shardings).params
+
+
 def load_for_inference(path: str | pathlib.Path, step: int | None = None) -> tuple[RunConfig, Any, Tokenizer, int]:
     """(config, weights, tokenizer, step) of the latest complete (or the given) step of a workdir, its checkpoints
     directory, or a step directory; needs no corpus. The weights are the params, or {"params", "state"} for a model
@@ -397,7 +418,8 @@ def load_for_inference(path: str | pathlib.Path, step: int | None = None) -> tup
 
     def targets(run: RunConfig) -> dict:
         state = abstract_model_state(run.model)
-        return {"params": abstract_weights(run)} | ({"model_state": state} if jax.tree.leaves(state) else {})
+        params = lora.adapters(abstract_weights(run)) if run.model.lora.rank else abstract_weights(run)
+        return {"params": params} | ({"model_state": state} if jax.tree.leaves(state) else {})
 
     checkpointer = Checkpointer(directory)
     try:
@@ -407,6 +429,8 @@ def load_for_inference(path: str | pathlib.Path, step: int | None = None) -> tup
     if restored is None:
         raise CheckpointError(f"{path}: no checkpoints in {directory}")
     weights = restored.arrays["params"]
+    if restored.run.model.lora.rank:  # adapters only: the frozen base comes from where the run's came from
+        weights = lora.combine(lora_start(restored.run, restored.train.get("lora_base")), weights)
     if "model_state" in restored.arrays:
         weights = {"params": weights, "state": restored.arrays["model_state"]}
     return restored.run, weights, tokenizer_from_dict(restored.meta["tokenizer"]), restored.step

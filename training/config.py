@@ -20,10 +20,12 @@ from model.attention import ATTENTION_IMPLS
 from model.config import TABLES, ModelConfig, settable_fields
 from model.heads import extra_tokens
 from model.layers import NORMS
+from model.lora import TRAINABLE as LORA_TRAINABLE
 from model.positions import POSITIONS
 from model.quant.schemes import GROUPS as QUANT_GROUPS
 from model.quant.schemes import SCHEMES as QUANT_SCHEMES
 from model.transformer import REMAT_POLICIES
+from model.weights import LORA_TARGETS
 from parallel.config import DEFAULT_RULES, MESH_AXES, MeshConfig
 from training.cli import warn
 from training.objectives import OBJECTIVES
@@ -208,6 +210,23 @@ def _quant_rules(t: TrainConfig, q: QuantConfig) -> list[tuple[bool, str, Any, s
     ]
 
 
+def _lora_rules(m: ModelConfig, t: TrainConfig, q: QuantConfig) -> list[tuple[bool, str, Any, str]]:
+    lo, names = m.lora, ", ".join(LORA_TARGETS)
+    unknown = next((name for name in lo.targets if name not in LORA_TARGETS), None)
+    return [
+        (lo.rank >= 0, "model.lora.rank", lo.rank, "must be >= 0 (0: off)"),
+        (lo.alpha > 0, "model.lora.alpha", lo.alpha, "must be > 0 (the adapters are scaled by alpha / rank)"),
+        (0 <= lo.dropout < 1, "model.lora.dropout", lo.dropout, "must be in [0, 1)"),
+        (unknown is None, "model.lora.targets", lo.targets, f"{unknown!r} is not a weight name (allowed: {names})"),
+        (bool(lo.targets) or not lo.rank, "model.lora.targets", lo.targets, f"name at least one of {names}"),
+        (lo.base_quant in ("", "nf4"), "model.lora.base_quant", lo.base_quant, "'' (float base) or 'nf4' (QLoRA)"),
+        (lo.rank > 0 or not lo.base_quant, "model.lora.base_quant", lo.base_quant, "needs model.lora.rank > 0"),
+        (not (lo.rank and t.qat.scheme), "model.lora.rank", lo.rank, "cannot be combined with train.qat"),
+        (not (lo.rank and q.scheme), "model.lora.rank", lo.rank, "a LoRA run trains adapters on a float or NF4 "
+         "base, not a quantized workdir (quant.scheme)"),
+    ]  # fmt: skip
+
+
 def _rules(
     m: ModelConfig, d: DataConfig, t: TrainConfig, c: CheckpointConfig, mesh: MeshConfig, q: QuantConfig
 ) -> list[tuple[bool, str, Any, str]]:
@@ -254,6 +273,7 @@ def _rules(
         (m.mup_base_width > 0, "model.mup_base_width", m.mup_base_width, "must be > 0"),
         one_of("model.dtype", m.dtype, DTYPES),
         one_of("model.param_dtype", m.param_dtype, DTYPES),
+        *_lora_rules(m, t, q),
         (
             m.num_heads % m.num_kv_heads == 0,
             "model.num_heads",
@@ -376,6 +396,9 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunConfig:
         warn(f"train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}: warming up over all {t.steps}")
         typed["train"] = dataclasses.replace(t, warmup_steps=t.steps)
     typed["model"] = dataclasses.replace(typed["model"], max_seq_len=typed["data"].seq_len)
+    t = typed["train"]
+    if typed["model"].lora.rank and LORA_TRAINABLE not in t.trainable:  # LoRA trains its adapters, the base is frozen
+        typed["train"] = dataclasses.replace(t, trainable=(LORA_TRAINABLE, *t.trainable))
     return RunConfig(**typed)
 
 

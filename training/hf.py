@@ -17,7 +17,7 @@ import ml_collections
 
 from configs import base
 from data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_file
-from model import Transformer
+from model import Transformer, lora
 from model import hf as hf_lib
 from model.config import ModelConfig, settable_fields
 from parallel.layout import Layout, abstract_variables
@@ -125,6 +125,9 @@ def export(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int |
         from model.quant.params import dequantize_params
 
         params = dequantize_params(run.model, params, jnp.dtype(run.model.param_dtype))
+    if run.model.lora.rank:  # a LoRA run exports its merged weights (python -m model.lora merge)
+        params = lora.merge(run.model, params)
+        run = dataclasses.replace(run, model=lora.base_config(run.model))
     family = hf_lib.save(run.model, params, out_dir, token_ids=special_ids(tokenizer))
     write_tokenizer(tokenizer, out_dir, run.model.max_seq_len)
     return family

@@ -22,9 +22,11 @@ from tqdm import tqdm
 
 import data as data_lib
 from data.tokenizer import tokenizer_to_dict
-from model import Transformer, flops_per_token, param_counts
+from model import Transformer, flops_per_token, lora, param_counts
 from model import heads as heads_lib
 from model.positions import POSITIONS
+from model.quant.params import check as quant_check
+from model.quant.schemes import QuantError
 from parallel.layout import Layout, abstract_params, host_copy, model_for, plan, sequence_order
 from parallel.sharding import global_batch, process_rows, replicated_batch
 from sampling import generate, prompt_ids
@@ -35,6 +37,7 @@ from training.checkpoint import (
     check_same,
     checkpoints_dir,
     differences,
+    lora_start,
     meta_for,
     restore_params,
 )
@@ -90,12 +93,29 @@ def check_trainable(run: RunConfig) -> None:
         )
 
 
+def check_lora(run: RunConfig) -> None:
+    """ConfigError (one line) when model.lora.targets adapt no weight of this model, or when its weights cannot be
+    stored as model.lora.base_quant (QLoRA's NF4 groups of 64 input channels must divide each weight's)."""
+    lo = run.model.lora
+    if lo.rank and not jax.tree.leaves(lora.adapters(model_params(run.model))):
+        raise ConfigError(f"model.lora.targets={lo.targets!r}: no weight of this model has these names")
+    if lo.base_quant:
+        try:
+            quant_check(run.model, lora.base_quant_spec(run.model))
+        except QuantError as e:
+            raise ConfigError(f"model.lora.base_quant={lo.base_quant!r}: {e}") from None
+
+
 def describe(run: RunConfig) -> str:
     counts = param_counts(run.model)
     fpt = flops_per_token(run.model, run.data.seq_len)
+    adapters = ""
+    if run.model.lora.rank:  # not part of the model's counts (the merged model has none)
+        size = sum(x.size for x in jax.tree.leaves(lora.adapters(model_params(run.model))))
+        adapters = f" + {size:,} LoRA adapter params (trained)"
     return (
-        f"params: {counts.total:,} total, {counts.non_embedding:,} non-embedding, {counts.active:,} active per token | "
-        f"training FLOPs/token: {fpt:,} ({fpt / 1e6:.1f} MFLOP)"
+        f"params: {counts.total:,} total, {counts.non_embedding:,} non-embedding, {counts.active:,} active per token"
+        f"{adapters} | training FLOPs/token: {fpt:,} ({fpt / 1e6:.1f} MFLOP)"
     )
 
 
@@ -124,13 +144,16 @@ def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig, l
         abstract = jax.eval_shape(lambda: init_state(model, tx, run.train.seed))
     else:
         abstract = abstract_state(model, tx, layout)
-    return arrays_of(abstract)
+    return arrays_of(abstract, adapters_only=bool(run.model.lora.rank))
 
 
-def arrays_of(state: TrainState, frozen_from: str | None = None) -> dict:
+def arrays_of(state: TrainState, frozen_from: str | None = None, adapters_only: bool = False) -> dict:
     """The array items of a checkpoint (model_state only where the model keeps any, as older checkpoints lack it;
-    the frozen params only where the state holds some that are not the checkpoint `frozen_from` already holds)."""
-    arrays = {"params": state.params, "opt_state": state.opt_state}
+    the frozen params only where the state holds some that are not the checkpoint `frozen_from` already holds).
+    `adapters_only`: a LoRA run's params are its adapters; the frozen base is rebuilt from `lora_base` (see
+    `train_record`)."""
+    params = lora.adapters(state.params) if adapters_only else state.params
+    arrays = {"params": params, "opt_state": state.opt_state}
     arrays |= {"model_state": state.model_state} if jax.tree.leaves(state.model_state) else {}
     return arrays | ({"frozen": state.frozen} if jax.tree.leaves(state.frozen) and frozen_from is None else {})
 
@@ -138,7 +161,7 @@ def arrays_of(state: TrainState, frozen_from: str | None = None) -> dict:
 def init_from_check(run: RunConfig, path: str, stored: RunConfig) -> None:
     """Another run's params fit this one if the model configs agree (max_seq_len only sizes learned positions)."""
     ignore = (
-        {"model.vocab_size"}
+        {"model.vocab_size", "model.lora"}  # a LoRA run starts from a plain run's params, adapters added
         | COMPUTE_ONLY
         | (set() if POSITIONS[run.model.position].bounded else {"model.max_seq_len"})
     )
@@ -230,13 +253,21 @@ def restored_frozen(restored: Restored, checkpointer: Checkpointer, abstract: An
     return checkpointer.restore(lambda run: {"frozen": abstract}, step=restored.step).arrays["frozen"]
 
 
-def train_record(state: TrainState, data_state: dict, pending_host: list[dict], frozen_from: str | None = None) -> dict:
+def train_record(
+    state: TrainState,
+    data_state: dict,
+    pending_host: list[dict],
+    frozen_from: str | None = None,
+    lora_base: tuple[str | None] | None = None,
+) -> dict:
     """The `train` item of a checkpoint: what besides the arrays a resumed run needs to continue exactly. For a
     state with frozen params, `frozen_from`: the step directory they were loaded from and are reloaded from on
-    resume (None: the `frozen` item holds them)."""
+    resume (None: the `frozen` item holds them). For a LoRA run, `lora_base`: (the step directory its base params
+    came from, None: train.seed's initialisation), which `checkpoint.lora_start` rebuilds them from."""
     rng = {"impl": str(jax.random.key_impl(state.rng)), "data": jax.device_get(jax.random.key_data(state.rng)).tolist()}
     pending = [{name: float(value) for name, value in m.items()} for m in pending_host]
     record = {"step": int(state.step), "rng": rng, "data": data_state, "pending": pending}
+    record |= {"lora_base": lora_base[0]} if lora_base is not None else {}
     return record | ({"frozen_from": frozen_from} if jax.tree.leaves(state.frozen) else {})
 
 
@@ -355,6 +386,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
     # or written.
     layout = plan(run, devices)
     check_trainable(run)
+    check_lora(run)
     check_qat(run)
     check_eval_tasks(run)
     objective = OBJECTIVES[t.objective]
@@ -377,8 +409,14 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             abstract = abstract_state(model, tx, layout, frozen=objective.frozen)
             state_shardings = shardings_of(abstract)
             frozen_from = None  # the checkpoint that holds the frozen params (None: ours do)
+            lora_base = None  # a LoRA run: (where its base params come from,), see train_record
             if restored is not None:
                 state = restored_state(restored, layout)
+                if run.model.lora.rank:
+                    lora_base = (restored.train["lora_base"],)
+                    base_abstract = lambda cfg: abstract_params(Transformer(cfg), layout)  # noqa: E731
+                    start_params = lora_start(run, lora_base[0], tx, base_abstract, state_shardings)
+                    state = state.replace(params=lora.combine(start_params, state.params))
                 if objective.frozen:
                     frozen_from = restored.train["frozen_from"]
                     state = state.replace(frozen=restored_frozen(restored, checkpointer, abstract.frozen))
@@ -386,6 +424,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                 params = source.arrays["params"] if source else None
                 state = init_state(model, tx, t.seed, params, state_shardings, frozen=objective.frozen)
                 frozen_from = str(source.path) if source and objective.frozen else None
+                lora_base = (str(source.path) if source else None,) if run.model.lora.rank else None
             start = restored.step if restored else 0
             if lead:
                 workdir.mkdir(parents=True, exist_ok=True)
@@ -506,8 +545,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                     clock.pause(state)  # nor is saving
                     host = jax.device_get(pending)
                     check_finite(host, step, saved)  # never checkpoint a diverged state
-                    record = train_record(state, data_state, host, frozen_from)
-                    checkpointer.save(step, arrays_of(state, frozen_from), record, meta)
+                    record = train_record(state, data_state, host, frozen_from, lora_base)
+                    checkpointer.save(step, arrays_of(state, frozen_from, lora_base is not None), record, meta)
                     saved = step
                 clock.resume()
                 if stopped:

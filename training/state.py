@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from model import Transformer
+from model import Transformer, lora
 from parallel.layout import Layout, abstract_variables
 
 
@@ -34,11 +34,18 @@ def abstract_state(
     their params' shardings (FSDP shards them with the params: ZeRO-3); counters and the RNG key are replicated.
     With `frozen`, the state also holds a frozen copy of the params, placed as they are."""
     variables = abstract_variables(model, layout)
-    params = variables["params"]
+    params = quantized_base(model, variables["params"], layout)
     opt_state = jax.eval_shape(tx.init, params)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    # Under train.trainable the frozen params' places in the state are optax's MaskedNode (no moments): kept as such.
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, opt_state, param_shardings, transform_non_params=lambda _: layout.replicated
+        tx,
+        lambda p, s: p if masked(p) else s,
+        opt_state,
+        param_shardings,
+        transform_non_params=lambda _: layout.replicated,
+        is_leaf=masked,
     )
     place = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     rep, key = layout.replicated, jax.eval_shape(lambda: jax.random.key(0))
@@ -49,6 +56,19 @@ def abstract_state(
         rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
         model_state=variables["state"],
         frozen=params if frozen else {},
+    )
+
+
+def quantized_base(model: Transformer, params: Any, layout: Layout) -> Any:
+    """The abstract params as a QLoRA run holds them (`model.lora.base_quant`: the base in NF4, model.lora); the
+    codes and scales are replicated, the float leaves keep their shardings."""
+    if not model.cfg.lora.base_quant:
+        return params
+    shardings = {path: x.sharding for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    stored = jax.eval_shape(lambda p: lora.quantize_base(model.cfg, p), params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings.get(path, layout.replicated)),
+        stored,
     )
 
 

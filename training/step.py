@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from model import Transformer, init_variables
+from model import Transformer, init_variables, lora
+from model.quant.params import scheme_of
 from training.config import TrainConfig
 from training.evaluation import Inputs, variables_of
 from training.objectives import OBJECTIVES
@@ -44,7 +45,14 @@ def make_train_step(
         out = objective.loss(model, inputs, t, variables, frozen, batch, {"noise": noise_rng})
         return out.total, (out.loss, out.metrics, out.model_state)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    differentiated = jax.value_and_grad(loss_fn, has_aux=True, allow_int=True)
+
+    def grad_fn(params, *args):
+        """The frozen integer leaves (QLoRA's NF4 codes) get zero gradients of their own dtype (jax's float0
+        cannot be added, averaged or handed to the optimizer)."""
+        out, grads = differentiated(params, *args)
+        zero_ints = lambda g, p: jnp.zeros_like(p) if g.dtype == jax.dtypes.float0 else g  # noqa: E731
+        return out, jax.tree.map(zero_ints, grads, params)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         noise_rng = jax.random.fold_in(state.rng, state.step)  # training-only randomness (e.g. router jitter)
@@ -68,11 +76,13 @@ def make_train_step(
             loss, aux, model_state, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, aux, model_state, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        trained = grads
         if t.trainable:  # the frozen leaves' bits as they were (p + 0 would turn -0.0 into 0.0)
             train_mask = trainable_mask(t.trainable, params)
             params = jax.tree.map(lambda new, old, train: new if train else old, params, state.params, train_mask)
-        # The frozen leaves' gradients are zeros: the norm is the trainable ones'.
-        metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
+            trained = [g for g, train in zip(jax.tree.leaves(grads), jax.tree.leaves(train_mask)) if train]
+        # The frozen leaves' gradients are zeros (QLoRA's float8 scales too, which take no part in a float32 sum).
+        metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(trained), "train/lr": schedule(state.step)}
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
         return new, {**metrics, **aux}
 
@@ -89,13 +99,18 @@ def init_state(
 ) -> TrainState:
     """Step 0: the model's initial params (or the given ones, e.g. another run's), its initial non-trained state,
     fresh optimizer state and RNG, created directly in place when `shardings` (a TrainState of shardings) says
-    where: the whole model is never built on one device. With `frozen`, also a frozen copy of those params."""
+    where: the whole model is never built on one device. With `frozen`, also a frozen copy of those params.
+    Under `model.lora`, given params without adapters get fresh ones (B = 0), and the base is quantized as
+    `model.lora.base_quant` says (QLoRA)."""
     init_rng, state_rng = jax.random.split(jax.random.key(seed))
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init(params):
         variables = nn.unbox(init_variables(model, init_rng))
         params = variables["params"] if params is None else params
+        if model.cfg.lora.rank:
+            params = lora.combine(lora.adapters(variables["params"]), params)
+            params = params if scheme_of(params) else lora.quantize_base(model.cfg, params)
         model_state = variables.get("state", {})
         copy = jax.tree.map(jnp.copy, params) if frozen else {}  # its own buffers: the train step donates the state
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_rng, model_state, copy)
