@@ -103,8 +103,18 @@ def build(out: pathlib.Path, spec: str, max_chars: int) -> dict[str, int]:
     return {name: len(rows) for name, rows in records.items()}
 
 
-def score(workdir: str, data_file: str, fmt: str, reference: str | None = None, batch_size: int = 16) -> dict:
-    """Held-out scores of `workdir` on `data_file`'s validation records (see the module docstring)."""
+def score(
+    workdir: str,
+    data_file: str,
+    fmt: str,
+    reference: str | None = None,
+    batch_size: int = 16,
+    seq_len: int = 0,
+    val_fraction: float = 0.0,
+) -> dict:
+    """Held-out scores of `workdir` on `data_file`'s validation records (see the module docstring): the records the
+    workdir's data.seq_len and data.val_fraction hold out, or those `seq_len` and `val_fraction` do (to score a
+    run's starting point on the set it was fine-tuned on)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -117,6 +127,7 @@ def score(workdir: str, data_file: str, fmt: str, reference: str | None = None, 
 
     run, weights, tokenizer, _ = load_for_inference(workdir)
     cfg = dataclasses.replace(run.data, corpus=data_file, format=fmt, train_on_prompt=False)
+    cfg = dataclasses.replace(cfg, seq_len=seq_len or cfg.seq_len, val_fraction=val_fraction or cfg.val_fraction)
     _, val = formats.load(cfg, tokenizer)
     model = Transformer(run.model)
     params, state = split_weights(weights)
@@ -165,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data", required=True)
     s.add_argument("--format", default="chat", choices=("chat", "preference"))
     s.add_argument("--reference", default=None)
+    s.add_argument("--seq_len", type=int, default=0, help="0: the workdir's data.seq_len")
+    s.add_argument("--val_fraction", type=float, default=0.0, help="0: the workdir's data.val_fraction")
     args = parser.parse_args(argv)
     from data.errors import DataError
 
@@ -174,7 +187,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(f"--max_chars={args.max_chars}: must be a positive number of characters")
             counts = build(pathlib.Path(args.out).expanduser(), args.corpus, args.max_chars)
         else:
-            counts = score(args.workdir, args.data, args.format, args.reference)
+            if args.seq_len < 0 or not 0 <= args.val_fraction < 1:
+                raise DataError(f"--seq_len={args.seq_len} --val_fraction={args.val_fraction}: need >= 0 and [0, 1)")
+            counts = score(
+                args.workdir,
+                args.data,
+                args.format,
+                args.reference,
+                seq_len=args.seq_len,
+                val_fraction=args.val_fraction,
+            )
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

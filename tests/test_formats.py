@@ -288,3 +288,32 @@ def test_posttrain_sets_from_a_corpus(tmp_path):
     assert rejected.splitlines()[0] == "def add(a, b):"
     rng = __import__("random").Random(1)
     assert all(posttrain.corrupted("def f():\n    a\n    b", rng) == "def f():\n    b\n    a" for _ in range(5))
+
+
+def test_an_sft_run_resumes_bit_identically(tmp_path, monkeypatch):
+    """Stopped at step 2 and resumed, an SFT run on packed conversations logs the losses of an uninterrupted one:
+    the row stream of a chat corpus resumes where it was, as the text windows' does."""
+    from training import loop
+    from training.loop import train
+
+    monkeypatch.setattr(loop, "peak_flops", lambda *args: (1e12, "not measured"))
+    records = [
+        {"messages": [{"role": "user", "content": f"{a}*{b}"}, {"role": "assistant", "content": str(a * b)}]}
+        for a in range(9) for b in range(9)
+    ]
+    corpus = _write(tmp_path / "chat.jsonl", records)
+    groups = {
+        "data": {"corpus": str(corpus), "format": "chat", "seq_len": 128, "val_fraction": 0.1},
+        "train": {"objective": "sft", "schedule": "constant", "log_every": 1, "eval_every": 2},
+        "checkpoint": {"every": 2},
+    }
+
+    def run(workdir, steps):
+        train(resolve(tiny_config(**groups | {"train": {**groups["train"], "steps": steps}})), workdir)
+        rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("train/loss"), r.get("eval/loss")) for r in rows]
+
+    reference = run(tmp_path / "reference", 4)
+    run(tmp_path / "resumed", 2)
+    assert run(tmp_path / "resumed", 4) == reference
+    assert len({loss for _, loss, _ in reference if loss is not None}) == 4
