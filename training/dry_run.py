@@ -26,7 +26,7 @@ from parallel.layout import model_for, plan
 from training.config import RunConfig, with_vocab
 from training.loop import check_trainable, jit_train_step
 from training.objectives import OBJECTIVES
-from training.optim import make_optimizer
+from training.optim import make_optimizer, trainable_mask
 from training.qat import check as check_qat
 from training.state import abstract_state, shardings_of
 
@@ -91,6 +91,7 @@ def dry_run(run: RunConfig) -> dict:
         "bytes_per_device": {
             "params": per_device_bytes(abstract.params),
             "optimizer_state": per_device_bytes(abstract.opt_state),
+            "gradients": per_device_bytes(trained(abstract.params, t.trainable)),
             "arguments": memory.argument_size_in_bytes,
             "outputs": memory.output_size_in_bytes,
             "aliased": memory.alias_size_in_bytes,
@@ -109,6 +110,12 @@ def dry_run(run: RunConfig) -> dict:
     }
 
 
+def trained(params: Any, patterns: tuple[str, ...]) -> list:
+    """The leaves of `params` that train (`train.trainable`, which a LoRA run sets to its adapters): the gradients a
+    step must hold at least (the frozen ones' are zeros XLA need not keep)."""
+    return [p for p, keep in zip(jax.tree.leaves(params), jax.tree.leaves(trainable_mask(patterns, params))) if keep]
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:9.3f} GiB" if n >= 2**30 else f"{n / 2**20:9.3f} MiB"
 
@@ -123,6 +130,7 @@ def report(plan: dict) -> str:
         "per device:",
         f"  params           {_gib(b['params'])}",
         f"  optimizer state  {_gib(b['optimizer_state'])}",
+        f"  gradients        {_gib(b['gradients'])}  (of the trained params; inside the temporaries below)",
         f"  temporaries      {_gib(b['temporaries'])}  (activations, gradients, workspace; XLA's buffer assignment)",
         f"  peak estimate    {_gib(b['peak_estimate'])}  (arguments + outputs - donated + temporaries)",
         f"FLOPs per step: {f['model']:.3e} model (6N active + attention), {f['compiled_per_device']:.3e} per device "
