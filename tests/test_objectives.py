@@ -315,3 +315,44 @@ def test_the_objective_groups_resolve_and_orpo_reads_the_lambda_key():
     with pytest.raises(ConfigError, match="needs data.document_mask=True"):
         resolve(tiny_config(train={"objective": "sft"}))
     assert resolve(tiny_config(train={"objective": "sft"}, data={"document_mask": True})).train.objective == "sft"
+
+
+# --- distillation through the training loop ---------------------------------------------------------------------
+
+
+def test_distill_trains_from_a_teacher_workdir_of_another_size_and_resumes_without_storing_it(tmp_path, text_corpus):
+    """A student of the tiny config distils from a teacher of another width and depth (untrained: any distribution
+    will do), read-only from its workdir: the KL is logged, the student's checkpoints name the teacher's step
+    directory instead of holding its params, and a resumed run reloads it. A teacher with another tokenizer is
+    refused in one line naming both."""
+    from data.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
+    from tests.conftest import untrained_workdir
+    from training.checkpoint import Checkpointer, checkpoints_dir
+    from training.loop import train
+
+    teacher_dir = tmp_path / "teacher"
+    untrained_workdir(teacher_dir, ByteTokenizer(), {"d_model": 48, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1})
+    distill = {"teacher_workdir": str(teacher_dir), "temperature": 2.0, "alpha": 0.5}
+    data = {"corpus": str(text_corpus), "val_fraction": 0.2}
+    run = tiny_run(data=data, train={"objective": "distill", "distill": distill, "steps": 2, "eval_every": 2})
+    result = train(run, tmp_path / "student", quiet=True)
+    assert result["step"] == 2 and result["train/distill_kl"] > 0 and np.isfinite(result["train/loss"])
+    checkpointer = Checkpointer(checkpoints_dir(tmp_path / "student"))
+    try:
+        restored = checkpointer.restore(lambda stored: {}, step=2)
+        assert restored.train["frozen_from"] == str(teacher_dir / "checkpoints" / "0")
+        assert not (restored.path / "frozen").exists()
+    finally:
+        checkpointer.close()
+    resumed = train(
+        dataclasses.replace(run, train=dataclasses.replace(run.train, steps=3)), tmp_path / "student", quiet=True
+    )
+    assert resumed["step"] == 3 and np.isfinite(resumed["train/distill_kl"])
+
+    other = tmp_path / "bpe_teacher"
+    untrained_workdir(other, HFTokenizer(train_bpe(["def f(x):\n    return x\n"] * 20, 280), "bpe:280"))
+    mismatched = dataclasses.replace(run.train.distill, teacher_workdir=str(other))
+    with pytest.raises(ConfigError) as e:
+        train(dataclasses.replace(run, train=dataclasses.replace(run.train, distill=mismatched)), tmp_path / "s2")
+    assert "the teacher's tokenizer 'bpe:280' is not the student's data.tokenizer='bytes'" in str(e.value)
+    assert "\n" not in str(e.value)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -28,6 +29,7 @@ from model.positions import POSITIONS
 from parallel.layout import Layout, abstract_params, host_copy, model_for, plan, sequence_order
 from parallel.sharding import global_batch, process_rows, replicated_batch
 from sampling import generate, prompt_ids
+from training import hf
 from training.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -68,10 +70,11 @@ def jit_train_step(
     layout: Layout,
     state_shardings: TrainState,
     eod_id: int | None = None,
+    teacher: Transformer | None = None,
 ):
     """The train step jitted for `layout`: state and batches sharded as it says, the state donated."""
     return jax.jit(
-        make_train_step(model, tx, schedule, run.train, inputs_for(run, layout, eod_id)),
+        make_train_step(model, tx, schedule, run.train, inputs_for(run, layout, eod_id), teacher),
         in_shardings=(state_shardings, layout.batch),
         out_shardings=(state_shardings, layout.replicated),
         donate_argnums=0,
@@ -186,6 +189,29 @@ def find_start(
         log(f"initialising params from {source.path} (fresh optimizer state)")
         return None, source
     return None, None
+
+
+def load_teacher(run: RunConfig, layout: Layout, tokenizer) -> tuple[Transformer, dict, str]:
+    """(the teacher's model, its variables {"params"} placed for `layout`, where they came from) of train.distill:
+    a workdir's latest (or a step directory's) params, or a Hugging Face directory's. Read-only, and read again on
+    resume: checkpoints do not hold it. Refuses a teacher whose tokenizer is not the student's."""
+    d = run.train.distill
+    if d.teacher_workdir:
+        source = restore_params(d.teacher_workdir, abstract=lambda cfg: abstract_params(Transformer(cfg), layout))
+        cfg, params, where = source.run.model, source.arrays["params"], str(source.path)
+        key, teacher_tokenizer = "train.distill.teacher_workdir", source.meta["tokenizer"]
+    else:
+        teacher_run, params, hf_tokenizer = hf.load(d.teacher_hf_dir, layout)
+        cfg, where = teacher_run.model, d.teacher_hf_dir
+        key, teacher_tokenizer = "train.distill.teacher_hf_dir", tokenizer_to_dict(hf_tokenizer)
+    if teacher_tokenizer["json"] != tokenizer_to_dict(tokenizer)["json"]:
+        raise ConfigError(
+            f"{key}={where!r}: the teacher's tokenizer {teacher_tokenizer['spec']!r} is not the student's "
+            f"data.tokenizer={run.data.tokenizer!r} (distillation compares their next-token distributions)"
+        )
+    if not POSITIONS[cfg.position].bounded:  # max_seq_len only sizes learned positions
+        cfg = dataclasses.replace(cfg, max_seq_len=run.data.seq_len)
+    return model_for(cfg, layout), {"params": params}, where
 
 
 def stream_position(restored: Restored) -> int:
@@ -376,6 +402,10 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             tx, schedule = make_optimizer(t, run.model)
             abstract = abstract_state(model, tx, layout, frozen=objective.frozen)
             state_shardings = shardings_of(abstract)
+            teacher = None
+            if objective.teacher:  # the state's frozen variables are the teacher's, placed as it loaded them
+                teacher, teacher_variables, frozen_source = load_teacher(run, layout, data.tokenizer)
+                log(f"distilling from {frozen_source}")
             frozen_from = None  # the checkpoint that holds the frozen params (None: ours do)
             if restored is not None:
                 state = restored_state(restored, layout)
@@ -386,6 +416,10 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                 params = source.arrays["params"] if source else None
                 state = init_state(model, tx, t.seed, params, state_shardings, frozen=objective.frozen)
                 frozen_from = str(source.path) if source and objective.frozen else None
+            if teacher is not None:
+                state = state.replace(frozen=teacher_variables)
+                state_shardings = state_shardings.replace(frozen=shardings_of(teacher_variables))
+                frozen_from = frozen_source
             start = restored.step if restored else 0
             if lead:
                 workdir.mkdir(parents=True, exist_ok=True)
@@ -421,7 +455,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
 
             compile_start = time.perf_counter()
             batch = global_batch(next(train_iter), layout.batch)
-            step_fn = jit_train_step(model, tx, schedule, run, layout, state_shardings, data.tokenizer.eod_id)
+            step_fn = jit_train_step(model, tx, schedule, run, layout, state_shardings, data.tokenizer.eod_id, teacher)
             step_fn = step_fn.lower(state, batch).compile()
             eval_fn = jax.jit(
                 make_eval_step(model, data.tokenizer.token_bytes, inputs),
