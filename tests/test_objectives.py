@@ -327,6 +327,7 @@ def test_distill_trains_from_a_teacher_workdir_of_another_size_and_resumes_witho
     refused in one line naming both."""
     from data.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
     from tests.conftest import untrained_workdir
+    from training import hf
     from training.checkpoint import Checkpointer, checkpoints_dir
     from training.loop import train
 
@@ -348,6 +349,12 @@ def test_distill_trains_from_a_teacher_workdir_of_another_size_and_resumes_witho
         dataclasses.replace(run, train=dataclasses.replace(run.train, steps=3)), tmp_path / "student", quiet=True
     )
     assert resumed["step"] == 3 and np.isfinite(resumed["train/distill_kl"])
+
+    hf_dir = tmp_path / "teacher_hf"
+    hf.export(teacher_dir, hf_dir)  # the byte tokenizer as tokenizer.json: the same tokenizer
+    from_hf = dataclasses.replace(run.train.distill, teacher_workdir="", teacher_hf_dir=str(hf_dir))
+    result = train(dataclasses.replace(run, train=dataclasses.replace(run.train, distill=from_hf)), tmp_path / "s1")
+    assert result["step"] == 2 and result["train/distill_kl"] > 0
 
     other = tmp_path / "bpe_teacher"
     untrained_workdir(other, HFTokenizer(train_bpe(["def f(x):\n    return x\n"] * 20, 280), "bpe:280"))

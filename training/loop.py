@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 import data as data_lib
-from data.tokenizer import tokenizer_to_dict
+from data.tokenizer import tokenizer_from_dict, tokenizer_to_dict
 from model import Transformer, flops_per_token, param_counts
 from model import heads as heads_lib
 from model.positions import POSITIONS
@@ -191,27 +191,38 @@ def find_start(
     return None, None
 
 
-def load_teacher(run: RunConfig, layout: Layout, tokenizer) -> tuple[Transformer, dict, str]:
-    """(the teacher's model, its variables {"params"} placed for `layout`, where they came from) of train.distill:
-    a workdir's latest (or a step directory's) params, or a Hugging Face directory's. Read-only, and read again on
-    resume: checkpoints do not hold it. Refuses a teacher whose tokenizer is not the student's."""
+def load_teacher(run: RunConfig, layout: Layout) -> tuple[Transformer, dict, str, Any]:
+    """(the teacher's model, its variables {"params"} placed for `layout`, where they came from, its tokenizer) of
+    train.distill: a workdir's latest (or a step directory's) params, or a Hugging Face directory's. Read-only, and
+    read again on resume: checkpoints do not hold it. Called outside `layout.activate()`, as the HF reader must."""
     d = run.train.distill
     if d.teacher_workdir:
         source = restore_params(d.teacher_workdir, abstract=lambda cfg: abstract_params(Transformer(cfg), layout))
         cfg, params, where = source.run.model, source.arrays["params"], str(source.path)
-        key, teacher_tokenizer = "train.distill.teacher_workdir", source.meta["tokenizer"]
+        tokenizer = tokenizer_from_dict(source.meta["tokenizer"])
     else:
-        teacher_run, params, hf_tokenizer = hf.load(d.teacher_hf_dir, layout)
+        teacher_run, params, tokenizer = hf.load(d.teacher_hf_dir, layout)
         cfg, where = teacher_run.model, d.teacher_hf_dir
-        key, teacher_tokenizer = "train.distill.teacher_hf_dir", tokenizer_to_dict(hf_tokenizer)
-    if teacher_tokenizer["json"] != tokenizer_to_dict(tokenizer)["json"]:
-        raise ConfigError(
-            f"{key}={where!r}: the teacher's tokenizer {teacher_tokenizer['spec']!r} is not the student's "
-            f"data.tokenizer={run.data.tokenizer!r} (distillation compares their next-token distributions)"
-        )
     if not POSITIONS[cfg.position].bounded:  # max_seq_len only sizes learned positions
         cfg = dataclasses.replace(cfg, max_seq_len=run.data.seq_len)
-    return model_for(cfg, layout), {"params": params}, where
+    return model_for(cfg, layout), {"params": params}, where, tokenizer
+
+
+def check_teacher_tokenizer(run: RunConfig, teacher_tokenizer, tokenizer) -> None:
+    """ConfigError (one line naming both) unless the teacher's tokenizer gives the student's tokens the same ids
+    (an exported byte tokenizer is the byte tokenizer)."""
+    vocabulary = lambda tok: tok.to_tokenizers().get_vocab(with_added_tokens=True)  # noqa: E731
+    if vocabulary(teacher_tokenizer) != vocabulary(tokenizer):
+        d = run.train.distill
+        key, value = (
+            ("train.distill.teacher_workdir", d.teacher_workdir)
+            if d.teacher_workdir
+            else ("train.distill.teacher_hf_dir", d.teacher_hf_dir)
+        )
+        raise ConfigError(
+            f"{key}={value!r}: the teacher's tokenizer {teacher_tokenizer.name!r} is not the student's "
+            f"data.tokenizer={run.data.tokenizer!r} (distillation compares their next-token distributions)"
+        )
 
 
 def stream_position(restored: Restored) -> int:
@@ -390,9 +401,14 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
     lock = hold_workdir(workdir)  # before anything in the workdir is read or written; held until the last save
     checkpointer = Checkpointer(checkpoints_dir(workdir), c)
     try:
+        teacher = None  # the teacher's model, with objectives that have one
+        if objective.teacher:
+            teacher, teacher_variables, teacher_from, teacher_tokenizer = load_teacher(run, layout)
         with stop_flag() as preempted, layout.activate():
             restored, source = find_start(run, checkpointer, layout, log)
             data = data_lib.load(run.data, workdir)
+            if teacher is not None:
+                check_teacher_tokenizer(run, teacher_tokenizer, data.tokenizer)
             vocab = data.tokenizer.vocab_size
             if source is not None:
                 vocab = model_vocab(source, data.tokenizer, run.data.tokenizer)
@@ -402,10 +418,6 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             tx, schedule = make_optimizer(t, run.model)
             abstract = abstract_state(model, tx, layout, frozen=objective.frozen)
             state_shardings = shardings_of(abstract)
-            teacher = None
-            if objective.teacher:  # the state's frozen variables are the teacher's, placed as it loaded them
-                teacher, teacher_variables, frozen_source = load_teacher(run, layout, data.tokenizer)
-                log(f"distilling from {frozen_source}")
             frozen_from = None  # the checkpoint that holds the frozen params (None: ours do)
             if restored is not None:
                 state = restored_state(restored, layout)
@@ -416,10 +428,11 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                 params = source.arrays["params"] if source else None
                 state = init_state(model, tx, t.seed, params, state_shardings, frozen=objective.frozen)
                 frozen_from = str(source.path) if source and objective.frozen else None
-            if teacher is not None:
+            if teacher is not None:  # the state's frozen variables are the teacher's, placed as they were loaded
+                log(f"distilling from {teacher_from}")
+                frozen_from = teacher_from
                 state = state.replace(frozen=teacher_variables)
                 state_shardings = state_shardings.replace(frozen=shardings_of(teacher_variables))
-                frozen_from = frozen_source
             start = restored.step if restored else 0
             if lead:
                 workdir.mkdir(parents=True, exist_ok=True)
