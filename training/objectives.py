@@ -218,12 +218,14 @@ def distill(
 ) -> Loss:
     """Distillation from `frozen`, a `Teacher` (train.distill): `distill_loss_BT`'s weighted mean over the targets
     (`loss_weights`: a pretraining stream's are all 1), logging the KL (train/distill_kl) and the cross-entropy
-    (train/distill_ce) beside it."""
+    (train/distill_ce) beside it. The student's extra heads (model.mtp) train on their own losses as under lm; the
+    teacher's main head alone is read."""
     teacher: Teacher = frozen
-    inputs = inputs.for_eval()
     segments_BT = batch.get("segment_ids")
-    (out, updated), targets_BT = inputs(batch["tokens"], model, variables, segments_BT, mutable=["state"], rngs=rngs)
-    teacher_out, _ = inputs(batch["tokens"], teacher.model, teacher.variables, segments_BT)
+    tokens_BT1 = batch["tokens"]
+    (out, updated), targets_BT = inputs(tokens_BT1, model, variables, segments_BT, mutable=["state"], rngs=rngs)
+    windows_BT1 = tokens_BT1[:, : targets_BT.shape[1] + 1]  # without the extra heads' further targets
+    teacher_out, _ = inputs.for_eval()(windows_BT1, teacher.model, teacher.variables, segments_BT)
     teacher_BTV = jax.lax.stop_gradient(teacher_out.logits_BTV)
     d = t.distill
     loss_BT, kl_BT, nll_BT = distill_loss_BT(out.logits_BTV, teacher_BTV, targets_BT, d.temperature, d.alpha)
