@@ -63,6 +63,15 @@ def weighted_mean(x_BT: jax.Array, weights_BT: jax.Array) -> jax.Array:
     return jnp.sum(weights_BT * x_BT) / jnp.where(total > 0, total, 1.0)
 
 
+def with_aux(loss: jax.Array, aux: dict) -> jax.Array:
+    """The loss plus each auxiliary term of the forward pass times its weight."""
+    return loss + weighted_sum(aux) if any(a.weight for a in aux.values()) else loss
+
+
+def aux_metrics(aux: dict) -> dict[str, jax.Array]:
+    return {f"train/{name}": a.value for name, a in aux.items()}
+
+
 def lm(model: Transformer, inputs: Inputs, t: TrainConfig, variables: dict, frozen, batch: dict, rngs: dict) -> Loss:
     """Next-token cross-entropy of the main head (with train.z_loss and train.label_smoothing), the mean over
     target tokens, or with `loss_weights` [B, T] in the batch (one per target) their weighted mean
@@ -77,9 +86,7 @@ def lm(model: Transformer, inputs: Inputs, t: TrainConfig, variables: dict, froz
         loss = weighted_mean(loss_BT, inputs.permute(batch["loss_weights"]))
     else:
         loss = jnp.mean(loss_BT)
-    total = loss + weighted_sum(out.aux) if any(a.weight for a in out.aux.values()) else loss
-    metrics = {f"train/{name}": a.value for name, a in out.aux.items()}
-    return Loss(total, loss, metrics, updated.get("state", variables.get("state", {})))
+    return Loss(with_aux(loss, out.aux), loss, aux_metrics(out.aux), updated.get("state", variables.get("state", {})))
 
 
 PAIR_FIELDS = ("chosen", "chosen_weights", "rejected", "rejected_weights")
@@ -101,8 +108,9 @@ def pair_logps(
     return -nll_BT, inputs.permute(weights_BT).astype(jnp.float32), out.aux, updated
 
 
-def halves(x_B: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return jnp.split(x_B, 2)
+def halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(chosen rows, rejected rows) of a [2B, ...] array from `pair_logps`."""
+    return jnp.split(x, 2)
 
 
 def dpo_loss(
@@ -132,15 +140,6 @@ def dpo_loss(
     return jnp.mean(losses_B), metrics
 
 
-def with_aux(loss: jax.Array, aux: dict) -> jax.Array:
-    """The loss plus each auxiliary term of the forward pass times its weight (as `lm` adds them)."""
-    return loss + weighted_sum(aux) if any(a.weight for a in aux.values()) else loss
-
-
-def aux_metrics(aux: dict) -> dict[str, jax.Array]:
-    return {f"train/{name}": a.value for name, a in aux.items()}
-
-
 def dpo(model: Transformer, inputs: Inputs, t: TrainConfig, variables: dict, frozen, batch: dict, rngs: dict) -> Loss:
     """DPO (`dpo_loss`, train.dpo) on the pairs' summed response log-probabilities, the reference's from the
     frozen copy of the starting params (train.dpo.reference='frozen') or 0 ('none': reference-free)."""
@@ -158,7 +157,8 @@ def dpo(model: Transformer, inputs: Inputs, t: TrainConfig, variables: dict, fro
 
 
 def log1mexp(x: jax.Array) -> jax.Array:
-    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2 (where the two forms lose digits)."""
+    """log(1 - exp(x)) for x < 0: log1p(-exp(x)) below -log 2 and log(-expm1(x)) above, each where it keeps its
+    digits (Maechler 2012; TRL's `log1mexp` too)."""
     return jnp.where(x < -math.log(2), jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
 
 
