@@ -20,7 +20,7 @@ from tests.conftest import tiny_config, tiny_run
 from tests.test_training import LogitsAsParams
 from training.config import ConfigError, resolve, with_vocab
 from training.evaluation import Inputs
-from training.objectives import OBJECTIVES, PAIR_FIELDS, Teacher, distill_loss_BT, dpo_loss, orpo_loss
+from training.objectives import OBJECTIVES, Teacher, distill_loss_BT, dpo_loss, orpo_loss
 from training.optim import make_optimizer
 from training.step import init_state, make_train_step
 
@@ -376,15 +376,12 @@ def test_distill_trains_from_a_teacher_workdir_of_another_size_and_resumes_witho
     assert "\n" not in str(e.value)
 
 
-def test_a_dry_run_plans_dpo_with_pair_windows_and_refuses_a_teacher_in_one_line(monkeypatch):
-    """The pair fields are [B, T+1] windows like `tokens` (their dtypes from data.config.BATCH_FIELDS, set here as the
-    preference pipeline declares them); distillation's teacher is not planned yet."""
-    from data.config import BATCH_FIELDS
+def test_a_dry_run_plans_dpo_with_pair_windows_and_refuses_a_teacher_in_one_line():
+    """The pair fields are [B, T+1] windows like `tokens`; distillation's teacher is not planned yet."""
     from training.dry_run import dry_run
 
-    for field, dtype in zip(PAIR_FIELDS, ("int32", "float32", "int32", "float32")):
-        monkeypatch.setitem(BATCH_FIELDS, field, dtype)
-    plan = dry_run(tiny_run(data={"corpus": "/nonexistent/corpus"}, train={"objective": "dpo", "batch_size": 2}))
+    data = {"corpus": "/nonexistent/corpus", "format": "preference"}
+    plan = dry_run(tiny_run(data=data, train={"objective": "dpo", "batch_size": 2}))
     assert plan["params"] > 0
     teacher = {"objective": "distill", "distill": {"teacher_workdir": "/nonexistent/teacher"}}
     with pytest.raises(ConfigError, match=r"^train.objective='distill': the dry run does not plan a teacher yet"):
