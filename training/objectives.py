@@ -2,9 +2,9 @@
 
 An objective names the batch fields it reads (the data pipeline yields exactly those: data/pipeline.py `FIELDS`),
 whether it needs a frozen model beside the trained one (a copy of the starting params, or another model: a
-teacher), and its loss. The train step (training/step.py)
-differentiates `Loss.total` with respect to the trainable params, logs `Loss.loss` as train/loss and the rest of
-`Loss.metrics` as they are named; nothing outside this table branches on an objective's name.
+teacher), and its loss. The train step (training/step.py) differentiates `Loss.total` with respect to the
+trainable params, logs `Loss.loss` as train/loss and the rest of `Loss.metrics` as they are named; nothing outside
+this table branches on an objective's name.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class Loss(NamedTuple):
     model_state: Any  # the model's non-trained state as the forward pass updated it ({} for a model without any)
 
 
-# (model, inputs, train config, variables {"params", "state"?}, frozen params ({} unless the objective asks for them),
-# batch, rngs) -> Loss. The first three are fixed for a run; the rest are traced.
+# (model, inputs, train config, variables {"params", "state"?}, frozen params ({} unless the objective asks for them;
+# a `Teacher` for one with a teacher), batch, rngs) -> Loss. The first three are fixed for a run; the rest are traced.
 LossFn = Callable[[Transformer, Inputs, "TrainConfig", dict, Any, dict, dict], Loss]
 
 
