@@ -161,6 +161,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # kept in float ('embed', 'head', ...). Quantizing the checkpoint with the same scheme then gives exactly
         # the weights it trained with.
         qat=dict(scheme="", group_size=-1, skip=("router",), start_step=0),
+        # Post-training objectives (docs/configs.md). dpo: beta scales the policy/reference log-ratios,
+        # label_smoothing is the chance a pair's label is flipped (conservative DPO, in [0, 0.5)), reference 'frozen'
+        # (the params the run starts from) or 'none' (reference-free).
+        dpo=dict(beta=0.1, label_smoothing=0.0, reference="frozen"),
+        orpo={"lambda": 0.1},  # the odds-ratio term's weight (Hong et al.'s lambda)
+        # distill: a teacher workdir or Hugging Face directory (one of them; same tokenizer as the student); the
+        # loss is alpha * temperature^2 * KL(teacher || student) at that temperature + (1 - alpha) * cross-entropy.
+        distill=dict(teacher_workdir="", teacher_hf_dir="", temperature=1.0, alpha=0.5),
     )
     c.checkpoint = dict(
         every=500,  # save every N steps (and always at the end and on SIGTERM or Ctrl-C)

@@ -11,7 +11,7 @@ import pytest
 from configs import base
 from model.config import settable_fields
 from tests.conftest import REPO, tiny_config
-from training.config import GROUPS, ConfigError, resolve
+from training.config import GROUPS, ConfigError, config_key, resolve
 
 
 def test_the_default_configs_resolve():
@@ -24,7 +24,7 @@ def test_the_default_configs_resolve():
 
 def default_mismatches(group: str, cls, values: dict) -> list[str]:
     """Where configs/base.py's `values` for `group` and the dataclass `cls` disagree, nested groups included."""
-    fields = {f.name: f for f in settable_fields(cls)}
+    fields = {config_key(f.name): f for f in settable_fields(cls)}  # train.orpo.lambda: the field lambda_
     out = []
     for name in sorted(set(fields) | set(values)):
         key = f"{group}.{name}"
@@ -93,7 +93,7 @@ def test_sweep_argument_sets_fields_by_bare_or_dotted_name():
         ("train", {"peak_flops": float("nan")}, r"train.peak_flops=nan: must be a finite number"),
         ("model", {"rope_theta": float("inf")}, r"model.rope_theta=inf: must be a finite number"),
         ("data", {"val_fraction": float("nan")}, r"data.val_fraction=nan: must be a finite number"),
-        ("train", {"objective": "dpo"}, r"^train.objective='dpo': allowed: lm"),
+        ("train", {"objective": "ppo"}, r"^train.objective='ppo': allowed: lm, sft, dpo, orpo, distill"),
         ("train", {"trainable": ("mlp", "(")}, r"^train.trainable=\('mlp', '\('\): '\(' is not a regular expression"),
         ("train", {"trainable": ("mlp", 3)}, r"^train.trainable=\('mlp', 3\): expected a tuple of strings"),
     ],
@@ -154,7 +154,7 @@ def run_cli(*args, cwd=REPO):
         # One case per way train.py refuses a value (resolve's rules, the data, the trainable mask); every rule's
         # message is tested in-process above.
         ("--config.data.corpus=/no/such/dir", "data.corpus='/no/such/dir': no such file or directory"),
-        ("--config.train.objective=dpo", "train.objective='dpo': allowed: lm"),
+        ("--config.train.objective=ppo", "train.objective='ppo': allowed: lm, sft, dpo, orpo, distill"),
         (
             "--config.train.trainable=('layers/mlp/', 'lm_head')",
             "train.trainable=('layers/mlp/', 'lm_head'): 'lm_head' matches no parameter path",

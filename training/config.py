@@ -7,6 +7,7 @@ allowed; entry points print it and exit with code 2.
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 import re
 import typing
@@ -54,6 +55,40 @@ class QATConfig:
     start_step: int = 0
 
 
+DPO_REFERENCES = ("frozen", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """train.objective='dpo' (training/objectives.py): `beta` scales the log-ratios, `label_smoothing` the
+    probability that a pair's preference is flipped (conservative DPO), `reference` 'frozen' (the params the run
+    starts from) or 'none' (reference-free: its log-probabilities are 0)."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    reference: str = "frozen"
+
+
+@dataclasses.dataclass(frozen=True)
+class ORPOConfig:
+    """train.objective='orpo': the odds-ratio term's weight, the config key `lambda` (a Python keyword, so the
+    field has a trailing underscore: `config_key`)."""
+
+    lambda_: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """train.objective='distill': the teacher, a workdir (or checkpoint dir) or a Hugging Face directory (one of
+    the two), sharing the student's tokenizer; `temperature` softens both distributions, `alpha` weighs the KL
+    term against the cross-entropy on the data's targets."""
+
+    teacher_workdir: str = ""
+    teacher_hf_dir: str = ""
+    temperature: float = 1.0
+    alpha: float = 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
@@ -85,6 +120,9 @@ class TrainConfig:
     eval_tasks_every: int = 0
     eval_tasks_limit: int = 0
     qat: QATConfig = QATConfig()
+    dpo: DPOConfig = DPOConfig()
+    orpo: ORPOConfig = ORPOConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,16 +168,22 @@ GROUPS = {
 }
 
 
+def config_key(field: str) -> str:
+    """The config key of a dataclass field: a Python keyword (train.orpo.lambda) is a field with a trailing _."""
+    return field[:-1] if field.endswith("_") and keyword.iskeyword(field[:-1]) else field
+
+
 def _typed(group: str, cls, values: dict) -> Any:
     hints = typing.get_type_hints(cls)
-    allowed = [f.name for f in settable_fields(cls)]  # derived fields (model.vocab_size, ...) are filled in later
+    fields = {config_key(f.name): f.name for f in settable_fields(cls)}  # derived fields are filled in later
     kwargs = {}
-    for key, value in values.items():
-        if key not in allowed:
-            raise ConfigError(f"{group}.{key}: unknown key (allowed: {', '.join(allowed)})")
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(f"{group}.{name}: unknown key (allowed: {', '.join(fields)})")
+        key = fields[name]
         want = typing.get_origin(hints[key]) or hints[key]
         if dataclasses.is_dataclass(want) and isinstance(value, dict):  # a nested group, e.g. model.rope_scaling
-            kwargs[key] = _typed(f"{group}.{key}", want, value)
+            kwargs[key] = _typed(f"{group}.{name}", want, value)
             continue
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -148,11 +192,11 @@ def _typed(group: str, cls, values: dict) -> Any:
         if want is tuple and isinstance(value, list):
             value = tuple(value)
         if want is tuple and isinstance(value, tuple) and not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{group}.{key}={value!r}: expected a tuple of strings")
+            raise ConfigError(f"{group}.{name}={value!r}: expected a tuple of strings")
         if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
-            raise ConfigError(f"{group}.{key}={value!r}: expected {want.__name__}")
+            raise ConfigError(f"{group}.{name}={value!r}: expected {want.__name__}")
         if want is float and not math.isfinite(value):  # inf and nan pass every range check below
-            raise ConfigError(f"{group}.{key}={value!r}: must be a finite number")
+            raise ConfigError(f"{group}.{name}={value!r}: must be a finite number")
         kwargs[key] = value
     if cls is MeshConfig and "rules" in kwargs:
         kwargs["rules"] = _mesh_rules(kwargs["rules"])
@@ -225,6 +269,30 @@ def _lora_rules(m: ModelConfig, t: TrainConfig, q: QuantConfig) -> list[tuple[bo
         (not (lo.rank and q.scheme), "model.lora.rank", lo.rank, "a LoRA run trains adapters on a float or NF4 "
          "base, not a quantized workdir (quant.scheme)"),
     ]  # fmt: skip
+
+
+def _objective_rules(t: TrainConfig) -> list[tuple[bool, str, Any, str]]:
+    dpo, orpo, distill = t.dpo, t.orpo, t.distill
+    teachers = bool(distill.teacher_workdir) + bool(distill.teacher_hf_dir)
+    return [
+        (dpo.beta > 0, "train.dpo.beta", dpo.beta, "must be > 0"),
+        (0 <= dpo.label_smoothing < 0.5, "train.dpo.label_smoothing", dpo.label_smoothing, "must be in [0, 0.5)"),
+        (
+            dpo.reference in DPO_REFERENCES,
+            "train.dpo.reference",
+            dpo.reference,
+            f"allowed: {', '.join(DPO_REFERENCES)}",
+        ),
+        (orpo.lambda_ >= 0, "train.orpo.lambda", orpo.lambda_, "must be >= 0"),
+        (distill.temperature > 0, "train.distill.temperature", distill.temperature, "must be > 0"),
+        (0 <= distill.alpha <= 1, "train.distill.alpha", distill.alpha, "must be in [0, 1]"),
+        (
+            t.objective != "distill" or teachers == 1,
+            "train.distill.teacher_workdir",
+            distill.teacher_workdir,
+            "train.objective='distill' needs exactly one of train.distill.teacher_workdir, train.distill.teacher_hf_dir",
+        ),
+    ]
 
 
 def _rules(
@@ -319,6 +387,7 @@ def _rules(
         *_quant_rules(t, q),
         one_of("data.format", d.format, FORMAT_FIELDS),
         *_format_rules(m, d, t),
+        *_objective_rules(t),
         (_regex_error(t.trainable) is None, "train.trainable", t.trainable, _regex_error(t.trainable)),
         (t.eval_tasks_every >= 0, "train.eval_tasks_every", t.eval_tasks_every, "must be >= 0 (0: with every eval)"),
         (t.eval_tasks_limit >= 0, "train.eval_tasks_limit", t.eval_tasks_limit, "must be >= 0 (0: every document)"),

@@ -23,7 +23,7 @@ from data.config import BATCH_FIELDS
 from data.tokenizer import planned_vocab_size
 from model import flops_per_token, param_counts
 from parallel.layout import model_for, plan
-from training.config import RunConfig, with_vocab
+from training.config import ConfigError, RunConfig, with_vocab
 from training.loop import check_trainable, jit_train_step
 from training.objectives import OBJECTIVES
 from training.optim import make_optimizer, trainable_mask
@@ -66,11 +66,16 @@ def dry_run(run: RunConfig) -> dict:
     check_trainable(run)
     check_qat(run)
     objective = OBJECTIVES[t.objective]
+    if objective.teacher:
+        raise ConfigError(
+            f"train.objective={t.objective!r}: the dry run does not plan a teacher yet (train.py runs it)"
+        )
     with layout.activate():
         model = model_for(run.model, layout)
         tx, schedule = make_optimizer(t, run.model)
         abstract = abstract_state(model, tx, layout, frozen=objective.frozen)
-        shapes = {"tokens": (t.batch_size, run.data.seq_len + 1)}
+        windows = ("tokens", "chosen", "rejected")  # [B, T+1]; the per-target fields are [B, T]
+        shapes = {f: (t.batch_size, run.data.seq_len + 1) for f in windows}
         batch = {
             f: jax.ShapeDtypeStruct(
                 shapes.get(f, (t.batch_size, run.data.seq_len)), BATCH_FIELDS[f], sharding=layout.batch

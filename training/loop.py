@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 import data as data_lib
-from data.tokenizer import tokenizer_to_dict
+from data.tokenizer import tokenizer_from_dict, tokenizer_to_dict
 from model import Transformer, flops_per_token, lora, param_counts
 from model import heads as heads_lib
 from model.positions import POSITIONS
@@ -30,6 +31,7 @@ from model.quant.schemes import QuantError
 from parallel.layout import Layout, abstract_params, host_copy, model_for, plan, sequence_order
 from parallel.sharding import global_batch, process_rows, replicated_batch
 from sampling import generate, prompt_ids
+from training import hf
 from training.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -71,10 +73,11 @@ def jit_train_step(
     layout: Layout,
     state_shardings: TrainState,
     eod_id: int | None = None,
+    teacher: Transformer | None = None,
 ):
     """The train step jitted for `layout`: state and batches sharded as it says, the state donated."""
     return jax.jit(
-        make_train_step(model, tx, schedule, run.train, inputs_for(run, layout, eod_id)),
+        make_train_step(model, tx, schedule, run.train, inputs_for(run, layout, eod_id), teacher),
         in_shardings=(state_shardings, layout.batch),
         out_shardings=(state_shardings, layout.replicated),
         donate_argnums=0,
@@ -209,6 +212,40 @@ def find_start(
         log(f"initialising params from {source.path} (fresh optimizer state)")
         return None, source
     return None, None
+
+
+def load_teacher(run: RunConfig, layout: Layout) -> tuple[Transformer, dict, str, Any]:
+    """(the teacher's model, its variables {"params"} placed for `layout`, where they came from, its tokenizer) of
+    train.distill: a workdir's latest (or a step directory's) params, or a Hugging Face directory's. Read-only, and
+    read again on resume: checkpoints do not hold it. Called outside `layout.activate()`, as the HF reader must."""
+    d = run.train.distill
+    if d.teacher_workdir:
+        source = restore_params(d.teacher_workdir, abstract=lambda cfg: abstract_params(Transformer(cfg), layout))
+        cfg, params, where = source.run.model, source.arrays["params"], str(source.path)
+        tokenizer = tokenizer_from_dict(source.meta["tokenizer"])
+    else:
+        teacher_run, params, tokenizer = hf.load(d.teacher_hf_dir, layout)
+        cfg, where = teacher_run.model, d.teacher_hf_dir
+    if not POSITIONS[cfg.position].bounded:  # max_seq_len only sizes learned positions
+        cfg = dataclasses.replace(cfg, max_seq_len=run.data.seq_len)
+    return model_for(cfg, layout), {"params": params}, where, tokenizer
+
+
+def check_teacher_tokenizer(run: RunConfig, teacher_tokenizer, tokenizer) -> None:
+    """ConfigError (one line naming both) unless the teacher's tokenizer gives the student's tokens the same ids
+    (an exported byte tokenizer is the byte tokenizer)."""
+    vocabulary = lambda tok: tok.to_tokenizers().get_vocab(with_added_tokens=True)  # noqa: E731
+    if vocabulary(teacher_tokenizer) != vocabulary(tokenizer):
+        d = run.train.distill
+        key, value = (
+            ("train.distill.teacher_workdir", d.teacher_workdir)
+            if d.teacher_workdir
+            else ("train.distill.teacher_hf_dir", d.teacher_hf_dir)
+        )
+        raise ConfigError(
+            f"{key}={value!r}: the teacher's tokenizer {teacher_tokenizer.name!r} is not the student's "
+            f"data.tokenizer={run.data.tokenizer!r} (distillation compares their next-token distributions)"
+        )
 
 
 def stream_position(restored: Restored) -> int:
@@ -396,9 +433,14 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
     lock = hold_workdir(workdir)  # before anything in the workdir is read or written; held until the last save
     checkpointer = Checkpointer(checkpoints_dir(workdir), c)
     try:
+        teacher = None  # the teacher's model, with objectives that have one
+        if objective.teacher:
+            teacher, teacher_variables, teacher_from, teacher_tokenizer = load_teacher(run, layout)
         with stop_flag() as preempted, layout.activate():
             restored, source = find_start(run, checkpointer, layout, log)
             data = data_lib.load(run.data, workdir)
+            if teacher is not None:
+                check_teacher_tokenizer(run, teacher_tokenizer, data.tokenizer)
             vocab = data.tokenizer.vocab_size
             if source is not None:
                 vocab = model_vocab(source, data.tokenizer, run.data.tokenizer)
@@ -425,6 +467,11 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                 state = init_state(model, tx, t.seed, params, state_shardings, frozen=objective.frozen)
                 frozen_from = str(source.path) if source and objective.frozen else None
                 lora_base = (str(source.path) if source else None,) if run.model.lora.rank else None
+            if teacher is not None:  # the state's frozen variables are the teacher's, placed as they were loaded
+                log(f"distilling from {teacher_from}")
+                frozen_from = teacher_from
+                state = state.replace(frozen=teacher_variables)
+                state_shardings = state_shardings.replace(frozen=shardings_of(teacher_variables))
             start = restored.step if restored else 0
             if lead:
                 workdir.mkdir(parents=True, exist_ok=True)
@@ -460,7 +507,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
 
             compile_start = time.perf_counter()
             batch = global_batch(next(train_iter), layout.batch)
-            step_fn = jit_train_step(model, tx, schedule, run, layout, state_shardings, data.tokenizer.eod_id)
+            step_fn = jit_train_step(model, tx, schedule, run, layout, state_shardings, data.tokenizer.eod_id, teacher)
             step_fn = step_fn.lower(state, batch).compile()
             eval_fn = jax.jit(
                 make_eval_step(model, data.tokenizer.token_bytes, inputs),

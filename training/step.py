@@ -18,21 +18,28 @@ from model import Transformer, init_variables, lora
 from model.quant.params import scheme_of
 from training.config import TrainConfig
 from training.evaluation import Inputs, variables_of
-from training.objectives import OBJECTIVES
+from training.objectives import OBJECTIVES, Teacher
 from training.optim import trainable_mask
 from training.qat import forward_weights
 from training.state import TrainState
 
 
 def make_train_step(
-    model: Transformer, tx: optax.GradientTransformation, schedule, t: TrainConfig, inputs: Inputs | None = None
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    schedule,
+    t: TrainConfig,
+    inputs: Inputs | None = None,
+    teacher: Transformer | None = None,
 ):
     """One optimizer step on `train.objective`'s loss (training/objectives.py), logged as train/loss, with its
     other metrics beside it. Only the params `train.trainable` selects get gradients (the others are constants
     of the loss, so none is computed for them) and change. Non-trained model state (e.g. a router's bias) comes back
     from the forward pass updated by its rule; with gradient accumulation every micro-batch starts from the step's
     state and their updates are averaged. Under `train.qat` the loss reads the weights fake-quantized from
-    `train.qat.start_step` on (training/qat.py), the gradient reaching the float params straight through."""
+    `train.qat.start_step` on (training/qat.py), the gradient reaching the float params straight through.
+    An objective with a teacher (`Objective.teacher`) gets `teacher` and the state's frozen variables as a
+    `Teacher`."""
     inputs = inputs or Inputs()
     objective = OBJECTIVES[t.objective]
     weights = forward_weights(model.cfg, t.qat)
@@ -42,6 +49,8 @@ def make_train_step(
             train_mask = trainable_mask(t.trainable, params)
             params = jax.tree.map(lambda p, train: p if train else jax.lax.stop_gradient(p), params, train_mask)
         variables = variables_of(weights(params, step), model_state)
+        if objective.teacher:
+            frozen = Teacher(teacher, frozen)
         out = objective.loss(model, inputs, t, variables, frozen, batch, {"noise": noise_rng})
         return out.total, (out.loss, out.metrics, out.model_state)
 
