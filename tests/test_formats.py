@@ -299,7 +299,8 @@ def test_an_sft_run_resumes_bit_identically(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "peak_flops", lambda *args: (1e12, "not measured"))
     records = [
         {"messages": [{"role": "user", "content": f"{a}*{b}"}, {"role": "assistant", "content": str(a * b)}]}
-        for a in range(9) for b in range(9)
+        for a in range(9)
+        for b in range(9)
     ]
     corpus = _write(tmp_path / "chat.jsonl", records)
     groups = {

@@ -15,9 +15,9 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # What model/ must not import: the packages and entry points above it.
 ABOVE_MODEL = ("parallel", "data", "training", "sampling", "experiments", "configs", "train", "infer")
-# `python -m model.hf`, `python -m model.quant`, `python -m model.gguf`: entry points, at the top of the import order
+# `python -m model.hf`, `python -m model.quant`, `python -m model.gguf`, `python -m model.lora`: entry points, at the top of the import order
 # though they live in model/ (nothing imports them).
-ENTRY_POINTS = ("model.hf.__main__", "model.quant.__main__", "model.gguf.__main__")
+ENTRY_POINTS = ("model.hf.__main__", "model.quant.__main__", "model.gguf.__main__", "model.lora.__main__")
 
 
 def module_name(path: pathlib.Path, root: pathlib.Path) -> str:

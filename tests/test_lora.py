@@ -180,7 +180,7 @@ def test_qlora_keeps_the_base_in_nf4_and_computes_the_dequantized_base_plus_the_
 
 def test_our_forward_is_pefts_and_a_merged_export_loads_in_transformers(tmp_path):
     """A tiny random LlamaForCausalLM with a peft LoraConfig (r 4, alpha 8, every projection; A and B random and
-    nonzero): imported into our params (model.hf.load, then the peft adapter via model.lora.from_peft), our LoRA
+    nonzero): imported into our params (model.hf.load, then the peft adapter via model.hf.from_peft), our LoRA
     logits are peft's; the merged weights exported with model.hf.save load in transformers with those logits."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -210,7 +210,7 @@ def test_our_forward_is_pefts_and_a_merged_export_loads_in_transformers(tmp_path
     cfg, params = model.hf.load(tmp_path / "base")
     cfg = dataclasses.replace(cfg, lora=LoraConfig(rank=4, alpha=8.0, targets=ALL))
     tensors = {k: v.numpy() for k, v in peft.get_peft_model_state_dict(peft_model).items()}
-    params = lora.from_peft(cfg, lora.attach(cfg, params, jax.random.key(0)), tensors)
+    params = model.hf.from_peft(cfg, lora.attach(cfg, params, jax.random.key(0)), tensors)
     np.testing.assert_allclose(model.logits(cfg, params, x), want, rtol=1e-5, atol=2e-5)
 
     model.hf.save(lora.base_config(cfg), lora.merge(cfg, params), tmp_path / "merged")

@@ -14,19 +14,22 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from model import lora, weights
 from model.config import ModelConfig
 from model.hf.families import EXPORT_ORDER, FAMILIES, Family, HFError
 from model.hf.tensors import Entry
-from model.transformer import Transformer, init_variables, layer_groups, unstack_layers
+from model.transformer import Transformer, init_variables, layer_groups, stack_layers, unstack_layers
 
 __all__ = [
     "FAMILIES",
@@ -334,3 +337,37 @@ def _host(x) -> np.ndarray:
 
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
+
+
+def peft_names(hf_name: str) -> tuple[str, str]:
+    stem = "base_model.model." + re.sub(r"\.weight$", "", hf_name)
+    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+
+
+def from_peft(cfg: ModelConfig, params: dict, tensors: dict[str, Any]) -> dict:
+    """`params` (a LoRA model's, e.g. `model.hf.load` of the base with lora set) with the adapters peft saved
+    (`adapter_model.safetensors`'s tensors: lora_A [r, in], lora_B [out, r] of each Linear), placed as our A
+    [*in, r] and B [r, *out]; adapted weights peft does not hold keep theirs (B = 0: the base). peft's
+    lora_alpha and r must be `model.lora`'s (LoRA lives in model/lora; reading peft's names is Hugging Face's side)."""
+    family = family_for(lora.base_config(cfg))
+    flat = unstack_layers(nn.unbox(params), cfg)
+    for (collection, *path), entry in family.entries(lora.base_config(cfg)).items():
+        if collection != "params" or not entry.num_in:
+            continue
+        parent = flat
+        for k in path[:-1]:
+            parent = parent[k]
+        name = path[-1]
+        if f"{name}_lora_a" not in parent:
+            continue
+        pairs = [peft_names(n) for n in entry.names]
+        if not all(a in tensors for a, _ in pairs):
+            continue
+        factors = {}
+        for i, suffix in enumerate(weights.LORA_SUFFIXES):
+            ours = parent[name + suffix]
+            factors[name + suffix] = jnp.asarray(
+                entry.to_ours([np.asarray(tensors[p[i]]) for p in pairs], ours.shape), ours.dtype
+            )
+        flat = lora.set_entries(flat, tuple(path[:-1]), factors)
+    return stack_layers(flat, cfg)

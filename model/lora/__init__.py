@@ -8,20 +8,17 @@ The forward math is model/weights.py's `LoRA` format (every weight `model.lora.t
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from model import weights
 from model.config import LoraConfig, ModelConfig
 from model.quant.params import dequantize_params, quantize_params, weight_infos
 from model.quant.schemes import Spec
-from model.transformer import stack_layers, unstack_layers
+from model.transformer import Transformer, init_variables
 
 # train.trainable's pattern for a LoRA run: the adapters, nothing else (training.config adds it).
 TRAINABLE = r"_lora_[ab]$"
@@ -83,10 +80,10 @@ def quantize_base(cfg: ModelConfig, params: dict) -> dict:
     return quantize_params(cfg, params, base_quant_spec(cfg))
 
 
-def _set(tree: dict, path: tuple, entries: dict, drop: tuple = ()) -> dict:
+def set_entries(tree: dict, path: tuple, entries: dict, drop: tuple = ()) -> dict:
     if len(path) == 0:
         return {**{k: v for k, v in tree.items() if k not in drop}, **entries}
-    return {**tree, path[0]: _set(tree[path[0]], path[1:], entries, drop)}
+    return {**tree, path[0]: set_entries(tree[path[0]], path[1:], entries, drop)}
 
 
 def merge(cfg: ModelConfig, params: dict, dtype=None) -> dict:
@@ -108,52 +105,14 @@ def merge(cfg: ModelConfig, params: dict, dtype=None) -> dict:
         a, b = parent[f"{name}_lora_a"], parent[f"{name}_lora_b"]
         delta = weights.lora_delta(a, b, info.matrix_layout(w.ndim), w.shape)
         merged = (w.astype(jnp.float32) + cfg.lora.scale * delta).astype(dtype)
-        tree = _set(tree, tuple(parent_path), {name: merged}, drop=(f"{name}_lora_a", f"{name}_lora_b"))
+        tree = set_entries(tree, tuple(parent_path), {name: merged}, drop=(f"{name}_lora_a", f"{name}_lora_b"))
     return {**variables, "params": tree} if variables is not None else tree
 
 
 # peft's names of a Hugging Face weight's adapter factors ("model.layers.0.self_attn.q_proj.weight" ->
 # "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").
-def peft_names(hf_name: str) -> tuple[str, str]:
-    stem = "base_model.model." + re.sub(r"\.weight$", "", hf_name)
-    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
-
-
-def from_peft(cfg: ModelConfig, params: dict, tensors: dict[str, Any]) -> dict:
-    """`params` (a LoRA model's, e.g. `model.hf.load` of the base with lora set) with the adapters peft saved
-    (`adapter_model.safetensors`'s tensors: lora_A [r, in], lora_B [out, r] of each Linear), placed as our A
-    [*in, r] and B [r, *out]; adapted weights peft does not hold keep theirs (B = 0: the base). peft's
-    lora_alpha and r must be `model.lora`'s."""
-    from model.hf import family_for
-
-    family = family_for(base_config(cfg))
-    flat = unstack_layers(nn.unbox(params), cfg)
-    for (collection, *path), entry in family.entries(base_config(cfg)).items():
-        if collection != "params" or not entry.num_in:
-            continue
-        parent = flat
-        for k in path[:-1]:
-            parent = parent[k]
-        name = path[-1]
-        if f"{name}_lora_a" not in parent:
-            continue
-        pairs = [peft_names(n) for n in entry.names]
-        if not all(a in tensors for a, _ in pairs):
-            continue
-        factors = {}
-        for i, suffix in enumerate(weights.LORA_SUFFIXES):
-            ours = parent[name + suffix]
-            factors[name + suffix] = jnp.asarray(
-                entry.to_ours([np.asarray(tensors[p[i]]) for p in pairs], ours.shape), ours.dtype
-            )
-        flat = _set(flat, tuple(path[:-1]), factors)
-    return stack_layers(flat, cfg)
-
-
 def attach(cfg: ModelConfig, base: dict, rng: jax.Array) -> dict:
     """`base` (a model's params without adapters, e.g. another run's or a Hugging Face model's) with fresh adapters
     (A random, B = 0) on the weights `cfg.lora.targets` names; `base`'s own leaves are kept as given."""
-    from model.transformer import Transformer, init_variables
-
     fresh = jax.jit(lambda key: nn.unbox(init_variables(Transformer(cfg), key))["params"])(rng)
     return combine(nn.unbox(base), adapters(fresh))
