@@ -230,9 +230,9 @@ def check_serve_flags() -> None:
 
 def serve(run, params, tokenizer, decode) -> None:
     """Serves the loaded model until SIGTERM (sampling/server.py)."""
+    from data.chat import ChatTemplate, read_template
     from model import Transformer
     from parallel.decoding import decode_layout
-    from data.chat import ChatTemplate, read_template
     from sampling.engine import Engine, EngineConfig
     from sampling.server import Server, serve
 

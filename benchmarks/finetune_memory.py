@@ -1,7 +1,7 @@
 """Memory of full fine-tuning, LoRA and QLoRA: parameter, gradient and optimizer bytes of one train step, from the
 AOT dry run (`train.py --dry_run`: the step compiled on abstract shapes, nothing allocated), one row per method.
 
-    python benchmarks/finetune_memory.py [--configs configs/bench_10m.py configs/llama_1b.py] [--rank 16]
+    python -m benchmarks.finetune_memory [--configs configs/bench_10m.py configs/llama_1b.py] [--rank 16]
         [--batch_size 8] [--seq_len 512]
 
 Params, optimizer state and gradients follow from the shapes and dtypes alone (exact on any machine): gradients are

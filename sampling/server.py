@@ -41,8 +41,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from data.tokenizer import Tokenizer
 from data.chat import ChatError, ChatTemplate, messages_of
+from data.tokenizer import Tokenizer
 from sampling.decode import prompt_ids
 from sampling.engine import Engine, Event, Handle, QueueFull, RequestError, SamplingParams, Stats, TokenLogprob
 from sampling.runner import cut_at_stop
