@@ -301,15 +301,23 @@ def open_source(name: str) -> Source:
     return Source(name, step_dir, meta, arrays)
 
 
+# Model keys that change no weight but through a shape the array check below compares: the context length a run
+# trained at (data.seq_len's; only learned positions have a table of that size), e.g. a fine-tune at a longer
+# seq_len merged with its base.
+SHAPE_ONLY = {"model.max_seq_len"}
+
+
 def check_same_architecture(sources: list[Source]) -> None:
-    """MergeError naming the first difference from the first input: a model config key, the tokenizer, or an
-    array's presence, shape or dtype."""
+    """MergeError naming the first difference from the first input: a model config key (but SHAPE_ONLY's), the
+    tokenizer, or an array's presence, shape or dtype."""
     from training.checkpoint import differences, stored_config
 
     first = sources[0]
     first_run = stored_config(first.meta, first.step_dir)
     for other in sources[1:]:
         for key, mine, theirs in differences(first_run, stored_config(other.meta, other.step_dir), ("model",)):
+            if key in SHAPE_ONLY:
+                continue
             raise MergeError(f"{other.name}: {key}={theirs!r}, but {mine!r} in {first.name}")
         if other.meta["tokenizer"] != first.meta["tokenizer"]:
             raise MergeError(f"{other.name}: its tokenizer differs from {first.name}'s")

@@ -3,6 +3,7 @@ on random params written as workdirs; the merged workdir loads and runs; bad inp
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import zlib
 
@@ -52,6 +53,9 @@ def workdirs(tmp_path_factory) -> dict[str, tuple[pathlib.Path, dict]]:
     for name, tree in trees.items():
         write_workdir(root / name, run, tree)
         out[name] = (root / name, jax.tree.map(lambda x: np.asarray(x, np.float64), tree))
+    long = dataclasses.replace(run, model=dataclasses.replace(run.model, max_seq_len=4 * run.model.max_seq_len))
+    write_workdir(root / "long", long, trees["m2"])  # m2 fine-tuned at a longer data.seq_len (RoPE: same arrays)
+    out["long"] = (root / "long", out["m2"][1])
     wide = tiny(d_ff=96)
     wide_params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract_params(wide.model))
     write_workdir(root / "wide", wide, wide_params)
@@ -137,6 +141,7 @@ CASES = [
     ("ties", ["m1", "m2", "m3"], [1.0, 0.5, 2.0], "base", 0.3),
     ("dare_ties", ["m1", "m2", "m3"], [1.0, 0.5, 2.0], "base", 0.4),
     ("dare_linear", ["m1", "m2"], [1.0, 2.0], "base", 0.5),
+    ("ties", ["m1", "long"], [1.0, 1.0], "base", 0.3),  # another max_seq_len, the same arrays: merges
 ]
 
 
