@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -29,6 +30,7 @@ from typing import Protocol
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model.kernels import cpu_quant_matmul
 from model.quant import schemes
@@ -135,15 +137,57 @@ class Quantized:
         return rows_KN.T.reshape(*ids.shape, shape[1]).astype(dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def codes_matmul(x_MK: jax.Array, stored: dict, scheme: str) -> jax.Array:
     """float32 x_MK @ W_KN of a quantized [K, N] matrix without its float weight: the C++ CPU kernel
-    (model/kernels/cpu_quant_matmul) for the few rows of decoding where it runs, else `tiled_matmul`."""
+    (model/kernels/cpu_quant_matmul) for the few rows of decoding where it runs, else `tiled_matmul`.
+
+    The codes are frozen (QLoRA's base): the gradient reaches x only, dy @ W^T computed tile by tile
+    (`tiled_matmul_t`) from the codes, which are all the backward pass keeps. Autodiff through the tiled loop would
+    keep every float tile, and a remat policy that saves matmul outputs every tile's partial product."""
     if cpu_quant_matmul.blocker(x_MK.shape[0], stored, scheme) is None:
         return cpu_quant_matmul.quant_matmul(x_MK, stored, scheme)
     return tiled_matmul(x_MK, stored, scheme)
 
 
+def _codes_matmul_fwd(x_MK, stored, scheme):
+    return codes_matmul(x_MK, stored, scheme), (stored, jnp.zeros((0,), x_MK.dtype))  # (x's dtype)
+
+
+def _codes_matmul_bwd(scheme, residuals, dy_MN):
+    stored, like = residuals
+    frozen = jax.tree.map(
+        lambda a: jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.inexact) else np.zeros(a.shape, jax.dtypes.float0),
+        stored,
+    )
+    return tiled_matmul_t(dy_MN, stored, scheme).astype(like.dtype), frozen
+
+
+codes_matmul.defvjp(_codes_matmul_fwd, _codes_matmul_bwd)
+
+
 TILE = 256  # input channels dequantized at once by tiled_matmul (at most; a divisor of K that groups fit)
+
+
+def _tiles(stored: dict, scheme: str) -> tuple[int, int, Callable[[jax.Array], jax.Array]]:
+    """(tile, tiles, tile i's float weight [tile, N]) of a quantized [K, N] matrix cut into tiles of at most `TILE`
+    input channels that its groups fit."""
+    codes_KN = schemes.codes_of(stored, scheme)
+    scale_GN = schemes.scales_of(stored, scheme)
+    zero_GN = stored.get("zero")
+    K = codes_KN.shape[0]
+    G = K // scale_GN.shape[0]
+    tile = next((t for t in (TILE, 128, 64, 32) if K % t == 0 and (t % G == 0 or G % t == 0)), K)
+    per = max(tile // G, 1)  # scale rows a tile spans
+
+    def weight(i):
+        q = jax.lax.dynamic_slice_in_dim(codes_KN, i * tile, tile, 0)
+        row = (i * tile) // G
+        s = jax.lax.dynamic_slice_in_dim(scale_GN, row, per, 0)
+        z = None if zero_GN is None else jax.lax.dynamic_slice_in_dim(zero_GN, row, per, 0)
+        return schemes.values_of(q, scheme, s, z)
+
+    return tile, K // tile, weight
 
 
 def tiled_matmul(x_MK: jax.Array, stored: dict, scheme: str) -> jax.Array:
@@ -151,26 +195,25 @@ def tiled_matmul(x_MK: jax.Array, stored: dict, scheme: str) -> jax.Array:
     the float weight never exists whole: decoding reads the int8/int4 codes (a quarter / an eighth of float32's
     bytes) and each float tile stays in cache. float32 accumulation; the result equals x_MK @ dequantize(W)
     within float rounding (the sum is split by tiles)."""
-    codes_KN = schemes.codes_of(stored, scheme)
-    scale_GN = schemes.scales_of(stored, scheme)
-    zero_GN = stored.get("zero")
-    K, N = codes_KN.shape
-    G = K // scale_GN.shape[0]
-    tile = next((t for t in (TILE, 128, 64, 32) if K % t == 0 and (t % G == 0 or G % t == 0)), K)
-    steps, per = K // tile, max(tile // G, 1)  # per: scale rows a tile spans
+    tile, steps, weight = _tiles(stored, scheme)
+    N = schemes.codes_of(stored, scheme).shape[1]
 
     def body(acc_MN, i):
-        q = jax.lax.dynamic_slice_in_dim(codes_KN, i * tile, tile, 0)
-        row = (i * tile) // G
-        s = jax.lax.dynamic_slice_in_dim(scale_GN, row, per, 0)
-        z = None if zero_GN is None else jax.lax.dynamic_slice_in_dim(zero_GN, row, per, 0)
-        w = schemes.values_of(q, scheme, s, z)
         x = jax.lax.dynamic_slice_in_dim(x_MK, i * tile, tile, 1).astype(jnp.float32)
-        return acc_MN + x @ w, None
+        return acc_MN + x @ weight(i), None
 
     if steps == 1:
         return body(jnp.zeros((x_MK.shape[0], N), jnp.float32), 0)[0]
     return jax.lax.scan(body, jnp.zeros((x_MK.shape[0], N), jnp.float32), jnp.arange(steps))[0]
+
+
+def tiled_matmul_t(dy_MN: jax.Array, stored: dict, scheme: str) -> jax.Array:
+    """dy_MN @ W_KN^T [M, K] of a quantized matrix, a tile of input channels at a time (`tiled_matmul`'s
+    transpose: the backward pass of `codes_matmul`)."""
+    tile, steps, weight = _tiles(stored, scheme)
+    dy_MN = dy_MN.astype(jnp.float32)
+    _, parts_SMT = jax.lax.scan(lambda _, i: (None, dy_MN @ weight(i).T), None, jnp.arange(steps))
+    return parts_SMT.transpose(1, 0, 2).reshape(dy_MN.shape[0], steps * tile)
 
 
 FORMATS: dict[str, WeightFormat] = {"float": Float(), **{s: Quantized(s) for s in schemes.SCHEMES}}
@@ -256,7 +299,29 @@ class LoRA:
         if "lora_dropout" in stored:
             keep = jax.random.bernoulli(stored["lora_dropout"], 1 - self.dropout, x_MK.shape)
             x_MK = jnp.where(keep, x_MK / (1 - self.dropout), 0).astype(x_MK.dtype)
-        return y_MN + self.scale * ((x_MK @ a_KR) @ b_RN).astype(y_MN.dtype)
+        return y_MN + self.scale * _low_rank(x_MK, a_KR, b_RN).astype(y_MN.dtype)
+
+
+@jax.custom_vjp
+def _low_rank(x_MK: jax.Array, a_KR: jax.Array, b_RN: jax.Array) -> jax.Array:
+    """(x A) B whose backward pass keeps x, A, B and x A [M, r] only. As plain matmuls, a remat policy that saves
+    matmul outputs (model.remat 'dots') would also keep the [M, N] product: one more output-sized activation per
+    adapted projection than the model without adapters."""
+    return (x_MK @ a_KR) @ b_RN
+
+
+def _low_rank_fwd(x_MK, a_KR, b_RN):
+    xa_MR = x_MK @ a_KR
+    return xa_MR @ b_RN, (x_MK, a_KR, b_RN, xa_MR)
+
+
+def _low_rank_bwd(residuals, dy_MN):
+    x_MK, a_KR, b_RN, xa_MR = residuals
+    dxa_MR = dy_MN @ b_RN.T
+    return dxa_MR @ a_KR.T, x_MK.T @ dxa_MR, xa_MR.T @ dy_MN
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 _recording: list | None = None

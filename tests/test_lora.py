@@ -347,3 +347,32 @@ def test_decoding_reads_the_adapters_mla_absorbed_included():
     assert np.abs(full - base).max() > 0.1
     absorbed = decode_logits(cfg, params, x, max_len=16, variant="absorbed")[0]
     np.testing.assert_allclose(absorbed, full[:, 5:11], rtol=1e-4, atol=1e-4)
+
+
+def test_a_projections_gradients_are_numpys_for_a_float_and_an_nf4_base():
+    """d loss / d (x, A, B) of one projection, loss = sum(y * g), against NumPy's: x's gradient g (W + s A B)^T
+    with W the float or the dequantized NF4 base (computed from the codes tile by tile, `codes_matmul`'s backward),
+    A's s x^T g B^T, B's s (x A)^T g."""
+    from model.layers import Dense
+    from model.quant import schemes
+
+    cfg = ModelConfig(d_model=512, lora=LoraConfig(rank=4, alpha=8.0, targets=("q",)))
+    dense = Dense(cfg, (96,), ("embed", "mlp"), name="query")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((7, 512)).astype(np.float32)
+    g = rng.standard_normal((7, 96)).astype(np.float32)
+    params = randomized(nn.unbox(dense.init(jax.random.key(0), x))["params"])
+    stored = schemes.quantize(jnp.asarray(params["kernel"]), "nf4", 64)
+    w_nf4 = np.asarray(schemes.dequantize(stored, "nf4"))
+    names = {"q": "kernel_nf4", "scale": "kernel_scale", "scale2": "kernel_scale2", "offset": "kernel_offset"}
+    nf4 = {names[k]: v for k, v in stored.items()} | {k: v for k, v in params.items() if "lora" in k}
+    loss = lambda adapters, x, base: jnp.sum(dense.apply({"params": base | adapters}, x) * g)  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    for p, w in ((params, params["kernel"]), (nf4, w_nf4)):
+        assert ("kernel_nf4" in p) == (w is w_nf4)
+        a, b = (np.asarray(p[k], np.float64) for k in ("kernel_lora_a", "kernel_lora_b"))
+        adapters = {k: v for k, v in p.items() if "lora" in k}
+        dp, dx = grad(adapters, x, {k: v for k, v in p.items() if "lora" not in k})
+        np.testing.assert_allclose(dx, g @ (np.asarray(w, np.float64) + 2.0 * a @ b).T, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dp["kernel_lora_a"], 2.0 * x.T @ g @ b.T, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(dp["kernel_lora_b"], 2.0 * (x @ a).T @ g, rtol=1e-4, atol=1e-3)
