@@ -393,7 +393,9 @@ def test_a_dry_run_plans_dpo_with_pair_windows_and_refuses_a_teacher_in_one_line
 
 def test_dpo_and_orpo_train_on_a_preference_corpus(tmp_path):
     """Through train.py's loop on TRL-style preference records: DPO's first step, the policy still its frozen
-    reference, logs train/loss log 2 and margin 0, and later steps move the margin; ORPO trains on the same pairs."""
+    reference, logs train/loss log 2 and margin 0, and later steps move the margin; stopped at step 2 and resumed,
+    a DPO run logs the same bits (its frozen reference comes back from the checkpoint); ORPO trains on the same
+    pairs."""
     records = [
         {"prompt": f"def f{i}(x):", "chosen": f" return x + {i}", "rejected": f" return x - {i}{'0' * (i % 3)}"}
         for i in range(40)
@@ -401,7 +403,7 @@ def test_dpo_and_orpo_train_on_a_preference_corpus(tmp_path):
     corpus = tmp_path / "prefs.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
     data = {"corpus": str(corpus), "format": "preference", "seq_len": 32, "val_fraction": 0.1}
-    train_cfg = {"steps": 3, "log_every": 1, "eval_every": 3, "lr": 1e-2, "warmup_steps": 0}
+    train_cfg = {"steps": 3, "log_every": 1, "eval_every": 3, "lr": 1e-2, "warmup_steps": 0, "schedule": "constant"}
     from training.loop import train
 
     run = tiny_run(data=data, train={**train_cfg, "objective": "dpo"})
@@ -411,6 +413,12 @@ def test_dpo_and_orpo_train_on_a_preference_corpus(tmp_path):
     assert [r["step"] for r in logged] == [1, 2, 3]
     assert logged[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6) and logged[0]["train/dpo_margin"] == 0
     assert logged[-1]["train/dpo_margin"] != 0 and logged[-1]["train/chosen_logp"] < 0
+    for steps in (2, 3):  # the same run stopped after step 2 (a checkpoint at every step), then resumed
+        run = tiny_run(data=data, train={**train_cfg, "objective": "dpo", "steps": steps}, checkpoint={"every": 1})
+        train(run, tmp_path / "dpo_resumed", quiet=True)
+    resumed = [json.loads(line) for line in (tmp_path / "dpo_resumed" / "metrics.jsonl").read_text().splitlines()]
+    trained = lambda rows: [{k: v for k, v in r.items() if k.startswith("train/")} for r in rows if "train/loss" in r]  # noqa: E731
+    assert trained(resumed) == trained(logged)
     run = tiny_run(data=data, train={**train_cfg, "objective": "orpo"})
     result = train(run, tmp_path / "orpo", quiet=True)
     assert np.isfinite(result["train/loss"]) and result["train/orpo_nll"] > 0
