@@ -113,6 +113,17 @@ def write_workdir(out: pathlib.Path, run: RunConfig, weights: Any, tokenizer: To
         checkpointer.close()
 
 
+def out_problem(out: str, workdir: str, overwrite: bool, doing: str) -> str | None:
+    """Why a command cannot write the workdir `out` from `workdir` (it exists and may not be replaced, or it is the
+    workdir being `doing`, e.g. 'quantized'), else None: checked before anything loads."""
+    path = pathlib.Path(out).expanduser().absolute()
+    if path.exists() and not overwrite:
+        return f"{out}: exists (pass --overwrite to replace it)"
+    if path == pathlib.Path(workdir).expanduser().absolute():
+        return f"{out}: is the workdir being {doing}; write a new one"
+    return None
+
+
 def replace_dir(out: pathlib.Path, overwrite: bool) -> pathlib.Path:
     """A fresh staging directory beside `out`, to be renamed onto it once complete (`out` is kept until then)."""
     if out.exists() and not overwrite:

@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
+    from training.quantize import out_problem
+
+    if problem := out_problem(args.out, args.workdir, args.overwrite, "merged"):
+        fail(problem)
     out = pathlib.Path(args.out).expanduser().absolute()
-    if out.exists() and not args.overwrite:
-        fail(f"{args.out}: exists (pass --overwrite to replace it)")
-    if out == pathlib.Path(args.workdir).expanduser().absolute():
-        fail(f"{args.out}: is the workdir being merged; write a new one")
 
     from model import lora
     from model.hf import HFError, check_writable
