@@ -287,10 +287,11 @@ def _objective_rules(t: TrainConfig) -> list[tuple[bool, str, Any, str]]:
         (distill.temperature > 0, "train.distill.temperature", distill.temperature, "must be > 0"),
         (0 <= distill.alpha <= 1, "train.distill.alpha", distill.alpha, "must be in [0, 1]"),
         (
-            t.objective != "distill" or teachers == 1,
+            t.objective not in OBJECTIVES or not OBJECTIVES[t.objective].teacher or teachers == 1,
             "train.distill.teacher_workdir",
             distill.teacher_workdir,
-            "train.objective='distill' needs exactly one of train.distill.teacher_workdir, train.distill.teacher_hf_dir",
+            f"train.objective={t.objective!r} needs exactly one of train.distill.teacher_workdir, "
+            "train.distill.teacher_hf_dir",
         ),
     ]
 
