@@ -18,6 +18,7 @@ Every error is a `CheckpointError` with a one-line message; entry points print i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 import sys
@@ -237,6 +238,19 @@ def hide_closed_loop_noise() -> None:
         sys.stderr = WithoutClosedLoopNoise(sys.stderr)
     if not getattr(sys.unraisablehook, "drops_orbax_reads", False):
         sys.unraisablehook = _without_orbax_reads(sys.unraisablehook)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrbaxReadsLogged) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_OrbaxReadsLogged())
+
+
+class _OrbaxReadsLogged(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' for an abandoned orbax read: the same failure as the
+    unraisable coroutine above, reported through logging (with the whole TensorStore spec) when the task is
+    collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Task exception was never retrieved") and f"{os.sep}orbax{os.sep}" in text)
 
 
 def _without_orbax_reads(hook):
