@@ -186,6 +186,31 @@ def cpu_kernel_attention(cfg, q_BTNH, k_BSKH, v_BSKH, mask: Mask, *, bias_fn=Non
     return cpu_attention.causal_attention(q_BTNH, k_BSKH, v_BSKH, jnp.asarray(slopes_N, jnp.float32))
 
 
+def cpu_kernel_decode(cfg, q_BTNH, view: KVView, *, bias_fn=None, softcap=0.0, scale=None):
+    """Decoding attention over a paged layout's float32 pages as the C++ kernel (reading pages through the page
+    tables: XLA would gather and transpose a dense copy of every row's keys and values first); the reference over
+    the view's dense arrays elsewhere (rows, int8 pages, a bias other than ALiBi, several devices)."""
+    pages = view.pages
+    paged = pages is not None and pages.k_PKsH.dtype == jnp.float32 and pages.v_PKsH.dtype == jnp.float32
+    if not paged or q_BTNH.dtype != jnp.float32 or not isinstance(bias_fn, (type(None), AlibiBias)):
+        return reference_decode(cfg, q_BTNH, view, bias_fn=bias_fn, softcap=softcap, scale=scale)
+    if jax.device_count() != 1 or not cpu_attention.available():
+        return reference_decode(cfg, q_BTNH, view, bias_fn=bias_fn, softcap=softcap, scale=scale)
+    mask = view.mask
+    return cpu_attention.paged_decode(
+        q_BTNH,
+        pages.k_PKsH,
+        pages.v_PKsH,
+        pages.table_BM,
+        mask.q_positions_BT,
+        mask.k_positions_BS,
+        scale=q_BTNH.shape[-1] ** -0.5 if scale is None else scale,
+        softcap=softcap,
+        window=mask.window,
+        slopes_N=_slopes(bias_fn),
+    )
+
+
 def _slopes(bias_fn: BiasFn | None):
     return None if bias_fn is None else jnp.asarray(bias_fn.slopes, jnp.float32)
 
@@ -283,7 +308,7 @@ class Implementation:
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "xla": Implementation(lambda cfg, documents=False: None, reference_attention),
-    "cpu_kernel": Implementation(cpu_kernel_blocker, cpu_kernel_attention),
+    "cpu_kernel": Implementation(cpu_kernel_blocker, cpu_kernel_attention, cpu_kernel_decode),
     "pallas": Implementation(pallas_blocker, pallas_attention, pallas_decode, per_device=True),
     "cudnn": Implementation(cudnn_blocker, cudnn_attention),  # decoding: the reference (T = 1 is not cuDNN's case)
 }

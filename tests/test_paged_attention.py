@@ -4,7 +4,8 @@ against the plain-JAX reference decode on the gathered cache: rows of different 
 entries, one token or a prefill chunk with padding queries, GQA, MQA, MHA, ALiBi, a soft-cap, a sliding window,
 Dv != D and MLA's absorbed layout. Pages no query sees (the null page, unused and freed pages, pages left behind by
 the window) hold NaN in the kernel's pools: reading one would poison the output. Also: page sizes a lowering
-cannot tile are refused in one line, and model.attention's 'pallas' decode reads a view's pages."""
+cannot tile are refused in one line, and model.attention's 'pallas' decode reads a view's pages. The C++ CPU kernel
+(model/kernels/cpu_attention.cc's paged decode, what the engine runs on CPUs) against the same reference."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 
 from model import ModelConfig
-from model.attention import pallas_decode, reference_decode
+from model.attention import cpu_kernel_decode, pallas_decode, reference_decode
 from model.cache import KVView, Paged
+from model.kernels import cpu_attention
 from model.kernels.paged_attention import paged_decode_attention
 from model.mask import Mask
 from model.positions import AlibiBias
@@ -142,4 +144,31 @@ def test_pallas_decode_reads_a_views_float_pages_and_the_dense_arrays_otherwise(
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
     codes = jnp.zeros(k.shape, jnp.int8)
     got = pallas_decode(REFERENCE, q, KVView(gathered(k, table), gathered(v, table), mask, Paged(codes, codes, table)))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(not cpu_attention.available(), reason="the C++ kernel does not build here")
+@pytest.mark.parametrize("c", [c for c in CASES if c.dtype == "float32"], ids=lambda c: c.name)
+def test_cpu_kernel_matches_the_reference_on_the_gathered_cache(c: PagedCase):
+    """Through model.attention's 'cpu_kernel' decode, as the model calls it: the view's dense arrays are NaN (the
+    kernel must read the pages), and the pools hold NaN on every page no query reads."""
+    q, k, v, table, mask, k_kernel, v_kernel = paged_problem(c)
+    bias_fn = AlibiBias(c.N) if c.alibi else None
+    scale = c.H**-0.5 if not c.shared_kv else 0.3  # MLA passes its own scale
+    nan = jnp.full(gathered(k, table).shape[:3] + (1,), jnp.nan)
+    view = KVView(nan, nan, mask, Paged(k_kernel, v_kernel, table))
+    got = jax.jit(lambda q, view: cpu_kernel_decode(REFERENCE, q, view, bias_fn=bias_fn, softcap=c.softcap, scale=scale))(q, view)  # fmt: skip
+    want = reference_decode(REFERENCE, q, KVView(gathered(k, table), gathered(v, table), mask), bias_fn=bias_fn, softcap=c.softcap, scale=scale)  # fmt: skip
+    sees = np.asarray(mask.allowed()).any(-1)
+    np.testing.assert_allclose(np.asarray(got)[sees], np.asarray(want)[sees], atol=2e-5, rtol=2e-5)
+    assert not np.isnan(np.asarray(got)).any()  # padding queries get zeros
+
+
+def test_cpu_kernel_decode_reads_dense_arrays_where_the_pages_are_not_float32():
+    c = CASES[0]
+    q, k, v, table, mask, _, _ = paged_problem(c)
+    view = KVView(gathered(k, table), gathered(v, table), mask)
+    want = reference_decode(REFERENCE, q, view)
+    codes = jnp.zeros(k.shape, jnp.int8)
+    got = cpu_kernel_decode(REFERENCE, q, view.replace(pages=Paged(codes, codes, table)))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)

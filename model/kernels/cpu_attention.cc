@@ -307,6 +307,94 @@ void backward_item(const Problem& p, int item) {
   }
 }
 
+// Decoding attention over a paged cache (model/cache.py's `Paged`), one (batch row, K/V head) per item: the
+// row's T queries and the G = N / K query heads of the K/V head read its pages through the page table, one page
+// at a time with an online softmax (flash-decoding), so no dense copy of the row's keys and values is made.
+// Layouts: q, out [B, T, N, H] / [B, T, N, Hv]; pools k [P, K, ps, H], v [P, K, ps, Hv]; table [B, M];
+// qpos [B, T]; kpos [B, M * ps] (a slot's position, -1: invisible); slopes [N] (ALiBi; zeros: none).
+// Query (t, n) reads slot s where 0 <= kpos[s] <= qpos[t] (and qpos[t] - kpos[s] < window when window > 0):
+// model.mask.visible's rule. A slot it may not read is never loaded, a page none of the item's queries may read
+// is skipped; a query that reads nothing (padding) gets zeros.
+struct PagedProblem {
+  int B, T, N, K, H, Hv, P, M, ps, window;
+  float scale, softcap;
+  const float *q, *k, *v, *slopes;
+  const int32_t *table, *qpos, *kpos;
+  float* out;
+};
+
+inline float dot(const float* a, const float* b, int n) {
+  vf acc = vf{};
+  int i = 0;
+  for (; i + W <= n; i += W) acc += load(a + i) * load(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float a, const float* x, float* y, int n) {  // y += a x
+  const vf va = splat(a);
+  int i = 0;
+  for (; i + W <= n; i += W) store(y + i, load(y + i) + va * load(x + i));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+void paged_item(const PagedProblem& p, int item) {
+  const int b = item / p.K, kh = item % p.K, G = p.N / p.K, R = p.T * G;
+  const int32_t* qpos = p.qpos + int64_t(b) * p.T;
+  const int32_t* kpos = p.kpos + int64_t(b) * p.M * p.ps;
+  int qmax = -1;
+  for (int t = 0; t < p.T; ++t) qmax = std::max(qmax, qpos[t]);
+  std::vector<float> m(R, -INFINITY), l(R, 0.0f), acc(int64_t(R) * p.Hv, 0.0f), s(p.ps);
+  for (int j = 0; j < p.M; ++j) {
+    const int32_t page = p.table[int64_t(b) * p.M + j];
+    const int32_t* kp = kpos + int64_t(j) * p.ps;
+    int lo = INT32_MAX;
+    for (int o = 0; o < p.ps; ++o)
+      if (kp[o] >= 0) lo = std::min(lo, kp[o]);
+    if (lo > qmax || page < 0 || page >= p.P) continue;  // nothing on this page is visible to any query
+    const float* kpage = p.k + (int64_t(page) * p.K + kh) * p.ps * p.H;
+    const float* vpage = p.v + (int64_t(page) * p.K + kh) * p.ps * p.Hv;
+    for (int r = 0; r < R; ++r) {
+      const int t = r / G, n = kh * G + r % G, qp = qpos[t];
+      const float* qrow = p.q + ((int64_t(b) * p.T + t) * p.N + n) * p.H;
+      float mx = -INFINITY;
+      for (int o = 0; o < p.ps; ++o) {
+        const int kpo = kp[o];
+        if (kpo < 0 || kpo > qp || (p.window > 0 && qp - kpo >= p.window)) {
+          s[o] = -INFINITY;
+          continue;
+        }
+        float x = p.scale * dot(qrow, kpage + int64_t(o) * p.H, p.H);
+        if (p.softcap > 0.0f) x = p.softcap * std::tanh(x / p.softcap);
+        x -= p.slopes[n] * float(qp - kpo);
+        s[o] = x;
+        mx = std::max(mx, x);
+      }
+      if (mx == -INFINITY) continue;  // no slot of this page for this query
+      float* a = acc.data() + int64_t(r) * p.Hv;
+      if (mx > m[r]) {
+        const float c = std::exp(m[r] - mx);  // 0 on the first visible page
+        l[r] *= c;
+        for (int h = 0; h < p.Hv; ++h) a[h] *= c;
+        m[r] = mx;
+      }
+      for (int o = 0; o < p.ps; ++o) {
+        if (s[o] == -INFINITY) continue;
+        const float e = std::exp(s[o] - m[r]);
+        l[r] += e;
+        axpy(e, vpage + int64_t(o) * p.Hv, a, p.Hv);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int t = r / G, n = kh * G + r % G;
+    float* o = p.out + ((int64_t(b) * p.T + t) * p.N + n) * p.Hv;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    for (int h = 0; h < p.Hv; ++h) o[h] = acc[int64_t(r) * p.Hv + h] * inv;
+  }
+}
+
 #ifndef CPU_ATTENTION_NO_FFI
 // Runs f(item) for item < n on XLA's intra-op pool and the calling thread; returns when all are done.
 // Items are claimed from a shared counter, so a task that starts late finds nothing left and returns.
@@ -369,6 +457,26 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   parallel_for(pool, p.B * p.K, [&](int item) { backward_item(p, item); });
   return ffi::Error::Success();
 }
+
+ffi::Error paged_decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> qpos,
+                        ffi::Buffer<ffi::S32> kpos, ffi::Buffer<ffi::F32> slopes, ffi::ResultBuffer<ffi::F32> out,
+                        float scale, float softcap, int32_t window) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = table.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || td.size() != 2 || td[0] != qd[0] || kd[3] != qd[3] ||
+      qd[2] % kd[1] != 0 || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] ||
+      qpos.element_count() != size_t(qd[0] * qd[1]) || kpos.element_count() != size_t(td[0] * td[1] * kd[2]) ||
+      slopes.element_count() != size_t(qd[2]))
+    return ffi::Error::InvalidArgument(
+        "cpu paged decode: q [B,T,N,H], k [P,K,ps,H], v [P,K,ps,Hv], table [B,M], qpos [B,T], kpos [B,M*ps], "
+        "slopes [N] with N % K == 0");
+  PagedProblem p{int(qd[0]),  int(qd[1]), int(qd[2]), int(kd[1]), int(qd[3]),        int(vd[3]),
+                 int(kd[0]),  int(td[1]), int(kd[2]), window,     scale,             softcap,
+                 q.typed_data(), k.typed_data(), v.typed_data(), slopes.typed_data(), table.typed_data(),
+                 qpos.typed_data(), kpos.typed_data(), out->typed_data()};
+  parallel_for(pool, p.B * p.K, [&](int item) { paged_item(p, item); });
+  return ffi::Error::Success();
+}
 #endif
 
 }  // namespace
@@ -398,6 +506,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxLmCpuAttentionBackward, backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxLmCpuPagedDecode, paged_decode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int32_t>("window"));
 #endif
 
 extern "C" int JaxLmCpuAttentionVectorWidth() { return W; }

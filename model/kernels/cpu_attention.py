@@ -26,12 +26,18 @@ from model.kernels.cpu_build import KernelUnavailable
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
 FORWARD, BACKWARD = "jax_lm_cpu_attention_fwd", "jax_lm_cpu_attention_bwd"
+PAGED = "jax_lm_cpu_paged_decode"
 REMAT_NAME = "cpu_attention"  # the forward's outputs, which remat policies should save (not rerun the kernel)
 
 
 def _library() -> ctypes.CDLL:
     """The kernel's shared library, built and its FFI targets registered on first use."""
-    return cpu_build.library(SOURCE, ((FORWARD, "JaxLmCpuAttentionForward"), (BACKWARD, "JaxLmCpuAttentionBackward")))
+    targets = (
+        (FORWARD, "JaxLmCpuAttentionForward"),
+        (BACKWARD, "JaxLmCpuAttentionBackward"),
+        (PAGED, "JaxLmCpuPagedDecode"),
+    )
+    return cpu_build.library(SOURCE, targets)
 
 
 @functools.cache
@@ -100,3 +106,40 @@ def _bwd(residuals, dout_BTNH):
 
 
 causal_attention.defvjp(_fwd, _bwd)
+
+
+def paged_decode(
+    q_BTNH: jax.Array,
+    k_PKsH: jax.Array,
+    v_PKsH: jax.Array,
+    table_BM: jax.Array,
+    q_positions_BT: jax.Array,
+    k_positions_BS: jax.Array,
+    *,
+    scale: float,
+    softcap: float = 0.0,
+    window: int = 0,
+    slopes_N: jax.Array | None = None,
+) -> jax.Array:
+    """Decoding attention over a paged cache read through the page tables (model/cache.py's `Paged`), float32:
+    query t of row b reads slot s (page table[b, s // page_size], offset s % page_size) where 0 <= k_positions[b, s]
+    <= q_positions[b, t] (and within `window`), logits scale * q.k, soft-capped, minus slope_n * distance (ALiBi).
+    XLA:CPU would gather each row's pages into a dense [B, K, S, H] copy and transpose it for the matmul: several
+    times the bytes of the keys and values, which is what a decode step is bound by. Queries that read nothing
+    (padding) get zeros. Any head_dim (vectors, then a scalar tail)."""
+    _library()  # registers the FFI targets
+    B, T, N, _ = q_BTNH.shape
+    slopes_N = jnp.zeros((N,), jnp.float32) if slopes_N is None else jnp.asarray(slopes_N, jnp.float32)
+    shape = jax.ShapeDtypeStruct((B, T, N, v_PKsH.shape[-1]), jnp.float32)
+    call = jax.ffi.ffi_call(PAGED, shape, vmap_method="sequential")
+    ints = [jnp.asarray(x, jnp.int32) for x in (table_BM, q_positions_BT, k_positions_BS)]
+    return call(
+        q_BTNH,
+        k_PKsH,
+        v_PKsH,
+        *ints,
+        slopes_N,
+        scale=np.float32(scale),
+        softcap=np.float32(softcap),
+        window=np.int32(window),
+    )
