@@ -115,6 +115,7 @@ GREEDY = SamplingParams(temperature=0, stop_at_eos=False)
 
 def serve_engine(make_engine, requests: list[Request]) -> tuple[Served, Engine]:
     engine = make_engine()
+    engine.warmup()  # every call shape compiled (a no-op after the first engine of a config)
     first, last = [None] * len(requests), [None] * len(requests)
 
     def on_event(i):
@@ -281,7 +282,7 @@ def kv_memory(engine: Engine, model: Transformer, requests: list[Request], conte
 
 @contextlib.contextmanager
 def timed_calls():
-    """Times every jitted engine call (to its outputs on the host) by its width: 1 decode, else prefill."""
+    """Times every jitted engine call with rows (to its outputs on the host) by its width: 1 decode, else prefill."""
     seconds = {"prefill": [], "decode": []}
     original = engine_lib._call
 
@@ -289,7 +290,8 @@ def timed_calls():
         start = time.perf_counter()
         cache, out = original(*args, **kwargs)
         out = jax.block_until_ready(out)
-        seconds["decode" if args[2].shape[1] == 1 else "prefill"].append(time.perf_counter() - start)
+        if args[3].any():  # (not a warm-up call, which has no rows)
+            seconds["decode" if args[2].shape[1] == 1 else "prefill"].append(time.perf_counter() - start)
         return cache, out
 
     engine_lib._call = wrapped

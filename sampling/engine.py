@@ -5,16 +5,20 @@ Requests arrive at any time (`Engine.submit`, thread-safe); one engine thread ru
    reusing the cached pages of a prompt's longest known prefix (automatic prefix caching: a full page is known by
    a hash of its tokens and every token before it; pages no row holds stay cached until evicted, least recently
    used first);
-2. gives every decoding row a slot for its next token and up to `prefill_rows` prefilling rows their next chunk
-   of `chunk` tokens, preempting the newest rows (their pages freed, their tokens recomputed when they return)
-   when pages run out: the oldest row can always run, so the engine never deadlocks;
-3. runs one prefill call [prefill_rows, chunk] and one decode call [max_batch, 1], each writing its tokens into
-   the pages and sampling each row's next token by that row's own rules;
+2. gives every decoding row a slot for its next token and the oldest prefilling rows their next chunk of the
+   prompt, preempting the newest rows (their pages freed, their tokens recomputed when they return) when pages
+   run out: the oldest row can always run, so the engine never deadlocks;
+3. runs one prefill call and one decode call [max_batch, 1], each writing its tokens into the pages and sampling
+   each row's next token by that row's own rules. The prefill call holds chunk x prefill_rows token slots, shaped
+   [prefill_rows, chunk] or, when shorter prompts wait, [2 prefill_rows, chunk / 2] or [4 prefill_rows, chunk / 4]
+   (`prefill_shapes`): whichever computes the most prompt tokens;
 4. hands each request its tokens (with logprobs and text deltas), and retires finished rows at once.
 
-Both calls have fixed shapes (rows left empty are padding that writes to the null page), so each compiles once,
-and a row's numbers never depend on which rows run beside it: a request gets the same tokens alone and in a crowd
-(greedy, and seeded sampling: the row's draws are those of `infer.py --seed S` row `sample_index`).
+The calls have a few fixed shapes (rows left empty are padding that writes to the null page; `warmup` compiles them
+all), all with the same number of token slots per call, and a row's numbers never depend on which rows run beside
+it: a request gets the same tokens alone and in a crowd (greedy, and seeded sampling: the row's draws are those of
+`infer.py --seed S` row `sample_index`). On CPUs attention reads the pages through the page tables in a C++ kernel
+(model/kernels/cpu_attention.cc); elsewhere the Pallas kernel or the gathered reference (model/attention.py).
 
 Layers with a sliding window keep their own pool: pages that slide out of the window are freed. Prefix caching
 is on when every layer is global (a windowed layer keeps only the window of a prefix, so its pages are not a
@@ -62,8 +66,8 @@ class EngineConfig:
     page_size: int = 16  # slots per page
     num_pages: int = 0  # pages per pool, the null page included (0: enough for max_batch rows of max_len)
     max_queue: int = 256  # requests waiting beyond it are refused (QueueFull)
-    chunk: int = 64  # prompt tokens a row prefills per call
-    prefill_rows: int = 2  # rows prefilled per call
+    chunk: int = 64  # the most prompt tokens a row prefills per call
+    prefill_rows: int = 2  # rows of a prefill call of `chunk`-token rows (its slots: chunk x prefill_rows)
     max_len: int = 0  # tokens a row may hold, prompt included (0: the model's max_seq_len)
     prefix_caching: bool = True
     max_logprobs: int = 5  # the most alternatives a request may ask for per token
@@ -290,6 +294,7 @@ class Stats:
     preemptions: int = 0
     first_token_seconds_sum: float = 0.0
     first_token_count: int = 0
+    calls: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (rows, width) -> calls
     recent: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=64))
 
     def tokens_per_second(self) -> float:
@@ -303,7 +308,8 @@ class Stats:
 class Engine:
     """See the module docstring. `model` is a Transformer (its config; the engine decodes it paged), `params` its
     weights (or {"params", "state"}), `decode` the rest of how it decodes (cache dtype, weight format, MLA's
-    variant)."""
+    variant). The engine keeps its own copy of the weights, layer by layer (sliced once from the stacked ones), so
+    while the caller also holds `params` the weights take twice their memory."""
 
     def __init__(
         self,
@@ -331,11 +337,16 @@ class Engine:
         decode = dataclasses.replace(decode, cache="pages", page_size=cfg.page_size, num_pages=cfg.num_pages)
         decode = dataclasses.replace(decode, max_rewind=0)
         self.model = for_inference(model.clone(rt=dataclasses.replace(model.rt, decode=decode)))
-        self.params, self.tokenizer = params, tokenizer
+        # Each layer's weights as the unrolled network applies them, sliced from the stacked ones once here: sliced
+        # inside every call, XLA would copy all the weights each step (a decode step reads each weight once).
+        with self._on_mesh():
+            self.weights = jax.jit(unrolled, static_argnums=1)(params, self.model)
+        self.tokenizer = tokenizer
         self.windows = sorted({spec.window for spec in model.cfg.layer_specs()})
         self.caching = cfg.prefix_caching and self.windows == [0]
         self.pools = {w: PagePool(cfg.num_pages) for w in self.windows}
         self.blocks = -(-cfg.max_len // cfg.page_size)  # page table width
+        self.prefill_shapes = prefill_shapes(cfg, row_shards(layout) if layout is not None else 1)
         with self._on_mesh():
             self.cache = self._empty_cache()
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -349,8 +360,11 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     def _empty_cache(self) -> dict:
-        cache = jax.jit(init_cache, static_argnums=(0, 1, 2))(self.model, self.cfg.max_batch, self.cfg.max_len)
-        return cache if self.layout is None else place_pools(cache, self.layout)
+        cache = unbound(jax.jit(init_cache, static_argnums=(0, 1, 2))(self.model, self.cfg.max_batch, self.cfg.max_len))
+        if self.layout is not None:
+            return place_pools(cache, self.layout)
+        # committed to the device, as a call returns them: the first call then compiles no variant of its own
+        return jax.device_put(cache, jax.devices()[0])
 
     def _on_mesh(self):
         """The context the engine's programs trace and run in: its mesh's, if it has one."""
@@ -451,6 +465,12 @@ class Engine:
             with self._on_mesh():
                 self.cache = self._empty_cache()
 
+    def warmup(self) -> None:
+        """Compiles every call shape (each prefill shape and the decode call) before any request needs one: calls
+        with no rows, which write only to the null page."""
+        for rows, width in [*self.prefill_shapes, (self.cfg.max_batch, 1)]:
+            self._run([], rows, width)
+
     def run_until_done(self) -> None:
         """Runs steps on this thread until every submitted request has finished (tests, benchmarks)."""
         while not self.idle():
@@ -463,19 +483,30 @@ class Engine:
                 self._finish(seq, Event([], [], "", "cancelled"))
             self._admit()
         decoding = [s for s in self.running if not s.prefilling]
-        prefilling = [s for s in self.running if s.prefilling][: self.cfg.prefill_rows]
+        rows, width, prefilling = self._prefill_shape([s for s in self.running if s.prefilling])
         for seq in sorted(decoding + prefilling, key=lambda s: s.order):
             if seq in self.running:  # (not preempted for an older row)
-                upto = seq.computed + (min(self.cfg.chunk, len(seq.tokens) - seq.computed) if seq.prefilling else 1)
+                upto = seq.computed + (min(width, len(seq.tokens) - seq.computed) if seq.prefilling else 1)
                 self._reserve(seq, upto)
         prefilling = [s for s in prefilling if s in self.running]
         decoding = [s for s in decoding if s in self.running]
         if prefilling:
-            self._run(prefilling, self.cfg.prefill_rows, self.cfg.chunk)
+            self._run(prefilling, rows, width)
         if decoding:
             self._run(decoding, self.cfg.max_batch, 1)
         now = time.perf_counter()
         self.stats.recent.append((now, self.stats.generated_tokens))
+
+    def _prefill_shape(self, prefilling: list[Sequence]) -> tuple[int, int, list[Sequence]]:
+        """(rows, width, the rows' sequences) of the prefill call that computes the most prompt tokens (oldest rows
+        first; on a tie the wider shape): one long prompt takes chunk tokens a call, several short ones share it."""
+        best = (-1, 0, 0, [])
+        for rows, width in self.prefill_shapes:
+            take = prefilling[:rows]
+            tokens = sum(min(width, len(s.tokens) - s.computed) for s in take)
+            if tokens > best[0]:
+                best = (tokens, rows, width, take)
+        return best[1:]
 
     # -- pages ---------------------------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -586,7 +617,7 @@ class Engine:
             seeds[r], index[r], steps[r] = p.seed, p.sample_index, len(seq.generated)
         with self._on_mesh():
             self.cache, out = _call(
-                self.params,
+                self.weights,
                 self.cache,
                 tokens,
                 counts,
@@ -611,6 +642,8 @@ class Engine:
             self._slide(seq)
             if seq.computed == len(seq.tokens):  # (else more of the prompt to prefill)
                 self._take(seq, out, r, now)
+        if seqs:
+            self.stats.calls[rows, width] += 1
         if width > 1:
             self.stats.prompt_tokens += int(counts.sum())
 
@@ -678,6 +711,20 @@ class Engine:
         seq.handle._emit(event)
 
 
+def prefill_shapes(cfg: EngineConfig, shards: int) -> list[tuple[int, int]]:
+    """The prefill call's shapes [rows, width]: [prefill_rows, chunk], then twice the rows of half the width while
+    the width halves evenly and the rows fit in max_batch (at most three shapes). Every shape holds the same
+    chunk x prefill_rows token slots: the call's matmuls then always multiply that many rows, and XLA:CPU picks its
+    matmul routine (with its own rounding) by their number, so a row's numbers are the same in every shape."""
+    shapes = [(cfg.prefill_rows, cfg.chunk)]
+    while len(shapes) < 3:
+        rows, width = shapes[-1]
+        if width % 2 or 2 * rows > cfg.max_batch or (2 * rows) % shards:
+            break
+        shapes.append((2 * rows, width // 2))
+    return shapes
+
+
 def place_pools(cache: dict, layout: Layout) -> dict:
     """The pools of a paged cache on the layout's mesh: a field stored [pages, K/V heads, page slots, head_dim]
     split over the heads as the rules split `kv_heads` (each device holds its heads' pages), others whole."""
@@ -743,7 +790,7 @@ def _top_k_top_p(x_BV, k_B, use_k_B, top_p_B):
 
 @functools.partial(jax.jit, static_argnames=("model", "top"), donate_argnames=("cache",))
 def _call(
-    params,
+    weights,
     cache,
     tokens_BT,
     counts_B,
@@ -763,7 +810,6 @@ def _call(
     B, T = tokens_BT.shape
     cache = bind(cache, tables, written_B)
     positions_BT = jnp.where(jnp.arange(T) < counts_B[:, None], written_B[:, None] + jnp.arange(T), -1)
-    weights = unrolled(params, model)
     logits_BTV, variables = model.apply({**weights, "cache": cache}, tokens_BT, positions_BT, mutable=["cache"])
     last_BV = logits_BTV[jnp.arange(B), jnp.maximum(counts_B - 1, 0)]
     keys_B = jax.vmap(lambda s, i, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), i), t))(
@@ -786,4 +832,16 @@ def _call(
 
         prompt = jax.lax.cond(jnp.any(targets_BT >= 0), prompt_logprobs, none, None)
         out.update(zip(("prompt_lp", "prompt_top_ids", "prompt_top_lp"), prompt))
-    return variables["cache"], out
+    return unbound(variables["cache"]), out
+
+
+def unbound(cache: dict) -> dict:
+    """The pools without any call's rows (empty page tables and lengths): the cache a call takes then has the same
+    shapes whatever call came before it, so each call shape compiles once."""
+
+    def one(c):
+        if not isinstance(c, Pages):
+            return c
+        return c.replace(table_BM=jnp.zeros((0, c.table_BM.shape[1]), jnp.int32), written_B=jnp.zeros((0,), jnp.int32))
+
+    return jax.tree.map(one, cache, is_leaf=lambda c: isinstance(c, Pages))

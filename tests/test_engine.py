@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sampling.engine as engine_lib
 from data.tokenizer import ByteTokenizer
 from model import ModelConfig, Transformer, init_variables
 from model.runtime import DecodeConfig, Runtime
@@ -87,25 +88,38 @@ def crowd(tok) -> list[tuple[list[int], SamplingParams]]:
     out = []
     for i, line in enumerate(lines):
         rules = dict(temperature=0.0) if i % 2 else dict(temperature=0.9, top_p=0.9, seed=11 + i)
-        out.append((prompt_ids(tok, line * (1 + i % 3)), SamplingParams(max_tokens=4 + 5 * i, **rules)))
+        out.append((prompt_ids(tok, line * (1 + i % 3)), SamplingParams(max_tokens=4 + 5 * i, logprobs=1, **rules)))
     return out
 
 
-def run_all(engine: Engine, requests) -> list[list[int]]:
+def served(engine: Engine, requests) -> list:
     handles = [engine.submit(p, s) for p, s in requests]
     engine.run_until_done()
-    return [h.tokens for h in handles]
+    return handles
+
+
+def run_all(engine: Engine, requests) -> list[list[int]]:
+    return [h.tokens for h in served(engine, requests)]
 
 
 def test_a_request_gets_the_same_tokens_alone_and_in_a_crowd_as_infer(trained):
+    """Alone, a prompt prefills in [2, 16] calls; in the crowd also in [4, 8] calls, several prompts each: the same
+    bits either way (every prefill shape multiplies 32 token rows), and the same tokens as infer.py's."""
     run, params, tok = trained
     model = Transformer(run.model)
     config = EngineConfig(max_batch=4, page_size=8, chunk=16, prefill_rows=2)
     engine = Engine(model, params, tok, config)
+    assert engine.prefill_shapes == [(2, 16), (4, 8)]
+    engine.warmup()
+    compiled = engine_lib._call._cache_size()
     requests = crowd(tok)
-    together = run_all(engine, requests)
-    alone = [run_all(engine, [r])[0] for r in requests[:4]]
+    crowded = served(engine, requests)
+    assert engine_lib._call._cache_size() == compiled  # every call shape compiled once, by warmup
+    assert engine.stats.calls[4, 8] > 0 and engine.stats.calls[2, 16] > 0
+    lone = [served(engine, [r])[0] for r in requests[:4]]
+    together, alone = [h.tokens for h in crowded], [h.tokens for h in lone]
     assert together[:4] == alone
+    assert [h.logprobs for h in crowded[:4]] == [h.logprobs for h in lone]  # bit for bit
     # what infer.py samples (sampling.generate_batch, a dense cache): greedy and seeded, row 0 of the seed
     for (prompt, p), got in zip(requests[:4], alone):
         rules = Rules(temperature=p.temperature, top_p=p.top_p)
