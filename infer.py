@@ -245,6 +245,7 @@ def serve(run, params, tokenizer, decode) -> None:
         fail(f"--serve: {e}")
     chat = read_template(_HF_DIR.value, tokenizer) if _HF_DIR.value else ChatTemplate()
     name = pathlib.Path(_HF_DIR.value or _WORKDIR.value).expanduser().resolve().name
+    engine.warmup()  # every call shape compiled before the first request waits on one
     print(f"serving {name} on http://{_HOST.value}:{_PORT.value}/v1 ({engine.cfg})", file=sys.stderr)
     serve(Server(engine, tokenizer, name, chat), _HOST.value, _PORT.value)
 

@@ -11,7 +11,8 @@ Requests arrive at any time (`Engine.submit`, thread-safe); one engine thread ru
 3. runs one prefill call and one decode call [max_batch, 1], each writing its tokens into the pages and sampling
    each row's next token by that row's own rules. The prefill call holds chunk x prefill_rows token slots, shaped
    [prefill_rows, chunk] or, when shorter prompts wait, [2 prefill_rows, chunk / 2] or [4 prefill_rows, chunk / 4]
-   (`prefill_shapes`): whichever computes the most prompt tokens;
+   (`prefill_shapes`): whichever computes the most prompt tokens. A prefill call that would be less than half full
+   waits up to `prefill_wait` steps for more prompts while other rows decode;
 4. hands each request its tokens (with logprobs and text deltas), and retires finished rows at once.
 
 The calls have a few fixed shapes (rows left empty are padding that writes to the null page; `warmup` compiles them
@@ -70,6 +71,9 @@ class EngineConfig:
     prefill_rows: int = 2  # rows of a prefill call of `chunk`-token rows (its slots: chunk x prefill_rows)
     max_len: int = 0  # tokens a row may hold, prompt included (0: the model's max_seq_len)
     prefix_caching: bool = True
+    # Steps a prefill call that would be less than half full may wait for more prompts while other rows decode (each
+    # prefill call stalls every decoding row for its length: fewer, fuller calls serve more tokens per second).
+    prefill_wait: int = 4
     max_logprobs: int = 5  # the most alternatives a request may ask for per token
 
     def resolved(self, context: int) -> EngineConfig:
@@ -86,6 +90,7 @@ class EngineConfig:
             (self.chunk >= 1, f"chunk={self.chunk}: must be >= 1"),
             (self.prefill_rows >= 1, f"prefill_rows={self.prefill_rows}: must be >= 1"),
             (self.max_len >= 0, f"max_len={self.max_len}: must be >= 0 (0: the model's seq_len)"),
+            (self.prefill_wait >= 0, f"prefill_wait={self.prefill_wait}: must be >= 0"),
         ]
         return [message for ok, message in checks if not ok]
 
@@ -356,6 +361,7 @@ class Engine:
         self._cancelled: set[int] = set()
         self._ids = 0
         self._order = 0
+        self._deferred = 0  # steps the pending prefill call has waited (prefill_wait)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -484,6 +490,13 @@ class Engine:
             self._admit()
         decoding = [s for s in self.running if not s.prefilling]
         rows, width, prefilling = self._prefill_shape([s for s in self.running if s.prefilling])
+        if prefilling and decoding and self._deferred < self.cfg.prefill_wait:
+            tokens = sum(min(width, len(s.tokens) - s.computed) for s in prefilling)
+            if 2 * tokens < rows * width:  # less than half full: wait a step or two for more prompts
+                self._deferred += 1
+                prefilling = []
+        if prefilling:
+            self._deferred = 0
         for seq in sorted(decoding + prefilling, key=lambda s: s.order):
             if seq in self.running:  # (not preempted for an older row)
                 upto = seq.computed + (min(width, len(seq.tokens) - seq.computed) if seq.prefilling else 1)

@@ -176,6 +176,29 @@ def test_preemption_under_a_tiny_pool_completes_every_request(trained):
     assert len(h.prompt_logprobs) == len(prompt) and h.prompt_logprobs[0] is None
 
 
+@pytest.mark.parametrize("wait", [0, 2])
+def test_a_prefill_call_less_than_half_full_waits_at_most_prefill_wait_steps(wait):
+    """While a row decodes, a 3-token prompt (3 of a prefill call's 16 slots) waits `wait` steps for more prompts; a
+    prompt that fills half the call, or one with no row decoding beside it, runs at once."""
+    cfg, _ = KINDS["gqa"]
+    engine = Engine(
+        Transformer(cfg), random_params(cfg), ByteTokenizer(), dataclasses.replace(SMALL, prefill_wait=wait)
+    )
+    greedy = SamplingParams(max_tokens=30, temperature=0, stop_at_eos=False)
+    engine.submit([1, 2, 3], greedy)
+    engine.step()  # nothing decodes yet: its prefill runs at once
+    assert sum(n for (rows, width), n in engine.stats.calls.items() if width > 1) == 1
+    short = engine.submit([4, 5, 6], greedy)
+    prefills = []
+    for _ in range(wait + 1):
+        engine.step()
+        prefills.append(sum(n for (rows, width), n in engine.stats.calls.items() if width > 1))
+    assert prefills == [1] * wait + [2] and short.tokens  # it waited `wait` steps, then ran
+    engine.submit(list(range(10, 18)), greedy)  # 8 of 16 slots: half full
+    engine.step()
+    assert sum(n for (rows, width), n in engine.stats.calls.items() if width > 1) == 3
+
+
 def test_each_row_samples_by_its_own_rules_as_pick_does():
     # scaled so that the tail's probability mass rounds away: a filter a row does not ask for would drop tokens
     logits_BV = jax.random.normal(jax.random.key(0), (7, 50)) * 12
