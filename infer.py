@@ -111,8 +111,10 @@ _NUM_PAGES = flags.DEFINE_integer(
 )
 _PAGE_SIZE = flags.DEFINE_integer("page_size", None, "--serve: tokens per K/V cache page.")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", None, "--serve: requests that may wait; more are refused (HTTP 429).")
-_CHUNK = flags.DEFINE_integer("chunk", None, "--serve: prompt tokens a row prefills per step.")
-_PREFILL_ROWS = flags.DEFINE_integer("prefill_rows", None, "--serve: rows prefilled per step.")
+_CHUNK = flags.DEFINE_integer("chunk", None, "--serve: the most prompt tokens a row prefills per step.")
+_PREFILL_ROWS = flags.DEFINE_integer(
+    "prefill_rows", None, "--serve: rows of a prefill call of --chunk tokens (its slots: chunk x prefill_rows)."
+)
 ENGINE_FLAGS = (_MAX_BATCH, _NUM_PAGES, _PAGE_SIZE, _MAX_QUEUE, _CHUNK, _PREFILL_ROWS)
 # What each request brings when serving (its prompt and sampling rules), or what the server does not do.
 NOT_SERVED = (_PROMPT, _PROMPT_FILE, _SCORE, _MAX_NEW, _NUM_SAMPLES, _SEED, _TEMPERATURE, _TOP_K, _TOP_P, _MIN_P)

@@ -376,6 +376,7 @@ def main() -> None:
     parser.add_argument("--page_size", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--prefill_rows", type=int, default=2)
+    parser.add_argument("--prefill_wait", type=int, default=4)
     parser.add_argument("--prefix_requests", type=int, default=64)
     parser.add_argument("--prefix_tokens", type=int, default=200)
     parser.add_argument("--suffix_tokens", type=int, default=16)
@@ -395,6 +396,7 @@ def main() -> None:
         page_size=args.page_size,
         chunk=args.chunk,
         prefill_rows=args.prefill_rows,
+        prefill_wait=args.prefill_wait,
         max_queue=max(args.requests, args.prefix_requests, args.warmup),
     )
 
