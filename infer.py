@@ -115,7 +115,12 @@ _CHUNK = flags.DEFINE_integer("chunk", None, "--serve: the most prompt tokens a 
 _PREFILL_ROWS = flags.DEFINE_integer(
     "prefill_rows", None, "--serve: rows of a prefill call of --chunk tokens (its slots: chunk x prefill_rows)."
 )
-ENGINE_FLAGS = (_MAX_BATCH, _NUM_PAGES, _PAGE_SIZE, _MAX_QUEUE, _CHUNK, _PREFILL_ROWS)
+_DECODE_STEPS = flags.DEFINE_integer(
+    "decode_steps",
+    None,
+    "--serve: tokens a decode call samples per row, each fed back in (streams arrive this many at once).",
+)
+ENGINE_FLAGS = (_MAX_BATCH, _NUM_PAGES, _PAGE_SIZE, _MAX_QUEUE, _CHUNK, _PREFILL_ROWS, _DECODE_STEPS)
 # What each request brings when serving (its prompt and sampling rules), or what the server does not do.
 NOT_SERVED = (_PROMPT, _PROMPT_FILE, _SCORE, _MAX_NEW, _NUM_SAMPLES, _SEED, _TEMPERATURE, _TOP_K, _TOP_P, _MIN_P)
 NOT_SERVED += (_BEAM_SIZE, _STOP, _EOS, _KV_CACHE, _BATCH_SIZE, _SPECULATIVE, _DRAFT_TOKENS, _DRAFT_WORKDIR)

@@ -282,23 +282,30 @@ def kv_memory(engine: Engine, model: Transformer, requests: list[Request], conte
 
 @contextlib.contextmanager
 def timed_calls():
-    """Times every jitted engine call with rows (to its outputs on the host) by its width: 1 decode, else prefill."""
+    """Times every jitted engine call with rows (to its outputs on the host): `_call`s of width 1 and `_decode`
+    (several steps a call) as decode, other `_call`s as prefill."""
     seconds = {"prefill": [], "decode": []}
-    original = engine_lib._call
+    originals = {name: getattr(engine_lib, name) for name in ("_call", "_decode")}
 
-    def wrapped(*args, **kwargs):
-        start = time.perf_counter()
-        cache, out = original(*args, **kwargs)
-        out = jax.block_until_ready(out)
-        if args[3].any():  # (not a warm-up call, which has no rows)
-            seconds["decode" if args[2].shape[1] == 1 else "prefill"].append(time.perf_counter() - start)
-        return cache, out
+    def timed(name):
+        def wrapped(*args, **kwargs):
+            start = time.perf_counter()
+            cache, out = originals[name](*args, **kwargs)
+            out = jax.block_until_ready(out)
+            if args[3].any():  # (not a warm-up call, which has no rows)
+                decode = name == "_decode" or args[2].shape[1] == 1
+                seconds["decode" if decode else "prefill"].append(time.perf_counter() - start)
+            return cache, out
 
-    engine_lib._call = wrapped
+        return wrapped
+
+    for name in originals:
+        setattr(engine_lib, name, timed(name))
     try:
         yield seconds
     finally:
-        engine_lib._call = original
+        for name, fn in originals.items():
+            setattr(engine_lib, name, fn)
 
 
 def profile_engine(make_engine, requests: list[Request]) -> dict:
@@ -376,7 +383,8 @@ def main() -> None:
     parser.add_argument("--page_size", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--prefill_rows", type=int, default=2)
-    parser.add_argument("--prefill_wait", type=int, default=4)
+    parser.add_argument("--prefill_wait", type=int, default=EngineConfig.prefill_wait)
+    parser.add_argument("--decode_steps", type=int, default=EngineConfig.decode_steps)
     parser.add_argument("--prefix_requests", type=int, default=64)
     parser.add_argument("--prefix_tokens", type=int, default=200)
     parser.add_argument("--suffix_tokens", type=int, default=16)
@@ -397,6 +405,7 @@ def main() -> None:
         chunk=args.chunk,
         prefill_rows=args.prefill_rows,
         prefill_wait=args.prefill_wait,
+        decode_steps=args.decode_steps,
         max_queue=max(args.requests, args.prefix_requests, args.warmup),
     )
 

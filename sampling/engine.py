@@ -74,6 +74,10 @@ class EngineConfig:
     # Steps a prefill call that would be less than half full may wait for more prompts while other rows decode (each
     # prefill call stalls every decoding row for its length: fewer, fuller calls serve more tokens per second).
     prefill_wait: int = 4
+    # Tokens a decode call samples per row, feeding each back in (one call, one dispatch and one host round trip
+    # for several tokens; a row takes fewer where its max_tokens or max_len ends sooner). Tokens arrive this many
+    # at a time; a row that stops (end of document, stop string) mid-call wastes the rest of its steps.
+    decode_steps: int = 4
     max_logprobs: int = 5  # the most alternatives a request may ask for per token
 
     def resolved(self, context: int) -> EngineConfig:
@@ -91,6 +95,7 @@ class EngineConfig:
             (self.prefill_rows >= 1, f"prefill_rows={self.prefill_rows}: must be >= 1"),
             (self.max_len >= 0, f"max_len={self.max_len}: must be >= 0 (0: the model's seq_len)"),
             (self.prefill_wait >= 0, f"prefill_wait={self.prefill_wait}: must be >= 0"),
+            (self.decode_steps >= 1, f"decode_steps={self.decode_steps}: must be >= 1"),
         ]
         return [message for ok, message in checks if not ok]
 
@@ -474,8 +479,9 @@ class Engine:
     def warmup(self) -> None:
         """Compiles every call shape (each prefill shape and the decode call) before any request needs one: calls
         with no rows, which write only to the null page."""
-        for rows, width in [*self.prefill_shapes, (self.cfg.max_batch, 1)]:
+        for rows, width in self.prefill_shapes:
             self._run([], rows, width)
+        (self._run if self.cfg.decode_steps == 1 else self._run_decode)([], self.cfg.max_batch, 1)
 
     def run_until_done(self) -> None:
         """Runs steps on this thread until every submitted request has finished (tests, benchmarks)."""
@@ -499,14 +505,16 @@ class Engine:
             self._deferred = 0
         for seq in sorted(decoding + prefilling, key=lambda s: s.order):
             if seq in self.running:  # (not preempted for an older row)
-                upto = seq.computed + (min(width, len(seq.tokens) - seq.computed) if seq.prefilling else 1)
+                upto = seq.computed + (
+                    min(width, len(seq.tokens) - seq.computed) if seq.prefilling else self._steps(seq)
+                )
                 self._reserve(seq, upto)
         prefilling = [s for s in prefilling if s in self.running]
         decoding = [s for s in decoding if s in self.running]
         if prefilling:
             self._run(prefilling, rows, width)
         if decoding:
-            self._run(decoding, self.cfg.max_batch, 1)
+            (self._run if self.cfg.decode_steps == 1 else self._run_decode)(decoding, self.cfg.max_batch, 1)
         now = time.perf_counter()
         self.stats.recent.append((now, self.stats.generated_tokens))
 
@@ -659,6 +667,57 @@ class Engine:
             self.stats.calls[rows, width] += 1
         if width > 1:
             self.stats.prompt_tokens += int(counts.sum())
+
+    def _steps(self, seq: Sequence) -> int:
+        """Tokens a decode call samples for `seq`: decode_steps, or fewer where its max_tokens or max_len ends."""
+        left = min(seq.params.max_tokens - len(seq.generated), self.cfg.max_len - len(seq.tokens))
+        return max(1, min(self.cfg.decode_steps, left))
+
+    def _run_decode(self, seqs: list[Sequence], rows: int, _width: int = 1) -> None:
+        """One call of decode_steps steps over the decoding rows `seqs` (padded to `rows`), then each row's
+        tokens in order, up to where it finishes."""
+        token, n, written = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        tables = {w: np.zeros((rows, self.blocks), np.int32) for w in self.windows}
+        rules = np.zeros((rows, 4), np.float32)  # temperature, top_k, top_p, min_p
+        rules[:, 2] = 1.0
+        seeds, index, steps = np.zeros(rows, np.uint32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        for r, seq in enumerate(seqs):
+            token[r], n[r], written[r] = seq.tokens[seq.computed], self._steps(seq), seq.computed
+            for w in self.windows:
+                tables[w][r, : len(seq.pages[w])] = seq.pages[w]
+            p = seq.params
+            rules[r] = (p.temperature, p.top_k, p.top_p, p.min_p)
+            seeds[r], index[r], steps[r] = p.seed, p.sample_index, len(seq.generated)
+        with self._on_mesh():
+            self.cache, out = _decode(
+                self.weights,
+                self.cache,
+                token,
+                n,
+                written,
+                tables,
+                rules,
+                seeds,
+                index,
+                steps,
+                model=self.model,
+                top=self.cfg.max_logprobs,
+                steps=self.cfg.decode_steps,
+            )
+        out = jax.tree.map(np.asarray, out)
+        now = time.perf_counter()
+        for r, seq in enumerate(seqs):
+            before = seq.computed
+            for j in range(int(n[r])):
+                self._take(seq, {key: x[:, j] for key, x in out.items()}, r, now)
+                if seq not in self.running:  # finished (or cancelled)
+                    break
+            else:
+                seq.computed = before + int(n[r])  # (_take counts one token a call)
+                self._remember(seq, before)
+                self._slide(seq)
+        if seqs:
+            self.stats.calls[rows, 1] += 1
 
     def _prompt_logprobs(self, seq: Sequence, before: int, out, r: int) -> None:
         """The logprob of each prompt token this call's logits predict (position i predicts token i + 1)."""
@@ -825,14 +884,7 @@ def _call(
     positions_BT = jnp.where(jnp.arange(T) < counts_B[:, None], written_B[:, None] + jnp.arange(T), -1)
     logits_BTV, variables = model.apply({**weights, "cache": cache}, tokens_BT, positions_BT, mutable=["cache"])
     last_BV = logits_BTV[jnp.arange(B), jnp.maximum(counts_B - 1, 0)]
-    keys_B = jax.vmap(lambda s, i, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), i), t))(
-        seeds_B, index_B, steps_B
-    )
-    token_B = sample_rows(last_BV, rules_B4, keys_B)
-    lp_BV = jax.nn.log_softmax(last_BV.astype(jnp.float32), axis=-1)
-    top_lp_Bk, top_ids_Bk = jax.lax.top_k(lp_BV, top)
-    out = dict(token=token_B, lp=jnp.take_along_axis(lp_BV, token_B[:, None], axis=-1)[:, 0])
-    out.update(top_ids=top_ids_Bk, top_lp=top_lp_Bk)
+    out = _next(last_BV, rules_B4, seeds_B, index_B, steps_B, top)
     if T > 1:  # a prefill call: the logprob of every prompt token after the first, when a row asks for them
 
         def prompt_logprobs(_):
@@ -846,6 +898,39 @@ def _call(
         prompt = jax.lax.cond(jnp.any(targets_BT >= 0), prompt_logprobs, none, None)
         out.update(zip(("prompt_lp", "prompt_top_ids", "prompt_top_lp"), prompt))
     return unbound(variables["cache"]), out
+
+
+def _next(last_BV, rules_B4, seeds_B, index_B, steps_B, top: int) -> dict:
+    """Each row's next token drawn by its rules from its last logits (the draw of `infer.py --seed` row
+    `sample_index` at step `steps_B`), its logprob and the `top` most likely tokens'."""
+    keys_B = jax.vmap(lambda s, i, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), i), t))(
+        seeds_B, index_B, steps_B
+    )
+    token_B = sample_rows(last_BV, rules_B4, keys_B)
+    lp_BV = jax.nn.log_softmax(last_BV.astype(jnp.float32), axis=-1)
+    top_lp_Bk, top_ids_Bk = jax.lax.top_k(lp_BV, top)
+    lp_B = jnp.take_along_axis(lp_BV, token_B[:, None], axis=-1)[:, 0]
+    return dict(token=token_B, lp=lp_B, top_ids=top_ids_Bk, top_lp=top_lp_Bk)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "top", "steps"), donate_argnames=("cache",))
+def _decode(weights, cache, token_B, n_B, written_B, tables, rules_B4, seeds_B, index_B, steps_B, *, model, top, steps):
+    """`steps` decode steps in one call (a scan): row b feeds each token it samples back in for its first n_B steps
+    (the rest of its steps write to the null page and are not used). Outputs are [B, steps, ...]."""
+
+    def step(carry, i):
+        cache, token_B = carry
+        active_B = i < n_B
+        cache = bind(cache, tables, written_B + i)
+        positions_B1 = jnp.where(active_B, written_B + i, -1)[:, None]
+        logits_B1V, variables = model.apply(
+            {**weights, "cache": cache}, token_B[:, None], positions_B1, mutable=["cache"]
+        )
+        out = _next(logits_B1V[:, 0], rules_B4, seeds_B, index_B, steps_B + i, top)
+        return (unbound(variables["cache"]), out["token"]), out
+
+    (cache, _), outs = jax.lax.scan(step, (cache, token_B), jnp.arange(steps))
+    return cache, jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), outs)
 
 
 def unbound(cache: dict) -> dict:

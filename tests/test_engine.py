@@ -129,6 +129,34 @@ def test_a_request_gets_the_same_tokens_alone_and_in_a_crowd_as_infer(trained):
     assert engine.pools[0].held() == 0
 
 
+def test_several_decode_steps_per_call_give_the_tokens_of_one(trained):
+    """decode_steps=4: each decode call samples up to 4 tokens a row, feeding each back in. The same tokens and
+    finish reasons as one step a call (greedy and seeded; max_tokens that are no multiple of 4; a row that fills
+    max_len; a stop string mid-call), logprobs within float rounding, every page back."""
+    run, params, tok = trained
+    model = Transformer(run.model)
+    requests = crowd(tok)
+    fill = 63 - len(requests[2][0])  # to max_len=63 exactly
+    requests[2] = (requests[2][0], dataclasses.replace(requests[2][1], max_tokens=fill, stop_at_eos=False))
+    requests.append((prompt_ids(tok, "def f1_2(x):\n"), SamplingParams(max_tokens=40, temperature=0, stop=["x"])))
+    got, calls = {}, {}
+    for steps in (1, 4):
+        config = EngineConfig(
+            max_batch=4, page_size=8, chunk=16, prefill_rows=2, max_len=63, decode_steps=steps, prefix_caching=False
+        )
+        engine = Engine(model, params, tok, config)
+        handles = served(engine, requests)
+        got[steps] = [(h.tokens, h.text, h.finish_reason) for h in handles], [h.logprobs for h in handles]
+        assert engine.pools[0].held() == 0
+        calls[steps] = engine.stats.prompt_tokens, engine.stats.calls[4, 1]
+    assert calls[4][0] == calls[1][0] and calls[4][1] < calls[1][1] / 2  # no token computed twice, fewer calls
+    assert got[4][0] == got[1][0]
+    assert {reason for _, _, reason in got[4][0]} == {"length", "stop"}
+    assert len(requests[2][0]) + len(got[4][0][2][0]) == 63 and fill % 4  # (max_len; no multiple of the steps)
+    for a, b in zip(got[4][1], got[1][1]):
+        np.testing.assert_allclose([lp.logprob for lp in a], [lp.logprob for lp in b], atol=1e-5)
+
+
 def test_prefix_sharing_gives_the_same_tokens_with_fewer_pages(trained):
     run, params, tok = trained
     system = "def f3_14(x):\n    return x * 14 + 3\n\ndef f3_15(x):\n    return x * 15 + 3\n\n"

@@ -23,7 +23,7 @@ from tests.conftest import REPO
 
 # Small enough that 64 clients preempt rows and wait in the queue; the SIGTERM test's `infer.py --serve` uses the
 # same settings, so it loads this process's compiled calls from the compilation cache.
-ENGINE = dict(max_batch=8, page_size=8, num_pages=48, max_queue=64, chunk=16, prefill_rows=2)
+ENGINE = dict(max_batch=8, page_size=8, num_pages=40, max_queue=64, chunk=16, prefill_rows=2)
 
 
 def free_port() -> int:
