@@ -620,10 +620,6 @@ class Engine:
         tokens = np.zeros((rows, width), np.int32)
         counts, written = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         targets = np.full((rows, width), -1, np.int32)  # the prompt tokens whose logprobs a row wants (-1: none)
-        tables = {w: np.zeros((rows, self.blocks), np.int32) for w in self.windows}
-        rules = np.zeros((rows, 4), np.float32)  # temperature, top_k, top_p, min_p
-        rules[:, 2] = 1.0
-        seeds, index, steps = np.zeros(rows, np.uint32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         for r, seq in enumerate(seqs):
             n = min(width, len(seq.tokens) - seq.computed)
             tokens[r, :n] = seq.tokens[seq.computed : seq.computed + n]
@@ -631,27 +627,9 @@ class Engine:
                 following = seq.tokens[seq.computed + 1 : seq.computed + n + 1]
                 targets[r, : len(following)] = following
             counts[r], written[r] = n, seq.computed
-            for w in self.windows:
-                tables[w][r, : len(seq.pages[w])] = seq.pages[w]
-            p = seq.params
-            rules[r] = (p.temperature, p.top_k, p.top_p, p.min_p)
-            seeds[r], index[r], steps[r] = p.seed, p.sample_index, len(seq.generated)
         with self._on_mesh():
-            self.cache, out = _call(
-                self.weights,
-                self.cache,
-                tokens,
-                counts,
-                written,
-                tables,
-                rules,
-                seeds,
-                index,
-                steps,
-                targets,
-                model=self.model,
-                top=self.cfg.max_logprobs,
-            )
+            call = functools.partial(_call, model=self.model, top=self.cfg.max_logprobs)
+            self.cache, out = call(self.weights, self.cache, tokens, counts, written, *self._rows(seqs, rows), targets)
         out = jax.tree.map(np.asarray, out)
         now = time.perf_counter()
         for r, seq in enumerate(seqs):
@@ -668,6 +646,21 @@ class Engine:
         if width > 1:
             self.stats.prompt_tokens += int(counts.sum())
 
+    def _rows(self, seqs: list[Sequence], rows: int) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What every call takes of its rows, padded to `rows`: page tables (window -> [rows, blocks]), sampling
+        rules [rows, 4] (temperature, top_k, top_p, min_p), seeds, sample indices and tokens generated so far."""
+        tables = {w: np.zeros((rows, self.blocks), np.int32) for w in self.windows}
+        rules = np.zeros((rows, 4), np.float32)
+        rules[:, 2] = 1.0
+        seeds, index, steps = np.zeros(rows, np.uint32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        for r, seq in enumerate(seqs):
+            for w in self.windows:
+                tables[w][r, : len(seq.pages[w])] = seq.pages[w]
+            p = seq.params
+            rules[r] = (p.temperature, p.top_k, p.top_p, p.min_p)
+            seeds[r], index[r], steps[r] = p.seed, p.sample_index, len(seq.generated)
+        return tables, rules, seeds, index, steps
+
     def _steps(self, seq: Sequence) -> int:
         """Tokens a decode call samples for `seq`: decode_steps, or fewer where its max_tokens or max_len ends."""
         left = min(seq.params.max_tokens - len(seq.generated), self.cfg.max_len - len(seq.tokens))
@@ -677,33 +670,11 @@ class Engine:
         """One call of decode_steps steps over the decoding rows `seqs` (padded to `rows`), then each row's
         tokens in order, up to where it finishes."""
         token, n, written = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        tables = {w: np.zeros((rows, self.blocks), np.int32) for w in self.windows}
-        rules = np.zeros((rows, 4), np.float32)  # temperature, top_k, top_p, min_p
-        rules[:, 2] = 1.0
-        seeds, index, steps = np.zeros(rows, np.uint32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         for r, seq in enumerate(seqs):
             token[r], n[r], written[r] = seq.tokens[seq.computed], self._steps(seq), seq.computed
-            for w in self.windows:
-                tables[w][r, : len(seq.pages[w])] = seq.pages[w]
-            p = seq.params
-            rules[r] = (p.temperature, p.top_k, p.top_p, p.min_p)
-            seeds[r], index[r], steps[r] = p.seed, p.sample_index, len(seq.generated)
         with self._on_mesh():
-            self.cache, out = _decode(
-                self.weights,
-                self.cache,
-                token,
-                n,
-                written,
-                tables,
-                rules,
-                seeds,
-                index,
-                steps,
-                model=self.model,
-                top=self.cfg.max_logprobs,
-                steps=self.cfg.decode_steps,
-            )
+            call = functools.partial(_decode, model=self.model, top=self.cfg.max_logprobs, steps=self.cfg.decode_steps)
+            self.cache, out = call(self.weights, self.cache, token, n, written, *self._rows(seqs, rows))
         out = jax.tree.map(np.asarray, out)
         now = time.perf_counter()
         for r, seq in enumerate(seqs):
