@@ -192,9 +192,10 @@ def cpu_kernel_decode(cfg, q_BTNH, view: KVView, *, bias_fn=None, softcap=0.0, s
     the view's dense arrays elsewhere (rows, int8 pages, a bias other than ALiBi, several devices)."""
     pages = view.pages
     paged = pages is not None and pages.k_PKsH.dtype == jnp.float32 and pages.v_PKsH.dtype == jnp.float32
-    if not paged or q_BTNH.dtype != jnp.float32 or not isinstance(bias_fn, (type(None), AlibiBias)):
-        return reference_decode(cfg, q_BTNH, view, bias_fn=bias_fn, softcap=softcap, scale=scale)
-    if jax.device_count() != 1 or not cpu_attention.available():
+    plain_bias = isinstance(bias_fn, (type(None), AlibiBias))
+    if not (
+        paged and q_BTNH.dtype == jnp.float32 and plain_bias and jax.device_count() == 1 and cpu_attention.available()
+    ):
         return reference_decode(cfg, q_BTNH, view, bias_fn=bias_fn, softcap=softcap, scale=scale)
     mask = view.mask
     return cpu_attention.paged_decode(
