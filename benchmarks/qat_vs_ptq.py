@@ -4,7 +4,9 @@
 
 One float run trains `steps + qat_steps` steps (one learning-rate schedule over all of them) and keeps its checkpoint
 at `steps`; a second run resumes from that checkpoint and trains the last `qat_steps` steps with train.qat
-(`start_step=steps`), so both see the same batches under the same schedule. Reported, on the same held-out batches
+(`start_step=steps`), so both see the same batches under the same schedule. `--steps 0` trains with QAT from the
+first step. A `--workdir` whose float run is already finished keeps it (so several QAT phases share one float run);
+the QAT run goes to `qat_from_<steps>` there. Reported, on the same held-out batches
 (`--eval_batches` of the config's eval set): eval/bpb of the float run, of its weights quantized by round to nearest
 (PTQ), of the QAT run's checkpoint quantized with the same scheme (what it deploys as; also the bpb its last
 evaluation logged) and of the QAT run's float master weights.
@@ -48,25 +50,31 @@ def main() -> None:
 
     total = args.steps + args.qat_steps
     sets = [args.set, f"train.steps={total},train.eval_every={total},train.eval_batches={args.eval_batches}"]
-    sets.append(f"checkpoint.every={args.steps},checkpoint.keep_every={args.steps},train.sample_tokens=0")
+    kept = args.steps or total  # the step both runs share; QAT from the first step shares none
+    sets.append(f"checkpoint.every={kept},checkpoint.keep_every={kept},train.sample_tokens=0")
     qat = f"train.qat.scheme={args.scheme},train.qat.group_size={args.group},train.qat.start_step={args.steps}"
     float_run = load_config(args.config, 257, ",".join(filter(None, sets)))
     qat_run = load_config(args.config, 257, ",".join(filter(None, [*sets, qat])))
     root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="qat_vs_ptq_"))
 
-    print(f"float: {total} steps into {root / 'float'}", file=sys.stderr)
-    train(float_run, root / "float")
-    shared = checkpoints_dir(root / "float") / str(args.steps)
-    checkpoints_dir(root / "qat").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(shared, checkpoints_dir(root / "qat") / str(args.steps), dirs_exist_ok=True)
-    if (root / "float" / "tokenizer.json").exists():
-        shutil.copy(root / "float" / "tokenizer.json", root / "qat" / "tokenizer.json")
-    print(f"QAT: steps {args.steps + 1}-{total} into {root / 'qat'}", file=sys.stderr)
-    logged = train(qat_run, root / "qat")
+    if (checkpoints_dir(root / "float") / str(total)).exists():
+        print(f"float: {root / 'float'} already holds step {total}", file=sys.stderr)
+    else:
+        print(f"float: {total} steps into {root / 'float'}", file=sys.stderr)
+        train(float_run, root / "float")
+    qat_dir = root / f"qat_from_{args.steps}"
+    checkpoints_dir(qat_dir).mkdir(parents=True, exist_ok=True)
+    if args.steps:
+        shared = checkpoints_dir(root / "float") / str(args.steps)
+        shutil.copytree(shared, checkpoints_dir(qat_dir) / str(args.steps), dirs_exist_ok=True)
+    if (root / "float" / "tokenizer.json").exists():  # the same tokenizer, not one trained again
+        shutil.copy(root / "float" / "tokenizer.json", qat_dir / "tokenizer.json")
+    print(f"QAT: steps {args.steps + 1}-{total} into {qat_dir}", file=sys.stderr)
+    logged = train(qat_run, qat_dir)
 
     spec = spec_of(qat_run.train.qat)
     run, float_params, tokenizer, _ = load_for_inference(root / "float")
-    _, qat_params, _, _ = load_for_inference(root / "qat")
+    _, qat_params, _, _ = load_for_inference(qat_dir)
     t = run.train
     batches = data_lib.load(run.data, root / "float").validation_batches(t.batch_size, t.eval_batches)
     inputs = Inputs(eod_id=tokenizer.eod_id if run.data.document_mask else None)
