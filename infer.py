@@ -351,7 +351,7 @@ def main(argv: list[str]) -> None:
     from sampling.decode import decode_errors
     from sampling.runner import Request, draft_tokens, report_speed, run_request, run_speculative, unescape
     from training import hf
-    from training.checkpoint import CheckpointError, load_for_inference
+    from training.checkpoint import CheckpointError, load_clips, load_for_inference
     from training.evaluation import score_file
 
     prompts, text = read_inputs()
@@ -369,7 +369,8 @@ def main(argv: list[str]) -> None:
         from training.quantize import quantize_run
 
         try:
-            run, params = quantize_run(run, params, tokenizer, quant_request())
+            clips = None if _HF_DIR.value is not None else load_clips(_WORKDIR.value, step)
+            run, params = quantize_run(run, params, tokenizer, quant_request(), clips)
         except QuantError as e:
             fail(f"--quant={_QUANT.value}: {e}")
         loaded += f", quantized as {run.quant.scheme} ({run.quant.method})"

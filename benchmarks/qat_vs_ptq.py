@@ -5,7 +5,8 @@
 One float run trains `steps + qat_steps` steps (one learning-rate schedule over all of them) and keeps its checkpoint
 at `steps`; a second run resumes from that checkpoint and trains the last `qat_steps` steps with train.qat
 (`start_step=steps`), so both see the same batches under the same schedule. `--steps 0` trains with QAT from the
-first step. A `--workdir` whose float run is already finished keeps it (so several QAT phases share one float run);
+first step; `--clip_lr` also learns each group's clipping factor (train.qat.clip_lr), the QAT run then going to
+`qat_from_<steps>_clip_lr<lr>`. A `--workdir` whose float run is already finished keeps it (so several QAT phases share one float run);
 the QAT run goes to `qat_from_<steps>` there. Reported, on the same held-out batches
 (`--eval_batches` of the config's eval set): eval/bpb of the float run, of its weights quantized by round to nearest
 (PTQ), of the QAT run's checkpoint quantized with the same scheme (what it deploys as; also the bpb its last
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--qat_steps", type=int, default=100, help="steps after them: float, or QAT")
     parser.add_argument("--scheme", default="int4")
     parser.add_argument("--group", type=int, default=32)
+    parser.add_argument("--clip_lr", type=float, default=0.0, help="train.qat.clip_lr (> 0: learned clipping)")
     parser.add_argument("--eval_batches", type=int, default=32)
     parser.add_argument("--set", default="", help="config overrides as key=value,key=value")
     parser.add_argument("--workdir", default="", help="where the two runs go (default: a temporary directory)")
@@ -42,8 +44,8 @@ def main() -> None:
     import data as data_lib
     from benchmarks.throughput import load_config
     from model import Transformer
-    from model.quant.params import quantize_params
-    from training.checkpoint import checkpoints_dir, load_for_inference
+    from model.quant.params import clipped, quantize_params
+    from training.checkpoint import checkpoints_dir, load_clips, load_for_inference
     from training.evaluation import Inputs, evaluate, make_eval_step
     from training.loop import train
     from training.qat import spec_of
@@ -53,6 +55,7 @@ def main() -> None:
     kept = args.steps or total  # the step both runs share; QAT from the first step shares none
     sets.append(f"checkpoint.every={kept},checkpoint.keep_every={kept},train.sample_tokens=0")
     qat = f"train.qat.scheme={args.scheme},train.qat.group_size={args.group},train.qat.start_step={args.steps}"
+    qat += f",train.qat.clip_lr={args.clip_lr}"
     float_run = load_config(args.config, 257, ",".join(filter(None, sets)))
     qat_run = load_config(args.config, 257, ",".join(filter(None, [*sets, qat])))
     root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="qat_vs_ptq_"))
@@ -62,7 +65,7 @@ def main() -> None:
     else:
         print(f"float: {total} steps into {root / 'float'}", file=sys.stderr)
         train(float_run, root / "float")
-    qat_dir = root / f"qat_from_{args.steps}"
+    qat_dir = root / (f"qat_from_{args.steps}" + (f"_clip_lr{args.clip_lr:g}" if args.clip_lr else ""))
     checkpoints_dir(qat_dir).mkdir(parents=True, exist_ok=True)
     if args.steps:
         shared = checkpoints_dir(root / "float") / str(args.steps)
@@ -74,7 +77,8 @@ def main() -> None:
 
     spec = spec_of(qat_run.train.qat)
     run, float_params, tokenizer, _ = load_for_inference(root / "float")
-    _, qat_params, _, _ = load_for_inference(qat_dir)
+    _, qat_params, _, qat_step = load_for_inference(qat_dir)
+    clips = load_clips(qat_dir, qat_step)  # learned clipping's factors (None without --clip_lr)
     t = run.train
     batches = data_lib.load(run.data, root / "float").validation_batches(t.batch_size, t.eval_batches)
     inputs = Inputs(eod_id=tokenizer.eod_id if run.data.document_mask else None)
@@ -82,7 +86,9 @@ def main() -> None:
     bpb = {
         "float": float_params,
         f"float + RTN {args.scheme} g{args.group} (PTQ)": quantize_params(run.model, float_params, spec),
-        f"QAT {args.scheme} g{args.group}, quantized": quantize_params(run.model, qat_params, spec),
+        f"QAT {args.scheme} g{args.group}, quantized": quantize_params(
+            run.model, qat_params, spec, None if clips is None else clipped(spec, clips)
+        ),
         "QAT float master weights": qat_params,
     }
     bpb = {name: evaluate(eval_step, params, batches)["eval/bpb"] for name, params in bpb.items()}

@@ -159,8 +159,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # before it the run is a float run, bit for bit. Evaluation (eval/bpb, eval_tasks) and the sample read the
         # same rounded weights from start_step on: what the model will be deployed as. skip: globs of parameter paths
         # kept in float ('embed', 'head', ...). Quantizing the checkpoint with the same scheme then gives exactly
-        # the weights it trained with.
-        qat=dict(scheme="", group_size=-1, skip=("router",), start_step=0),
+        # the weights it trained with. clip_lr > 0 also learns each group's clipping factor (LSQ / OmniQuant-style:
+        # the group's range times a factor from 1, Adam at that peak lr on the run's schedule); quantizing the
+        # checkpoint then uses the learned factors (they are kept in its `qat` item).
+        qat=dict(scheme="", group_size=-1, skip=("router",), start_step=0, clip_lr=0.0),
         # Post-training objectives (docs/configs.md). dpo: beta scales the policy/reference log-ratios,
         # label_smoothing is the chance a pair's label is flipped (conservative DPO, in [0, 0.5)), reference 'frozen'
         # (the params the run starts from) or 'none' (reference-free).

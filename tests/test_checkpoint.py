@@ -365,9 +365,9 @@ def test_init_from_takes_another_runs_params_and_load_for_inference_finds_steps(
 
     given = []
 
-    def spy(model, tx, seed, params=None, shardings=None, frozen=False):
+    def spy(model, tx, seed, params=None, shardings=None, frozen=False, train=None):
         given.append(params)
-        return init_state(model, tx, seed, params, shardings, frozen)
+        return init_state(model, tx, seed, params, shardings, frozen, train)
 
     # b's objective keeps a frozen copy of the params it starts from: a's, which its checkpoints point to.
     b_train = {"steps": 2, "eval_every": 100, "init_from": str(a), "objective": "toy_anchored"}

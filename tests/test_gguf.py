@@ -439,3 +439,21 @@ def test_a_qat_run_exports_the_weights_it_trained_with(eval_run):
             np.testing.assert_array_equal(gguf.quants.dequantize(gguf.quants.quantize(x, q4), q4), x)
     x = tensors_for_gguf(run.model, params)["blk.0.ffn_up.weight"]
     assert not np.array_equal(gguf.quants.dequantize(gguf.quants.quantize(x, q4), q4), x)
+
+    # With learned clipping factors (kept in training.qat.CLIP_RANGE: clipped, never widened), q4_0 and q8_0 blocks
+    # still hold exactly the weights the run trained with.
+    from model.quant.params import initial_clips, spec_of
+
+    rng = np.random.default_rng(0)
+    for scheme, type in (("int4", "q4_0"), ("int8", "q8_0")):
+        learned = dataclasses.replace(run.train, qat=QATConfig(scheme, 32, clip_lr=0.01))
+        learned = dataclasses.replace(run, train=learned)
+        clips = initial_clips(run.model, params, spec_of(learned.train.qat))
+        clips = jax.tree.map(lambda c: rng.uniform(0.3, 1.0, c.shape).astype(np.float32), clips)
+        qtype = getattr(gguf.GGMLQuantizationType, type.upper())
+        rounded = tensors_for_gguf(run.model, float_weights(learned, params, type, clips))
+        absmax = tensors_for_gguf(run.model, float_weights(learned, params, type))
+        assert not np.array_equal(rounded["blk.0.ffn_up.weight"], absmax["blk.0.ffn_up.weight"])
+        for x in rounded.values():
+            if x.ndim == 2:
+                np.testing.assert_array_equal(gguf.quants.dequantize(gguf.quants.quantize(x, qtype), qtype), x)

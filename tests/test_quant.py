@@ -35,32 +35,35 @@ def np_f16(x):
     return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
 
 
-def reference(w_KN: np.ndarray, scheme: str, G: int) -> np.ndarray:
-    """The dequantized weight, group by group, in float64/float32 NumPy from each scheme's definition."""
+def reference(w_KN: np.ndarray, scheme: str, G: int, clip_GN: np.ndarray | None = None) -> np.ndarray:
+    """The dequantized weight, group by group, in float64/float32 NumPy from each scheme's definition; with
+    `clip_GN`, each group's range (absmax, signed max, [min, max]) multiplied by its factor first (learned
+    clipping)."""
     K, N = w_KN.shape
     out = np.zeros_like(w_KN, np.float32)
     for g in range(K // G):
         for n in range(N):
             x = w_KN[g * G : (g + 1) * G, n].astype(np.float32)
+            a = np.float32(1) if clip_GN is None else np.float32(clip_GN[g, n])
             if scheme == "int8":
-                d = np_f16(np.abs(x).max() / np.float32(127))
+                d = np_f16(np.abs(x).max() / np.float32(127) * a)
                 q = np.clip(np_roundf(x * (np.float32(1) / d if d else 0)), -127, 127)
                 y = q * d
             elif scheme == "int4":  # ggml's quantize_row_q4_0_ref, with the f16 scale
                 m = x[np.argmax(np.abs(x))]
-                d = np_f16(m / np.float32(-8))
+                d = np_f16(m / np.float32(-8) * a)
                 q = np.clip(np.floor(x * (np.float32(1) / d if d else 0) + 0.5), -8, 7)
                 y = q * d
             elif scheme in ("int8-zp", "int4-zp"):
                 top = 255 if scheme == "int8-zp" else 15
-                lo, hi = min(x.min(), 0), max(x.max(), 0)
+                lo, hi = min(x.min(), 0) * a, max(x.max(), 0) * a
                 s = np_f16((hi - lo) / np.float32(top))
                 inv = np.float32(1) / s if s else 0
                 z = np.clip(np_roundf(-lo * inv), 0, top)
                 q = np.clip(np_roundf(x * inv + z), 0, top)
                 y = (q - z) * s
             else:  # nf4, before double quantization of its scales
-                s = np.abs(x).max()
+                s = np.abs(x).max() * abs(a)
                 levels = schemes.NF4_LEVELS
                 q = np.abs((x / s if s else x)[:, None] - levels[None]).argmin(-1)
                 y = levels[q] * s

@@ -6,6 +6,8 @@ Each step directory holds these items:
 - `model_state`: the model's non-trained variables (e.g. a router's bias), only for models that keep any;
 - `frozen`: the frozen params an objective trains beside (training/objectives.py), only where they are not another
   checkpoint's params: a run whose frozen params came from `train.init_from` records that step directory instead;
+- `qat`: train.qat's learned clipping factors and their Adam state (training/qat.py), only for runs that learn them
+  (`train.qat.clip_lr` > 0); `load_clips` reads them for quantizing the checkpoint;
 - `train`: JSON with the step, the RNG key data, the position in the training stream ({"windows": consumed})
   and the per-step metrics of the current log interval, so a resumed run logs exactly what an uninterrupted
   one would; with frozen params, `frozen_from`: the step directory that holds them (null: the `frozen` item);
@@ -36,10 +38,11 @@ from jax.experimental import multihost_utils
 from data.tokenizer import Tokenizer, tokenizer_from_dict, tokenizer_to_dict
 from model import ModelConfig, Transformer, init_variables, lora
 from training.config import CheckpointConfig, RunConfig, from_dict
+from training.qat import abstract_qat, learns_clips
 from training.step import init_state
 
 FORMAT_VERSION = 1
-ITEMS = ("params", "opt_state", "model_state", "frozen", "train", "meta")
+ITEMS = ("params", "opt_state", "model_state", "frozen", "qat", "train", "meta")
 
 # Where restored arrays go: one jax.sharding.Sharding for all, a pytree of Shardings matching the targets (a dict
 # by item name), or a function from each abstract leaf to its Sharding. None: the first device.
@@ -422,6 +425,26 @@ def lora_start(
     bit for bit what `init_state` built. `shardings`: a TrainState of shardings (with `tx`, the run's optimizer)."""
     base = None if base_from is None else restore_params(base_from, abstract=abstract).arrays["params"]
     return init_state(Transformer(run.model), tx or optax.identity(), run.train.seed, base, shardings).params
+
+
+def load_clips(path: str | pathlib.Path, step: int | None = None) -> Any:
+    """The learned clipping factors (training/qat.py) of the latest complete (or the given) step of a workdir,
+    its checkpoints directory or a step directory; None for a run that learned none."""
+    directory, path_step = locate(path)
+
+    def targets(run: RunConfig) -> dict:
+        if not learns_clips(run.train.qat):
+            return {}
+        return {"qat": abstract_qat(run.model, run.train, abstract_params(run.model))}
+
+    checkpointer = Checkpointer(directory)
+    try:
+        restored = checkpointer.restore(targets, step if step is not None else path_step)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise CheckpointError(f"{path}: no checkpoints in {directory}")
+    return restored.arrays["qat"]["clips"] if "qat" in restored.arrays else None
 
 
 def load_for_inference(path: str | pathlib.Path, step: int | None = None) -> tuple[RunConfig, Any, Tokenizer, int]:

@@ -47,12 +47,14 @@ class QATConfig:
     """Quantization-aware training (training/qat.py): from `start_step` on, the forward pass (the train step's and
     evaluation's) multiplies by the weights rounded as `scheme` with groups of `group_size` input channels (-1: the
     scheme's default, 0: per channel) stores them, gradients passing straight through; `skip`: globs of parameter
-    paths kept in float."""
+    paths kept in float. `clip_lr` > 0 also learns every group's clipping factor (its range's multiplier, from 1)
+    with Adam at that peak learning rate on the run's schedule; 0 keeps the scheme's own scales."""
 
     scheme: str = ""  # '': off; one of model.quant.schemes.SCHEMES
     group_size: int = -1
     skip: tuple[str, ...] = ("router",)
     start_step: int = 0
+    clip_lr: float = 0.0
 
 
 DPO_REFERENCES = ("frozen", "none")
@@ -248,6 +250,8 @@ def _quant_rules(t: TrainConfig, q: QuantConfig) -> list[tuple[bool, str, Any, s
         (t.qat.scheme in ("", *QUANT_SCHEMES), "train.qat.scheme", t.qat.scheme, f"'' (off) or one of {schemes}"),
         (t.qat.group_size in (-1, *QUANT_GROUPS), "train.qat.group_size", t.qat.group_size, groups),
         (t.qat.start_step >= 0, "train.qat.start_step", t.qat.start_step, "must be >= 0"),
+        (t.qat.clip_lr >= 0, "train.qat.clip_lr", t.qat.clip_lr, "must be >= 0 (0: the scheme's own scales)"),
+        (not t.qat.clip_lr or t.qat.scheme, "train.qat.clip_lr", t.qat.clip_lr, "needs train.qat.scheme"),
         (q.scheme in ("", *QUANT_SCHEMES), "quant.scheme", q.scheme, f"'' (float) or one of {schemes}"),
         (q.group in (-1, *QUANT_GROUPS), "quant.group", q.group, groups),
         (q.method in QUANT_METHODS, "quant.method", q.method, f"allowed: {', '.join(QUANT_METHODS)}"),

@@ -73,7 +73,7 @@ def dry_run(run: RunConfig) -> dict:
     with layout.activate():
         model = model_for(run.model, layout)
         tx, schedule = make_optimizer(t, run.model)
-        abstract = abstract_state(model, tx, layout, frozen=objective.frozen)
+        abstract = abstract_state(model, tx, layout, frozen=objective.frozen, train=t)
         windows = ("tokens", "chosen", "rejected")  # [B, T+1]; the per-target fields are [B, T]
         shapes = {f: (t.batch_size, run.data.seq_len + 1) for f in windows}
         batch = {

@@ -50,7 +50,8 @@ from training.metrics import MetricsWriter, StepClock, mfu_warning, peak_flops
 from training.objectives import OBJECTIVES
 from training.optim import SCHEDULES, make_optimizer, path_name, unmatched
 from training.qat import check as check_qat
-from training.qat import jit_forward_weights
+from training.qat import init_qat, jit_forward_weights, learns_clips
+from training.qat import spec_of as qat_spec
 from training.state import TrainState, abstract_state, shardings_of
 from training.step import init_state, make_train_step
 from training.workdir import hold_workdir
@@ -144,10 +145,22 @@ def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig, l
     run = with_vocab(run, stored.model.vocab_size)
     model, (tx, _) = Transformer(run.model), make_optimizer(run.train, run.model)
     if layout is None:
-        abstract = jax.eval_shape(lambda: init_state(model, tx, run.train.seed))
+        abstract = jax.eval_shape(lambda: init_state(model, tx, run.train.seed, train=run.train))
     else:
-        abstract = abstract_state(model, tx, layout)
-    return arrays_of(abstract, adapters_only=bool(run.model.lora.rank))
+        abstract = abstract_state(model, tx, layout, train=run.train)
+    arrays = arrays_of(abstract, adapters_only=bool(run.model.lora.rank))
+    if not same_clips(stored, run):  # learned clipping switched on at resume (or for another scheme): fresh factors
+        arrays.pop("qat", None)
+    return arrays
+
+
+def same_clips(stored: RunConfig, run: RunConfig) -> bool:
+    """Whether a checkpoint written with `stored` holds the clipping factors `run` learns (training/qat.py)."""
+    return (
+        learns_clips(stored.train.qat)
+        and learns_clips(run.train.qat)
+        and qat_spec(stored.train.qat) == qat_spec(run.train.qat)
+    )
 
 
 def arrays_of(state: TrainState, frozen_from: str | None = None, adapters_only: bool = False) -> dict:
@@ -158,6 +171,7 @@ def arrays_of(state: TrainState, frozen_from: str | None = None, adapters_only: 
     params = lora.adapters(state.params) if adapters_only else state.params
     arrays = {"params": params, "opt_state": state.opt_state}
     arrays |= {"model_state": state.model_state} if jax.tree.leaves(state.model_state) else {}
+    arrays |= {"qat": state.qat} if jax.tree.leaves(state.qat) else {}  # train.qat's learned clipping factors
     return arrays | ({"frozen": state.frozen} if jax.tree.leaves(state.frozen) and frozen_from is None else {})
 
 
@@ -277,8 +291,8 @@ def restored_state(restored: Restored, layout: Layout) -> TrainState:
     )
     step = jax.device_put(np.int32(restored.step), layout.replicated)
     params, opt_state = restored.arrays["params"], restored.arrays["opt_state"]
-    model_state = restored.arrays.get("model_state", {})
-    return TrainState(step, params, opt_state, jax.device_put(rng, layout.replicated), model_state)
+    model_state, qat = restored.arrays.get("model_state", {}), restored.arrays.get("qat", {})
+    return TrainState(step, params, opt_state, jax.device_put(rng, layout.replicated), model_state, qat=qat)
 
 
 def restored_frozen(restored: Restored, checkpointer: Checkpointer, abstract: Any) -> Any:
@@ -448,7 +462,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             model = model_for(run.model, layout)
             inputs = inputs_for(run, layout, data.tokenizer.eod_id)
             tx, schedule = make_optimizer(t, run.model)
-            abstract = abstract_state(model, tx, layout, frozen=objective.frozen)
+            abstract = abstract_state(model, tx, layout, frozen=objective.frozen, train=t)
             state_shardings = shardings_of(abstract)
             frozen_from = None  # the checkpoint that holds the frozen params (None: ours do)
             lora_base = None  # a LoRA run: (where its base params come from,), see train_record
@@ -459,12 +473,16 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                     base_abstract = lambda cfg: abstract_params(Transformer(cfg), layout)  # noqa: E731
                     start_params = lora_start(run, lora_base[0], tx, base_abstract, state_shardings)
                     state = state.replace(params=lora.combine(start_params, state.params))
+                if learns_clips(t.qat) and "qat" not in restored.arrays:
+                    log("train.qat.clip_lr: the checkpoint holds no clipping factors for this scheme; they start at 1")
+                    fresh = jax.jit(functools.partial(init_qat, run.model, t), out_shardings=state_shardings.qat)
+                    state = state.replace(qat=fresh(state.params))
                 if objective.frozen:
                     frozen_from = restored.train["frozen_from"]
                     state = state.replace(frozen=restored_frozen(restored, checkpointer, abstract.frozen))
             else:
                 params = source.arrays["params"] if source else None
-                state = init_state(model, tx, t.seed, params, state_shardings, frozen=objective.frozen)
+                state = init_state(model, tx, t.seed, params, state_shardings, frozen=objective.frozen, train=t)
                 frozen_from = str(source.path) if source and objective.frozen else None
                 lora_base = (str(source.path) if source else None,) if run.model.lora.rank else None
             if teacher is not None:  # the state's frozen variables are the teacher's, placed as they were loaded
@@ -569,7 +587,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                     pending = []
                 if step % t.eval_every == 0 or step == t.steps:
                     clock.pause(state)  # evaluation time is not training time; the step's own time is
-                    weights = forward_weights(state.params, state.step)
+                    weights = forward_weights(state.params, state.step, state.qat.get("clips"))
                     evaluated = evaluate(eval_fn, weights, val_batches, state.model_state)
                     writer.write(step, evaluated)
                     last.update(evaluated)
@@ -579,7 +597,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                         )
                 if t.eval_tasks and (step % (t.eval_tasks_every or t.eval_every) == 0 or step == t.steps):
                     clock.pause(state)
-                    weights = forward_weights(state.params, state.step)
+                    weights = forward_weights(state.params, state.step, state.qat.get("clips"))
                     scores = downstream(
                         run, weights, state.model_state, data.tokenizer, step, workdir if lead else None
                     )
@@ -605,7 +623,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
                 checkpointer.wait()  # with the stop handlers still installed: a second Ctrl-C abandons this save
             sample_params = None
             if t.sample_tokens > 0 and not stopped:
-                sample_params = host_copy(forward_weights(state.params, state.step))
+                sample_params = host_copy(forward_weights(state.params, state.step, state.qat.get("clips")))
                 if jax.tree.leaves(state.model_state):  # sampling/ takes {"params", "state"} for such models
                     sample_params = {"params": sample_params, "state": host_copy(state.model_state)}
         if stopped:

@@ -12,11 +12,12 @@ from typing import Any
 from data.pipeline import calibration_windows
 from data.tokenizer import Tokenizer
 from model.quant import calibrated
-from model.quant.params import check, quantize_params, scheme_of, spec_of
+from model.quant.params import check, clipped, quantize_params, scheme_of, spec_of
 from model.quant.schemes import GROUPS, SCHEMES, QuantError, Spec
 from training.checkpoint import Checkpointer, checkpoints_dir, meta_for
 from training.cli import read_text
 from training.config import QUANT_METHODS, CheckpointConfig, QuantConfig, RunConfig
+from training.qat import learns_clips
 
 METHODS = ("rtn", "gptq", "awq")  # what a quantizing command runs (QUANT_METHODS adds "qat", a training option)
 assert set(METHODS) <= set(QUANT_METHODS)
@@ -63,14 +64,24 @@ class Request:
         return Spec(self.scheme, self.group, tuple(skip))
 
 
-def quantize_run(run: RunConfig, weights: Any, tokenizer: Tokenizer, request: Request) -> tuple[RunConfig, Any]:
-    """(the run with `quant` set, its weights quantized as `request` says). QuantError for a model the spec does
-    not fit (a group that does not divide a weight, a workdir already quantized)."""
+def quantize_run(
+    run: RunConfig, weights: Any, tokenizer: Tokenizer, request: Request, clips: Any = None
+) -> tuple[RunConfig, Any]:
+    """(the run with `quant` set, its weights quantized as `request` says). A QAT run asked for the scheme it trained
+    with is rounded exactly as it trained: with `clips`, its learned clipping factors (training.checkpoint.
+    load_clips), where it learned them. QuantError for a model the spec does not fit (a group that does not divide
+    a weight, a workdir already quantized)."""
     if scheme_of(weights) is not None:
         raise QuantError(f"the weights are already quantized ({scheme_of(weights)}); quantize their float source")
     spec = request.spec(run)
     check(run.model, spec)
-    if request.method == "rtn":
+    qat = run.train.qat
+    trained_for = qat.scheme and request.method == "rtn" and spec_of(qat) == spec  # exactly what it trained with
+    if trained_for and learns_clips(qat) and clips is None:
+        raise QuantError("the run learned clipping factors (train.qat.clip_lr); quantizing it needs them (load_clips)")
+    if trained_for and learns_clips(qat):
+        quantized = quantize_params(run.model, weights, spec, clipped(spec, clips))
+    elif request.method == "rtn":
         quantized = quantize_params(run.model, weights, spec)
     else:
         text = None if request.calib_file is None else read_text(request.calib_file, "--calib_file")
@@ -79,8 +90,6 @@ def quantize_run(run: RunConfig, weights: Any, tokenizer: Tokenizer, request: Re
         count = request.calib_batches * run.train.batch_size
         windows = calibration_windows(run.data, tokenizer, count, text)
         quantized = calibrated.quantize(run.model, weights, spec, request.method, windows, request.act_order)
-    qat = run.train.qat
-    trained_for = qat.scheme and request.method == "rtn" and spec_of(qat) == spec  # exactly what it trained with
     quant = QuantConfig(
         scheme=spec.scheme,
         group=-1 if request.group is None else request.group,

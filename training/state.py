@@ -15,6 +15,8 @@ import optax
 
 from model import Transformer, lora
 from parallel.layout import Layout, abstract_variables
+from training.config import TrainConfig
+from training.qat import abstract_qat
 
 
 @flax.struct.dataclass
@@ -25,14 +27,20 @@ class TrainState:
     rng: jax.Array
     model_state: Any = flax.struct.field(default_factory=dict)  # non-trained variables, e.g. a router's bias
     frozen: Any = flax.struct.field(default_factory=dict)  # a frozen copy of params, for objectives that need one
+    qat: Any = flax.struct.field(default_factory=dict)  # train.qat's learned clipping factors and their Adam state
 
 
 def abstract_state(
-    model: Transformer, tx: optax.GradientTransformation, layout: Layout, frozen: bool = False
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    layout: Layout,
+    frozen: bool = False,
+    train: TrainConfig | None = None,
 ) -> TrainState:
     """The train state's shapes, dtypes and shardings; allocates nothing. The optimizer's moments take
     their params' shardings (FSDP shards them with the params: ZeRO-3); counters and the RNG key are replicated.
-    With `frozen`, the state also holds a frozen copy of the params, placed as they are."""
+    With `frozen`, the state also holds a frozen copy of the params, placed as they are; with `train` (its config),
+    train.qat's learned clipping factors where it learns them, replicated (training/qat.py)."""
     variables = abstract_variables(model, layout)
     params = quantized_base(model, variables["params"], layout)
     opt_state = jax.eval_shape(tx.init, params)
@@ -56,6 +64,7 @@ def abstract_state(
         rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
         model_state=variables["state"],
         frozen=params if frozen else {},
+        qat={} if train is None else abstract_qat(model.cfg, train, params, rep),
     )
 
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             fail(message)
 
     from model.quant.schemes import DEFAULT_GROUP, QuantError
-    from training.checkpoint import CheckpointError, load_for_inference
+    from training.checkpoint import CheckpointError, load_clips, load_for_inference
 
     try:
         run, weights, tokenizer, step = load_for_inference(args.workdir, args.step)
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         if request is None:
             fail("--quant: give a scheme (int8, int4, int8-zp, int4-zp, nf4); the run did not train with train.qat")
     try:
-        run, quantized = quantize_lib.quantize_run(run, weights, tokenizer, request)
+        clips = load_clips(args.workdir, step)  # a QAT run's learned clipping factors (None: it learned none)
+        run, quantized = quantize_lib.quantize_run(run, weights, tokenizer, request, clips)
     except QuantError as e:
         fail(str(e))
     staging = quantize_lib.replace_dir(out, args.overwrite)

@@ -208,9 +208,11 @@ def _dequantized(cfg: ModelConfig, params: dict, scheme: str, dtype) -> dict:
     return put_back(tree)
 
 
-def fake_quantize_params(cfg: ModelConfig, params: dict, spec: Spec) -> dict:
+def fake_quantize_params(cfg: ModelConfig, params: dict, spec: Spec, clips: dict | None = None) -> dict:
     """`params` with every weight `spec` does not skip rounded to what quantizing it stores, with a
-    straight-through gradient (quantization-aware training)."""
+    straight-through gradient (quantization-aware training). With `clips` (`initial_clips`' tree), each group's
+    range is first multiplied by its learned factor (schemes.fake_quantize_clipped), the gradient reaching the
+    factors too."""
     tree, put_back = _params_of(params)
     for info in weight_infos(cfg).values():
         if skipped(info.path, spec.skip):
@@ -219,11 +221,41 @@ def fake_quantize_params(cfg: ModelConfig, params: dict, spec: Spec) -> dict:
         boxed = isinstance(w, nn.meta.AxisMetadata)
         value = nn.unbox(w)
         layout = info.matrix_layout(value.ndim)
-        fq = layout.from_matrix(
-            schemes.fake_quantize(layout.to_matrix(value), spec.scheme, spec.group_size), value.shape
-        )
+        w_KN = layout.to_matrix(value)
+        if clips is None:
+            rounded_KN = schemes.fake_quantize(w_KN, spec.scheme, spec.group_size)
+        else:
+            rounded_KN = schemes.fake_quantize_clipped(w_KN, spec.scheme, spec.group_size, _get(clips, info.path))
+        fq = layout.from_matrix(rounded_KN, value.shape)
         tree = _replace(tree, info.path, {info.path[-1]: w.replace_boxed(fq) if boxed else fq})
     return put_back(tree)
+
+
+def initial_clips(cfg: ModelConfig, params: dict, spec: Spec) -> dict:
+    """Learned clipping's factors at their start (1: the scheme's own scales), one per group of every weight `spec`
+    quantizes, float32 [..., K/G, N] (the matrix view's scale shape), nested as the params are."""
+    tree, _ = _params_of(params)
+    clips: dict = {}
+    for info in weight_infos(cfg).values():
+        if skipped(info.path, spec.skip):
+            continue
+        w_KN = info.matrix_layout(jnp.ndim(nn.unbox(_get(tree, info.path)))).to_matrix(nn.unbox(_get(tree, info.path)))
+        *lead, K, N = w_KN.shape
+        shape = (*lead, K // schemes.group_of(K, spec.group_size), N)
+        clips = _nest(clips, info.path, jnp.ones(shape, jnp.float32))
+    return clips
+
+
+def clipped(spec: Spec, clips: dict) -> Quantizer:
+    """Round to nearest with each group's range multiplied by its learned factor (`clips`, as `initial_clips`
+    nests them): exactly what `fake_quantize_params(..., clips)` trained with."""
+    return lambda info, w_KN: schemes.quantize_clipped(w_KN, spec.scheme, spec.group_size, _get(clips, info.path))
+
+
+def _nest(tree: dict, path: Path, leaf) -> dict:
+    if len(path) == 1:
+        return {**tree, path[0]: leaf}
+    return {**tree, path[0]: _nest(tree.get(path[0], {}), path[1:], leaf)}
 
 
 def stored_bytes(params: dict) -> int:

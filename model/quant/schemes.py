@@ -104,8 +104,16 @@ def group_of(K: int, group: int) -> int:
     return group
 
 
+@jax.custom_jvp
 def round_f16(x: jax.Array) -> jax.Array:
+    """x rounded to float16 (as ggml stores a block's scale), in float32; its derivative is taken as 1 (learned
+    clipping's straight-through scale: a cast's own derivative would round the cotangent to float16 too)."""
     return x.astype(jnp.float16).astype(jnp.float32)
+
+
+@round_f16.defjvp
+def _round_f16_jvp(primals, tangents):
+    return round_f16(primals[0]), tangents[0]
 
 
 def round_half_away(x: jax.Array) -> jax.Array:
@@ -117,34 +125,44 @@ def _safe_inverse(s: jax.Array) -> jax.Array:
     return jnp.where(s == 0, 0.0, 1.0 / jnp.where(s == 0, 1.0, s))
 
 
-def codes_and_scales(w_KN: jax.Array, scheme: str, group: int) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def codes_and_scales(
+    w_KN: jax.Array, scheme: str, group: int, clip_GN: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """(codes [..., K, N] int8 (uint8 for -zp and nf4), scales [..., K/G, N] float32 (f16-rounded), zero points
-    [..., K/G, N] uint8 or None), with every group's scale computed from the weight itself (round to nearest)."""
+    [..., K/G, N] uint8 or None), with every group's scale computed from the weight itself (round to nearest), its
+    range first multiplied by `clip_GN` where given (learned clipping: `fake_quantize_clipped`)."""
+    s, z = scales_and_zeros(w_KN, scheme, group, clip_GN)
+    return codes_with(w_KN, scheme, s, z), s, None if z is None else z.astype(jnp.uint8)
+
+
+def scales_and_zeros(
+    w_KN: jax.Array, scheme: str, group: int, clip_GN: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array | None]:
+    """Every group's scale [..., K/G, N] (float32; f16-rounded but for nf4's absmax) and zero point (float32
+    integers, -zp schemes; else None) by the scheme's rule, with the group's range (absmax, signed max, or
+    [min, max]) multiplied by `clip_GN` first where given: differentiable in `clip_GN` (through the f16 rounding
+    as if it were not there), constant in `w_KN`."""
     *lead, K, N = w_KN.shape
     G = group_of(K, group)
-    w = w_KN.astype(jnp.float32).reshape(*lead, K // G, G, N)
+    w = jax.lax.stop_gradient(w_KN).astype(jnp.float32).reshape(*lead, K // G, G, N)
+    a = 1.0 if clip_GN is None else clip_GN[..., None, :]
+    times = (lambda x: x) if clip_GN is None else (lambda x: x * a)  # RTN's scales bit for bit without a clip
     if scheme == "int8":
-        s = round_f16(jnp.max(jnp.abs(w), axis=-2, keepdims=True) / 127)
-    elif scheme == "int4":
+        return round_f16(times(jnp.max(jnp.abs(w), axis=-2, keepdims=True) / 127))[..., 0, :], None
+    if scheme == "int4":
         i = jnp.argmax(jnp.abs(w), axis=-2, keepdims=True)
-        s = round_f16(jnp.take_along_axis(w, i, axis=-2) / -8)
-    elif scheme in ("int8-zp", "int4-zp"):
+        return round_f16(times(jnp.take_along_axis(w, i, axis=-2) / -8))[..., 0, :], None
+    if scheme in ("int8-zp", "int4-zp"):
         top = 2 ** BITS[scheme] - 1
-        lo = jnp.minimum(jnp.min(w, axis=-2, keepdims=True), 0.0)
-        hi = jnp.maximum(jnp.max(w, axis=-2, keepdims=True), 0.0)
+        lo = times(jnp.minimum(jnp.min(w, axis=-2, keepdims=True), 0.0))
+        hi = times(jnp.maximum(jnp.max(w, axis=-2, keepdims=True), 0.0))
         s = round_f16((hi - lo) / top)
-        z = jnp.clip(round_half_away(-lo * _safe_inverse(s)), 0, top)
-        q = jnp.clip(round_half_away(w * _safe_inverse(s) + z), 0, top)
-        return q.astype(jnp.uint8).reshape(*lead, K, N), s[..., 0, :], z[..., 0, :].astype(jnp.uint8)
-    elif scheme == "nf4":
-        s = jnp.max(jnp.abs(w), axis=-2, keepdims=True)
-        levels = jnp.asarray(NF4_LEVELS)
-        x = w * _safe_inverse(s)
-        q = jnp.argmin(jnp.abs(x[..., None] - levels), axis=-1)
-        return q.astype(jnp.uint8).reshape(*lead, K, N), s[..., 0, :], None
-    else:
-        raise QuantError(f"quant scheme {scheme!r}: one of {', '.join(SCHEMES)}")
-    return codes_with(w_KN, scheme, s[..., 0, :]), s[..., 0, :], None
+        z = jnp.clip(round_half_away(jax.lax.stop_gradient(-lo * _safe_inverse(s))), 0, top)
+        return s[..., 0, :], z[..., 0, :]
+    if scheme == "nf4":  # a positive scale (the levels are symmetric; the double quantization keeps it >= 0)
+        absmax = jnp.max(jnp.abs(w), axis=-2, keepdims=True)
+        return (absmax if clip_GN is None else absmax * jnp.abs(a))[..., 0, :], None
+    raise QuantError(f"quant scheme {scheme!r}: one of {', '.join(SCHEMES)}")
 
 
 def codes_with(w_KN: jax.Array, scheme: str, s_GN: jax.Array, z_GN: jax.Array | None = None) -> jax.Array:
@@ -263,3 +281,44 @@ def fake_quantize(w_KN: jax.Array, scheme: str, group: int) -> jax.Array:
     w's dtype, with a straight-through gradient: d(output)/d(w) is the identity."""
     rounded = dequantize(quantize(jax.lax.stop_gradient(w_KN), scheme, group), scheme).astype(w_KN.dtype)
     return rounded + (w_KN - jax.lax.stop_gradient(w_KN))  # exactly `rounded`; the gradient passes straight
+
+
+def fake_quantize_clipped(w_KN: jax.Array, scheme: str, group: int, clip_GN: jax.Array) -> jax.Array:
+    """w_KN rounded to what `quantize_clipped(w_KN, scheme, group, clip_GN)` stores (the values, bit for bit), with
+    learned step size quantization's gradients (Esser et al. 2020, LSQ; the clipping factor as OmniQuant's
+    learnable weight clipping): d/dw is 1 where w lies inside its group's clipped range and 0 where it is clipped,
+    and d/dclip reaches each group's scale through q * s with the rounding passed straight through
+    (d(q s)/ds = q - w/s inside the range, q outside it)."""
+    if w_KN.ndim > 2:  # one matrix at a time (nf4's second-level blocks are per matrix)
+        return jax.vmap(lambda w, c: fake_quantize_clipped(w, scheme, group, c))(w_KN, clip_GN)
+    K, N = w_KN.shape
+    G = group_of(K, group)
+    s, z = scales_and_zeros(w_KN, scheme, group, clip_GN)
+    exact = jax.lax.stop_gradient(dequantize(store(*codes_and_scales(w_KN, scheme, group, clip_GN), scheme), scheme))
+    w = w_KN.astype(jnp.float32).reshape(K // G, G, N)
+    x = w * _safe_inverse(s)[:, None]
+    if scheme == "nf4":
+        x = jnp.clip(x, -1.0, 1.0)
+        level = jnp.asarray(NF4_LEVELS)[jnp.argmin(jnp.abs(x[..., None] - jnp.asarray(NF4_LEVELS)), axis=-1)]
+        surrogate = _straight(x, level) * s[:, None]
+    else:
+        zero = 0.0 if z is None else jax.lax.stop_gradient(z)[:, None]
+        lo, hi = {"int8": (-127, 127), "int4": (-8, 7)}.get(scheme, (0, 2 ** BITS[scheme] - 1))
+        x = jnp.clip(x + zero, lo, hi)
+        rounded = jnp.floor(x + 0.5) if scheme == "int4" else round_half_away(x)
+        surrogate = (_straight(x, rounded) - zero) * s[:, None]
+    surrogate = surrogate.reshape(K, N)
+    return (exact + (surrogate - jax.lax.stop_gradient(surrogate))).astype(w_KN.dtype)  # exactly `exact`
+
+
+def quantize_clipped(w_KN: jax.Array, scheme: str, group: int, clip_GN: jax.Array) -> dict:
+    """`quantize`'s arrays with every group's range multiplied by `clip_GN` [..., K/G, N] first (learned
+    clipping: what a run trained with `fake_quantize_clipped` deploys as)."""
+    if w_KN.ndim > 2:
+        return jax.vmap(lambda w, c: quantize_clipped(w, scheme, group, c))(w_KN, clip_GN)
+    return store(*codes_and_scales(w_KN, scheme, group, clip_GN), scheme)
+
+
+def _straight(x: jax.Array, rounded: jax.Array) -> jax.Array:
+    """`rounded` forward, the identity's gradient backward."""
+    return x + jax.lax.stop_gradient(rounded - x)
