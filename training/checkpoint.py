@@ -382,7 +382,6 @@ def restore_params(
     `check(config the checkpoint was written with)` may refuse it with a CheckpointError before any array is read;
     `abstract(its model config)` gives the params' shapes (and, if they carry them, their shardings).
     """
-    directory, path_step = locate(path)
 
     def targets(run: RunConfig) -> dict:
         if run.quant.scheme:
@@ -398,6 +397,15 @@ def restore_params(
         check(run)
         return {"params": abstract(run.model)}
 
+    return restore_step(path, step, targets, shardings)
+
+
+def restore_step(
+    path: str | pathlib.Path, step: int | None, targets: Callable[[RunConfig], dict], shardings: Shardings = None
+) -> Restored:
+    """The items `targets(the checkpoint's config)` names of the given (or the path's, or the latest) complete step
+    under a workdir, its checkpoints directory or a step directory; CheckpointError when there is none."""
+    directory, path_step = locate(path)
     checkpointer = Checkpointer(directory)
     try:
         restored = checkpointer.restore(targets, step if step is not None else path_step, shardings)
@@ -430,20 +438,13 @@ def lora_start(
 def load_clips(path: str | pathlib.Path, step: int | None = None) -> Any:
     """The learned clipping factors (training/qat.py) of the latest complete (or the given) step of a workdir,
     its checkpoints directory or a step directory; None for a run that learned none."""
-    directory, path_step = locate(path)
 
     def targets(run: RunConfig) -> dict:
         if not learns_clips(run.train.qat):
             return {}
         return {"qat": abstract_qat(run.model, run.train, abstract_params(run.model))}
 
-    checkpointer = Checkpointer(directory)
-    try:
-        restored = checkpointer.restore(targets, step if step is not None else path_step)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise CheckpointError(f"{path}: no checkpoints in {directory}")
+    restored = restore_step(path, step, targets)
     return restored.arrays["qat"]["clips"] if "qat" in restored.arrays else None
 
 
@@ -451,20 +452,13 @@ def load_for_inference(path: str | pathlib.Path, step: int | None = None) -> tup
     """(config, weights, tokenizer, step) of the latest complete (or the given) step of a workdir, its checkpoints
     directory, or a step directory; needs no corpus. The weights are the params, or {"params", "state"} for a model
     that keeps non-trained state (e.g. a router's bias), as sampling/ and training.evaluation take them."""
-    directory, path_step = locate(path)
 
     def targets(run: RunConfig) -> dict:
         state = abstract_model_state(run.model)
         params = lora.adapters(abstract_weights(run)) if run.model.lora.rank else abstract_weights(run)
         return {"params": params} | ({"model_state": state} if jax.tree.leaves(state) else {})
 
-    checkpointer = Checkpointer(directory)
-    try:
-        restored = checkpointer.restore(targets, step if step is not None else path_step)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise CheckpointError(f"{path}: no checkpoints in {directory}")
+    restored = restore_step(path, step, targets)
     weights = restored.arrays["params"]
     if restored.run.model.lora.rank:  # adapters only: the frozen base comes from where the run's came from
         weights = lora.combine(lora_start(restored.run, restored.train.get("lora_base")), weights)
