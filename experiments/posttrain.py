@@ -8,6 +8,8 @@
   function (without its docstring);
 - `code2doc.jsonl` (chat): the user gives a function without its docstring, the assistant writes the docstring's
   first paragraph (a second skill, for merging);
+- `nodoc.jsonl` (chat): the user gives a function with a docstring (its first paragraph), the assistant writes it
+  back without the docstring (a format skill: everything the response needs is in the prompt, unlike doc2code);
 - `prefs.jsonl` (data.format='preference', conversational): the doc2code prompt; chosen: the real function,
   rejected: the same function with its body's lines shuffled (a seeded permutation that moves at least one).
 
@@ -28,7 +30,7 @@ import random
 import sys
 import textwrap
 
-SETS = ("doc2code", "code2doc", "prefs")
+SETS = ("doc2code", "code2doc", "nodoc", "prefs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Function:
     signature: str  # "def name(args):" as written
     doc: str  # the docstring's first paragraph
     code: str  # the function's source without its docstring, dedented
+    source: str  # the function's source with its docstring's first paragraph as the docstring, dedented
 
 
 def functions(spec: str, max_chars: int) -> list[Function]:
@@ -61,7 +64,10 @@ def functions(spec: str, max_chars: int) -> list[Function]:
             summary = ast.get_docstring(node).split("\n\n")[0].strip()
             if len(code) > max_chars or len(code.splitlines()) < 4 or not summary or not code.startswith("def "):
                 continue
-            out.append(Function(code.splitlines()[0], summary, code))
+            indent = " " * (first.col_offset)
+            quoted = [indent + line if line else line for line in f'"""{summary}"""'.splitlines()]
+            source = textwrap.dedent("\n".join(head + quoted + body))
+            out.append(Function(code.splitlines()[0], summary, code, source))
     return out
 
 
@@ -90,6 +96,10 @@ def build(out: pathlib.Path, spec: str, max_chars: int) -> dict[str, int]:
         body = f"Write the docstring of this function:\n{f.code}"
         records["code2doc"].append(
             {"messages": [{"role": "user", "content": body}, {"role": "assistant", "content": f.doc}]}
+        )
+        body = f"Remove the docstring from this function:\n{f.source}"
+        records["nodoc"].append(
+            {"messages": [{"role": "user", "content": body}, {"role": "assistant", "content": f.code}]}
         )
         records["prefs"].append(
             {
@@ -167,7 +177,7 @@ def score(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.posttrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="write doc2code.jsonl, code2doc.jsonl and prefs.jsonl into --out")
+    b = sub.add_parser("build", help="write doc2code.jsonl, code2doc.jsonl, nodoc.jsonl and prefs.jsonl into --out")
     b.add_argument("--out", required=True)
     b.add_argument("--corpus", default="stdlib")
     b.add_argument("--max_chars", type=int, default=360)

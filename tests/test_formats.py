@@ -266,8 +266,8 @@ def test_format_and_objective_must_agree(data, train, match):
 
 
 def test_posttrain_sets_from_a_corpus(tmp_path):
-    """experiments.posttrain build: each function with a docstring gives a doc2code and a code2doc conversation and
-    a preference pair whose rejected side is its body's lines permuted (never unchanged); the sets load as their
+    """experiments.posttrain build: each function with a docstring gives a doc2code, a code2doc and a nodoc
+    conversation and a preference pair whose rejected side is its body's lines permuted (never unchanged); the sets load as their
     formats."""
     from experiments import posttrain
 
@@ -277,11 +277,16 @@ def test_posttrain_sets_from_a_corpus(tmp_path):
         'def add(a, b):\n    """Add two numbers.\n\n    More.\n    """\n    c = a\n    d = b\n    return c + d\n\n'
         "def bare(x):\n    y = x\n    z = y\n    return z\n"
     )
-    assert posttrain.build(tmp_path / "sets", str(corpus), 360) == {"doc2code": 1, "code2doc": 1, "prefs": 1}
+    counts = {"doc2code": 1, "code2doc": 1, "nodoc": 1, "prefs": 1}
+    assert posttrain.build(tmp_path / "sets", str(corpus), 360) == counts
     code = "def add(a, b):\n    c = a\n    d = b\n    return c + d"
     (doc2code,) = [json.loads(x) for x in (tmp_path / "sets" / "doc2code.jsonl").read_text().splitlines()]
     assert doc2code["messages"][0]["content"] == "Write the function def add(a, b):\nthat does this: Add two numbers."
     assert doc2code["messages"][1]["content"] == code
+    (nodoc,) = [json.loads(x) for x in (tmp_path / "sets" / "nodoc.jsonl").read_text().splitlines()]
+    source = 'def add(a, b):\n    """Add two numbers."""\n    c = a\n    d = b\n    return c + d'
+    assert nodoc["messages"][0]["content"] == f"Remove the docstring from this function:\n{source}"
+    assert nodoc["messages"][1]["content"] == code
     (pair,) = [json.loads(x) for x in (tmp_path / "sets" / "prefs.jsonl").read_text().splitlines()]
     rejected = pair["rejected"][0]["content"]
     assert rejected != code and sorted(rejected.splitlines()) == sorted(code.splitlines())
