@@ -239,8 +239,8 @@ def initial_clips(cfg: ModelConfig, params: dict, spec: Spec) -> dict:
     for info in weight_infos(cfg).values():
         if skipped(info.path, spec.skip):
             continue
-        w_KN = info.matrix_layout(jnp.ndim(nn.unbox(_get(tree, info.path)))).to_matrix(nn.unbox(_get(tree, info.path)))
-        *lead, K, N = w_KN.shape
+        w = nn.unbox(_get(tree, info.path))
+        *lead, K, N = jax.eval_shape(info.matrix_layout(w.ndim).to_matrix, w).shape
         shape = (*lead, K // schemes.group_of(K, spec.group_size), N)
         clips = _nest(clips, info.path, jnp.ones(shape, jnp.float32))
     return clips

@@ -294,7 +294,9 @@ def fake_quantize_clipped(w_KN: jax.Array, scheme: str, group: int, clip_GN: jax
     K, N = w_KN.shape
     G = group_of(K, group)
     s, z = scales_and_zeros(w_KN, scheme, group, clip_GN)
-    exact = jax.lax.stop_gradient(dequantize(store(*codes_and_scales(w_KN, scheme, group, clip_GN), scheme), scheme))
+    codes = codes_with(jax.lax.stop_gradient(w_KN), scheme, s, z)
+    stored = store(codes, jax.lax.stop_gradient(s), None if z is None else z.astype(jnp.uint8), scheme)
+    exact = jax.lax.stop_gradient(dequantize(stored, scheme))  # what quantize_clipped stores, dequantized
     w = w_KN.astype(jnp.float32).reshape(K // G, G, N)
     x = w * _safe_inverse(s)[:, None]
     if scheme == "nf4":
