@@ -153,25 +153,34 @@ def test_closed_loop_noise_is_dropped_in_any_pieces():
 
 
 def test_an_abandoned_orbax_reads_logged_failure_is_dropped_and_others_are_kept(caplog):
-    """asyncio logs 'Task exception was never retrieved' when a failed task is collected; orbax's abandoned reads of
-    a damaged step do that through absl's handler (seen in CI), other code's must still show."""
+    """asyncio logs '... exception was never retrieved' when a failed task, or the future of a gather over failed
+    tasks, is collected; orbax's abandoned reads of a damaged step do that through absl's handler (both seen in CI),
+    other code's must still show."""
 
-    def failing_task(filename):
+    def failing(filename, gathered):
         scope = {}
-        exec(compile("async def read():\n    raise ValueError('NOT_FOUND')\n", filename, "exec"), scope)
+        exec(compile("def read():\n    raise ValueError('NOT_FOUND')\n", filename, "exec"), scope)
+        exec(compile("async def task(read):\n    read()\n", filename if not gathered else "reader.py", "exec"), scope)
         loop = asyncio.new_event_loop()
-        task = loop.create_task(scope["read"]())
+        future = loop.create_task(scope["task"](scope["read"]))
+        if gathered:  # its repr names no file: only the exception's traceback shows where it came from
+            future = asyncio.gather(future)
         loop.run_until_complete(asyncio.sleep(0))
         loop.close()
-        del task
+        del future
         gc.collect()
 
     hide_closed_loop_noise()
+    orbax = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py")
     with caplog.at_level(logging.ERROR, logger="asyncio"):
-        failing_task(os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py"))
-        assert not caplog.records
-        failing_task(os.path.join(os.sep, "project", "reader.py"))
-    assert len(caplog.records) == 1 and "never retrieved" in caplog.records[0].getMessage()
+        failing(orbax, gathered=False)
+        failing(orbax, gathered=True)
+        assert not caplog.records, [r.getMessage() for r in caplog.records]
+        failing(os.path.join(os.sep, "project", "reader.py"), gathered=False)
+        failing(os.path.join(os.sep, "project", "reader.py"), gathered=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "Task exception was never retrieved" in messages[0], messages
+    assert "_GatheringFuture exception was never retrieved" in messages[1], messages
 
 
 def test_sweep_and_scaling_refuse_in_one_line(tmp_path):

@@ -247,19 +247,39 @@ def hide_closed_loop_noise() -> None:
 
 
 class _OrbaxReadsLogged(logging.Filter):
-    """Drops asyncio's 'Task exception was never retrieved' for an abandoned orbax read: the same failure as the
-    unraisable coroutine above, reported through logging (with the whole TensorStore spec) when the task is
-    collected."""
+    """Drops asyncio's '... exception was never retrieved' for an abandoned orbax read: the same failure as the
+    unraisable coroutine above, reported through logging (with the whole TensorStore spec) when the task, or the
+    future of an asyncio.gather over such tasks (whose repr names no file), is collected."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return not (text.startswith("Task exception was never retrieved") and f"{os.sep}orbax{os.sep}" in text)
+        if "exception was never retrieved" not in text.split("\n")[0]:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (ORBAX in text or raised_in_orbax(error))
+
+
+ORBAX = f"{os.sep}orbax{os.sep}"
+
+
+def raised_in_orbax(error: BaseException | None) -> bool:
+    """Whether `error`, or an exception it was raised from, passed through orbax's code."""
+    seen = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        tb = error.__traceback__
+        while tb is not None:
+            if ORBAX in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _without_orbax_reads(hook):
     def unraisable(u) -> None:
         code = getattr(u.object, "cr_code", None)  # a coroutine's
-        if code is None or f"{os.sep}orbax{os.sep}" not in code.co_filename:
+        if not ((code is not None and ORBAX in code.co_filename) or raised_in_orbax(u.exc_value)):
             hook(u)
 
     unraisable.drops_orbax_reads = True
