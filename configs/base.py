@@ -104,6 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dropout=0.0,  # on the adapters' inputs, while training
             targets=("q", "k", "v", "o", "gate", "up", "down"),  # also q_down, q_up, kv_down, kv_up (MLA)
             base_quant="",  # '' | nf4 (QLoRA: the frozen base in NF4 with double-quantized scales)
+            lr_ratio=1.0,  # LoRA+: B's learning rate over A's (1: plain LoRA; the paper suggests 16)
         ),
     )
     c.data = dict(

@@ -54,13 +54,15 @@ class LoraConfig:
     """LoRA (Hu et al. 2021): each weight named in `targets` (keys of model.weights.LORA_TARGETS, MoE experts
     included) reads as W + (alpha / rank) A B with trained low-rank factors A [in, rank] and B [rank, out] (B starts
     at zero) and a frozen base W, kept in NF4 with `base_quant='nf4'` (QLoRA); `dropout` drops the adapters'
-    inputs while training. rank 0: off."""
+    inputs while training; `lr_ratio` is B's learning rate over A's (LoRA+, Hayou et al. 2024: 1 is plain LoRA).
+    rank 0: off."""
 
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     base_quant: str = ""  # '' (float) or 'nf4'
+    lr_ratio: float = 1.0
 
     @property
     def scale(self) -> float:

@@ -149,6 +149,38 @@ def test_a_train_step_changes_only_the_adapters_and_keeps_moments_only_for_them(
             assert same != lora.is_adapter(path), (base_quant, jax.tree_util.keystr(path))
 
 
+def test_lora_plus_steps_b_with_ratio_times_the_learning_rate_as_numpys_adamw():
+    """LoRA+ (`model.lora.lr_ratio`): three steps of make_optimizer's AdamW (clipping off) on an A, a B and a frozen
+    base leaf equal NumPy's AdamW (decoupled decay) with B's learning rate times the ratio, A's unchanged."""
+    import optax
+
+    from training.optim import make_optimizer
+
+    run = tiny_run(model={"lora": {"rank": 4, "lr_ratio": 16.0}}, train={"grad_clip": 0.0, "warmup_steps": 2})
+    t = run.train
+    tx, schedule = make_optimizer(t, run.model)
+    rng = np.random.default_rng(0)
+    params = {"q": {"kernel": rng.standard_normal((6, 6)), "kernel_lora_a": rng.standard_normal((6, 4))}}
+    params["q"]["kernel_lora_b"] = rng.standard_normal((4, 6))
+    params = jax.tree.map(lambda x: x.astype(np.float32), params)
+    state, ours = tx.init(params), params
+    ref = {k: (np.asarray(v), 0.0, 0.0) for k, v in params["q"].items()}
+    for step in range(3):
+        grads = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), params)
+        updates, state = tx.update(grads, state, ours)
+        ours = optax.apply_updates(ours, updates)
+        lr = float(schedule(step))
+        for name, (p, m, v) in ref.items():
+            g = np.asarray(grads["q"][name], np.float64)
+            m, v = t.b1 * m + (1 - t.b1) * g, t.b2 * v + (1 - t.b2) * g * g
+            adam = (m / (1 - t.b1 ** (step + 1))) / (np.sqrt(v / (1 - t.b2 ** (step + 1))) + t.eps)
+            rate = 0.0 if name == "kernel" else lr * (16.0 if name.endswith("_b") else 1.0)
+            ref[name] = (p - rate * (adam + t.weight_decay * p), m, v)
+    for name, (p, _, _) in ref.items():
+        np.testing.assert_allclose(ours["q"][name], p, rtol=2e-5, atol=1e-6, err_msg=name)
+    assert not np.array_equal(ours["q"]["kernel_lora_b"], params["q"]["kernel_lora_b"])
+
+
 def test_qlora_keeps_the_base_in_nf4_and_computes_the_dequantized_base_plus_the_adapters(initial):
     """The stored base: NF4 codes (two per byte), float8 scales with a float32 second-level scale and offset
     (double quantization); embedding, head and router kept in float. Its logits (Dense layers multiply from the
@@ -232,6 +264,7 @@ def test_our_forward_is_pefts_and_a_merged_export_loads_in_transformers(tmp_path
         ({"rank": 4, "base_quant": "int4"}, r"^model\.lora\.base_quant='int4': '' \(float base\) or 'nf4'"),
         ({"base_quant": "nf4"}, r"^model\.lora\.base_quant='nf4': needs model\.lora\.rank > 0"),
         ({"rank": 4, "targets": ()}, r"^model\.lora\.targets=\(\): name at least one"),
+        ({"rank": 4, "lr_ratio": 0.0}, r"^model\.lora\.lr_ratio=0\.0: must be > 0"),
     ],
 )
 def test_bad_lora_settings_are_one_line_config_errors(lo, message):

@@ -265,6 +265,7 @@ def _lora_rules(m: ModelConfig, t: TrainConfig, q: QuantConfig) -> list[tuple[bo
         (lo.rank >= 0, "model.lora.rank", lo.rank, "must be >= 0 (0: off)"),
         (lo.alpha > 0, "model.lora.alpha", lo.alpha, "must be > 0 (the adapters are scaled by alpha / rank)"),
         (0 <= lo.dropout < 1, "model.lora.dropout", lo.dropout, "must be in [0, 1)"),
+        (lo.lr_ratio > 0, "model.lora.lr_ratio", lo.lr_ratio, "must be > 0 (B's learning rate over A's; 1: plain LoRA)"),
         (unknown is None, "model.lora.targets", lo.targets, f"{unknown!r} is not a weight name (allowed: {names})"),
         (bool(lo.targets) or not lo.rank, "model.lora.targets", lo.targets, f"name at least one of {names}"),
         (lo.base_quant in ("", "nf4"), "model.lora.base_quant", lo.base_quant, "'' (float base) or 'nf4' (QLoRA)"),

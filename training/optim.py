@@ -96,18 +96,33 @@ def unmatched(patterns: tuple[str, ...], params) -> list[str]:
     return [p for p in patterns if not any(re.search(p, name) for name in names)]
 
 
+def lora_plus(ratio: float) -> optax.GradientTransformation:
+    """LoRA+ (Hayou et al. 2024): the B factors' steps, weight decay included, times `ratio`, which is AdamW with
+    B's learning rate `ratio` times A's (peft's loraplus_lr_ratio)."""
+
+    def update(updates, state, params=None):
+        del params
+        scale = lambda p, u: u * ratio if path_name(p).endswith("_lora_b") else u  # noqa: E731
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(t: TrainConfig, model: ModelConfig | None = None) -> tuple[optax.GradientTransformation, Schedule]:
     """Global-norm clipping then AdamW on `schedule`; under muP (`model.parametrization='mup'`) the hidden
-    matrices' steps, weight decay included, are scaled by 1 / width_mult. With `train.trainable`, only the params it
+    matrices' steps, weight decay included, are scaled by 1 / width_mult, and with LoRA+ (`model.lora.lr_ratio`)
+    the B factors' by the ratio. With `train.trainable`, only the params it
     selects: the others get zero updates and no optimizer state (`optax.multi_transform` hands each transform only
     its own leaves, so the clipping norm is the trainable ones' too)."""
     schedule = SCHEDULES[t.schedule](t)
     adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
     clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
+    steps = [clip, adamw]
     if model is not None and model.parametrization == "mup":
-        tx = optax.chain(clip, adamw, mup_learning_rates(model.width_mult))
-    else:
-        tx = optax.chain(clip, adamw)
+        steps.append(mup_learning_rates(model.width_mult))
+    if model is not None and model.lora.rank and model.lora.lr_ratio != 1:
+        steps.append(lora_plus(model.lora.lr_ratio))
+    tx = optax.chain(*steps)
     if not t.trainable:
         return tx, schedule
 
