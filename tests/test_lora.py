@@ -151,7 +151,8 @@ def test_a_train_step_changes_only_the_adapters_and_keeps_moments_only_for_them(
 
 def test_lora_plus_steps_b_with_ratio_times_the_learning_rate_as_numpys_adamw():
     """LoRA+ (`model.lora.lr_ratio`): three steps of make_optimizer's AdamW (clipping off) on an A, a B and a frozen
-    base leaf equal NumPy's AdamW (decoupled decay) with B's learning rate times the ratio, A's unchanged."""
+    base leaf equal NumPy's AdamW (decoupled decay) with B's learning rate times the ratio, A's unchanged; the
+    optimizer state is plain LoRA's."""
     import optax
 
     from training.optim import make_optimizer
@@ -164,6 +165,8 @@ def test_lora_plus_steps_b_with_ratio_times_the_learning_rate_as_numpys_adamw():
     params["q"]["kernel_lora_b"] = rng.standard_normal((4, 6))
     params = jax.tree.map(lambda x: x.astype(np.float32), params)
     state, ours = tx.init(params), params
+    plain = make_optimizer(t, tiny_run(model={"lora": {"rank": 4}}).model)[0].init(params)
+    assert jax.tree.structure(plain) == jax.tree.structure(state)  # so a run resumes with another ratio
     ref = {k: (np.asarray(v), 0.0, 0.0) for k, v in params["q"].items()}
     for step in range(3):
         grads = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), params)

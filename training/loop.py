@@ -130,7 +130,8 @@ COMPUTE_ONLY = {"model.causal_blocks", "model.attention_impl", "model.scan_unrol
 # Keys a resumed run may not change without a CheckpointError, but for these: the vocabulary size is checked
 # against the tokenizer once it is loaded, max_seq_len is data.seq_len, cache_dir only says where token
 # stores are cached, and the COMPUTE_ONLY keys.
-RESUME_IGNORES = {"model.vocab_size", "model.max_seq_len", "data.cache_dir"} | COMPUTE_ONLY
+# model.lora.lr_ratio is the optimizer's (LoRA+), which keeps the same state for any ratio.
+RESUME_IGNORES = {"model.vocab_size", "model.max_seq_len", "model.lora.lr_ratio", "data.cache_dir"} | COMPUTE_ONLY
 
 
 def resume_targets(run: RunConfig, directory: pathlib.Path, stored: RunConfig, layout: Layout | None = None) -> dict:

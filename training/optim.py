@@ -96,16 +96,17 @@ def unmatched(patterns: tuple[str, ...], params) -> list[str]:
     return [p for p in patterns if not any(re.search(p, name) for name in names)]
 
 
-def lora_plus(ratio: float) -> optax.GradientTransformation:
-    """LoRA+ (Hayou et al. 2024): the B factors' steps, weight decay included, times `ratio`, which is AdamW with
-    B's learning rate `ratio` times A's (peft's loraplus_lr_ratio)."""
+def lora_plus(tx: optax.GradientTransformation, ratio: float) -> optax.GradientTransformation:
+    """LoRA+ (Hayou et al. 2024): `tx` with the B factors' steps, weight decay included, times `ratio`, which is AdamW
+    with B's learning rate `ratio` times A's (peft's loraplus_lr_ratio). It keeps `tx`'s state as it is, so a run
+    resumes with another ratio."""
 
     def update(updates, state, params=None):
-        del params
+        updates, state = tx.update(updates, state, params)
         scale = lambda p, u: u * ratio if path_name(p).endswith("_lora_b") else u  # noqa: E731
         return jax.tree_util.tree_map_with_path(scale, updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformation(tx.init, update)
 
 
 def make_optimizer(t: TrainConfig, model: ModelConfig | None = None) -> tuple[optax.GradientTransformation, Schedule]:
@@ -117,12 +118,12 @@ def make_optimizer(t: TrainConfig, model: ModelConfig | None = None) -> tuple[op
     schedule = SCHEDULES[t.schedule](t)
     adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
     clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
-    steps = [clip, adamw]
     if model is not None and model.parametrization == "mup":
-        steps.append(mup_learning_rates(model.width_mult))
+        tx = optax.chain(clip, adamw, mup_learning_rates(model.width_mult))
+    else:
+        tx = optax.chain(clip, adamw)
     if model is not None and model.lora.rank and model.lora.lr_ratio != 1:
-        steps.append(lora_plus(model.lora.lr_ratio))
-    tx = optax.chain(*steps)
+        tx = lora_plus(tx, model.lora.lr_ratio)
     if not t.trainable:
         return tx, schedule
 
