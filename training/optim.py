@@ -112,9 +112,9 @@ def lora_plus(tx: optax.GradientTransformation, ratio: float) -> optax.GradientT
 def make_optimizer(t: TrainConfig, model: ModelConfig | None = None) -> tuple[optax.GradientTransformation, Schedule]:
     """Global-norm clipping then AdamW on `schedule`; under muP (`model.parametrization='mup'`) the hidden
     matrices' steps, weight decay included, are scaled by 1 / width_mult, and with LoRA+ (`model.lora.lr_ratio`)
-    the B factors' by the ratio. With `train.trainable`, only the params it
-    selects: the others get zero updates and no optimizer state (`optax.multi_transform` hands each transform only
-    its own leaves, so the clipping norm is the trainable ones' too)."""
+    the B factors' by the ratio. With `train.trainable`, only the params it selects: the others get zero updates
+    and no optimizer state (`optax.multi_transform` hands each transform only its own leaves, so the clipping norm
+    is the trainable ones' too)."""
     schedule = SCHEDULES[t.schedule](t)
     adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
     clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
