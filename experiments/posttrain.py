@@ -2,6 +2,7 @@
 
     python -m experiments.posttrain build --out DIR [--corpus stdlib] [--max_chars 360]
     python -m experiments.posttrain score --workdir W --data FILE [--format chat|preference] [--reference W0]
+    python -m experiments.posttrain subset --data FILE --records N --out FILE [--val_fraction 0.05] [--seed 0]
 
 `build` writes three JSONL sets from the Python functions with docstrings in the corpus (read with `ast`):
 - `doc2code.jsonl` (data.format='chat'): the user gives a signature and its docstring, the assistant writes the
@@ -12,6 +13,12 @@
   back without the docstring (a format skill: everything the response needs is in the prompt, unlike doc2code);
 - `prefs.jsonl` (data.format='preference', conversational): the doc2code prompt; chosen: the real function,
   rejected: the same function with its body's lines shuffled (a seeded permutation that moves at least one).
+
+`subset` writes a smaller training set with the same held-out records: N of FILE's training records, drawn with
+`--seed`, and every one of its held-out records (the split `--val_fraction` makes: data/corpus.py `is_validation`,
+a hash of the file's name and the line's index). Each record sits at a line index of OUT whose hash puts it on its
+side of the split again; the lines between are blank (the reader skips them). So a run on OUT is evaluated on
+exactly the records a run on FILE is (experiments/RESULTS.md: LoRA against full fine-tuning by training-set size).
 
 `score` evaluates a workdir on the held-out records of a set (the split training used: data/formats.py): for chat,
 the mean loss of the assistant tokens (`eval/loss`, nats per token); for preference, the share of pairs whose chosen
@@ -113,6 +120,35 @@ def build(out: pathlib.Path, spec: str, max_chars: int) -> dict[str, int]:
     return {name: len(rows) for name, rows in records.items()}
 
 
+def subset(data_file: str, records: int, out: str, val_fraction: float = 0.05, seed: int = 0) -> dict[str, int]:
+    """Writes `records` of `data_file`'s training records and all its held-out ones to `out` (see the module
+    docstring); returns the counts."""
+    from data import corpus
+    from data.errors import DataError
+
+    source, target = pathlib.Path(data_file), pathlib.Path(out)
+    if source.suffix != ".jsonl" or target.suffix != ".jsonl":
+        raise DataError(f"--data={data_file!r} --out={out!r}: both must be .jsonl files")
+    if source.resolve() == target.resolve():
+        raise DataError(f"--out={out!r}: the same file as --data (it would be overwritten)")
+    lines = source.read_text(encoding="utf-8").split("\n")
+    held, train = [], []
+    for i, line in enumerate(lines):
+        if line.strip():
+            (held if corpus.is_validation(f"{source.name}:{i}", val_fraction) else train).append(line)
+    if not 0 < records <= len(train):
+        raise DataError(f"--records={records}: between 1 and the {len(train)} training records of {data_file!r}")
+    counts = {"train": records, "held_out": len(held)}
+    queues = (random.Random(seed).sample(train, records), held)  # indexed by "is this line held out"
+    rows, i = [], 0
+    while queues[0] or queues[1]:
+        side = queues[corpus.is_validation(f"{target.name}:{i}", val_fraction)]
+        rows.append(side.pop(0) if side else "")
+        i += 1
+    target.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return counts | {"lines": len(rows)}
+
+
 def score(
     workdir: str,
     data_file: str,
@@ -188,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--reference", default=None)
     s.add_argument("--seq_len", type=int, default=0, help="0: the workdir's data.seq_len")
     s.add_argument("--val_fraction", type=float, default=0.0, help="0: the workdir's data.val_fraction")
+    t = sub.add_parser("subset", help="N training records of a set, with all its held-out records, into --out")
+    t.add_argument("--data", required=True)
+    t.add_argument("--records", type=int, required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--val_fraction", type=float, default=0.05, help="the split the runs use (data.val_fraction)")
+    t.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from data.errors import DataError
 
@@ -196,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_chars <= 0:
                 raise DataError(f"--max_chars={args.max_chars}: must be a positive number of characters")
             counts = build(pathlib.Path(args.out).expanduser(), args.corpus, args.max_chars)
+        elif args.command == "subset":
+            if not 0 < args.val_fraction < 1:
+                raise DataError(f"--val_fraction={args.val_fraction}: must be in (0, 1)")
+            counts = subset(args.data, args.records, args.out, args.val_fraction, args.seed)
         else:
             if args.seq_len < 0 or not 0 <= args.val_fraction < 1:
                 raise DataError(f"--seq_len={args.seq_len} --val_fraction={args.val_fraction}: need >= 0 and [0, 1)")

@@ -295,6 +295,31 @@ def test_posttrain_sets_from_a_corpus(tmp_path):
     assert all(posttrain.corrupted("def f():\n    a\n    b", rng) == "def f():\n    b\n    a" for _ in range(5))
 
 
+def test_posttrain_subset_keeps_every_held_out_record(tmp_path):
+    """experiments.posttrain subset: N of the training records and exactly the held-out ones, each on its side of
+    the split again when the reader splits the new file; a count out of range is a one-line error."""
+    from data.corpus import is_validation
+    from experiments import posttrain
+
+    source = tmp_path / "set.jsonl"
+    source.write_text("".join(json.dumps({"n": i}) + "\n" for i in range(80)))
+
+    def split(path):
+        held, train = set(), set()
+        for name, _, value in formats.records(str(path)):
+            (held if is_validation(name, 0.25) else train).add(value["n"])
+        return held, train
+
+    held, train = split(source)
+    assert len(held) > 10 and len(train) > 40  # both sides of this split have records to lose
+    assert posttrain.subset(str(source), 12, str(tmp_path / "small.jsonl"), 0.25, seed=3)["held_out"] == len(held)
+    small_held, small_train = split(tmp_path / "small.jsonl")
+    assert small_held == held
+    assert len(small_train) == 12 and small_train < train
+    with pytest.raises(DataError, match="--records=81: between 1 and the"):
+        posttrain.subset(str(source), 81, str(tmp_path / "big.jsonl"), 0.25)
+
+
 def test_an_sft_run_resumes_bit_identically(tmp_path, monkeypatch):
     """Stopped at step 2 and resumed, an SFT run on packed conversations logs the losses of an uninterrupted one:
     the row stream of a chat corpus resumes where it was, as the text windows' does."""
