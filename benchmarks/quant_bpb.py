@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import time
 
 import jax
@@ -20,6 +21,7 @@ import jax
 import data as data_lib
 from model import Transformer
 from model.quant import calibrated
+from model.quant.params import check
 from model.quant.schemes import Spec
 from training import evaluation
 from training.checkpoint import load_for_inference
@@ -37,6 +39,15 @@ def main() -> None:
     args = parser.parse_args()
 
     run, weights, tokenizer, step = load_for_inference(args.workdir)
+    specs = []
+    for row in args.rows.split(","):  # every row checked before any work: one line and exit 2 for a bad one
+        scheme, _, group = row.partition(":")
+        try:
+            specs.append(Spec(scheme, int(group)))
+            check(run.model, specs[-1])
+        except ValueError as e:  # QuantError is one
+            print(f"error: --rows {row!r}: {e} (rows are scheme:group, e.g. int4:32)", file=sys.stderr)
+            sys.exit(2)
     t = run.train
     batches = data_lib.load(run.data, pathlib.Path(args.workdir)).validation_batches(
         t.batch_size, args.eval_batches or t.eval_batches
@@ -56,9 +67,7 @@ def main() -> None:
     print("| --- |" + " --- |" * len(METHODS))
     print(f"| float32 | {base:.4f} |" + " |" * (len(METHODS) - 1))
     result = {"workdir": args.workdir, "step": step, "float32": base, "rows": {}}
-    for row in args.rows.split(","):
-        scheme, group = row.split(":")
-        spec = Spec(scheme, int(group))
+    for spec in specs:
         cells, figures = [], {}
         for method in METHODS:
             start = time.perf_counter()
@@ -67,7 +76,7 @@ def main() -> None:
             value = bpb(quantized)
             figures[method] = {"bpb": value, "seconds": seconds}
             cells.append(f"{value:.4f} ({100 * (value / base - 1):+.2f}%, {seconds:.0f} s)")
-        name = f"{scheme} {'per channel' if spec.group_size == 0 else f'g{spec.group_size}'}"
+        name = f"{spec.scheme} {'per channel' if spec.group_size == 0 else f'g{spec.group_size}'}"
         print(f"| {name} | {' | '.join(cells)} |", flush=True)
         result["rows"][name] = figures
     print(json.dumps(result))
