@@ -3,6 +3,7 @@
     python -m experiments.posttrain build --out DIR [--corpus stdlib] [--max_chars 360]
     python -m experiments.posttrain score --workdir W --data FILE [--format chat|preference] [--reference W0]
     python -m experiments.posttrain subset --data FILE --records N --out FILE [--val_fraction 0.05] [--seed 0]
+        [--overwrite]
 
 `build` writes three JSONL sets from the Python functions with docstrings in the corpus (read with `ast`):
 - `doc2code.jsonl` (data.format='chat'): the user gives a signature and its docstring, the assistant writes the
@@ -120,9 +121,11 @@ def build(out: pathlib.Path, spec: str, max_chars: int) -> dict[str, int]:
     return {name: len(rows) for name, rows in records.items()}
 
 
-def subset(data_file: str, records: int, out: str, val_fraction: float = 0.05, seed: int = 0) -> dict[str, int]:
+def subset(
+    data_file: str, records: int, out: str, val_fraction: float = 0.05, seed: int = 0, overwrite: bool = False
+) -> dict[str, int]:
     """Writes `records` of `data_file`'s training records and all its held-out ones to `out` (see the module
-    docstring); returns the counts."""
+    docstring); returns the counts. An existing `out` is replaced only with `overwrite`."""
     from data import corpus
     from data.errors import DataError
 
@@ -131,6 +134,8 @@ def subset(data_file: str, records: int, out: str, val_fraction: float = 0.05, s
         raise DataError(f"--data={data_file!r} --out={out!r}: both must be .jsonl files")
     if source.resolve() == target.resolve():
         raise DataError(f"--out={out!r}: the same file as --data (it would be overwritten)")
+    if target.exists() and not overwrite:
+        raise DataError(f"--out={out!r}: exists (pass --overwrite to replace it)")
     lines = source.read_text(encoding="utf-8").split("\n")
     held, train = [], []
     for i, line in enumerate(lines):
@@ -230,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", required=True)
     t.add_argument("--val_fraction", type=float, default=0.05, help="the split the runs use (data.val_fraction)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     from data.errors import DataError
 
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "subset":
             if not 0 < args.val_fraction < 1:
                 raise DataError(f"--val_fraction={args.val_fraction}: must be in (0, 1)")
-            counts = subset(args.data, args.records, args.out, args.val_fraction, args.seed)
+            counts = subset(args.data, args.records, args.out, args.val_fraction, args.seed, args.overwrite)
         else:
             if args.seq_len < 0 or not 0 <= args.val_fraction < 1:
                 raise DataError(f"--seq_len={args.seq_len} --val_fraction={args.val_fraction}: need >= 0 and [0, 1)")

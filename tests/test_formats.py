@@ -297,7 +297,8 @@ def test_posttrain_sets_from_a_corpus(tmp_path):
 
 def test_posttrain_subset_keeps_every_held_out_record(tmp_path):
     """experiments.posttrain subset: N of the training records and exactly the held-out ones, each on its side of
-    the split again when the reader splits the new file; a count out of range is a one-line error."""
+    the split again when the reader splits the new file; a count out of range, or an existing file without
+    overwrite, is a one-line error."""
     from data.corpus import is_validation
     from experiments import posttrain
 
@@ -318,6 +319,10 @@ def test_posttrain_subset_keeps_every_held_out_record(tmp_path):
     assert len(small_train) == 12 and small_train < train
     with pytest.raises(DataError, match="--records=81: between 1 and the"):
         posttrain.subset(str(source), 81, str(tmp_path / "big.jsonl"), 0.25)
+    kept = (tmp_path / "small.jsonl").read_text()
+    with pytest.raises(DataError, match="exists .pass --overwrite"):
+        posttrain.subset(str(source), 5, str(tmp_path / "small.jsonl"), 0.25)
+    assert (tmp_path / "small.jsonl").read_text() == kept
 
 
 def test_an_sft_run_resumes_bit_identically(tmp_path, monkeypatch):
