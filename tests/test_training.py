@@ -220,3 +220,16 @@ def test_eval_bpb_is_bits_per_utf8_byte_of_the_scored_text_on_a_bpe_run(tmp_path
     want = result["eval/loss"] * (len(stream) - 1) / math.log(2) / target_bytes
     assert result["eval/bpb"] == pytest.approx(want, rel=1e-5)
     assert text_bytes / len(stream) > 1.5  # per token would be off by this factor
+
+    # Window by window (what benchmarks/quant_bpb.py's paired comparison resamples): one entry per scored window,
+    # the bytes adding up to the text's, the nats to the loss the run logged.
+    from training.checkpoint import load_for_inference
+    from training.evaluation import window_scores
+
+    loaded, params, _, _ = load_for_inference(tmp_path)
+    step = jax.jit(make_eval_step(Transformer(loaded.model), tokenizer.token_bytes, per_window=True))
+    batches = data_lib.load(run.data, tmp_path).validation_batches(run.train.batch_size, 64)
+    nll_W, bytes_W = window_scores(step, params, batches)
+    assert nll_W.shape == bytes_W.shape == (sum(len(b["tokens"]) for b in batches),)
+    assert bytes_W.sum() == target_bytes
+    assert nll_W.sum() == pytest.approx(result["eval/loss"] * (len(stream) - 1), rel=1e-5)

@@ -97,7 +97,9 @@ def variables_of(params, model_state=None) -> dict:
     return {"params": params, **({"state": model_state} if model_state else {})}
 
 
-def make_eval_step(model: Transformer, token_bytes: np.ndarray, inputs: Inputs | None = None):
+def make_eval_step(model: Transformer, token_bytes: np.ndarray, inputs: Inputs | None = None, per_window=False):
+    """A batch's summed loss (nats), scored tokens and their UTF-8 bytes; with `per_window`, also each window's
+    (row's) sums as `nll_B` and `bytes_B`, for comparisons paired window by window (`window_scores`)."""
     inputs = (inputs or Inputs()).for_eval()
     bytes_V = jnp.asarray(token_bytes, jnp.float32)
 
@@ -106,11 +108,9 @@ def make_eval_step(model: Transformer, token_bytes: np.ndarray, inputs: Inputs |
         out, targets_BT = inputs(batch["tokens"], model, variables, segments_BT=batch.get("segment_ids"))
         mask_BT = inputs.permute(batch["mask"])
         _, nll_BT = cross_entropy(out.logits_BTV, targets_BT)
-        return {
-            "nll": jnp.sum(nll_BT * mask_BT),
-            "tokens": jnp.sum(mask_BT),
-            "bytes": jnp.sum(bytes_V[targets_BT] * mask_BT),
-        }
+        nll_B, bytes_B = jnp.sum(nll_BT * mask_BT, axis=1), jnp.sum(bytes_V[targets_BT] * mask_BT, axis=1)
+        sums = {"nll": jnp.sum(nll_B), "tokens": jnp.sum(mask_BT), "bytes": jnp.sum(bytes_B)}
+        return {**sums, "nll_B": nll_B, "bytes_B": bytes_B} if per_window else sums
 
     return eval_step
 
@@ -128,6 +128,14 @@ def evaluate(eval_step, params, batches: list[dict], model_state=None) -> dict:
         "eval/ppl": math.exp(min(loss, 700.0)),
         "eval/bpb": totals["nll"] / math.log(2) / max(totals["bytes"], 1.0),
     }
+
+
+def window_scores(eval_step, params, batches: list[dict], model_state=None) -> tuple[np.ndarray, np.ndarray]:
+    """(nats, bytes) of each evaluation window, float64 [W] in batch order, from a `per_window` eval step: the
+    windows' bits per byte average to `evaluate`'s, sum(nats) / ln 2 / sum(bytes)."""
+    outs = [jax.device_get(eval_step(params, batch, model_state)) for batch in batches]
+    nll_W = np.concatenate([np.asarray(o["nll_B"], np.float64) for o in outs])
+    return nll_W, np.concatenate([np.asarray(o["bytes_B"], np.float64) for o in outs])
 
 
 def split_weights(weights) -> tuple:
