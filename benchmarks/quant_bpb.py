@@ -32,7 +32,7 @@ from model.quant import calibrated
 from model.quant.params import check, clipped, quantize_params
 from model.quant.schemes import Spec
 from training import evaluation
-from training.checkpoint import load_clips, load_for_inference
+from training.checkpoint import CheckpointError, load_clips, load_for_inference
 from training.qat import spec_of
 
 ROWS = [("int8", 0), ("int8-zp", 0), ("int4", 32), ("int4", 128), ("int4-zp", 128), ("nf4", 64)]
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--qat", default="", help="a QAT run's workdir (train.qat) of the same model, to compare")
     args = parser.parse_args()
 
-    run, weights, tokenizer, step = load_for_inference(args.workdir)
+    run, weights, tokenizer, step = load_or_exit("--workdir", args.workdir)
     specs = []
     for row in args.rows.split(","):  # every row checked before any work: one line and exit 2 for a bad one
         scheme, _, group = row.partition(":")
@@ -105,10 +105,19 @@ def row_name(spec: Spec) -> str:
     return f"{spec.scheme} {'per channel' if spec.group_size == 0 else f'g{spec.group_size}'}"
 
 
+def load_or_exit(flag: str, workdir: str):
+    """load_for_inference(workdir), or one line naming the flag and exit 2 where it holds no checkpoint."""
+    try:
+        return load_for_inference(workdir)
+    except CheckpointError as e:
+        print(f"error: {flag} {workdir!r}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def load_qat(workdir: str, run, tokenizer) -> dict:
     """A QAT run's checkpoint quantized as it trained (its scheme, group and learned clipping factors), after
     checking it is the same model and tokenizer as the PTQ rows'; exit 2 with one line otherwise."""
-    qat_run, weights, qat_tokenizer, step = load_for_inference(workdir)
+    qat_run, weights, qat_tokenizer, step = load_or_exit("--qat", workdir)
     spec = spec_of(qat_run.train.qat)
     problem = (
         "its train.qat.scheme is empty (not a QAT run)"
