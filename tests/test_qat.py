@@ -131,14 +131,23 @@ def test_the_gradient_passes_straight_through_to_the_loss_gradient_at_the_rounde
         float_grads["layers"]["mlp"]["down"]["kernel"], want_grads["layers"]["mlp"]["down"]["kernel"]
     )
 
+    # The train step, on the data's cross-entropy and distilling from a float teacher (QAT fitted to the float model,
+    # BENCHMARKS.md): under QAT, a plain step's loss and gradient norm at the rounded weights.
     plain = dataclasses.replace(run.train, qat=QATConfig())
     tx, schedule = make_optimizer(run.train)
-    metrics = [
-        jax.jit(make_train_step(model, tx, schedule, t))(init_state(model, tx, 0, p), batch)[1]
-        for t, p in ((run.train, params), (plain, rounded))
-    ]
-    for name in ("train/loss", "train/grad_norm"):
-        np.testing.assert_allclose(metrics[0][name], metrics[1][name], rtol=1e-5, err_msg=name)
+    teacher = {"params": init_state(model, tx, seed=1).params}  # another model: the student's target differs
+    batch["loss_weights"] = np.ones((2, run.data.seq_len), np.float32)
+    for objective in ("lm", "distill"):
+        metrics = []
+        for t, p in ((run.train, params), (plain, rounded)):
+            t = dataclasses.replace(t, objective=objective)
+            state = init_state(model, tx, 0, p)
+            state = state.replace(frozen=teacher) if objective == "distill" else state
+            step = make_train_step(model, tx, schedule, t, teacher=model if objective == "distill" else None)
+            metrics.append(jax.jit(step)(state, batch)[1])
+        for name in ("train/loss", "train/grad_norm"):
+            np.testing.assert_allclose(metrics[0][name], metrics[1][name], rtol=1e-5, err_msg=f"{objective} {name}")
+    assert "train/distill_kl" in metrics[0]
 
 
 def run_of(corpus, qat: dict | None = None):
