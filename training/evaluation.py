@@ -97,7 +97,7 @@ def variables_of(params, model_state=None) -> dict:
     return {"params": params, **({"state": model_state} if model_state else {})}
 
 
-def make_eval_step(model: Transformer, token_bytes: np.ndarray, inputs: Inputs | None = None, per_window=False):
+def make_eval_step(model: Transformer, token_bytes: np.ndarray, inputs: Inputs | None = None, per_window: bool = False):
     """A batch's summed loss (nats), scored tokens and their UTF-8 bytes; with `per_window`, also each window's
     (row's) sums as `nll_B` and `bytes_B`, for comparisons paired window by window (`window_scores`)."""
     inputs = (inputs or Inputs()).for_eval()
@@ -131,8 +131,8 @@ def evaluate(eval_step, params, batches: list[dict], model_state=None) -> dict:
 
 
 def window_scores(eval_step, params, batches: list[dict], model_state=None) -> tuple[np.ndarray, np.ndarray]:
-    """(nats, bytes) of each evaluation window, float64 [W] in batch order, from a `per_window` eval step: the
-    windows' bits per byte average to `evaluate`'s, sum(nats) / ln 2 / sum(bytes)."""
+    """(nats, bytes) of each evaluation window, float64 [W] in batch order, from a `per_window` eval step;
+    sum(nats) / ln 2 / sum(bytes) is `evaluate`'s eval/bpb."""
     outs = [jax.device_get(eval_step(params, batch, model_state)) for batch in batches]
     nll_W = np.concatenate([np.asarray(o["nll_B"], np.float64) for o in outs])
     return nll_W, np.concatenate([np.asarray(o["bytes_B"], np.float64) for o in outs])
