@@ -24,7 +24,7 @@ import tests.toy_kinds  # noqa: F401  (registers model.mlp='toy')
 import tests.toy_objectives  # noqa: F401  (registers train.objective='toy_anchored')
 from data.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_from_dict, tokenizer_to_dict, train_bpe
 from model import Transformer
-from tests.conftest import REPO, tiny_run
+from tests.conftest import REPO, tiny_run, untrained_workdir
 from training import loop
 from training.checkpoint import (
     Checkpointer,
@@ -34,8 +34,9 @@ from training.checkpoint import (
     list_steps,
     load_for_inference,
     meta_for,
+    restore_params,
 )
-from training.config import with_vocab
+from training.config import ConfigError, with_vocab
 from training.loop import resume_targets, train
 from training.optim import make_optimizer
 from training.step import init_state, make_train_step
@@ -406,6 +407,30 @@ def test_init_from_takes_another_runs_params_and_load_for_inference_finds_steps(
     with pytest.raises(CheckpointError, match=r"model\.d_ff=64 in the checkpoint but 128"):
         train(wider, tmp_path / "c", quiet=True)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_run_from_another_runs_params_reads_text_with_that_runs_tokenizer(tmp_path, text_corpus):
+    """train.init_from with data.tokenizer='bpe:N' takes the source's N-token BPE (one trained on the new corpus
+    would give the embeddings' ids to other strings); a tokenizer with other ids is one line before any write."""
+    theirs = HFTokenizer(train_bpe([f"def f{i}(x):\n    return x * {i}\n" for i in range(50)], 300), "bpe:300")
+    untrained_workdir(tmp_path / "a", theirs)
+    run = tiny_run(
+        data={"corpus": str(text_corpus), "tokenizer": "bpe:300", "seq_len": 64, "val_fraction": 0.2},
+        train={"init_from": str(tmp_path / "a")},
+    )
+    text = sorted(text_corpus.rglob("*.py"))[0].read_text()[:400]
+    corpus_bpe = data_lib.load(run.data, tmp_path / "fresh").tokenizer  # what data.load alone would train
+    assert corpus_bpe.encode(text) != theirs.encode(text)
+    loop.start_tokenizer(run, restore_params(tmp_path / "a"), tmp_path / "b")
+    ours = data_lib.load(run.data, tmp_path / "b").tokenizer
+    assert ours.encode(text) == theirs.encode(text) and ours.fingerprint == theirs.fingerprint
+
+    for spec in ("bytes", "bpe:320"):
+        other = dataclasses.replace(run, data=dataclasses.replace(run.data, tokenizer=spec))
+        message = rf"data\.tokenizer='{spec}': train\.init_from=.* was trained with 'bpe:300' \(300 tokens\)"
+        with pytest.raises(ConfigError, match=message + r".*use data\.tokenizer='bpe:300'$"):
+            train(other, tmp_path / "c", quiet=True)
+        assert not (tmp_path / "c").exists()
 
 
 def test_tokenizers_round_trip_through_checkpoint_meta():

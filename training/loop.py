@@ -22,7 +22,14 @@ import numpy as np
 from tqdm import tqdm
 
 import data as data_lib
-from data.tokenizer import tokenizer_from_dict, tokenizer_to_dict
+from data.tokenizer import (
+    HFTokenizer,
+    Tokenizer,
+    bpe_vocab_size,
+    build_tokenizer,
+    tokenizer_from_dict,
+    tokenizer_to_dict,
+)
 from model import Transformer, flops_per_token, lora, param_counts
 from model import heads as heads_lib
 from model.positions import POSITIONS
@@ -246,11 +253,15 @@ def load_teacher(run: RunConfig, layout: Layout) -> tuple[Transformer, dict, str
     return model_for(cfg, layout), {"params": params}, where, tokenizer
 
 
-def check_teacher_tokenizer(run: RunConfig, teacher_tokenizer, tokenizer) -> None:
-    """ConfigError (one line naming both) unless the teacher's tokenizer gives the student's tokens the same ids
-    (an exported byte tokenizer is the byte tokenizer)."""
+def same_ids(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether the two tokenizers give every token the same id (an exported byte tokenizer is the byte tokenizer)."""
     vocabulary = lambda tok: tok.to_tokenizers().get_vocab(with_added_tokens=True)  # noqa: E731
-    if vocabulary(teacher_tokenizer) != vocabulary(tokenizer):
+    return vocabulary(a) == vocabulary(b)
+
+
+def check_teacher_tokenizer(run: RunConfig, teacher_tokenizer, tokenizer) -> None:
+    """ConfigError (one line naming both) unless the teacher's tokenizer gives the student's tokens the same ids."""
+    if not same_ids(teacher_tokenizer, tokenizer):
         d = run.train.distill
         key, value = (
             ("train.distill.teacher_workdir", d.teacher_workdir)
@@ -261,6 +272,28 @@ def check_teacher_tokenizer(run: RunConfig, teacher_tokenizer, tokenizer) -> Non
             f"{key}={value!r}: the teacher's tokenizer {teacher_tokenizer.name!r} is not the student's "
             f"data.tokenizer={run.data.tokenizer!r} (distillation compares their next-token distributions)"
         )
+
+
+def start_tokenizer(run: RunConfig, source: Restored, workdir: pathlib.Path) -> None:
+    """A run that starts from another run's params (train.init_from) reads text with that run's tokenizer: the
+    params' embedding rows are its token ids. With data.tokenizer='bpe:N' (train a BPE on the corpus) the source's
+    own N-token BPE is taken instead, written as this workdir's tokenizer.json (which data.load reads and resumes
+    keep); a BPE trained on the fine-tuning corpus would give the same ids to other strings. Any other tokenizer
+    that does not give the same ids is a one-line ConfigError, before anything is written."""
+    theirs = tokenizer_from_dict(source.meta["tokenizer"])
+    spec, n = run.data.tokenizer, bpe_vocab_size(run.data.tokenizer)
+    if n is not None and isinstance(theirs, HFTokenizer) and theirs.vocab_size == n:
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = workdir / "tokenizer.json.tmp"
+        theirs.save(tmp)
+        tmp.replace(workdir / "tokenizer.json")
+        return
+    if n is None and same_ids(theirs, build_tokenizer(spec, workdir, lambda: ())):
+        return
+    raise ConfigError(
+        f"data.tokenizer={spec!r}: train.init_from={run.train.init_from!r} was trained with {theirs.name!r} "
+        f"({theirs.vocab_size} tokens), whose ids its embeddings hold: use data.tokenizer={theirs.name!r}"
+    )
 
 
 def stream_position(restored: Restored) -> int:
@@ -453,6 +486,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path, *, quiet: bool = False, d
             teacher, teacher_variables, teacher_from, teacher_tokenizer = load_teacher(run, layout)
         with stop_flag() as preempted, layout.activate():
             restored, source = find_start(run, checkpointer, layout, log)
+            if restored is None and source is not None:
+                start_tokenizer(run, source, workdir)
             data = data_lib.load(run.data, workdir)
             if teacher is not None:
                 check_teacher_tokenizer(run, teacher_tokenizer, data.tokenizer)
