@@ -284,7 +284,7 @@ def start_tokenizer(run: RunConfig, source: Restored, workdir: pathlib.Path) -> 
     spec, n = run.data.tokenizer, bpe_vocab_size(run.data.tokenizer)
     if n is not None and isinstance(theirs, HFTokenizer) and theirs.vocab_size == n:
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / "tokenizer.json.tmp"
+        tmp = workdir / f"tokenizer.json.{os.getpid()}.tmp"  # each process of a multi-host run writes its own
         theirs.save(tmp)
         tmp.replace(workdir / "tokenizer.json")
         return
