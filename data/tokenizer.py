@@ -8,6 +8,7 @@ per byte that compare across tokenizers.
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 import sys
 from collections.abc import Iterable, Iterator
@@ -188,6 +189,15 @@ def planned_vocab_size(spec: str) -> int:
     return load_file(path, spec).vocab_size
 
 
+def cache_tokenizer(tok: HFTokenizer, workdir: pathlib.Path) -> None:
+    """Writes `tok` as the workdir's tokenizer.json, the one a `bpe:N` spec reads back (atomically, through a
+    temporary file per process: every process of a multi-host run writes the same file)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = workdir / f"tokenizer.json.{os.getpid()}.tmp"
+    tok.save(tmp)
+    tmp.replace(workdir / "tokenizer.json")
+
+
 def build_tokenizer(spec: str, workdir: pathlib.Path, train_texts) -> Tokenizer:
     """The tokenizer for `spec`; `bpe:N` is trained on `train_texts()` once and cached in workdir."""
     if spec == "bytes":
@@ -199,10 +209,7 @@ def build_tokenizer(spec: str, workdir: pathlib.Path, train_texts) -> Tokenizer:
             if tok.vocab_size == n:
                 return tok
         tok = HFTokenizer(train_bpe(train_texts(), n), spec)
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tok.save(tmp)
-        tmp.replace(cached)
+        cache_tokenizer(tok, workdir)
         return tok
     path = pathlib.Path(spec).expanduser()
     if not path.is_file():

@@ -27,6 +27,7 @@ from data.tokenizer import (
     Tokenizer,
     bpe_vocab_size,
     build_tokenizer,
+    cache_tokenizer,
     tokenizer_from_dict,
     tokenizer_to_dict,
 )
@@ -283,10 +284,7 @@ def start_tokenizer(run: RunConfig, source: Restored, workdir: pathlib.Path) -> 
     theirs = tokenizer_from_dict(source.meta["tokenizer"])
     spec, n = run.data.tokenizer, bpe_vocab_size(run.data.tokenizer)
     if n is not None and isinstance(theirs, HFTokenizer) and theirs.vocab_size == n:
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / f"tokenizer.json.{os.getpid()}.tmp"  # each process of a multi-host run writes its own
-        theirs.save(tmp)
-        tmp.replace(workdir / "tokenizer.json")
+        cache_tokenizer(theirs, workdir)
         return
     if n is None and same_ids(theirs, build_tokenizer(spec, workdir, lambda: ())):
         return
