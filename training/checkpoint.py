@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import re
 import sys
 import threading
 import time
@@ -249,17 +250,20 @@ def hide_closed_loop_noise() -> None:
 class _OrbaxReadsLogged(logging.Filter):
     """Drops asyncio's '... exception was never retrieved' for an abandoned orbax read: the same failure as the
     unraisable coroutine above, reported through logging (with the whole TensorStore spec) when the task, or the
-    future of an asyncio.gather over such tasks (whose repr names no file), is collected."""
+    future of an asyncio.gather over such tasks (whose repr names no file), is collected; or when a bare future
+    holding TensorStore's read error is (its error was set from C++, so no traceback passes through orbax)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         if "exception was never retrieved" not in text.split("\n")[0]:
             return True
         error = record.exc_info[1] if record.exc_info else None
-        return not (ORBAX in text or raised_in_orbax(error))
+        return not (ORBAX in text or raised_in_orbax(error) or TENSORSTORE_READ.search(text))
 
 
 ORBAX = f"{os.sep}orbax{os.sep}"
+# TensorStore's error for a chunk of an orbax (OCDBT) checkpoint that cannot be read.
+TENSORSTORE_READ = re.compile(r"Error reading .* in OCDBT database at ")
 
 
 def raised_in_orbax(error: BaseException | None) -> bool:
