@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import pathlib
 
-# Tests check semantics, not speed: LLVM's -O0 compiles the many tiny programs here ~3x faster
-# (set before JAX starts; kept if the caller already chose an optimisation level).
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+from parallel.cpu_devices import with_fake_device_flags
+from tests.xla_flags import with_test_flags
 
-from parallel.cpu_devices import with_fake_device_flags  # noqa: E402
+# Tests check semantics, not speed: flags that compile the many tiny programs here faster (tests/xla_flags.py), set
+# before JAX starts; the xdist workers inherit them from the main process, which probes them once.
+os.environ["XLA_FLAGS"] = with_test_flags(os.environ.get("XLA_FLAGS", ""))
 
 # Collective timeouts long enough for fake devices on a loaded 2-core machine (parallel/cpu_devices.py says why);
 # the subprocesses that start 8 fake devices (tests/test_multidevice.py, test_multihost.py) inherit them.

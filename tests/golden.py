@@ -5,17 +5,20 @@ layers can run: the model refactors keep them bit-identical.
     python tests/golden.py --devices 8   # the 8-device mesh path
     add --record to write them into tests/fixtures/golden_losses.json (only when the math changes on purpose)
 
+tests/test_golden.py runs it as a subprocess (`run`), under the compile flags the losses were recorded with (FLAGS),
+not the suite's own (tests/xla_flags.py).
+
 What "exact" means. A run's bits are a function of the program and of the environment that compiles and runs it,
 and the fixture records that environment (`machine()`): the jax/jaxlib/numpy versions, the CPU's model, its
-instruction-set flags and cache sizes, the cores the process may use, and the C++ compiler that builds the CPU
-attention kernel. Two machines sold as the same kind differed here: on the 2-core AMD EPYC (family 25 model 17)
-that recorded the values and on another of that kind, the losses agree to step 3 and then drift by up to 5e-6
-relative. Each of these alone changes the bits on one machine: one usable core instead of two (XLA:CPU's Eigen
-contractions split their work by thread count), and the kernel built for 256-bit instead of 512-bit vectors
-(summation order); background load does not (the same bits with two busy processes beside the run, and in
-separate processes). So where the whole fingerprint matches, the losses must be bit-identical; elsewhere they
-must agree within `RTOL`, 10x the largest cross-machine drift seen, which a real change of the math still
-fails (tests/test_golden.py names the mutations checked).
+instruction-set flags and cache sizes, the cores the process may use, the C++ compiler that builds the CPU
+attention kernel, and XLA's compile flags. Two machines sold as the same kind differed here: on the 2-core AMD EPYC
+(family 25 model 17) that recorded the values and on another of that kind, the losses agree to step 3 and then drift
+by up to 5e-6 relative. Each of these alone changes the bits on one machine: one usable core instead of two
+(XLA:CPU's Eigen contractions split their work by thread count), the kernel built for 256-bit instead of 512-bit
+vectors (summation order), and XLA's compile flags (FLAGS); background load does not (the same bits with two busy
+processes beside the run, and in separate processes). So where the whole fingerprint matches, the losses must be
+bit-identical; elsewhere they must agree within `RTOL`, 10x the largest cross-machine drift seen, which a real change
+of the math still fails (tests/test_golden.py names the mutations checked).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 
@@ -41,6 +45,10 @@ EIGHT_DEVICES = ("mesh8",)
 
 # Relative tolerance where the environment differs from the recording's (see the module docstring).
 RTOL = 5e-5
+# The compile flags the losses are recorded and checked under: XLA:CPU's default emitters at LLVM -O0. Not the
+# suite's faster-compiling elemental emitters (tests/xla_flags.py): under those, the loop path's losses move by 4e-5
+# relative between one usable core and two (4e-7 under these), near RTOL.
+FLAGS = "--xla_backend_optimization_level=0"
 
 
 def _caches() -> str:
@@ -75,9 +83,12 @@ def machine() -> dict:
     import jaxlib
     import numpy
 
+    from tests.xla_flags import compile_flags
     from training.metrics import machine as cpu
 
-    return {**cpu(), "jaxlib": jaxlib.__version__, "numpy": numpy.__version__, "caches": _caches(), "cxx": _compiler()}
+    versions = {"jaxlib": jaxlib.__version__, "numpy": numpy.__version__}
+    xla = compile_flags(os.environ.get("XLA_FLAGS", ""))
+    return {**cpu(), **versions, "caches": _caches(), "cxx": _compiler(), "xla_flags": xla}
 
 
 def write_corpus(root: pathlib.Path) -> pathlib.Path:
@@ -114,10 +125,17 @@ def losses(path: str, workdir: pathlib.Path) -> list[float]:
     return [row["train/loss"] for row in rows if "train/loss" in row]
 
 
-def expected(path: str) -> tuple[list[float], bool]:
-    """(recorded losses, whether they must match exactly: same machine and jax)."""
-    recorded = json.loads(FIXTURE.read_text())
-    return recorded["losses"][path], recorded["machine"] == machine()
+def recorded(path: str) -> list[float]:
+    return json.loads(FIXTURE.read_text())["losses"][path]
+
+
+def run(devices: int) -> dict:
+    """{"losses": {path: [...]}, "exact": bool} of the paths with `devices` devices, computed by this file in a
+    subprocess under FLAGS (the caller's JAX keeps its own flags); "exact": the environment is the recording's."""
+    command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--devices", str(devices), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
@@ -126,19 +144,27 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Print (or --record) this checkout's golden losses.")
     parser.add_argument("--devices", type=int, default=1, choices=(1, 8), help="1: the one-device paths; 8: mesh8")
     parser.add_argument("--record", action="store_true", help="write them into tests/fixtures/golden_losses.json")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line: the losses, and whether exact")
     args = parser.parse_args()
     devices = args.devices
-    os.environ["XLA_FLAGS"] = f"--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={devices}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from parallel.cpu_devices import with_fake_device_flags
+
+    os.environ["XLA_FLAGS"] = with_fake_device_flags(FLAGS, devices) if devices > 1 else FLAGS
+    os.environ["JAX_PLATFORMS"] = "cpu"
     names = [n for n in PATHS if (n in EIGHT_DEVICES) == (devices == 8)]
     recorded = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {"machine": machine(), "losses": {}}
+    exact = recorded["machine"] == machine()
+    got = {}
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["XDG_CACHE_HOME"] = tmp
-            recorded["losses"][name] = losses(name, pathlib.Path(tmp))
-        print(name, recorded["losses"][name], flush=True)
+            got[name] = losses(name, pathlib.Path(tmp))
+        print(name, got[name], flush=True)
     if args.record:
         recorded["machine"] = machine()
+        recorded["losses"].update(got)
         FIXTURE.write_text(json.dumps(recorded, indent=1) + "\n")
         print(f"wrote {FIXTURE}")
+    if args.json:
+        print(json.dumps({"losses": got, "exact": exact}))

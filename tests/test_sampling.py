@@ -25,6 +25,7 @@ from sampling.beam import beam_search
 from sampling.rules import filtered, min_p_filter, pick, top_k_filter, top_p_filter
 from sampling.runner import Watcher, cut_at_stop, prompt_ids, unescape
 from tests.conftest import REPO, tiny_run
+from tests.xla_flags import compile_flags
 from training.checkpoint import load_for_inference
 from training.loop import train
 
@@ -246,7 +247,7 @@ def test_cache_and_recompute_agree_on_a_trained_checkpoint(trained):
 
 
 def run_infer(*args):
-    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    env = {**os.environ, "XLA_FLAGS": compile_flags(os.environ["XLA_FLAGS"])}
     return subprocess.run([sys.executable, "infer.py", *args], cwd=REPO, capture_output=True, text=True, env=env)
 
 

@@ -16,6 +16,7 @@ import pytest
 from experiments import sweep as sweep_lib
 from model import flops_per_token, param_counts
 from tests.conftest import REPO
+from tests.xla_flags import compile_flags
 from training.config import from_dict
 
 TINY = {
@@ -42,8 +43,8 @@ def write_sweep(path, body: dict) -> str:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    # XLA's backend optimisations off: these runs' programs compile once each and run a few steps.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    # The suite's fast-compiling flags (tests/xla_flags.py): these runs' programs compile once each and run a few steps.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": compile_flags(os.environ["XLA_FLAGS"])}
     return subprocess.run(
         [sys.executable, "-m", "experiments.sweep", *args],
         cwd=REPO,

@@ -15,6 +15,7 @@ import pytest
 
 from data import DataConfig, load
 from tests.conftest import REPO, tiny_run
+from tests.xla_flags import compile_flags
 from training import loop
 from training.checkpoint import checkpoints_dir, list_steps, load_for_inference
 from training.dry_run import dry_run
@@ -28,8 +29,8 @@ def unmeasured_peak(monkeypatch):
 
 
 def train_py(config, workdir, *flags: str) -> subprocess.CompletedProcess:
-    # XLA's backend optimisations off: these runs check exit codes and messages, not bits, in a few steps.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    # The suite's fast-compiling flags (tests/xla_flags.py): these runs check exit codes and messages, not bits.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": compile_flags(os.environ["XLA_FLAGS"])}
     command = [sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}", *flags]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 

@@ -23,7 +23,7 @@ from training.step import init_state
 
 # GQA (8 query heads over 4 K/V heads) so tensor=4 still leaves whole K/V heads on each device. One causal
 # attention block: the meshes are what is tested, and the train steps (tracing and compiling them is the time here)
-# are the smaller (blocked attention on a mesh: tests/multidevice/test_golden_mesh.py).
+# are the smaller (blocked attention on a mesh: tests/test_golden.py, mesh8).
 MODEL = {"d_model": 32, "num_heads": 8, "num_kv_heads": 4, "d_ff": 64, "causal_blocks": 1}
 STEPS = {"steps": 10, "batch_size": 8, "log_every": 1, "eval_every": 10, "eval_batches": 1}
 
