@@ -153,8 +153,8 @@ if __name__ == "__main__":
     os.environ["XLA_FLAGS"] = with_fake_device_flags(FLAGS, devices) if devices > 1 else FLAGS
     os.environ["JAX_PLATFORMS"] = "cpu"
     names = [n for n in PATHS if (n in EIGHT_DEVICES) == (devices == 8)]
-    recorded = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {"machine": machine(), "losses": {}}
-    exact = recorded["machine"] == machine()
+    fixture = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {"machine": machine(), "losses": {}}
+    exact = fixture["machine"] == machine()
     got = {}
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
@@ -162,9 +162,9 @@ if __name__ == "__main__":
             got[name] = losses(name, pathlib.Path(tmp))
         print(name, got[name], flush=True)
     if args.record:
-        recorded["machine"] = machine()
-        recorded["losses"].update(got)
-        FIXTURE.write_text(json.dumps(recorded, indent=1) + "\n")
+        fixture["machine"] = machine()
+        fixture["losses"].update(got)
+        FIXTURE.write_text(json.dumps(fixture, indent=1) + "\n")
         print(f"wrote {FIXTURE}")
     if args.json:
         print(json.dumps({"losses": got, "exact": exact}))
