@@ -265,8 +265,13 @@ def test_64_concurrent_clients_each_get_what_they_get_alone(served):
     assert after["jaxlm_requests_total"] - before["jaxlm_requests_total"] == 64
     assert after["jaxlm_free_pages"] == after["jaxlm_total_pages"] == ENGINE["num_pages"] - 1
     assert after["jaxlm_preemptions_total"] > before["jaxlm_preemptions_total"]  # (the pool was short of pages)
-    assert after["jaxlm_prefix_cache_hit_tokens_total"] > before["jaxlm_prefix_cache_hit_tokens_total"]
     assert after["jaxlm_time_to_first_token_seconds_count"] - before["jaxlm_time_to_first_token_seconds_count"] == 64
+    # Whether a crowded request finds another's pages in the prefix cache depends on timing (its twin may still be
+    # prefilling, or the short pool may have evicted them); on the idle server a request sent twice always does.
+    for _ in range(2):
+        assert post(served.url, "/v1/completions", asks[15])[2]["choices"][0] == alone[15]
+    hits = wait_idle(served.url)["jaxlm_prefix_cache_hit_tokens_total"] - after["jaxlm_prefix_cache_hit_tokens_total"]
+    assert hits >= ENGINE["page_size"]
 
 
 BAD = [
