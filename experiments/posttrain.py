@@ -4,6 +4,7 @@
     python -m experiments.posttrain score --workdir W --data FILE [--format chat|preference] [--reference W0]
     python -m experiments.posttrain subset --data FILE --records N --out FILE [--val_fraction 0.05] [--seed 0]
         [--overwrite]
+    python -m experiments.posttrain mix --data FILE --replay FILE --out FILE [--val_fraction 0.05] [--overwrite]
 
 `build` writes three JSONL sets from the Python functions with docstrings in the corpus (read with `ast`):
 - `doc2code.jsonl` (data.format='chat'): the user gives a signature and its docstring, the assistant writes the
@@ -20,6 +21,11 @@
 a hash of the file's name and the line's index). Each record sits at a line index of OUT whose hash puts it on its
 side of the split again; the lines between are blank (the reader skips them). So a run on OUT is evaluated on
 exactly the records a run on FILE is (experiments/RESULTS.md: LoRA against full fine-tuning by training-set size).
+
+`mix` writes a fine-tuning set that keeps replaying another: FILE's training records evenly interleaved with
+REPLAY's (its held-out records left out), and FILE's held-out records placed as `subset` places them. A run on OUT is
+evaluated on exactly FILE's held-out records, while it keeps training on REPLAY's task, as SFT mixtures keep general
+instruction data beside a new skill (experiments/RESULTS.md: TIES merging of fine-tunes that replay a chat set).
 
 `score` evaluates a workdir on the held-out records of a set (the split training used: data/formats.py): for chat,
 the mean loss of the assistant tokens (`eval/loss`, nats per token); for preference, the share of pairs whose chosen
@@ -126,7 +132,44 @@ def subset(
 ) -> dict[str, int]:
     """Writes `records` of `data_file`'s training records and all its held-out ones to `out` (see the module
     docstring); returns the counts. An existing `out` is replaced only with `overwrite`."""
-    from data import corpus
+    from data.errors import DataError
+
+    check_output(data_file, out, overwrite)
+    train, held = split_lines(pathlib.Path(data_file), val_fraction)
+    if not 0 < records <= len(train):
+        raise DataError(f"--records={records}: between 1 and the {len(train)} training records of {data_file!r}")
+    rows = placed(random.Random(seed).sample(train, records), held, pathlib.Path(out), val_fraction)
+    return {"train": records, "held_out": len(held), "lines": len(rows)}
+
+
+def mix(
+    data_file: str, replay_file: str, out: str, val_fraction: float = 0.05, overwrite: bool = False
+) -> dict[str, int]:
+    """Writes `data_file`'s records with `replay_file`'s training records interleaved among its own (see the module
+    docstring); returns the counts. An existing `out` is replaced only with `overwrite`."""
+    from data.errors import DataError
+
+    check_output(data_file, out, overwrite)
+    if (
+        pathlib.Path(replay_file).suffix != ".jsonl"
+        or pathlib.Path(replay_file).resolve() == pathlib.Path(out).resolve()
+    ):
+        raise DataError(f"--replay={replay_file!r}: must be a .jsonl file other than --out")
+    train, held = split_lines(pathlib.Path(data_file), val_fraction)
+    replay, _ = split_lines(pathlib.Path(replay_file), val_fraction)
+    if not train or not replay:
+        raise DataError(f"--data={data_file!r} --replay={replay_file!r}: each needs at least one training record")
+    # the k-th of all T + R training records comes from data_file where floor(k T / (T + R)) steps up: evenly spread
+    total, mixed, taken = len(train) + len(replay), [], 0
+    for k in range(total):
+        take = (k + 1) * len(train) // total
+        mixed.append(train[taken] if take > taken else replay[k - taken])
+        taken = take
+    rows = placed(mixed, held, pathlib.Path(out), val_fraction)
+    return {"train": len(train), "replay": len(replay), "held_out": len(held), "lines": len(rows)}
+
+
+def check_output(data_file: str, out: str, overwrite: bool) -> None:
     from data.errors import DataError
 
     source, target = pathlib.Path(data_file), pathlib.Path(out)
@@ -136,22 +179,31 @@ def subset(
         raise DataError(f"--out={out!r}: the same file as --data (it would be overwritten)")
     if target.exists() and not overwrite:
         raise DataError(f"--out={out!r}: exists (pass --overwrite to replace it)")
-    lines = source.read_text(encoding="utf-8").split("\n")
-    held, train = [], []
-    for i, line in enumerate(lines):
+
+
+def split_lines(source: pathlib.Path, val_fraction: float) -> tuple[list[str], list[str]]:
+    """(training, held-out) non-blank lines of a JSONL set, split as data/formats.py splits its records."""
+    from data import corpus
+
+    train, held = [], []
+    for i, line in enumerate(source.read_text(encoding="utf-8").split("\n")):
         if line.strip():
             (held if corpus.is_validation(f"{source.name}:{i}", val_fraction) else train).append(line)
-    if not 0 < records <= len(train):
-        raise DataError(f"--records={records}: between 1 and the {len(train)} training records of {data_file!r}")
-    counts = {"train": records, "held_out": len(held)}
-    queues = (random.Random(seed).sample(train, records), held)  # indexed by "is this line held out"
-    rows, i = [], 0
+    return train, held
+
+
+def placed(train: list[str], held: list[str], target: pathlib.Path, val_fraction: float) -> list[str]:
+    """Writes `target` with each line at an index whose hash puts it on its side of the split (blank lines between),
+    in the given orders; returns the rows written."""
+    from data import corpus
+
+    queues, rows, i = (list(train), list(held)), [], 0  # indexed by "is this line held out"
     while queues[0] or queues[1]:
         side = queues[corpus.is_validation(f"{target.name}:{i}", val_fraction)]
         rows.append(side.pop(0) if side else "")
         i += 1
     target.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return counts | {"lines": len(rows)}
+    return rows
 
 
 def score(
@@ -236,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--val_fraction", type=float, default=0.05, help="the split the runs use (data.val_fraction)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    m = sub.add_parser("mix", help="a set's records with another's training records interleaved, into --out")
+    m.add_argument("--data", required=True)
+    m.add_argument("--replay", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--val_fraction", type=float, default=0.05, help="the split the runs use (data.val_fraction)")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     from data.errors import DataError
 
@@ -244,10 +302,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_chars <= 0:
                 raise DataError(f"--max_chars={args.max_chars}: must be a positive number of characters")
             counts = build(pathlib.Path(args.out).expanduser(), args.corpus, args.max_chars)
-        elif args.command == "subset":
+        elif args.command in ("subset", "mix"):
             if not 0 < args.val_fraction < 1:
                 raise DataError(f"--val_fraction={args.val_fraction}: must be in (0, 1)")
-            counts = subset(args.data, args.records, args.out, args.val_fraction, args.seed, args.overwrite)
+            if args.command == "subset":
+                counts = subset(args.data, args.records, args.out, args.val_fraction, args.seed, args.overwrite)
+            else:
+                counts = mix(args.data, args.replay, args.out, args.val_fraction, args.overwrite)
         else:
             if args.seq_len < 0 or not 0 <= args.val_fraction < 1:
                 raise DataError(f"--seq_len={args.seq_len} --val_fraction={args.val_fraction}: need >= 0 and [0, 1)")

@@ -325,6 +325,42 @@ def test_posttrain_subset_keeps_every_held_out_record(tmp_path):
     assert (tmp_path / "small.jsonl").read_text() == kept
 
 
+def test_posttrain_mix_replays_only_training_records_and_keeps_the_held_out_ones(tmp_path):
+    """experiments.posttrain mix: the new file's training side holds the set's and the replay set's training
+    records, each once, evenly interleaved; its held-out side exactly the set's held-out records (none of the
+    replay's); --replay equal to --out is a one-line error."""
+    from data.corpus import is_validation
+    from experiments import posttrain
+
+    def write(name, tag, n):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"tag": tag, "n": i}) + "\n" for i in range(n)))
+        return path
+
+    skill, replay = write("skill.jsonl", "s", 90), write("replay.jsonl", "r", 30)
+
+    def sides(path):
+        held, train = [], []
+        for name, _, value in formats.records(str(path)):
+            (held if is_validation(name, 0.25) else train).append((value["tag"], value["n"]))
+        return held, train
+
+    skill_held, skill_train = sides(skill)
+    replay_held, replay_train = sides(replay)
+    assert skill_held and replay_held  # records the mix must place on the held-out side, and leave out
+    counts = posttrain.mix(str(skill), str(replay), str(tmp_path / "mix.jsonl"), 0.25)
+    assert counts["train"] == len(skill_train) and counts["replay"] == len(replay_train)
+    held, train = sides(tmp_path / "mix.jsonl")
+    assert held == skill_held
+    assert sorted(train) == sorted(skill_train + replay_train)
+    assert [x for x in train if x[0] == "s"] == skill_train  # each set's order kept
+    # evenly spread: every quarter of the training side holds about a quarter of the replay records
+    quarters = [sum(tag == "r" for tag, _ in train[i * len(train) // 4 : (i + 1) * len(train) // 4]) for i in range(4)]
+    assert max(quarters) - min(quarters) <= 1, quarters
+    with pytest.raises(DataError, match="--replay=.*other than --out"):
+        posttrain.mix(str(skill), str(tmp_path / "mix.jsonl"), str(tmp_path / "mix.jsonl"), 0.25, overwrite=True)
+
+
 def test_an_sft_run_resumes_bit_identically(tmp_path, monkeypatch):
     """Stopped at step 2 and resumed, an SFT run on packed conversations logs the losses of an uninterrupted one:
     the row stream of a chat corpus resumes where it was, as the text windows' does."""
