@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -151,6 +152,34 @@ def test_closed_loop_noise_is_dropped_in_any_pieces():
     other = 'Traceback (most recent call last):\n  File "train.py", line 3\nValueError: bad\n'
     stream.write(other)
     assert out.getvalue() == "\rtrain:  50%|#####     | 2/4" + kept + other
+
+
+def test_closed_loop_noise_is_dropped_when_threads_interleave_pieces_of_lines():
+    """Two threads each writing a noise line in pieces, one's pieces between the other's (seen in CI: a line
+    'RuntimeError:     self._check_closed()' that no pattern matched): nothing gets through."""
+    out = io.StringIO()
+    stream = WithoutClosedLoopNoise(out)
+    pieces = {"a": ["RuntimeError", ": ", "Event loop is closed", "\n"], "b": ["    self._check_closed()", "\n"]}
+    turns = {name: [threading.Event() for _ in parts] for name, parts in pieces.items()}
+    order = [("a", 0), ("a", 1), ("b", 0), ("a", 2), ("b", 1), ("a", 3)]
+
+    def writer(name):
+        for i, piece in enumerate(pieces[name]):
+            turns[name][i].wait(10)
+            stream.write(piece)
+            done.set()
+
+    threads = [threading.Thread(target=writer, args=(name,)) for name in pieces]
+    for t in threads:
+        t.start()
+    for name, i in order:  # both threads stay alive throughout, so their ids differ
+        done = threading.Event()
+        turns[name][i].set()
+        assert done.wait(10)
+    for t in threads:
+        t.join(10)
+    stream.write("warning: a real line\n")
+    assert out.getvalue() == "warning: a real line\n"
 
 
 def test_an_abandoned_orbax_reads_logged_failure_is_dropped_and_others_are_kept(caplog):

@@ -190,40 +190,42 @@ def closed_loop_noise(line: str) -> bool:
 
 class WithoutClosedLoopNoise:
     """A text stream that passes everything to `stream` but the lines of 'Event loop is closed' tracebacks
-    (which several threads may interleave). A traceback header is held until a frame outside asyncio shows
-    it is a real one; text that cannot start a noise line goes through at once, so a progress bar's
-    carriage-return updates are not held back."""
+    (which several threads write at once, each a line in several pieces). A traceback header is held until a
+    frame outside asyncio shows it is a real one; text that cannot start a noise line goes through at once, so a
+    progress bar's carriage-return updates are not held back. Lines are assembled per thread: one thread's
+    'RuntimeError: ' and another's '    self._check_closed()' must not make one line that no pattern matches."""
 
     def __init__(self, stream):
-        self.stream, self.pending, self.header = stream, "", False
+        self.stream = stream
+        self.threads: dict[int, list] = {}  # thread id -> [its unfinished line, a traceback header held]
         self.lock = threading.Lock()  # the noise comes from several threads at once
 
-    def _line(self, line: str) -> None:
+    def _line(self, line: str, state: list) -> None:
         if line.strip() == TRACEBACK:
-            self.header = True  # a header before it got no frame of its own: it was noise too
+            state[1] = True  # a header before it got no frame of its own: it was noise too
             return
         if closed_loop_noise(line):
-            self.header = False
+            state[1] = False
             return
-        if self.header and line.strip().startswith('File "'):  # a real traceback's first frame
+        if state[1] and line.strip().startswith('File "'):  # a real traceback's first frame
             self.stream.write(TRACEBACK + "\n")
-            self.header = False
+            state[1] = False
         self.stream.write(line + "\n")  # other threads' lines may come between a header and its frames
 
     def write(self, text: str) -> int:
         with self.lock:
-            return self._write(text)
+            return self._write(text, self.threads.setdefault(threading.get_ident(), ["", False]))
 
-    def _write(self, text: str) -> int:
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
+    def _write(self, text: str, state: list) -> int:
+        state[0] += text
+        *lines, state[0] = state[0].split("\n")
         for line in lines:
-            self._line(line)
-        start = self.pending.strip()
+            self._line(line, state)
+        start = state[0].strip()
         patterns = (TRACEBACK, *CLOSED_LOOP_NOISE)
         if start and not any(p.startswith(start) or start.startswith(p) for p in patterns):
-            self.stream.write(self.pending)
-            self.pending = ""
+            self.stream.write(state[0])
+            state[0] = ""
         return len(text)
 
     def flush(self) -> None:
